@@ -1,0 +1,5 @@
+import sys
+
+from rwdeploy.cli import main
+
+sys.exit(main())
