@@ -63,8 +63,13 @@ def export_onnx(
     opset: int = MIN_OPSET,
     *,
     dynamic_batch: bool = True,
+    fold_batchnorm: bool = True,
 ) -> OnnxExportInfo:
-    """Write `module` as ONNX to `path` (opset >= 17, weights inside, checked by onnx.checker)."""
+    """Write `module` as ONNX to `path` (opset >= 17, weights inside, checked by onnx.checker).
+
+    `fold_batchnorm=False` keeps BatchNormalization nodes instead of folding them into the
+    preceding convolution's weights (quantized weights must reach the file unchanged).
+    """
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} < {MIN_OPSET}")
     path = Path(path)
@@ -85,6 +90,9 @@ def export_onnx(
                 output_names=[OUTPUT_NAME],
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
+                # EVAL folds Conv+BN in the exporter's peephole pass; PRESERVE (of an eval-mode
+                # copy) exports the same computation with the BN kept as its own node.
+                training=torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE,
             )
     except Exception as err:  # the exporter raises many kinds for unsupported ops
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -152,3 +152,27 @@ def test_qdq_refuses_float_weights_off_the_grid():
     x = torch.rand(1, 1, 8, 8)
     with pytest.raises(VerificationError, match="conv.weight .* not on the 8-bit"):
         to_qdq(_export(model, x), 8)
+
+
+def test_qdq_file_keeps_batchnorm_separate_and_matches_torch(tmp_path):
+    from rwdeploy.quant.export import export_qdq_onnx
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    with torch.no_grad():  # non-trivial BN statistics: folding them would move weights off the grid
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.rand(2, 3, 8, 8)
+    prepare_qat(model, 8, per_channel=True)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    convert(model)
+    info = export_qdq_onnx(model, x[:1], tmp_path / "m.qdq.onnx", bits=8, per_channel=True)
+    loaded = onnx.load(str(tmp_path / "m.qdq.onnx"))
+    assert "BatchNormalization" in [n.op_type for n in loaded.graph.node]
+    assert info.size_bytes == (tmp_path / "m.qdq.onnx").stat().st_size and len(info.record.layers) == 2
+    sess = ort.InferenceSession(str(tmp_path / "m.qdq.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]  # dynamic batch: 2 works
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
