@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from rwdeploy.errors import RwdeployError
+from rwdeploy.errors import ExportError
 
 MIN_OPSET = 17
 # The newest ONNX IR version ONNX Runtime 1.18+ loads; files above it are rejected at load.
@@ -27,7 +27,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
-class OnnxExportError(RwdeployError):
+class OnnxExportError(ExportError):
     """The model could not be expressed as a valid ONNX file."""
 
 

@@ -15,6 +15,11 @@ from rwdeploy.quant.qat import QuantSpec
 
 
 def model_size(model: nn.Module, spec: QuantSpec | None = None) -> dict[str, Any]:
+    """Sizes of `model`'s parameters; the weights named in `spec.layers` count as quantized.
+
+    Scales are counted from the weights' shapes (one per output channel when per-channel), so
+    the same spec also sizes a slim model whose layers lost channels.
+    """
     params = dict(model.named_parameters())
     quantized = set(spec.layers) if spec is not None else set()
     bits = spec.bits if spec is not None else 32
@@ -28,7 +33,7 @@ def model_size(model: nn.Module, spec: QuantSpec | None = None) -> dict[str, Any
         float_bits += 32 * n
         if name in quantized:
             nnz = int(torch.count_nonzero(p.detach()))
-            scales = 32 * len(spec.layers[name])
+            scales = 32 * (p.shape[0] if spec.per_channel else 1)
             dense_q_bits += bits * n + scales
             sparse_q_bits += bits * nnz + n + scales
             weights_total += n
