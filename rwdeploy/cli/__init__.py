@@ -17,6 +17,7 @@ from rwdeploy.errors import RwdeployError
 # module name -> command name; one line per subcommand.
 SUBCOMMANDS: dict[str, str] = {
     "inspect": "inspect",
+    "prune": "prune",
 }
 
 
