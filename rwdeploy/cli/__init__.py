@@ -16,8 +16,10 @@ from rwdeploy.errors import RwdeployError
 
 # module name -> command name; one line per subcommand.
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "demo",
     "inspect": "inspect",
     "prune": "prune",
+    "zoo": "zoo",
 }
 
 
