@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "inspect": "inspect",
     "prune": "prune",
+    "device": "device",
     "zoo": "zoo",
 }
 
