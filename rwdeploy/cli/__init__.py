@@ -18,6 +18,7 @@ from rwdeploy.errors import RwdeployError
 SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "inspect": "inspect",
+    "prune": "prune",
     "device": "device",
     "zoo": "zoo",
 }
