@@ -3,6 +3,7 @@ aarch64 libraries cross-built by TVM, and qemu's instruction counts."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from arm_support import build_small_cnn, example_input, provisioned_home, small_
 from rwdeploy.cli import main as cli_main
 from rwdeploy.errors import ToolchainError
 from rwdeploy.runtime import arm_emulator, rpc
-from rwdeploy.runtime.arm_measure import ArmVariant, instruction_section, measure_arm
+from rwdeploy.runtime.arm_measure import ArmVariant, arm_device, instruction_section, measure_arm
 
 pytestmark = pytest.mark.qemu
 
@@ -95,3 +96,45 @@ def test_provision_is_cached(emulator):
     arm_emulator.provision(emulator.home, progress=messages.append)
     # nothing is downloaded or built again: only the four per-step "ready" lines
     assert len(messages) == len(arm_emulator.PROVISION_STEPS) and all("ready" in m for m in messages), messages
+
+
+def test_missing_host_tools_without_root_say_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm_emulator.shutil, "which", lambda exe: None if exe == "qemu-aarch64" else "/usr/bin/x")
+    monkeypatch.setattr(arm_emulator.os, "geteuid", lambda: 1000)
+    with pytest.raises(ToolchainError) as info:
+        arm_emulator.provision(tmp_path / "home")
+    assert info.value.one_line() == "the arm emulator needs qemu-aarch64; run: sudo apt-get install -y qemu-user"
+
+
+def test_failed_download_is_one_clear_error(monkeypatch, tmp_path):
+    # a pin no index has: pip's own error line comes through, nothing half-made is left
+    monkeypatch.setattr(arm_emulator, "_wheel_requirements", lambda: ["apache-tvm==0.0.0"])
+    with pytest.raises(ToolchainError) as info:
+        arm_emulator.provision(tmp_path / "home")
+    line = info.value.one_line()
+    assert line.startswith("pip download of aarch64 wheels failed: ") and "apache-tvm==0.0.0" in line, line
+    assert not (tmp_path / "home" / "site").exists()
+
+
+def test_unreachable_apt_mirror_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm_emulator, "DEBIAN_MIRROR", "http://mirror.invalid/debian")
+    with pytest.raises(ToolchainError) as info:
+        arm_emulator._ensure_apt_lists(arm_emulator.home(tmp_path / "home"), lambda _: None)
+    line = info.value.one_line()
+    assert line.startswith("apt-get update (arm64 + deb-src lists) failed: ") and "mirror.invalid" in line, line
+
+
+def test_arm_device_starts_and_stops_the_emulator_it_needed(emulator, monkeypatch, tmp_path):
+    # a second home sharing the provisioned files, with no server running in it
+    h = tmp_path / "home"
+    h.mkdir()
+    for sub in ("site", "root", "plugins", "rt"):
+        (h / sub).symlink_to(Path(emulator.home) / sub)
+    monkeypatch.setenv("RWDEPLOY_A64_HOME", str(h))
+    with arm_device() as (device, threads):
+        st = arm_emulator.status()
+        assert st.running and device.emulated and device.rpc == st.address and threads == 1
+        assert st.port != emulator.port
+    assert not arm_emulator.status().running
+    assert not Path(f"/proc/{st.pid}").exists() or not arm_emulator._pid_alive(st.pid)
+    assert arm_emulator.status(emulator.home).running  # the other server is untouched
