@@ -206,6 +206,10 @@ _A64_DEVICE = Requirement(
     _have_program("qemu-aarch64"),
     "give --rpc HOST:PORT, or apt-get install -y qemu-user (emulated device)",
 )
+_PHONE = Requirement(
+    "an Android phone over TVM RPC", "run", lambda: False,  # only --rpc can provide one
+    "give --rpc HOST:PORT (the TVM RPC app on the phone, e.g. through adb forward)",
+)
 _NDK_CLANG = Requirement(
     "Android NDK aarch64 clang", "build", _have_any_program("aarch64-linux-android"),
     "install the Android NDK and put toolchains/llvm/prebuilt/linux-x86_64/bin on PATH",
@@ -257,7 +261,7 @@ TARGETS: dict[str, Target] = {
         tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]},
         cross_compiler="aarch64-linux-android-clang",  # replaced by the NDK clang found on PATH
         runs_on=RUNS_RPC, measure="TVM RPC to the phone (--rpc HOST:PORT, e.g. via adb forward)",
-        requirements=(_TVM, _NDK_CLANG, _A64_DEVICE),
+        requirements=(_TVM, _NDK_CLANG, _PHONE),
     ),
     "gpu": Target(
         name="gpu", family="gpu",
@@ -323,8 +327,8 @@ def get_target(name: str, *, gpu_arch: str | None = None, threads: int | None = 
     if name == "android-arm64":
         entry = dataclasses.replace(entry, cross_compiler=_android_clang())
     if rpc is not None:
-        given = Requirement("an aarch64 device over TVM RPC", "run", lambda: True,
-                            f"given: --rpc {rpc}")
+        given = Requirement(f"a device over TVM RPC at {rpc}", "run", lambda: True,
+                            "given with --rpc")
         entry = dataclasses.replace(entry, requirements=tuple(
-            given if r is _A64_DEVICE else r for r in entry.requirements))
+            given if r.needed_for == "run" else r for r in entry.requirements))
     return entry
