@@ -16,7 +16,11 @@ from rwdeploy.errors import RwdeployError
 
 # module name -> command name; one line per subcommand.
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "demo",
     "inspect": "inspect",
+    "prune": "prune",
+    "device": "device",
+    "zoo": "zoo",
 }
 
 
