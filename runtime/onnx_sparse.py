@@ -168,19 +168,24 @@ def dense_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_sparse_onnx(module: torch.nn.Module, example_input: torch.Tensor,
-                       path: str | os.PathLike, *, opset: int = 17,
-                       min_sparsity: float = 0.5) -> list[CompactedWeight]:
-    """Export `module` (packed or not) to a compact ONNX file at `path` (written atomically)."""
+                       path: str | os.PathLike, *, opset: int = 17, min_sparsity: float = 0.5,
+                       **export_kw: Any) -> tuple[Any, list[CompactedWeight]]:
+    """Export `module` (packed or not) to a compact ONNX file at `path` (written atomically).
+
+    The dense copy goes through the pipeline's exporter (`runtime.onnx_export.export_onnx`,
+    extra keywords are passed on), then sparse weights are compacted. Returns the exporter's
+    info (size updated to the compact file) and the compacted weights.
+    """
+    import dataclasses
     import tempfile
 
-    dense = dense_copy(module).eval()
+    from rwdeploy.runtime.onnx_export import export_onnx
+
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "dense.onnx"
-        with torch.no_grad():
-            torch.onnx.export(dense, (example_input,), str(raw), input_names=["input"],
-                              output_names=["output"], opset_version=max(opset, MIN_OPSET),
-                              dynamo=False)
+        info = export_onnx(dense_copy(module), example_input, raw, max(opset, MIN_OPSET), **export_kw)
         model, done = compact_onnx(onnx.load(str(raw)), min_sparsity=min_sparsity)
     with atomic_file(path) as tmp_path:
         onnx.save(model, str(tmp_path))
-    return done
+    info = dataclasses.replace(info, path=str(path), size_bytes=Path(path).stat().st_size)
+    return info, done

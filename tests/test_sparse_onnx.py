@@ -45,7 +45,8 @@ def test_packed_model_exports_compact_and_matches(tmp_path):
     packed.conv = CsrConv2d.from_dense(net.conv, (4, 1))
     packed.fc1 = CsrLinear.from_dense(net.fc1)
     path = tmp_path / "packed.onnx"
-    done = export_sparse_onnx(packed, x, path)
+    info, done = export_sparse_onnx(packed, x, path)
+    assert info.size_bytes == path.stat().st_size
     assert {d.name for d in done} >= {"fc1.weight"}
     model = onnx.load(str(path))
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)          # stock ops only
