@@ -11,6 +11,7 @@ from arm_support import build_small_cnn, example_input, provisioned_home, small_
 from rwdeploy.cli import main as cli_main
 from rwdeploy.errors import ToolchainError
 from rwdeploy.runtime import arm_emulator, rpc
+from rwdeploy.runtime.arm_measure import ArmVariant, instruction_section, measure_arm
 
 pytestmark = pytest.mark.qemu
 
@@ -37,14 +38,29 @@ def test_status_reports_the_running_server(emulator, capsys):
     assert f"rpc 127.0.0.1:{emulator.port}" in capsys.readouterr().out
 
 
-def test_emulated_rpc_run_matches_torch(emulator, libs):
-    lib = build_small_cnn(8, "aarch64", libs)
-    assert rpc.elf_machine(lib) == "aarch64"
+def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emulator, libs):
     x = example_input()
-    ref = torch_output(small_cnn(8), x)
-    m = rpc.measure_remote(lib, x, ref, rpc.Device(rpc=emulator.address, emulated=True), warmup=1, repeat=3)
-    np.testing.assert_allclose(m.output, ref, rtol=1e-4, atol=1e-5)
-    assert m.emulated and m.latency.n == 3 and m.to_dict()["emulated"] is True
+    variants = [ArmVariant("original", build_small_cnn(8, "aarch64", libs), torch_output(small_cnn(8), x)),
+                # the 8-filter net's shape with half its filters removed
+                ArmVariant("slim", build_small_cnn(4, "aarch64", libs), torch_output(small_cnn(4), x))]
+    assert all(rpc.elf_machine(v.library) == "aarch64" for v in variants)
+    messages: list[str] = []
+    results = measure_arm(variants, x, progress=messages.append)  # no --rpc: the emulator
+    assert any("emulated aarch64 device" in m for m in messages)
+    for r, v in zip(results, variants):
+        # over RPC (relax.VirtualMachine on the emulated device) and through the C++ runner
+        np.testing.assert_allclose(r.measurement.output, v.reference_output, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r.instructions.output.reshape(1, 10), v.reference_output, rtol=1e-4, atol=1e-5)
+        row = r.latency_row()
+        assert row["emulated"] is True and row["target"] == "arm" and row["variant"] == v.variant
+        assert row["n"] == 15 and 0 < row["median_ms"] <= row["p90_ms"]
+        c = r.instructions
+        assert len(c.samples) == 2 and c.per_inference > 10_000
+        assert c.spread < 0.01, c.samples  # two independent measurements agree within 1%
+    original, slim = (r.instructions.per_inference for r in results)
+    assert slim < 0.75 * original, (original, slim)
+    section = instruction_section(results)
+    assert section["relative_to_original"]["slim"] == pytest.approx(slim / original)
 
 
 def test_host_library_on_the_emulator_is_one_clear_error(emulator, libs):
@@ -54,20 +70,6 @@ def test_host_library_on_the_emulator_is_one_clear_error(emulator, libs):
         rpc.measure_remote(lib, x, torch_output(small_cnn(4), x), rpc.Device(rpc=emulator.address))
     # the server survives a bad upload
     assert arm_emulator.status(emulator.home).running
-
-
-def test_instruction_count_is_repeatable_and_slim_costs_less(emulator, libs):
-    x = example_input()
-    counts = {}
-    for width in (8, 4):  # width 4 = the 8-filter net with half its filters removed
-        lib = build_small_cnn(width, "aarch64", libs)
-        c = arm_emulator.count_instructions(lib, x, path=emulator.home, iterations=(1, 3), repeats=2)
-        # the C++ runner's output on the emulated device matches torch too
-        np.testing.assert_allclose(c.output.reshape(1, 10), torch_output(small_cnn(width), x), rtol=1e-4, atol=1e-5)
-        assert len(c.samples) == 2 and c.per_inference > 10_000
-        assert c.spread < 0.01, c.samples  # two independent measurements within 1%
-        counts[width] = c.per_inference
-    assert counts[4] < 0.75 * counts[8], counts
 
 
 def test_counting_a_host_library_is_one_clear_error(emulator, libs):
