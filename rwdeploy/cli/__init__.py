@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "inspect": "inspect",
     "zoo": "zoo",
+    "compile": "compile",
 }
 
 
