@@ -45,4 +45,11 @@ if [ "$want" = test ]; then
 fi
 log "pip install -e '$spec' (torch is pinned to the 2.13.0 CPU build)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+if [ "$want" = test ]; then
+    # The emulated aarch64 device the arm tests run on: aarch64 TVM runtime, arm64 Python,
+    # qemu instruction-count plugin, C++ runner (~40 s the first time, cached in
+    # ${RWDEPLOY_A64_HOME:-~/.cache/rwdeploy/a64}).
+    log "provisioning the emulated aarch64 device"
+    .venv/bin/rwdeploy device arm-emulator provision || { log "arm emulator provisioning failed"; exit 1; }
+fi
 log "ready: $(.venv/bin/rwdeploy --version)"

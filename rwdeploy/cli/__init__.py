@@ -18,8 +18,11 @@ from rwdeploy.errors import RwdeployError
 SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "inspect": "inspect",
+    "prune": "prune",
+    "device": "device",
     "zoo": "zoo",
     "compile": "compile",
+    "targets": "targets",
 }
 
 
