@@ -41,9 +41,9 @@ def test_status_reports_the_running_server(emulator, capsys):
 
 def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emulator, libs):
     x = example_input()
-    variants = [ArmVariant("original", build_small_cnn(8, "aarch64", libs), torch_output(small_cnn(8), x)),
+    variants = [ArmVariant("original", build_small_cnn(8, "arm", libs), torch_output(small_cnn(8), x)),
                 # the 8-filter net's shape with half its filters removed
-                ArmVariant("slim", build_small_cnn(4, "aarch64", libs), torch_output(small_cnn(4), x))]
+                ArmVariant("slim", build_small_cnn(4, "arm", libs), torch_output(small_cnn(4), x))]
     assert all(rpc.elf_machine(v.library) == "aarch64" for v in variants)
     messages: list[str] = []
     results = measure_arm(variants, x, progress=messages.append)  # no --rpc: the emulator
@@ -65,17 +65,17 @@ def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emula
 
 
 def test_host_library_on_the_emulator_is_one_clear_error(emulator, libs):
-    lib = build_small_cnn(4, "host", libs)
+    lib = build_small_cnn(4, "cpu", libs)
     x = example_input()
-    with pytest.raises(ToolchainError, match=r"could not load cnn4\.host\.so \(built for x86_64\)"):
+    with pytest.raises(ToolchainError, match=r"could not load model\.cpu\.so \(built for x86_64\)"):
         rpc.measure_remote(lib, x, torch_output(small_cnn(4), x), rpc.Device(rpc=emulator.address))
     # the server survives a bad upload
     assert arm_emulator.status(emulator.home).running
 
 
 def test_counting_a_host_library_is_one_clear_error(emulator, libs):
-    lib = build_small_cnn(4, "host", libs)
-    with pytest.raises(ToolchainError, match="cnn4.host.so on the emulated aarch64 device failed"):
+    lib = build_small_cnn(4, "cpu", libs)
+    with pytest.raises(ToolchainError, match=r"model\.cpu\.so on the emulated aarch64 device failed"):
         arm_emulator.count_instructions(lib, example_input(), path=emulator.home, iterations=(0, 1), repeats=1)
 
 

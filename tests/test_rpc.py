@@ -45,7 +45,7 @@ def _closed_port() -> int:
 
 def test_remote_run_matches_torch_direct_and_through_tracker(host_server, libs):
     server, tracker = host_server
-    lib = build_small_cnn(4, "host", libs)
+    lib = build_small_cnn(4, "cpu", libs)
     x = example_input()
     ref = torch_output(small_cnn(4), x)
     for device in (rpc.Device(rpc=f"127.0.0.1:{server.port}"),
@@ -59,7 +59,7 @@ def test_remote_run_matches_torch_direct_and_through_tracker(host_server, libs):
 
 def test_wrong_reference_is_a_verification_error(host_server, libs):
     server, _ = host_server
-    lib = build_small_cnn(4, "host", libs)
+    lib = build_small_cnn(4, "cpu", libs)
     x = example_input()
     wrong = torch_output(small_cnn(4), x) + 1.0
     with pytest.raises(VerificationError, match="differs from torch"):
@@ -88,10 +88,10 @@ def test_unknown_tracker_key_is_one_clear_error(host_server, tmp_path):
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs gcc-aarch64-linux-gnu")
 def test_wrong_architecture_library_is_one_clear_error(host_server, libs):
     server, _ = host_server
-    lib = build_small_cnn(4, "aarch64", libs)
+    lib = build_small_cnn(4, "arm", libs)
     assert rpc.elf_machine(lib) == "aarch64"
     x = example_input()
-    with pytest.raises(ToolchainError, match=r"could not load cnn4\.aarch64\.so \(built for aarch64\)") as info:
+    with pytest.raises(ToolchainError, match=r"could not load model\.arm\.so \(built for aarch64\)") as info:
         rpc.measure_remote(lib, x, torch_output(small_cnn(4), x), rpc.Device(rpc=f"127.0.0.1:{server.port}"))
     assert "\n" not in info.value.one_line()
 
