@@ -6,8 +6,11 @@ qemu or network the tests skip locally but fail in CI (CI=1), where this path mu
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +51,11 @@ def torch_output(model: nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _built(width: int, target: str, folder: str) -> Path:
+def build_small_cnn(width: int, target: str) -> Path:
+    """`small_cnn(width)` built by the product's TVM build for `target` ("arm" or "cpu"):
+    `model.<target>.so` in a temporary folder, built once per test session."""
     from rwdeploy.runtime import tvm_build
 
-    out = Path(folder) / f"cnn{width}"
-    art = tvm_build.build(small_cnn(width), torch.from_numpy(example_input()), target, out_dir=out)
-    return art.path
-
-
-def build_small_cnn(width: int, target: str, folder: Path) -> Path:
-    """`small_cnn(width)` built by the product's TVM build for `target` ("arm" or "cpu"):
-    `folder/cnn<width>/model.<target>.so`, built once per session."""
-    return _built(width, target, str(folder))
+    out = Path(tempfile.mkdtemp(prefix=f"rwdeploy-cnn{width}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    return tvm_build.build(small_cnn(width), torch.from_numpy(example_input()), target, out_dir=out).path

@@ -27,11 +27,6 @@ def emulator():
         arm_emulator.stop(h.root_dir)
 
 
-@pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    return tmp_path_factory.mktemp("a64_libs")
-
-
 def test_status_reports_the_running_server(emulator, capsys):
     st = arm_emulator.status(emulator.home)
     assert st.provisioned and st.running and st.port == emulator.port
@@ -39,11 +34,11 @@ def test_status_reports_the_running_server(emulator, capsys):
     assert f"rpc 127.0.0.1:{emulator.port}" in capsys.readouterr().out
 
 
-def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emulator, libs):
+def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emulator):
     x = example_input()
-    variants = [ArmVariant("original", build_small_cnn(8, "arm", libs), torch_output(small_cnn(8), x)),
+    variants = [ArmVariant("original", build_small_cnn(8, "arm"), torch_output(small_cnn(8), x)),
                 # the 8-filter net's shape with half its filters removed
-                ArmVariant("slim", build_small_cnn(4, "arm", libs), torch_output(small_cnn(4), x))]
+                ArmVariant("slim", build_small_cnn(4, "arm"), torch_output(small_cnn(4), x))]
     assert all(rpc.elf_machine(v.library) == "aarch64" for v in variants)
     messages: list[str] = []
     results = measure_arm(variants, x, progress=messages.append)  # no --rpc: the emulator
@@ -64,8 +59,8 @@ def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emula
     assert section["relative_to_original"]["slim"] == pytest.approx(slim / original)
 
 
-def test_host_library_on_the_emulator_is_one_clear_error(emulator, libs):
-    lib = build_small_cnn(4, "cpu", libs)
+def test_host_library_on_the_emulator_is_one_clear_error(emulator):
+    lib = build_small_cnn(4, "cpu")
     x = example_input()
     with pytest.raises(ToolchainError, match=r"could not load model\.cpu\.so \(built for x86_64\)"):
         rpc.measure_remote(lib, x, torch_output(small_cnn(4), x), rpc.Device(rpc=emulator.address))
@@ -73,8 +68,8 @@ def test_host_library_on_the_emulator_is_one_clear_error(emulator, libs):
     assert arm_emulator.status(emulator.home).running
 
 
-def test_counting_a_host_library_is_one_clear_error(emulator, libs):
-    lib = build_small_cnn(4, "cpu", libs)
+def test_counting_a_host_library_is_one_clear_error(emulator):
+    lib = build_small_cnn(4, "cpu")
     with pytest.raises(ToolchainError, match=r"model\.cpu\.so on the emulated aarch64 device failed"):
         arm_emulator.count_instructions(lib, example_input(), path=emulator.home, iterations=(0, 1), repeats=1)
 
@@ -138,3 +133,33 @@ def test_arm_device_starts_and_stops_the_emulator_it_needed(emulator, monkeypatc
     assert not arm_emulator.status().running
     assert not Path(f"/proc/{st.pid}").exists() or not arm_emulator._pid_alive(st.pid)
     assert arm_emulator.status(emulator.home).running  # the other server is untouched
+
+
+def test_compile_stage_measures_shipped_arm_libraries(emulator, tmp_path):
+    """The pipeline's arm measure stage on a context shaped like the TVM build stage leaves it:
+    original = 8-filter net, slim = the same shape with half the filters."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rwdeploy.runtime import tvm_build
+    from rwdeploy.runtime.arm_measure import stage_arm_measure
+
+    x = torch.from_numpy(example_input())
+    original, slim = small_cnn(8), small_cnn(4)
+    artifacts = {}
+    for variant, module in (("original", original), ("slim", slim)):
+        artifacts[(variant, 1)] = tvm_build.build(module, x, "arm", out_dir=tmp_path / variant)
+    artifacts[("slim", 8)] = SimpleNamespace(path=None)  # built, not shipped: not measured
+    ctx = SimpleNamespace(
+        options=SimpleNamespace(target="arm", runs=5, seed=0),  # no rpc/tracker: the emulator
+        loaded=SimpleNamespace(example_input=lambda batch, seed: x), original=original, slim=slim,
+        tvm_artifacts=artifacts, sections={}, latency=[])
+    stage_arm_measure(ctx)
+    rows = {r["variant"]: r for r in ctx.latency}
+    assert set(rows) == {"original", "slim"}
+    assert all(r["emulated"] and r["target"] == "arm" and r["max_abs_err_vs_torch"] < 1e-4 for r in rows.values())
+    section = ctx.sections["targets"]["arm"]
+    assert section["device"]["emulated"] and any("emulated aarch64 device" in n for n in section["notes"])
+    counts = section["instructions"]["per_variant"]
+    assert counts["slim"]["insns_per_inference"] < counts["original"]["insns_per_inference"]
