@@ -34,9 +34,9 @@ from rwdeploy.io import LoadedModel, atomic_dir
 from rwdeploy.passes.layer_stats import layer_stats, totals
 from rwdeploy.quant.compile_stage import stage_export_quantized
 from rwdeploy.runtime.environment import environment
+from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
-from rwdeploy.runtime.targets import TARGETS, list_targets
 
 SLIM_PT2 = "slim.pt2"
 SLIM_ONNX = "slim.onnx"
@@ -58,10 +58,6 @@ class CompileOptions:
     probe_batch_size: int = 4
     seed: int = 0
     opset: int = 17
-    # arm targets: the device to measure on (TVM RPC); neither = the emulated aarch64 device
-    rpc: str | None = None  # HOST:PORT
-    tracker: str | None = None  # HOST:PORT, with key
-    key: str | None = None
 
     def validate(self) -> None:
         if not self.tolerance >= 0:
@@ -76,18 +72,6 @@ class CompileOptions:
         if self.target not in TARGET_STAGES:
             raise OptionError(f"unknown --target {self.target!r}",
                               hint=f"known targets: {', '.join(sorted(TARGET_STAGES))}")
-        if (self.rpc or self.tracker or self.key) and self.target not in ARM_TARGETS:
-            raise OptionError(f"--rpc/--tracker/--key measure on a device; --target {self.target} runs here",
-                              hint=f"use them with --target {' | '.join(ARM_TARGETS)}")
-        if self.rpc and self.tracker:
-            raise OptionError("give either --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
-        if self.tracker and not self.key:
-            raise OptionError("--tracker needs --key KEY (the device key its server registered with)")
-        for option, value in (("--rpc", self.rpc), ("--tracker", self.tracker)):
-            if value:
-                from rwdeploy.runtime.rpc import parse_address
-
-                parse_address(value, option)
 
 
 @dataclass
@@ -110,7 +94,6 @@ class CompileContext:
     latency: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # filled in by compile_model
-    artifacts: dict[str, Any] = field(default_factory=dict)  # variant -> TvmArtifact (target stages)
 
     def path(self, name: str) -> Path:
         return self.workdir / name
@@ -281,17 +264,22 @@ def stage_ort_check(ctx: CompileContext) -> None:
 
 
 def stage_measure_ort(ctx: CompileContext) -> None:
+    """Original vs slim in ONNX Runtime; the two alternate call by call, so that a shared
+    machine's changing load cannot decide which one looks faster."""
     opts = ctx.options
-    for variant, name in (("original", ORIGINAL_ONNX), ("slim", SLIM_ONNX)):
-        runner = OrtRunner(ctx.path(name), threads=opts.threads)
-        for batch in ctx.batches:
-            x = ctx.loaded.example_input(batch=batch, seed=opts.seed).numpy()
-            stats = runner.measure(x, warmup=opts.warmup, runs=opts.runs, min_time_s=opts.min_time_s)
+    runners = {variant: OrtRunner(ctx.path(name), threads=opts.threads)
+               for variant, name in (("original", ORIGINAL_ONNX), ("slim", SLIM_ONNX))}
+    for batch in ctx.batches:
+        x = ctx.loaded.example_input(batch=batch, seed=opts.seed).numpy()
+        stats = time_interleaved({v: r.bind(x) for v, r in runners.items()}, warmup=opts.warmup,
+                                 min_runs=opts.runs, max_runs=max(opts.runs, 1000),
+                                 min_time_s=opts.min_time_s)
+        for variant, st in stats.items():
             ctx.latency.append({
                 "runtime": "onnxruntime", "target": opts.target, "variant": variant, "batch": batch,
-                "median_ms": stats.median_ms, "p90_ms": stats.p90_ms, "n": stats.n,
-                "warmup": stats.warmup, "threads": opts.threads, "emulated": False,
-                "provider": "CPUExecutionProvider",
+                "median_ms": st.median_ms, "p90_ms": st.p90_ms, "n": st.n, "warmup": st.warmup,
+                "threads": opts.threads, "emulated": False, "provider": "CPUExecutionProvider",
+                "interleaved": True,
             })
 
 
@@ -353,20 +341,8 @@ SLIM_STAGES: tuple[Stage, ...] = (
 )
 
 # Per target: the stages it adds after the common ones (TVM build + measure for arm/gpu, ...).
-def _arm_stages() -> tuple[Stage, ...]:
-    from rwdeploy import tvm_stages
-
-    return (Stage("build_tvm", "Build TVM modules (original, slim)", tvm_stages.stage_build_tvm),
-            Stage("measure_arm", "Measure on the arm device (emulated without --rpc)",
-                  tvm_stages.stage_measure_arm, _measuring))
-
-
-# The aarch64 targets: `arm` and its board presets in the registry; measured over TVM RPC.
-ARM_TARGETS: tuple[str, ...] = tuple(n for n in list_targets() if TARGETS[n].family == "arm")
-
 TARGET_STAGES: dict[str, tuple[Stage, ...]] = {
     "cpu": (),
-    **{name: _arm_stages() for name in ARM_TARGETS},
 }
 
 REPORT_STAGES: tuple[Stage, ...] = (Stage("report", "Write report", stage_report),)

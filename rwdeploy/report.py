@@ -223,20 +223,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if latency:
         lines += ["## Latency", ""]
         lines += _table(["runtime", "target", "variant", "batch", "threads", "median ms", "p90 ms", "n"],
-                        [[r["runtime"], f"{r['target']} (emulated)" if r.get("emulated") else r["target"],
-                          r["variant"], r["batch"], r["threads"],
+                        [[r["runtime"], r["target"], r["variant"], r["batch"], r["threads"],
                           f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", r["n"]] for r in latency])
-        if any(r.get("emulated") for r in latency):
-            lines += ["Emulated rows ran under qemu-user on this machine: not ARM latency. "
-                      "Compare variants there by instructions per inference (Targets).", ""]
         sp = speedups(latency)
         if sp:
             lines += _table(["runtime", "batch", "threads", "speed-up (original/slim median)"],
                             [[r["runtime"], r["batch"], r["threads"], f"{r['speedup']:.2f}×"] for r in sp])
-
-    targets = doc.get("targets")
-    if targets:
-        lines += _targets_markdown(targets)
 
     env = doc.get("environment")
     if env:
@@ -253,27 +245,3 @@ def _removed_line(g: Any) -> str:
     why = f" ({', '.join(g['why'])})" if g.get("why") else ""
     return (f"group {g.get('id', '?')}: {what}{why}; {', '.join(tensors[:4])}"
             f"{', ...' if len(tensors) > 4 else ''}")
-
-
-def _targets_markdown(targets: dict[str, Any]) -> list[str]:
-    """Per TVM target: builds (time, size), the device measured on, instruction counts."""
-    lines = ["## Targets", ""]
-    for name, t in targets.items():
-        lines += [f"### {name}", ""]
-        builds = t.get("build", {})
-        if builds:
-            lines += _table(["variant", "file", "build s", "export s", "size"],
-                            [[v, f"`{b.get('file')}`", f"{b.get('build_s', 0):.1f}", f"{b.get('export_s', 0):.1f}",
-                              _fmt_bytes(b.get("size_bytes"))] for v, b in builds.items()])
-        device = t.get("device")
-        if device:
-            lines += [f"Measured on {device['address']}" + (" (emulated aarch64 device)" if device.get("emulated") else "")
-                      + (f": {device['note']}." if device.get("note") else "."), ""]
-        insns = t.get("instructions", {}).get("per_variant")
-        if insns:
-            rel = t["instructions"].get("relative_to_original", {})
-            lines += _table(["variant", "aarch64 instructions / inference", "samples", "spread", "vs original"],
-                            [[v, _fmt_int(c["insns_per_inference"]), ", ".join(_fmt_int(n) for n in c["samples"]),
-                              f"{c['relative_spread']:.2%}", f"{rel[v]:.1%}" if v in rel else "-"]
-                             for v, c in insns.items()])
-    return lines

@@ -135,42 +135,31 @@ def test_arm_device_starts_and_stops_the_emulator_it_needed(emulator, monkeypatc
     assert arm_emulator.status(emulator.home).running  # the other server is untouched
 
 
-def test_compile_arm_stages_build_measure_and_report(emulator, tmp_path):
-    """The pipeline's arm stages on a stand-in context (original = 8-filter net, slim = 4)."""
+def test_compile_stage_measures_shipped_arm_libraries(emulator, tmp_path):
+    """The pipeline's arm measure stage on a context shaped like the TVM build stage leaves it:
+    original = 8-filter net, slim = the same shape with half the filters."""
+    from types import SimpleNamespace
+
     import torch
 
-    from rwdeploy import report
-    from rwdeploy.compile import CompileContext, CompileOptions, pipeline
-    from rwdeploy.tvm_stages import stage_build_tvm, stage_measure_arm
+    from rwdeploy.runtime import tvm_build
+    from rwdeploy.runtime.arm_measure import stage_arm_measure
 
-    opts = CompileOptions(out=tmp_path / "out", target="arm", runs=5)
-    opts.validate()
-    assert [s.name for s in pipeline(opts)][-3:] == ["build_tvm", "measure_arm", "report"]
     x = torch.from_numpy(example_input())
-    ctx = CompileContext(loaded=None, options=opts, workdir=tmp_path, example_input=x, probe_inputs=[x])
-    ctx.original, ctx.slim = small_cnn(8), small_cnn(4)
-    stage_build_tvm(ctx)
-    assert rpc.elf_machine(tmp_path / "model.arm.so") == "aarch64"  # the slim deliverable
-    assert rpc.elf_machine(tmp_path / "original.arm.so") == "aarch64"
-    stage_measure_arm(ctx)  # no --rpc: the emulator (already running here, so reused)
+    original, slim = small_cnn(8), small_cnn(4)
+    artifacts = {}
+    for variant, module in (("original", original), ("slim", slim)):
+        artifacts[(variant, 1)] = tvm_build.build(module, x, "arm", out_dir=tmp_path / variant)
+    artifacts[("slim", 8)] = SimpleNamespace(path=None)  # built, not shipped: not measured
+    ctx = SimpleNamespace(
+        options=SimpleNamespace(target="arm", runs=5, seed=0),  # no rpc/tracker: the emulator
+        loaded=SimpleNamespace(example_input=lambda batch, seed: x), original=original, slim=slim,
+        tvm_artifacts=artifacts, sections={}, latency=[])
+    stage_arm_measure(ctx)
     rows = {r["variant"]: r for r in ctx.latency}
-    assert set(rows) == {"original", "slim"} and all(r["emulated"] and r["target"] == "arm" for r in rows.values())
-    assert all(r["max_abs_err_vs_torch"] < 1e-4 for r in rows.values())
+    assert set(rows) == {"original", "slim"}
+    assert all(r["emulated"] and r["target"] == "arm" and r["max_abs_err_vs_torch"] < 1e-4 for r in rows.values())
     section = ctx.sections["targets"]["arm"]
+    assert section["device"]["emulated"] and any("emulated aarch64 device" in n for n in section["notes"])
     counts = section["instructions"]["per_variant"]
     assert counts["slim"]["insns_per_inference"] < counts["original"]["insns_per_inference"]
-    md = report.render_markdown(report.make_report({"latency": ctx.latency, "targets": ctx.sections["targets"]}))
-    assert "arm (emulated)" in md and "aarch64 instructions / inference" in md
-    assert f"{counts['slim']['insns_per_inference']:,}" in md
-
-
-def test_rpc_options_are_checked_before_any_work(tmp_path):
-    from rwdeploy.compile import CompileOptions
-    from rwdeploy.errors import OptionError
-
-    for kw, msg in (({"target": "cpu", "rpc": "h:1"}, "runs here"),
-                    ({"target": "arm", "rpc": "h:1", "tracker": "t:2", "key": "k"}, "not both"),
-                    ({"target": "arm", "tracker": "t:2"}, "needs --key"),
-                    ({"target": "arm", "rpc": "nohostport"}, "--rpc 'nohostport' is not HOST:PORT")):
-        with pytest.raises(OptionError, match=msg):
-            CompileOptions(out=tmp_path, **kw).validate()

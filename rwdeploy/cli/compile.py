@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from rwdeploy.cli.common import load_from_cli, model_options
-from rwdeploy.compile import ARM_TARGETS, TARGET_STAGES, CompileOptions, Stage, compile_model
+from rwdeploy.compile import TARGET_STAGES, CompileOptions, Stage, compile_model
 from rwdeploy.console import make_console
 from rwdeploy.errors import OptionError
 from rwdeploy.report import REPORT_MD, speedups
@@ -96,22 +96,14 @@ def _summary(report: dict[str, Any], out: Path) -> Table:
 @click.option("--min-time", "min_time", default=0.5, show_default=True, type=float,
               help="Seconds of timed runs at least per measurement.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement.")
-@click.option("--rpc", default=None, metavar="HOST:PORT",
-              help="arm targets: measure on this device's TVM RPC server (default: the emulated aarch64 device).")
-@click.option("--tracker", default=None, metavar="HOST:PORT", help="arm targets: get the device from this TVM RPC tracker.")
-@click.option("--key", default=None, help="Device key for --tracker.")
 def command(model: str, arch: str | None, input_shape: str | None, trust_pickle: bool, target: str,
             out: Path | None, tolerance: float, batch: str, threads: int, runs: int, warmup: int,
-            min_time: float, no_measure: bool, rpc: str | None, tracker: str | None, key: str | None) -> None:
+            min_time: float, no_measure: bool) -> None:
     """Remove zero channels from MODEL, verify, export .pt2 + ONNX, measure, and report."""
     options = CompileOptions(out=out or default_out(model), target=target, tolerance=tolerance,
                              batches=parse_batches(batch), threads=threads, runs=runs, warmup=warmup,
-                             min_time_s=min_time, measure=not no_measure, rpc=rpc, tracker=tracker, key=key)
+                             min_time_s=min_time, measure=not no_measure)
     options.validate()  # bad options fail before the (slow) model load
-    if target in ARM_TARGETS and not no_measure and not (rpc or tracker):
-        click.echo(f"rwdeploy: no --rpc given: measuring --target {target} on the emulated aarch64 device "
-                   "(qemu-user on this machine); its latency is emulated, not ARM latency, and is reported "
-                   "with aarch64 instructions per inference", err=True)
     loaded = load_from_cli(model, arch, input_shape, trust_pickle)
     err_console = make_console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
