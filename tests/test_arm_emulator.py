@@ -94,7 +94,7 @@ def test_failed_download_is_one_clear_error(monkeypatch, tmp_path):
 
 
 def test_unreachable_apt_mirror_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(arm_emulator, "DEBIAN_MIRROR", "http://127.0.0.1:9/debian"  # nothing listens there)
+    monkeypatch.setattr(arm_emulator, "DEBIAN_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
     with pytest.raises(ToolchainError) as info:
         arm_emulator._ensure_apt_lists(arm_emulator.home(tmp_path / "home"), lambda _: None)
     line = info.value.one_line()
