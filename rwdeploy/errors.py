@@ -34,6 +34,10 @@ class ToolchainError(RwdeployError):
     """An external toolchain (cross compiler, qemu, CUDA, ...) needed by a target is missing."""
 
 
+class ExportError(RwdeployError):
+    """A model could not be written in a deployable format (.pt2, ONNX)."""
+
+
 class VerificationError(RwdeployError):
     """A transformed model does not compute the same function as the original."""
 

@@ -16,7 +16,13 @@ from rwdeploy.errors import RwdeployError
 
 # module name -> command name; one line per subcommand.
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "demo",
     "inspect": "inspect",
+    "prune": "prune",
+    "device": "device",
+    "zoo": "zoo",
+    "compile": "compile",
+    "targets": "targets",
 }
 
 

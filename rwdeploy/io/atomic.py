@@ -30,6 +30,19 @@ def _check_parent(path: Path) -> Path:
     return parent
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, base: int) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give the published one the mode a
+    plain open()/mkdir() would have, so outputs are readable like any other file."""
+    if path.exists() and not path.is_symlink():
+        os.chmod(path, base & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `path`, on error it is removed."""
@@ -40,6 +53,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _publish_mode(tmp_path, 0o666)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -56,6 +70,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
+        _publish_mode(tmp, 0o777)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
             os.replace(path, old / "x")

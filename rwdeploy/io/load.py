@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,21 @@ class LoadedModel:
     def example_input(self, batch: int | None = None, seed: int = 0) -> torch.Tensor:
         shape = self.input_shape if batch is None else (batch, *self.input_shape[1:])
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def check_input(self) -> torch.Tensor:
+        """Run the model once on the example input; a shape it cannot take is an OptionError."""
+        x = self.example_input()
+        try:
+            with torch.no_grad():
+                self.module(x)
+        except (RuntimeError, ValueError, TypeError, AssertionError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            where = self.path or f"zoo:{self.arch}"
+            raise OptionError(
+                f"{where}: input shape {'x'.join(map(str, self.input_shape))} does not fit the model ({first})",
+                hint="pass the right --input-shape",
+            ) from None
+        return x
 
 
 def _is_export_archive(path: Path) -> bool:
@@ -125,7 +141,10 @@ def load_model(
         return _load_pt2(path, input_shape)
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about odd pickle protocols before failing on them; the error says it all.
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             if not trust_pickle:
@@ -134,7 +153,7 @@ def load_model(
             return _load_pickle(path, input_shape)
         raise ModelFileError(f"{path}: corrupt or not a PyTorch file ({err})",
                              hint="pass a .pt2 program, an rwdeploy checkpoint or a state_dict") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # the unpickler raises anything from IndexError to KeyError on junk
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelFileError(f"{path}: truncated, corrupt or not a PyTorch file ({msg})",
                              hint="pass a .pt2 program, an rwdeploy checkpoint or a state_dict") from None

@@ -1,0 +1,226 @@
+"""Measure a built Relax module on a device over TVM RPC.
+
+`--rpc HOST:PORT` connects to a device's RPC server directly; `--tracker HOST:PORT --key KEY`
+asks a TVM RPC tracker for a device. Then: upload the library, load it, run it through
+`relax.VirtualMachine(lib, remote.cpu())`, check its output against the torch model's, and time
+it with TVM's time_evaluator, which runs *on the device* (so RPC round trips are not counted).
+
+Every failure a user can cause (nothing listening, a tracker without that key, a timeout, a
+library built for another architecture) is one `ToolchainError` line that says what to do.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rwdeploy.errors import OptionError, ToolchainError, VerificationError
+from rwdeploy.runtime.latency import LatencyStats
+
+ELF_MACHINES = {0x03: "x86", 0x28: "arm", 0x3E: "x86_64", 0xB7: "aarch64", 0xF3: "riscv"}
+
+
+def elf_machine(path: str | Path) -> str | None:
+    """The CPU architecture an ELF shared library was built for, or None if not ELF."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    order = "<" if head[5] == 1 else ">"
+    (machine,) = struct.unpack(order + "H", head[18:20])
+    return ELF_MACHINES.get(machine, f"machine 0x{machine:x}")
+
+
+def parse_address(text: str, option: str) -> tuple[str, int]:
+    """`HOST:PORT` -> (host, port); a malformed value names the option."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError(f"{option} {text!r} is not HOST:PORT", hint=f"e.g. {option} 127.0.0.1:9190")
+    return host, int(port)
+
+
+def _check_reachable(host: str, port: int, what: str, timeout_s: float) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except ConnectionRefusedError:
+        raise ToolchainError(
+            f"{what} {host}:{port} refused the connection: nothing is listening there",
+            hint="start the device's RPC server (for the emulator: rwdeploy device arm-emulator start)",
+        ) from None
+    except socket.timeout:
+        raise ToolchainError(f"{what} {host}:{port} did not answer within {timeout_s:.0f} s",
+                             hint="check the address, the network and firewalls") from None
+    except OSError as err:
+        raise ToolchainError(f"cannot reach {what} {host}:{port}: {err.strerror or err}",
+                             hint="check the address") from None
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where to measure: a direct RPC server or a tracker + key."""
+
+    rpc: str | None = None
+    tracker: str | None = None
+    key: str | None = None
+    emulated: bool = False
+    connect_timeout_s: float = 10.0
+    session_timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if (self.rpc is None) == (self.tracker is None):
+            raise OptionError("give exactly one of --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
+        if self.tracker is not None and not self.key:
+            raise OptionError("--tracker needs --key KEY (the device key the server registered with)")
+
+    @property
+    def label(self) -> str:
+        return self.rpc if self.rpc else f"{self.key}@{self.tracker}"
+
+    def connect(self) -> Any:
+        """An RPC session to the device."""
+        from tvm import rpc
+
+        if self.rpc:
+            host, port = parse_address(self.rpc, "--rpc")
+            _check_reachable(host, port, "RPC server", self.connect_timeout_s)
+            try:
+                return rpc.connect(host, port, session_timeout=self.session_timeout_s)
+            except Exception as err:  # TVMError / RuntimeError from the handshake
+                raise ToolchainError(f"RPC handshake with {host}:{port} failed: {_first_line(err)}",
+                                     hint="is it a TVM RPC server of the same TVM version? "
+                                     "A server registered with a tracker only accepts --tracker connections") from None
+        host, port = parse_address(self.tracker, "--tracker")
+        _check_reachable(host, port, "RPC tracker", self.connect_timeout_s)
+        try:
+            tracker = rpc.connect_tracker(host, port)
+            summary = tracker.summary()
+        except Exception as err:
+            raise ToolchainError(f"{host}:{port} is not a TVM RPC tracker: {_first_line(err)}",
+                                 hint="check --tracker") from None
+        keys = summary.get("queue_info", {})
+        if self.key not in keys:
+            known = ", ".join(sorted(keys)) or "none"
+            raise ToolchainError(f"tracker {host}:{port} has no device with key {self.key!r} (registered keys: {known})",
+                                 hint="check --key, or start the device's server with --tracker and that key")
+        try:
+            return tracker.request(self.key, session_timeout=self.session_timeout_s, max_retry=2)
+        except Exception as err:
+            raise ToolchainError(f"tracker {host}:{port} could not give a {self.key!r} device: {_first_line(err)}",
+                                 hint="is the device busy or gone?") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # TVM errors end with the actual message; tracebacks come first.
+    return lines[-1] if lines else type(err).__name__
+
+
+@dataclass
+class RemoteMeasurement:
+    device: str
+    emulated: bool
+    latency: LatencyStats
+    max_abs_err: float
+    tolerance: float
+    output_shape: tuple[int, ...]
+    upload_s: float
+    output: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "emulated": self.emulated,
+            **self.latency.to_dict(),
+            "max_abs_err": self.max_abs_err,
+            "tolerance": self.tolerance,
+            "output_shape": list(self.output_shape),
+            "upload_s": self.upload_s,
+        }
+
+
+def _load_remote(session: Any, lib_path: Path, device: Device) -> Any:
+    try:
+        session.upload(str(lib_path))
+        return session.load_module(lib_path.name)
+    except Exception as err:
+        arch = elf_machine(lib_path)
+        raise ToolchainError(
+            f"device {device.label} could not load {lib_path.name} (built for {arch or 'an unknown format'}): "
+            f"{_first_line(err)}",
+            hint="build it for the device's architecture (e.g. --target arm for aarch64 boards)",
+        ) from None
+
+
+def measure_remote(
+    lib_path: str | Path,
+    example_input: np.ndarray,
+    reference_output: np.ndarray,
+    device: Device,
+    *,
+    warmup: int = 2,
+    repeat: int = 15,
+    number: int = 1,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> RemoteMeasurement:
+    """Upload, load, run, verify against `reference_output`, then time on the device.
+
+    Tolerance: |out - ref| <= atol + rtol * max|ref| everywhere (float32 kernels on another
+    architecture sum in another order). A mismatch raises VerificationError.
+    Latency: `warmup` untimed calls, then `repeat` samples of `number` calls each, timed on the
+    device; median/p90 are over the samples.
+    """
+    from tvm import relax
+    import tvm
+
+    lib_path = Path(lib_path)
+    if not lib_path.is_file():
+        raise OptionError(f"library {lib_path} does not exist", hint="build it first (rwdeploy compile)")
+    session = device.connect()
+    t0 = time.perf_counter()
+    lib = _load_remote(session, lib_path, device)
+    upload_s = time.perf_counter() - t0
+    dev = session.cpu()
+    try:
+        vm = relax.VirtualMachine(lib, dev)
+        x = tvm.runtime.tensor(np.ascontiguousarray(example_input, dtype=np.float32), dev)
+        for _ in range(max(1, warmup)):
+            y = vm["main"](x)
+        if not hasattr(y, "numpy"):
+            raise ToolchainError(f"{lib_path.name}: main returned a tuple, which RPC cannot fetch",
+                                 hint="import the model with unwrap_unit_return_tuple=True")
+        out = y.numpy()
+        timer = vm.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=0)
+        samples = list(timer(x).results)
+    except ToolchainError:
+        raise
+    except Exception as err:
+        raise ToolchainError(f"running {lib_path.name} on {device.label} failed: {_first_line(err)}",
+                             hint="see the device's RPC server log") from None
+    ref = np.asarray(reference_output, dtype=np.float32)
+    if out.shape != ref.shape:
+        raise VerificationError(f"{lib_path.name} on {device.label}: output shape {out.shape} != torch {ref.shape}")
+    err = float(np.max(np.abs(out - ref))) if out.size else 0.0
+    tol = atol + rtol * float(np.max(np.abs(ref))) if ref.size else atol
+    if not err <= tol:
+        raise VerificationError(
+            f"{lib_path.name} on {device.label}: output differs from torch by {err:.3g} (tolerance {tol:.3g})",
+            hint="the build is wrong for this device; report it with --debug",
+        )
+    return RemoteMeasurement(
+        device=device.label,
+        emulated=device.emulated,
+        latency=LatencyStats.from_samples(samples, warmup),
+        max_abs_err=err,
+        tolerance=tol,
+        output_shape=tuple(out.shape),
+        upload_s=upload_s,
+        output=out,
+    )

@@ -1,0 +1,297 @@
+"""Build a (slim) torch model with Apache TVM 0.27 (Relax) for a registry target.
+
+    artifact = build(module, example_input, "cpu", out_dir="out")   # -> out/model.cpu.so
+    stats, err = measure_local(artifact, example_input, reference)
+
+Import is torch.export -> `from_exported_program(..., unwrap_unit_return_tuple=True)`; custom
+ops (the sparse kernels) reach Relax through `converters` (name -> converter), which
+`rwdeploy.runtime.tvm_sparse` supplies. CPU-like targets (cpu, arm and its presets) go
+through `cpu_pipeline` (BN folding, NHWC, scheduled kernels from `tvm_schedule`, optionally
+a MetaSchedule database from `tvm_tune`); `gpu` through TVM's default CUDA pipeline (dlight
+GPU schedules), and the build checks that a CUDA device module really exists.
+The model is never mutated.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from rwdeploy.errors import OptionError, RwdeployError, ToolchainError
+from rwdeploy.io import atomic_file
+from rwdeploy.runtime.latency import LatencyStats, time_callable
+from rwdeploy.runtime.targets import RUNS_LOCAL, Target, get_target
+
+Converter = Callable[..., Any]  # (fx.Node, importer) -> relax.Var, as TVM's frontend expects
+
+
+@dataclass
+class TvmArtifact:
+    """What one build produced; `executable` is the in-memory relax executable."""
+
+    target: Target
+    path: Path | None
+    build_s: float
+    export_s: float
+    size_bytes: int | None
+    device_modules: list[str]
+    cuda_binary: bool | None = None  # gpu: True = cubin embedded, False = CUDA source
+    kernels: dict[str, list[str]] = field(default_factory=dict)
+    tuned_trials: int = 0
+    tuning_db: str | None = None
+    executable: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target.name,
+            "tvm_target": self.target.tvm_target,
+            "host": self.target.host,
+            "path": None if self.path is None else str(self.path),
+            "file": None if self.path is None else self.path.name,
+            "build_s": round(self.build_s, 3),
+            "export_s": round(self.export_s, 3),
+            "size_bytes": self.size_bytes,
+            "device_modules": self.device_modules,
+            "cuda_binary": self.cuda_binary,
+            "kernels": {k: len(v) for k, v in self.kernels.items()},
+            "unscheduled_kernels": self.kernels.get("unscheduled", []),
+            "tuned_trials": self.tuned_trials,
+            "tuning_db": self.tuning_db,
+            "notes": list(self.target.notes),
+        }
+
+
+def resolve_target(target: str | Target, **opts: Any) -> Target:
+    return target if isinstance(target, Target) else get_target(target, **opts)
+
+
+def _as_tuple(example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
+                 example_input: torch.Tensor | tuple[torch.Tensor, ...],
+                 converters: dict[str, Converter] | None = None) -> Any:
+    """The model as a Relax IRModule with its weights bound as constants."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    if isinstance(module_or_program, torch.export.ExportedProgram):
+        program = module_or_program
+    else:
+        with torch.no_grad():
+            program = torch.export.export(module_or_program, _as_tuple(example_input))
+    try:
+        return from_exported_program(program, keep_params_as_input=False,
+                                     unwrap_unit_return_tuple=True,
+                                     custom_convert_map=converters or None)
+    except (AssertionError, KeyError, NotImplementedError, ValueError) as err:
+        raise RwdeployError(f"TVM cannot import the model: {str(err).splitlines()[0]}",
+                            hint="an op without a Relax converter; build without TVM "
+                                 "(--target none) or add a converter") from None
+
+
+def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None = None) -> Any:
+    """Relax pipeline for LLVM targets: TVM's CPU passes plus the schedules they lack."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from rwdeploy.runtime.tvm_schedule import prepare_passes, schedule_cpu_pass
+
+    @tvm.transform.module_pass(opt_level=0, name="rwdeploy.cpu_pipeline")
+    def pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            tuned = [relax.transform.MetaScheduleApplyDatabase(tuning_db)] if tuning_db else []
+            return tvm.transform.Sequential([
+                *prepare_passes(),
+                *cpu.library_dispatch_passes(target),
+                *cpu.legalize_passes(target),
+                *tuned,
+                schedule_cpu_pass(target, stats),
+                *cpu.dataflow_lower_passes(target),
+                *cpu.finalize_passes(target),
+            ])(mod)
+
+    return pipeline
+
+
+def device_module_kinds(executable: Any) -> list[str]:
+    """Kinds of the device modules imported by the host module ("cuda", ...)."""
+    kinds: list[str] = []
+    pending = list(executable.mod.imports)
+    while pending:
+        mod = pending.pop()
+        if mod.kind not in ("llvm", "library", "static_library", "c"):
+            kinds.append(str(mod.kind))
+        pending.extend(mod.imports)
+    return sorted(kinds)
+
+
+def _cuda_module(executable: Any) -> Any | None:
+    pending = list(executable.mod.imports)
+    while pending:
+        mod = pending.pop()
+        if mod.kind == "cuda":
+            return mod
+        pending.extend(mod.imports)
+    return None
+
+
+def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
+          example_input: torch.Tensor | tuple[torch.Tensor, ...],
+          target: str | Target,
+          *,
+          out_dir: str | os.PathLike | None = None,
+          tune: int = 0,
+          tuning_db: str | os.PathLike | None = None,
+          converters: dict[str, Converter] | None = None,
+          gpu_arch: str | None = None,
+          threads: int | None = None) -> TvmArtifact:
+    """Import, build and (when `out_dir` is given) export `model.<target>.so` there.
+
+    `tune` > 0 runs MetaSchedule for that many trials into `tuning_db` (a folder reused across
+    runs); a `tuning_db` without `tune` only applies what is already there. Missing
+    toolchains raise ToolchainError before any work is done.
+    """
+    import tvm
+
+    tgt = resolve_target(target, gpu_arch=gpu_arch, threads=threads)
+    tgt.require("build")
+    if tune < 0:
+        raise OptionError(f"--tune must be >= 0 trials, got {tune}")
+    if tune and tgt.family == "gpu":
+        raise OptionError("--tune is for cpu/arm targets; gpu uses TVM's default CUDA schedules")
+    if tune and tuning_db is None:
+        raise OptionError("--tune needs --tuning-db DIR to keep the tuning records")
+    db = None if tuning_db is None else str(Path(tuning_db).resolve())
+    if db is not None and not tune and not Path(db).is_dir():
+        raise OptionError(f"--tuning-db {db} does not exist", hint="tune first with --tune TRIALS")
+
+    t0 = time.perf_counter()
+    mod = import_relax(module_or_program, example_input, converters)
+    tvm_target = tgt.tvm()
+    stats: dict[str, list[str]] = {}
+    if tgt.family == "gpu":
+        with tvm_target:  # the nvcc callback reads the arch from Target.current()
+            executable = tvm.compile(mod, target=tvm_target)
+        if _cuda_module(executable) is None:
+            raise RwdeployError(f"target {tgt.name!r}: the build has no CUDA module "
+                                "(every loop was compiled for the host)")
+    else:
+        if tune:
+            from rwdeploy.runtime.tvm_tune import tune_cpu
+
+            tune_cpu(mod, tvm_target, db, tune)
+        executable = tvm.compile(mod, target=tvm_target,
+                                 relax_pipeline=cpu_pipeline(tvm_target, stats, db))
+    build_s = time.perf_counter() - t0
+    cuda = _cuda_module(executable)
+    artifact = TvmArtifact(
+        target=tgt, path=None, build_s=build_s, export_s=0.0, size_bytes=None,
+        device_modules=device_module_kinds(executable),
+        cuda_binary=None if cuda is None else bool(cuda.is_runnable()),
+        kernels=stats, tuned_trials=tune, tuning_db=db, executable=executable,
+    )
+    if out_dir is not None:
+        export(artifact, Path(out_dir) / tgt.artifact_name)
+    return artifact
+
+
+def export(artifact: TvmArtifact, path: str | os.PathLike) -> Path:
+    """Write the shared library with the target's compiler (atomically); fills path/size."""
+    path = Path(path)
+    t0 = time.perf_counter()
+    fcompile = artifact.target.fcompile()
+    with atomic_file(path) as tmp:
+        try:
+            if fcompile is None:
+                artifact.executable.export_library(str(tmp))
+            else:
+                artifact.executable.export_library(str(tmp), fcompile=fcompile)
+        except (RuntimeError, OSError) as err:
+            if artifact.target.cross_compiler and "No such file" in str(err):
+                raise ToolchainError(
+                    f"cross compiler {artifact.target.cross_compiler} failed to run",
+                    hint="install it, see `rwdeploy targets`") from None
+            raise
+    artifact.export_s = time.perf_counter() - t0
+    artifact.path = path
+    artifact.size_bytes = path.stat().st_size
+    return path
+
+
+def set_threads(n: int) -> None:
+    """Use `n` threads in TVM's CPU thread pool from now on (TVM defaults to half the cores)."""
+    import tvm
+
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+
+
+def _device(target: Target) -> Any:
+    import tvm
+
+    return tvm.cuda(0) if target.family == "gpu" else tvm.cpu(0)
+
+
+def load_local(artifact: TvmArtifact) -> Callable[..., Any]:
+    """The model's `main` in a relax VM of this process, loaded from the exported file."""
+    import tvm
+    from tvm import relax
+
+    if artifact.target.runs_on != RUNS_LOCAL:
+        raise OptionError(f"target {artifact.target.name!r} runs on a device over RPC, "
+                          "not in this process")
+    artifact.target.require("run")
+    module = tvm.runtime.load_module(str(artifact.path)) if artifact.path else artifact.executable
+    vm = relax.VirtualMachine(module, _device(artifact.target))
+    return vm["main"]
+
+
+def _to_numpy(out: Any) -> np.ndarray:
+    if hasattr(out, "numpy"):
+        return out.numpy()
+    return _to_numpy(out[0])  # a tuple output: the first element is the model's output
+
+
+def run_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray:
+    """One inference through the artifact; returns the (first) output as numpy."""
+    import tvm
+
+    main = load_local(artifact)
+    dev = _device(artifact.target)
+    args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in _as_tuple(inputs)]
+    return _to_numpy(main(*args))
+
+
+def measure_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                  reference: np.ndarray | torch.Tensor, *, warmup: int = 5, min_runs: int = 20,
+                  min_time_s: float = 0.5) -> tuple[LatencyStats, float]:
+    """Latency of the artifact in this process, after checking its output.
+
+    Returns the latency stats and the max abs error against `reference` (the slim torch
+    model's output). The thread count is the target's (`threads`).
+    """
+    import tvm
+
+    if artifact.target.threads:
+        set_threads(artifact.target.threads)
+    main = load_local(artifact)
+    dev = _device(artifact.target)
+    args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in _as_tuple(inputs)]
+    got = _to_numpy(main(*args))
+    ref = reference.detach().cpu().numpy() if isinstance(reference, torch.Tensor) else reference
+    if got.shape != ref.shape:
+        raise RwdeployError(f"TVM output shape {got.shape} differs from torch {ref.shape}")
+    err = float(np.max(np.abs(got - ref))) if got.size else 0.0
+
+    def run() -> None:
+        main(*args)
+        dev.sync()
+
+    return time_callable(run, warmup=warmup, min_runs=min_runs, min_time_s=min_time_s), err

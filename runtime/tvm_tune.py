@@ -1,0 +1,43 @@
+"""MetaSchedule tuning for cpu/arm builds (`--tune TRIALS --tuning-db DIR`).
+
+The kernels are extracted from the same prepared and fused module that `cpu_pipeline`
+builds, so the records in DIR match the PrimFuncs `MetaScheduleApplyDatabase` looks up;
+DIR is reused across runs (tuning again adds records, building applies the best).
+Kernels without a record keep the hand schedules of `tvm_schedule`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+BUILD_TIMEOUT_S = 120  # MetaSchedule's default (30 s) is too short on a busy 2-core machine
+RUN_TIMEOUT_S = 60
+
+
+def tuning_module(mod: Any, target: Any) -> Any:
+    """The prepared, legalised and fused module whose PrimFuncs are the tuning tasks."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from rwdeploy.runtime.tvm_schedule import prepare_passes
+
+    with target:
+        return tvm.transform.Sequential([*prepare_passes(), *cpu.library_dispatch_passes(target),
+                                         *cpu.legalize_passes(target)])(mod)
+
+
+def tune_cpu(mod: Any, target: Any, work_dir: str, trials: int) -> None:
+    """Run `trials` MetaSchedule trials (spread over the kernels) into `work_dir`."""
+    from tvm.s_tir import meta_schedule as ms
+
+    os.makedirs(work_dir, exist_ok=True)
+    fused = tuning_module(mod, target)
+    n_tasks = max(1, len(ms.relax_integration.extract_tasks(fused, target)))
+    ms.relax_integration.tune_relax(
+        mod=fused, params={}, target=target, work_dir=work_dir,
+        max_trials_global=trials, max_trials_per_task=max(1, -(-trials // n_tasks)),
+        num_trials_per_iter=min(64, max(1, -(-trials // n_tasks))),
+        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+        runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
+        cost_model="random",  # the xgb model needs xgboost; random search still finds wins
+    )

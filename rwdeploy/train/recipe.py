@@ -1,0 +1,170 @@
+"""A pruning run described as data: parsed from YAML (`--recipe`) or built from CLI flags.
+
+    model: resnet20
+    data: cifar10:/data/cifar
+    method: reweighted          # reweighted | magnitude | admm (or a registered extension)
+    scheme: filter              # default for every prunable layer
+    rate: 0.5
+    global_rate: false
+    layers:                     # first matching rule wins; names or module names, globs allowed
+      - {match: "layer3.*", scheme: "filter:0.6+irregular:0.8"}
+    exclude: null               # null: first conv + classifier; [] prunes everything
+    include: []                 # force-include excluded layers
+    penalty: {lam: 1e-4, eps: 1e-3, squared: false, milestones: null, updates: 5}
+    admm: {rho: 1e-3, rho_factor: 1.5, rho_max: 1.0, update_every: 1}
+    pretrain: {epochs: 0}
+    prune:   {epochs: 10, lr: 0.05, schedule: cosine}
+    retrain: {epochs: 10, lr: 0.01, schedule: cosine}
+
+Unknown keys are errors (a typo must not silently fall back to a default). Extensions keep
+their settings under `extra`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rwdeploy.errors import OptionError
+from rwdeploy.train.prune import LayerRule
+from rwdeploy.train.schemes import check_rate, parse_scheme
+
+SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 0
+    lr: float = 0.05
+    schedule: str = "cosine"  # cosine | step | constant (per epoch)
+    milestones: list[int] = field(default_factory=list)  # step schedule: epochs where lr *= gamma
+    gamma: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def lr_at(self, epoch: int) -> float:
+        import math
+
+        if self.schedule == "constant" or self.epochs <= 1:
+            return self.lr
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
+
+
+@dataclass
+class PenaltyConfig:
+    lam: float = 1e-4
+    eps: float = 1e-3
+    squared: bool = False
+    # Epochs (within the prune phase) at which alpha is re-estimated; None: `updates` evenly
+    # spaced points over the phase (default 5: every fifth), counted in steps.
+    milestones: list[int] | None = None
+    updates: int = 5
+
+
+@dataclass
+class AdmmConfig:
+    rho: float = 1e-3  # initial rho
+    rho_factor: float = 1.5  # rho *= factor at every Z/U update ...
+    rho_max: float = 1.0  # ... up to this
+    update_every: int = 1  # epochs between Z/U updates
+
+
+@dataclass
+class Recipe:
+    model: str = "lenet5"
+    data: str = "digits"
+    method: str = "reweighted"
+    scheme: str = "irregular"
+    rate: float = 0.5
+    global_rate: bool = False
+    layers: list[dict[str, str]] = field(default_factory=list)
+    exclude: list[str] | None = None
+    include: list[str] = field(default_factory=list)
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+    pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=0))
+    prune: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=10))
+    retrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=10, lr=0.01))
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    debug_masks: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    PHASES = ("pretrain", "prune", "retrain")
+
+    def rules(self) -> list[LayerRule]:
+        """Layer rules in priority order; the run's scheme applies to every remaining layer."""
+        out = []
+        for i, r in enumerate(self.layers):
+            if not isinstance(r, dict) or "match" not in r or "scheme" not in r:
+                raise OptionError(f"recipe layers[{i}]: needs 'match' and 'scheme'", hint='e.g. {match: "conv2", scheme: "filter:0.5"}')
+            out.append(LayerRule.parse(str(r["match"]), str(r["scheme"])))
+        out.append(LayerRule("*", parse_scheme(self.scheme)))
+        return out
+
+    def validate(self) -> "Recipe":
+        check_rate(self.rate, "--rate")
+        self.rules()
+        for name in self.PHASES:
+            ph: PhaseConfig = getattr(self, name)
+            if ph.epochs < 0 or ph.lr <= 0:
+                raise OptionError(f"recipe {name}: epochs must be >= 0 and lr > 0")
+            if ph.schedule not in SCHEDULES:
+                raise OptionError(f"recipe {name}.schedule {ph.schedule!r}", hint=f"use one of {', '.join(SCHEDULES)}")
+            if ph.optimizer not in OPTIMIZERS:
+                raise OptionError(f"recipe {name}.optimizer {ph.optimizer!r}", hint=f"use one of {', '.join(OPTIMIZERS)}")
+        if self.penalty.lam < 0 or self.penalty.eps <= 0 or self.penalty.updates < 1:
+            raise OptionError("recipe penalty: lam must be >= 0, eps > 0, updates >= 1")
+        if self.batch_size < 1:
+            raise OptionError("--batch-size must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        return _build(cls, data, where).validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise OptionError(f"--recipe {path}: no such file", hint="pass a YAML recipe (see README, Reweighted pruning)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise OptionError(f"--recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise OptionError(f"--recipe {path}: must be a mapping of settings")
+        return cls.from_dict(data, where=str(path))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise OptionError(f"{where}: unknown setting {key!r}", hint=f"known: {', '.join(fields)}")
+        ftype = fields[key].type
+        sub = {"PhaseConfig": PhaseConfig, "PenaltyConfig": PenaltyConfig, "AdmmConfig": AdmmConfig}.get(str(ftype))
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise OptionError(f"{where}: {key} must be a mapping")
+            value = _build(sub, value, f"{where}: {key}")
+        elif key in ("lam", "eps", "lr", "rate", "rho", "rho_factor", "rho_max", "gamma", "momentum", "weight_decay"):
+            try:
+                value = float(value)  # YAML reads 1e-4 as a string
+            except (TypeError, ValueError):
+                raise OptionError(f"{where}: {key} must be a number, got {value!r}") from None
+        kwargs[key] = value
+    return cls(**kwargs)

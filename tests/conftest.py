@@ -1,0 +1,23 @@
+"""Shared fixtures: running the CLI as a real subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m rwdeploy ARGS` in a subprocess, with text output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
+    return subprocess.run([sys.executable, "-m", "rwdeploy", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

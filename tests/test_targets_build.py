@@ -1,0 +1,154 @@
+"""TVM builds for the registry targets (runtime/tvm_build.py, runtime/tvm_schedule.py).
+
+cpu: built, exported, loaded back and compared with torch; arm: cross-built to an aarch64
+ELF (the set-up script installs the cross compiler, so in CI this runs); gpu: built without
+a GPU into a real CUDA module. Running on a GPU skips cleanly where there is none.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rwdeploy.errors import OptionError, ToolchainError
+from rwdeploy.runtime import targets as reg
+from rwdeploy.runtime import tvm_build
+from targets_support import elf_machine_field, tiny_input, tiny_model
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def cpu_artifact(model, tmp_path_factory):
+    return tvm_build.build(model, tiny_input(), "cpu", out_dir=tmp_path_factory.mktemp("cpu"),
+                           threads=1)
+
+
+def test_cpu_build_exports_and_matches_torch(cpu_artifact, model):
+    assert cpu_artifact.path.name == "model.cpu.so" and cpu_artifact.path.is_file()
+    assert elf_machine_field(cpu_artifact.path) == 0x3E  # x86-64 host
+    assert cpu_artifact.size_bytes == cpu_artifact.path.stat().st_size
+    x = tiny_input(seed=7)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = tvm_build.run_local(cpu_artifact, x)  # loads model.cpu.so from disk
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=1e-4)
+
+
+def test_cpu_kernels_are_scheduled(cpu_artifact):
+    scheduled = cpu_artifact.kernels.get("scheduled", [])
+    assert any("conv2d" in k for k in scheduled), cpu_artifact.kernels
+    assert any("matmul" in k for k in scheduled), cpu_artifact.kernels
+    assert not any("conv2d" in k for k in cpu_artifact.kernels.get("unscheduled", []))
+
+
+def test_measure_local_checks_output_and_times(cpu_artifact, model):
+    x = tiny_input()
+    with torch.no_grad():
+        ref = model(x)
+    stats, err = tvm_build.measure_local(cpu_artifact, x, ref, warmup=1, min_runs=3,
+                                         min_time_s=0.0)
+    assert err < ATOL
+    assert stats.n >= 3 and stats.p90_ms >= stats.median_ms > 0
+    wrong = ref.numpy() + 1.0
+    _, err_wrong = tvm_build.measure_local(cpu_artifact, x, wrong, warmup=0, min_runs=1,
+                                           min_time_s=0.0)
+    assert abs(err_wrong - 1.0) < 1e-3  # the reported error is a real comparison
+
+
+def test_cpu_build_at_batch_2_matches_torch(model):
+    x = tiny_input(batch=2, seed=3)
+    art = tvm_build.build(model, x, "cpu", threads=1)  # in memory, not exported
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
+
+
+def test_schedule_vectorises_a_conv_and_keeps_its_result():
+    """The hand schedule on one legalised NHWC conv: vector loops, same numbers as naive."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from rwdeploy.runtime import tvm_schedule
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 4, 10, 10)
+    target = reg.get_target("cpu", threads=1).tvm()
+    mod = tvm_build.import_relax(conv, x)
+    with target:
+        mod = tvm.transform.Sequential([*tvm_schedule.prepare_passes(),
+                                        *cpu.legalize_passes(target)])(mod)
+    (name, func), = [(g.name_hint, f) for g, f in mod.functions.items()
+                     if isinstance(f, tirx.PrimFunc) and "conv2d" in g.name_hint]
+    scheduled = tvm_schedule.schedule_reduction(func, tvm_schedule.vector_lanes(target))
+    assert scheduled is not None, name
+    assert "T.vectorized" in scheduled.script() and "T.vectorized" not in func.script()
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal([int(s) for s in p.shape]).astype("float32") for p in func.params]
+    outs = []
+    for f in (func, scheduled):
+        lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)
+        bufs = [tvm.runtime.tensor(a) for a in args[:-1]] + [tvm.runtime.tensor(np.zeros_like(args[-1]))]
+        lib["main"](*bufs)
+        outs.append(bufs[-1].numpy())
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_arm_cross_build_is_an_aarch64_elf(model, tmp_path):
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        if os.environ.get("CI"):
+            pytest.fail("aarch64-linux-gnu-gcc missing in CI: scripts/setup.sh test installs it")
+        pytest.skip("aarch64-linux-gnu-gcc not installed (apt-get install -y gcc-aarch64-linux-gnu)")
+    art = tvm_build.build(model, tiny_input(), "rpi4", out_dir=tmp_path)
+    assert art.path == tmp_path / "model.rpi4.so"
+    assert elf_machine_field(art.path) == 0xB7  # EM_AARCH64
+    assert art.kernels.get("scheduled"), "arm kernels get the same schedules as cpu"
+    with pytest.raises(OptionError, match="RPC"):
+        tvm_build.run_local(art, tiny_input())
+
+
+def test_arm_build_without_cross_compiler_is_a_toolchain_error(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ToolchainError, match="gcc-aarch64-linux-gnu"):
+        tvm_build.build(model, tiny_input(), "arm", out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_gpu_build_without_a_gpu_has_a_cuda_module(model, tmp_path):
+    art = tvm_build.build(model, tiny_input(), "gpu", gpu_arch="sm_90", out_dir=tmp_path)
+    assert art.device_modules == ["cuda"]
+    assert art.target.tvm_target["arch"] == "sm_90"
+    cuda = tvm_build._cuda_module(art.executable)
+    source = cuda.inspect_source("")
+    assert source.count("__global__") >= 3  # the convs and the dense layer run as kernels
+    assert (tmp_path / "model.gpu.so").is_file()
+
+
+def test_bad_tuning_options_are_option_errors(model, tmp_path):
+    with pytest.raises(OptionError, match="--tuning-db"):
+        tvm_build.build(model, tiny_input(), "cpu", tune=4)
+    with pytest.raises(OptionError, match="does not exist"):
+        tvm_build.build(model, tiny_input(), "cpu", tuning_db=tmp_path / "nope")
+    with pytest.raises(OptionError, match="gpu"):
+        tvm_build.build(model, tiny_input(), "gpu", tune=4, tuning_db=tmp_path)
+
+
+@pytest.mark.gpu
+def test_gpu_run_matches_torch(model, tmp_path):
+    if reg.cuda_gpu_arch() is None:
+        pytest.skip("no CUDA GPU on this machine")
+    art = tvm_build.build(model, tiny_input(), "gpu", out_dir=tmp_path)
+    x = tiny_input(seed=5)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    stats, err = tvm_build.measure_local(art, x, ref, warmup=2, min_runs=5, min_time_s=0.0)
+    assert err < 1e-3 and stats.n >= 5
