@@ -57,6 +57,7 @@ class CompileOptions:
     probe_batch_size: int = 4
     seed: int = 0
     opset: int = 17
+    sparse: str = "auto"  # pack sparse layers as CSR/BSR: auto (where measured faster) | off | csr | bsr
 
     def validate(self) -> None:
         if not self.tolerance >= 0:
@@ -68,6 +69,10 @@ class CompileOptions:
             raise OptionError(f"--threads {self.threads} must be >= 1")
         if self.runs < 1 or self.warmup < 0:
             raise OptionError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1, warmup >= 0")
+        from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
+
+        if self.sparse not in SPARSE_MODES:
+            raise OptionError(f"unknown --sparse {self.sparse!r}", hint=f"use one of {', '.join(SPARSE_MODES)}")
         if self.target not in TARGET_STAGES:
             raise OptionError(f"unknown --target {self.target!r}",
                               hint=f"known targets: {', '.join(sorted(TARGET_STAGES))}")
@@ -88,6 +93,7 @@ class CompileContext:
     trace_method: str | None = None
     analysis: Any = None
     slim: fx.GraphModule | None = None
+    unpacked: fx.GraphModule | None = None  # the slim model before sparse packing (layer stats)
     records: dict[str, Any] = field(default_factory=dict)  # pass name -> record
     sections: dict[str, Any] = field(default_factory=dict)  # report sections by name
     latency: list[dict[str, Any]] = field(default_factory=list)
@@ -210,6 +216,24 @@ def stage_verify(ctx: CompileContext) -> None:
         )
 
 
+def stage_pack_sparse(ctx: CompileContext) -> None:
+    """Pack sparse layers as CSR/BSR where that measures faster (`--sparse`); checked on the probes."""
+    from rwdeploy.passes.pack_sparse import pack_sparse
+
+    opts = ctx.options
+    result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target)
+    worst = 0.0
+    for x in ctx.probe_inputs:
+        worst = max(worst, max_errors(ctx.slim(x), result.gm(x))[1])
+    if worst > opts.tolerance:
+        raise VerificationError(f"packed model differs from the slim model: max relative error {worst:.3g} "
+                                f"> tolerance {opts.tolerance:g}; nothing was written",
+                                hint="compile with --sparse off, and please report it")
+    ctx.unpacked, ctx.slim = ctx.slim, result.gm
+    ctx.records["pack_sparse"] = result.record
+    ctx.sections["sparse"] = {**result.record.to_dict(), "max_rel_vs_slim": worst}
+
+
 def stage_export_pt2(ctx: CompileContext) -> None:
     """The slim model as a `torch.export` program, batch dimension dynamic where possible."""
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -285,8 +309,9 @@ def stage_measure_ort(ctx: CompileContext) -> None:
 def stage_report(ctx: CompileContext) -> None:
     opts, loaded = ctx.options, ctx.loaded
     before = layer_stats(ctx.original, ctx.example_input)
-    after = layer_stats(ctx.slim, ctx.example_input)
-    t_before, t_after = totals(ctx.original, before), totals(ctx.slim, after)
+    slim = ctx.unpacked if ctx.unpacked is not None else ctx.slim  # packed layers hold no weight
+    after = layer_stats(slim, ctx.example_input)
+    t_before, t_after = totals(ctx.original, before), totals(slim, after)
     ctx.sections["model"] = {
         "source": loaded.source,
         "path": str(loaded.path) if loaded.path else None,
@@ -331,6 +356,8 @@ SLIM_STAGES: tuple[Stage, ...] = (
     Stage("analyze", "Analyze channel groups", stage_analyze),
     Stage("remove_zero_channels", "Remove zero channels", stage_remove_zero_channels),
     Stage("verify", "Verify against the original", stage_verify),
+    Stage("pack_sparse", "Pack sparse layers (CSR/BSR where faster)", stage_pack_sparse,
+          lambda options: options.sparse != "off"),
     Stage("export_pt2", "Export slim .pt2", stage_export_pt2),
     Stage("export_onnx", "Export ONNX (original, slim)", stage_export_onnx),
     Stage("ort_check", "Check ONNX Runtime output", stage_ort_check),

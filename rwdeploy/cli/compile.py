@@ -74,6 +74,16 @@ def _summary(report: dict[str, Any], out: Path) -> Table:
         table.add_row(f"{row['runtime']} b={row['batch']} t={row['threads']} ms",
                       f"{row['original_ms']:.3f}", f"{row['slim_ms']:.3f}",
                       f"{row['speedup']:.2f}× faster")
+    sparse = report.get("sparse")
+    if sparse:
+        packed = [l for l in sparse["layers"] if l["chosen"] != "dense"]
+        kinds = ", ".join(sorted({l["chosen"] for l in packed})) or "none faster"
+        dense_b = sum(l["dense_bytes"] for l in sparse["layers"])
+        table.add_row(f"packed layers ({kinds})", "", f"{len(packed)}/{len(sparse['layers'])}",
+                      f"--sparse {sparse['mode']}")
+        if dense_b:
+            table.add_row("weight bytes (packed)", f"{dense_b:,}", f"{dense_b - sparse['bytes_saved']:,}",
+                          f"{(dense_b - sparse['bytes_saved']) / dense_b:.1%}")
     ver = report.get("verification", {})
     if ver:
         table.add_row("max rel. error", "", f"{ver['max_rel']:.2e}", f"tol {ver['tolerance_rel']:g}")
@@ -96,13 +106,15 @@ def _summary(report: dict[str, Any], out: Path) -> Table:
 @click.option("--min-time", "min_time", default=0.5, show_default=True, type=float,
               help="Seconds of timed runs at least per measurement.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement.")
+@click.option("--sparse", default="auto", show_default=True, type=click.Choice(["auto", "off", "csr", "bsr"]),
+              help="Store sparse Conv/Linear layers as CSR/BSR: auto = per layer where measured faster.")
 def command(model: str, arch: str | None, input_shape: str | None, trust_pickle: bool, target: str,
             out: Path | None, tolerance: float, batch: str, threads: int, runs: int, warmup: int,
-            min_time: float, no_measure: bool) -> None:
+            min_time: float, no_measure: bool, sparse: str) -> None:
     """Remove zero channels from MODEL, verify, export .pt2 + ONNX, measure, and report."""
     options = CompileOptions(out=out or default_out(model), target=target, tolerance=tolerance,
                              batches=parse_batches(batch), threads=threads, runs=runs, warmup=warmup,
-                             min_time_s=min_time, measure=not no_measure)
+                             min_time_s=min_time, measure=not no_measure, sparse=sparse)
     options.validate()  # bad options fail before the (slow) model load
     loaded = load_from_cli(model, arch, input_shape, trust_pickle)
     err_console = make_console(stderr=True)
