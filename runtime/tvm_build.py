@@ -74,6 +74,11 @@ def _as_tuple(example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[t
     return example_input if isinstance(example_input, tuple) else (example_input,)
 
 
+def _has_rwdeploy_ops(program: torch.export.ExportedProgram) -> bool:
+    return any(node.op == "call_function" and "rwdeploy" in str(node.target)
+               for node in program.graph.nodes)
+
+
 def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
                  example_input: torch.Tensor | tuple[torch.Tensor, ...],
                  converters: dict[str, Converter] | None = None) -> Any:
@@ -85,6 +90,10 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
     else:
         with torch.no_grad():
             program = torch.export.export(module_or_program, _as_tuple(example_input))
+    if converters is None and _has_rwdeploy_ops(program):
+        from rwdeploy.runtime.tvm_sparse import convert_map  # CSR/BSR kernels (packed layers)
+
+        converters = convert_map()
     try:
         return from_exported_program(program, keep_params_as_input=False,
                                      unwrap_unit_return_tuple=True,
