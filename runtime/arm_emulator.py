@@ -150,7 +150,9 @@ def home(path: str | os.PathLike | None = None) -> EmulatorHome:
 
 def _run(cmd: Sequence[str], what: str, hint: str, *, cwd: Path | None = None,
          env: dict[str, str] | None = None, timeout: float = 600) -> str:
-    """Run a set-up command; a failure becomes one ToolchainError line with its last stderr line."""
+    """Run a set-up command; a failure becomes one ToolchainError line with its last stderr line.
+
+    Returns stdout + stderr (apt reports some failures only as warnings there)."""
     try:
         proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
@@ -162,7 +164,7 @@ def _run(cmd: Sequence[str], what: str, hint: str, *, cwd: Path | None = None,
                  if ln.strip() and not ln.startswith(("W:", "WARNING:"))]
         last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
         raise ToolchainError(f"{what} failed: {last}", hint=hint)
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 def missing_host_tools() -> dict[str, str]:
@@ -210,10 +212,14 @@ def _apt_options(apt_dir: Path) -> list[str]:
     ]
 
 
+def _have_apt_lists(apt: Path) -> bool:
+    return any((apt / "lists").glob("*Sources*")) and any((apt / "lists").glob("*arm64_Packages*"))
+
+
 def _ensure_apt_lists(h: EmulatorHome, progress: Progress) -> list[str]:
     apt = h.apt
     opts = _apt_options(apt)
-    if any((apt / "lists").glob("*Sources*")) and any((apt / "lists").glob("*arm64_Packages*")):
+    if _have_apt_lists(apt):
         return opts
     for sub in ("lists/partial", "archives/partial", "sources.list.d"):
         (apt / sub).mkdir(parents=True, exist_ok=True)
@@ -223,8 +229,13 @@ def _ensure_apt_lists(h: EmulatorHome, progress: Progress) -> list[str]:
         f"deb-src [{signed}] {DEBIAN_MIRROR} {DEBIAN_SUITE} main\n"
     )
     progress(f"fetching Debian {DEBIAN_SUITE} arm64 and source package lists (private apt config)")
-    _run(["apt-get", *opts, "update", "-q"], "apt-get update (arm64 + deb-src lists)",
-         f"check that {DEBIAN_MIRROR} is reachable")
+    what, hint = "apt-get update (arm64 + deb-src lists)", f"check that {DEBIAN_MIRROR} is reachable"
+    output = _run(["apt-get", *opts, "update", "-q"], what, hint)
+    if not _have_apt_lists(apt):  # apt-get update exits 0 when a mirror cannot be reached
+        lines = output.splitlines()
+        # "Err:1 URL" is followed by the reason ("Could not resolve 'host'") on the next line.
+        errors = [" ".join(lines[i:i + 2]).strip() for i, ln in enumerate(lines) if ln.startswith(("Err:", "E:"))]
+        raise ToolchainError(f"{what} failed: {errors[0] if errors else 'no package lists were fetched'}", hint=hint)
     return opts
 
 

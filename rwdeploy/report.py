@@ -85,8 +85,8 @@ def layer_rows(before: Iterable[Any], after: Iterable[Any]) -> list[dict[str, An
 
 
 def channels_section(analysis: Any, record: Any) -> dict[str, Any]:
-    """Channel groups: how many, which were pinned and why (from the analysis), and the pass's
-    own record of what it removed and folded."""
+    """Channel groups: how many, which were pinned and why (from the analysis), which were
+    removed and what each layer folded (from the pass's record)."""
     groups = list(getattr(analysis, "groups", []) or [])
     pinned = [
         {"id": g.id, "size": g.size, "reasons": list(g.pinned),
@@ -94,8 +94,11 @@ def channels_section(analysis: Any, record: Any) -> dict[str, Any]:
         for g in groups if g.pinned
     ]
     section: dict[str, Any] = {"groups": len(groups), "pinned": pinned}
-    if record is not None:
-        section["pass"] = record.to_dict() if hasattr(record, "to_dict") else record
+    data = record.to_dict() if hasattr(record, "to_dict") else dict(record or {})
+    section["removed"] = data.pop("removed_groups", [])
+    section["layer_changes"] = data.pop("layers", [])
+    data.pop("pinned_groups", None)  # the same list as `pinned`
+    section.update(data)
     return section
 
 
@@ -195,10 +198,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
     channels = doc.get("channels")
     if channels:
         lines += ["## Channel groups", "", f"{channels['groups']} groups analysed.", ""]
-        removed = _removed_groups(channels.get("pass"))
-        if removed:
+        if channels.get("removed"):
             lines += ["Removed:", ""]
-            lines += [f"- {item}" for item in removed] + [""]
+            lines += [f"- {_removed_line(g)}" for g in channels["removed"]] + [""]
+        folded = [c for c in channels.get("layer_changes", []) if isinstance(c, dict) and c.get("folded")]
+        if folded:
+            lines += ["Constants of removed channels folded into:", ""]
+            lines += [f"- {c['name']}: {c['folded']}" for c in folded] + [""]
         if channels.get("pinned"):
             lines += ["Pinned (kept whatever their weights):", ""]
             for g in channels["pinned"]:
@@ -231,16 +237,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _removed_groups(record: Any) -> list[str]:
-    """One line per removed group from the pass record (whatever shape it lists them in)."""
-    if not isinstance(record, dict):
-        return []
-    items = record.get("removed_groups") or record.get("removed") or []
-    out = []
-    for g in items:
-        if isinstance(g, dict):
-            desc = ", ".join(f"{k}={v}" for k, v in g.items() if not isinstance(v, (list, dict)))
-            out.append(desc or json.dumps(g, default=_json_default)[:200])
-        else:
-            out.append(str(g))
-    return out
+def _removed_line(g: Any) -> str:
+    if not isinstance(g, dict):
+        return str(g)
+    tensors = g.get("tensors", [])
+    what = f"{g.get('removed', '?')} of {g.get('size', '?')} channels"
+    why = f" ({', '.join(g['why'])})" if g.get("why") else ""
+    return (f"group {g.get('id', '?')}: {what}{why}; {', '.join(tensors[:4])}"
+            f"{', ...' if len(tensors) > 4 else ''}")

@@ -6,8 +6,11 @@ qemu or network the tests skip locally but fail in CI (CI=1), where this path mu
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,25 +51,11 @@ def torch_output(model: nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _built(width: int, arch: str, folder: str) -> Path:
-    import tvm
-    from tvm.relax.frontend.torch import from_exported_program
-    from tvm.support import cc
+def build_small_cnn(width: int, target: str) -> Path:
+    """`small_cnn(width)` built by the product's TVM build for `target` ("arm" or "cpu"):
+    `model.<target>.so` in a temporary folder, built once per test session."""
+    from rwdeploy.runtime import tvm_build
 
-    model, x = small_cnn(width), torch.from_numpy(example_input())
-    with torch.no_grad():
-        ep = torch.export.export(model, (x,))
-    mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
-    path = Path(folder) / f"cnn{width}.{arch}.so"
-    if arch == "aarch64":
-        target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
-        tvm.compile(mod, target=target).export_library(
-            str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
-    else:
-        tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})).export_library(str(path))
-    return path
-
-
-def build_small_cnn(width: int, arch: str, folder: Path) -> Path:
-    """`small_cnn(width)` compiled by TVM for `arch` ("aarch64" or "host"), cached per session."""
-    return _built(width, arch, str(folder))
+    out = Path(tempfile.mkdtemp(prefix=f"rwdeploy-cnn{width}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    return tvm_build.build(small_cnn(width), torch.from_numpy(example_input()), target, out_dir=out).path

@@ -3,6 +3,7 @@ aarch64 libraries cross-built by TVM, and qemu's instruction counts."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from arm_support import build_small_cnn, example_input, provisioned_home, small_
 from rwdeploy.cli import main as cli_main
 from rwdeploy.errors import ToolchainError
 from rwdeploy.runtime import arm_emulator, rpc
-from rwdeploy.runtime.arm_measure import ArmVariant, instruction_section, measure_arm
+from rwdeploy.runtime.arm_measure import ArmVariant, arm_device, instruction_section, measure_arm
 
 pytestmark = pytest.mark.qemu
 
@@ -26,11 +27,6 @@ def emulator():
         arm_emulator.stop(h.root_dir)
 
 
-@pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    return tmp_path_factory.mktemp("a64_libs")
-
-
 def test_status_reports_the_running_server(emulator, capsys):
     st = arm_emulator.status(emulator.home)
     assert st.provisioned and st.running and st.port == emulator.port
@@ -38,11 +34,11 @@ def test_status_reports_the_running_server(emulator, capsys):
     assert f"rpc 127.0.0.1:{emulator.port}" in capsys.readouterr().out
 
 
-def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emulator, libs):
+def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emulator):
     x = example_input()
-    variants = [ArmVariant("original", build_small_cnn(8, "aarch64", libs), torch_output(small_cnn(8), x)),
+    variants = [ArmVariant("original", build_small_cnn(8, "arm"), torch_output(small_cnn(8), x)),
                 # the 8-filter net's shape with half its filters removed
-                ArmVariant("slim", build_small_cnn(4, "aarch64", libs), torch_output(small_cnn(4), x))]
+                ArmVariant("slim", build_small_cnn(4, "arm"), torch_output(small_cnn(4), x))]
     assert all(rpc.elf_machine(v.library) == "aarch64" for v in variants)
     messages: list[str] = []
     results = measure_arm(variants, x, progress=messages.append)  # no --rpc: the emulator
@@ -63,18 +59,18 @@ def test_measure_arm_on_the_emulator_matches_torch_and_counts_instructions(emula
     assert section["relative_to_original"]["slim"] == pytest.approx(slim / original)
 
 
-def test_host_library_on_the_emulator_is_one_clear_error(emulator, libs):
-    lib = build_small_cnn(4, "host", libs)
+def test_host_library_on_the_emulator_is_one_clear_error(emulator):
+    lib = build_small_cnn(4, "cpu")
     x = example_input()
-    with pytest.raises(ToolchainError, match=r"could not load cnn4\.host\.so \(built for x86_64\)"):
+    with pytest.raises(ToolchainError, match=r"could not load model\.cpu\.so \(built for x86_64\)"):
         rpc.measure_remote(lib, x, torch_output(small_cnn(4), x), rpc.Device(rpc=emulator.address))
     # the server survives a bad upload
     assert arm_emulator.status(emulator.home).running
 
 
-def test_counting_a_host_library_is_one_clear_error(emulator, libs):
-    lib = build_small_cnn(4, "host", libs)
-    with pytest.raises(ToolchainError, match="cnn4.host.so on the emulated aarch64 device failed"):
+def test_counting_a_host_library_is_one_clear_error(emulator):
+    lib = build_small_cnn(4, "cpu")
+    with pytest.raises(ToolchainError, match=r"model\.cpu\.so on the emulated aarch64 device failed"):
         arm_emulator.count_instructions(lib, example_input(), path=emulator.home, iterations=(0, 1), repeats=1)
 
 
@@ -95,3 +91,45 @@ def test_provision_is_cached(emulator):
     arm_emulator.provision(emulator.home, progress=messages.append)
     # nothing is downloaded or built again: only the four per-step "ready" lines
     assert len(messages) == len(arm_emulator.PROVISION_STEPS) and all("ready" in m for m in messages), messages
+
+
+def test_missing_host_tools_without_root_say_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm_emulator.shutil, "which", lambda exe: None if exe == "qemu-aarch64" else "/usr/bin/x")
+    monkeypatch.setattr(arm_emulator.os, "geteuid", lambda: 1000)
+    with pytest.raises(ToolchainError) as info:
+        arm_emulator.provision(tmp_path / "home")
+    assert info.value.one_line() == "the arm emulator needs qemu-aarch64; run: sudo apt-get install -y qemu-user"
+
+
+def test_failed_download_is_one_clear_error(monkeypatch, tmp_path):
+    # a pin no index has: pip's own error line comes through, nothing half-made is left
+    monkeypatch.setattr(arm_emulator, "_wheel_requirements", lambda: ["apache-tvm==0.0.0"])
+    with pytest.raises(ToolchainError) as info:
+        arm_emulator.provision(tmp_path / "home")
+    line = info.value.one_line()
+    assert line.startswith("pip download of aarch64 wheels failed: ") and "apache-tvm==0.0.0" in line, line
+    assert not (tmp_path / "home" / "site").exists()
+
+
+def test_unreachable_apt_mirror_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm_emulator, "DEBIAN_MIRROR", "http://mirror.invalid/debian")
+    with pytest.raises(ToolchainError) as info:
+        arm_emulator._ensure_apt_lists(arm_emulator.home(tmp_path / "home"), lambda _: None)
+    line = info.value.one_line()
+    assert line.startswith("apt-get update (arm64 + deb-src lists) failed: ") and "mirror.invalid" in line, line
+
+
+def test_arm_device_starts_and_stops_the_emulator_it_needed(emulator, monkeypatch, tmp_path):
+    # a second home sharing the provisioned files, with no server running in it
+    h = tmp_path / "home"
+    h.mkdir()
+    for sub in ("site", "root", "plugins", "rt"):
+        (h / sub).symlink_to(Path(emulator.home) / sub)
+    monkeypatch.setenv("RWDEPLOY_A64_HOME", str(h))
+    with arm_device() as (device, threads):
+        st = arm_emulator.status()
+        assert st.running and device.emulated and device.rpc == st.address and threads == 1
+        assert st.port != emulator.port
+    assert not arm_emulator.status().running
+    assert not Path(f"/proc/{st.pid}").exists() or not arm_emulator._pid_alive(st.pid)
+    assert arm_emulator.status(emulator.home).running  # the other server is untouched

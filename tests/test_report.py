@@ -53,13 +53,21 @@ def test_channels_section_lists_pinned_groups_with_reasons():
     slice_ = SimpleNamespace(tensor="conv.weight", dim=0, indices=[[0]], role="producer")
     groups = [SimpleNamespace(id=0, size=4, unit=1, slices=[slice_], pinned=[]),
               SimpleNamespace(id=1, size=2, unit=1, slices=[slice_], pinned=["torch.roll on the channel dim"])]
-    record = SimpleNamespace(to_dict=lambda: {"removed_groups": [{"id": 0, "channels": 2}]})
+    record = SimpleNamespace(to_dict=lambda: {
+        "removed_groups": [{"id": 0, "size": 4, "removed": 2, "why": ["zero producers"], "tensors": ["conv.weight"]}],
+        "pinned_groups": [{"id": 1}],
+        "layers": [{"name": "next", "folded": "bias"}, {"name": "other", "folded": None}],
+        "params_before": 10, "params_after": 6})
     section = channels_section(SimpleNamespace(groups=groups), record)
     assert section["groups"] == 2
     assert section["pinned"] == [{"id": 1, "size": 2, "reasons": ["torch.roll on the channel dim"],
                                   "tensors": ["conv.weight"]}]
+    assert [g["id"] for g in section["removed"]] == [0]
+    assert section["params_before"] == 10 and "pinned_groups" not in section
     md = render_markdown(make_report({"channels": section}))
-    assert "torch.roll on the channel dim" in md and "id=0, channels=2" in md
+    assert "torch.roll on the channel dim" in md
+    assert "group 0: 2 of 4 channels (zero producers); conv.weight" in md
+    assert "- next: bias" in md and "other" not in md
 
 
 def test_document_and_files(tmp_path):

@@ -21,20 +21,14 @@ def host_server():
     from tvm import rpc as tvm_rpc
     from tvm.rpc.tracker import Tracker
 
+    # One host server behind a tracker (the direct --rpc path is exercised against the
+    # emulated device in test_arm_emulator.py; each server here costs a TVM import).
     tracker = Tracker("127.0.0.1", port=9390, port_end=9490, silent=True)
-    # A server registered with a tracker only takes tracker-brokered sessions: two servers.
-    direct = tvm_rpc.Server("127.0.0.1", port=9490, port_end=9590, silent=True)
-    brokered = tvm_rpc.Server("127.0.0.1", port=9490, port_end=9590, key="host-test",
-                              tracker_addr=("127.0.0.1", tracker.port), silent=True)
-    yield direct, tracker
-    for proc in (brokered, direct, tracker):
-        proc.terminate()
-
-
-@pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rpc_libs")
-    return folder
+    server = tvm_rpc.Server("127.0.0.1", port=9490, port_end=9590, key="host-test",
+                            tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    yield rpc.Device(tracker=f"127.0.0.1:{tracker.port}", key="host-test"), server
+    server.terminate()
+    tracker.terminate()
 
 
 def _closed_port() -> int:
@@ -43,30 +37,28 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # closed when the with-block ends: nothing listens there
 
 
-def test_remote_run_matches_torch_direct_and_through_tracker(host_server, libs):
-    server, tracker = host_server
-    lib = build_small_cnn(4, "host", libs)
+def test_remote_run_through_tracker_matches_torch(host_server):
+    device, _ = host_server
+    lib = build_small_cnn(4, "cpu")
     x = example_input()
     ref = torch_output(small_cnn(4), x)
-    for device in (rpc.Device(rpc=f"127.0.0.1:{server.port}"),
-                   rpc.Device(tracker=f"127.0.0.1:{tracker.port}", key="host-test")):
-        m = rpc.measure_remote(lib, x, ref, device, warmup=1, repeat=5)
-        assert m.output.shape == ref.shape == (1, 10)
-        np.testing.assert_allclose(m.output, ref, rtol=1e-4, atol=1e-5)
-        assert m.latency.n == 5 and 0 < m.latency.median_ms <= m.latency.p90_ms
-        assert m.emulated is False
+    m = rpc.measure_remote(lib, x, ref, device, warmup=1, repeat=5)
+    assert m.output.shape == ref.shape == (1, 10)
+    np.testing.assert_allclose(m.output, ref, rtol=1e-4, atol=1e-5)
+    assert m.latency.n == 5 and 0 < m.latency.median_ms <= m.latency.p90_ms
+    assert m.emulated is False and m.device == device.label
 
 
-def test_wrong_reference_is_a_verification_error(host_server, libs):
-    server, _ = host_server
-    lib = build_small_cnn(4, "host", libs)
+def test_wrong_reference_is_a_verification_error(host_server):
+    device, _ = host_server
+    lib = build_small_cnn(4, "cpu")
     x = example_input()
     wrong = torch_output(small_cnn(4), x) + 1.0
     with pytest.raises(VerificationError, match="differs from torch"):
-        rpc.measure_remote(lib, x, wrong, rpc.Device(rpc=f"127.0.0.1:{server.port}"), repeat=2)
+        rpc.measure_remote(lib, x, wrong, device, repeat=2)
 
 
-def test_refused_port_is_one_clear_error(libs, tmp_path):
+def test_refused_port_is_one_clear_error(tmp_path):
     fake = tmp_path / "model.so"
     fake.write_bytes(b"\x7fELF")
     port = _closed_port()
@@ -77,22 +69,22 @@ def test_refused_port_is_one_clear_error(libs, tmp_path):
 
 
 def test_unknown_tracker_key_is_one_clear_error(host_server, tmp_path):
-    _, tracker = host_server
+    device, _ = host_server
     fake = tmp_path / "model.so"
     fake.write_bytes(b"\x7fELF")
     with pytest.raises(ToolchainError, match="no device with key 'rpi4'.*host-test"):
         rpc.measure_remote(fake, example_input(), np.zeros((1, 10), np.float32),
-                           rpc.Device(tracker=f"127.0.0.1:{tracker.port}", key="rpi4"))
+                           rpc.Device(tracker=device.tracker, key="rpi4"))
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs gcc-aarch64-linux-gnu")
-def test_wrong_architecture_library_is_one_clear_error(host_server, libs):
-    server, _ = host_server
-    lib = build_small_cnn(4, "aarch64", libs)
+def test_wrong_architecture_library_is_one_clear_error(host_server):
+    device, _ = host_server
+    lib = build_small_cnn(4, "arm")
     assert rpc.elf_machine(lib) == "aarch64"
     x = example_input()
-    with pytest.raises(ToolchainError, match=r"could not load cnn4\.aarch64\.so \(built for aarch64\)") as info:
-        rpc.measure_remote(lib, x, torch_output(small_cnn(4), x), rpc.Device(rpc=f"127.0.0.1:{server.port}"))
+    with pytest.raises(ToolchainError, match=r"could not load model\.arm\.so \(built for aarch64\)") as info:
+        rpc.measure_remote(lib, x, torch_output(small_cnn(4), x), device)
     assert "\n" not in info.value.one_line()
 
 

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "prune": "prune",
     "device": "device",
     "zoo": "zoo",
+    "compile": "compile",
     "targets": "targets",
 }
 

@@ -212,20 +212,27 @@ class PatternGroups(GroupSet):
 def coupled_groups(group: Any, role: str, scheme: str, shapes: Mapping[str, tuple[int, ...]],
                    rate: float) -> IndexGroups | None:
     """The `role` slices ("producer" for filter, "consumer" for channel) of one channel group of
-    the dependency analysis, as one set whose groups are the group's channel units."""
-    unit = max(int(getattr(group, "unit", 1) or 1), 1)
-    size = int(group.size)
+    the dependency analysis, as one set with a group per channel of the analysis group.
+
+    A channel of the analysis group is its atomic unit (a head, a GroupNorm group): its
+    `indices[c]` already list every tensor index that belongs to it. A slice's optional `span`
+    (grouped convolutions) limits channel c to rows span[c] of dim 0.
+    """
     parts = []
     for sl in group.slices:
         if sl.role != role or sl.tensor not in shapes:
             continue
         shape = tuple(shapes[sl.tensor])
         gid = torch.full(shape, -1, dtype=torch.long)
-        view = gid.movedim(sl.dim, 0)
+        span = getattr(sl, "span", None)
         for c, idx in enumerate(sl.indices):
             idx = [idx] if isinstance(idx, int) else [int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx)]
-            view[idx] = c // unit
+            index: list[Any] = [slice(None)] * len(shape)
+            index[sl.dim] = idx
+            if span is not None and sl.dim != 0:
+                index[0] = slice(int(span[c][0]), int(span[c][1]))
+            gid[tuple(index)] = c
         parts.append((sl.tensor, shape, gid))
     if not parts:
         return None
-    return IndexGroups(scheme, f"channel group {group.id}", parts, size // unit, rate)
+    return IndexGroups(scheme, f"channel group {group.id}", parts, int(group.size), rate)

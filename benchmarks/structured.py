@@ -1,0 +1,313 @@
+"""Structured pruning, measured: zoo models at 30/50/70% filter sparsity, dense vs slim.
+
+For each model and rate, the smallest-L2 filters of every prunable conv channel group are
+zeroed (conv weights only: biases and BatchNorm keep non-trivial values, so removed channels
+still carry constants), then:
+
+* ours: trace -> analyze -> remove_zero_channels; wall time, params, MACs, max error against
+  the zeroed model;
+* torch-pruning (where installed): its DependencyGraph prunes the same channels; wall time,
+  params, max error against the zeroed model (it drops the removed channels' constants);
+* ONNX Runtime CPU latency, zeroed dense vs our slim model, at each batch size, and the ratio
+  (latency speed-up / MAC reduction): 1.0 means the runtime turns every saved MAC into time.
+
+Writes benchmarks/results/structured.json and .md and prints the table. The machine is
+shared, so the JSON records os.getloadavg() before and after; read latencies with that in mind.
+
+    python benchmarks/structured.py                      # all models (resnet18 at 112x112)
+    python benchmarks/structured.py --models lenet5,resnet20 --runs 10
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rwdeploy import models
+from rwdeploy.compile import max_errors
+from rwdeploy.io import atomic_file
+from rwdeploy.passes.channel_groups import analyze_channel_groups
+from rwdeploy.passes.layer_stats import layer_stats, totals
+from rwdeploy.passes.remove_zero_channels import remove_zero_channels
+from rwdeploy.passes.trace import trace_model
+from rwdeploy.runtime.environment import environment
+from rwdeploy.runtime.onnx_export import export_onnx
+from rwdeploy.runtime.ort_runner import OrtRunner
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODELS = "lenet5,resnet20,resnet56,vgg16_bn,mobilenet_v2,resnet18"
+# ResNet-18 at 224x224 and batch 8 takes ~1 s per single-thread run on this machine; at
+# 112x112 the whole benchmark fits in a few minutes and the layer shapes keep their ratios.
+REDUCED_INPUT = {"resnet18": (1, 3, 112, 112)}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def randomize_batchnorm(module: nn.Module, seed: int) -> None:
+    """Trained-looking BN statistics and affine parameters (a fresh BN is the identity and its
+    shift is zero, which would hide what dropping a channel's constant costs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+def _channel_index(slice_: Any, channel: int) -> list[int]:
+    idx = slice_.indices[channel]
+    return [int(i) for i in idx] if isinstance(idx, (list, tuple)) else [int(idx)]
+
+
+def prunable_conv_groups(module: nn.Module, analysis: Any) -> list[Any]:
+    """Groups that may be removed and whose every producer is a convolution's weight."""
+    owners = dict(module.named_modules())
+    out = []
+    for g in analysis.groups:
+        producers = [s for s in g.slices if s.role == "producer"]
+        if g.pinned or not producers:
+            continue
+        if all(isinstance(owners.get(s.tensor.rsplit(".", 1)[0]), _CONVS) for s in producers):
+            out.append(g)
+    return out
+
+
+def zero_smallest_filters(module: nn.Module, groups: list[Any], rate: float) -> list[tuple[str, list[int]]]:
+    """Zero `rate` of each group's channels, those with the smallest L2 norm over all the
+    group's producer weights. A group channel may span several tensor channels (a GroupNorm
+    group, a head): it is zeroed whole. Returns, per zeroed group, one producing conv and the
+    filter indices zeroed in it (what another pruner is asked to remove)."""
+    params = dict(module.named_parameters())
+    zeroed: list[tuple[str, list[int]]] = []
+    with torch.no_grad():
+        for g in groups:
+            producers = [s for s in g.slices if s.role == "producer"]
+            k = int(round(rate * g.size))
+            if k == 0 or k >= g.size:  # never empty a group completely: the net would be cut
+                continue
+            norms = torch.zeros(g.size)
+            for s in producers:
+                w = params[s.tensor]
+                for c in range(g.size):
+                    norms[c] += w.index_select(s.dim, torch.tensor(_channel_index(s, c))).pow(2).sum()
+            chosen = torch.argsort(norms)[:k].tolist()
+            handle = None
+            for s in producers:
+                idx = sorted(i for c in chosen for i in _channel_index(s, c))
+                params[s.tensor].index_fill_(s.dim, torch.tensor(idx), 0.0)
+                if handle is None and s.dim == 0:
+                    handle = (s.tensor.rsplit(".", 1)[0], idx)
+            if handle is not None:
+                zeroed.append(handle)
+    return zeroed
+
+
+def _worst_error(reference: nn.Module, candidate: nn.Module, probes: list[torch.Tensor]) -> tuple[float, float]:
+    worst = (0.0, 0.0)
+    with torch.no_grad():
+        for x in probes:
+            a, r = max_errors(reference(x), candidate(x))
+            worst = (max(worst[0], a), max(worst[1], r))
+    return worst
+
+
+def ours(zeroed: nn.Module, example: torch.Tensor) -> tuple[nn.Module, float]:
+    t0 = time.perf_counter()
+    gm = trace_model(zeroed, example).gm
+    result = remove_zero_channels(gm, example, analysis=analyze_channel_groups(gm, example))
+    return result.gm, time.perf_counter() - t0
+
+
+def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
+                        filters: list[tuple[str, list[int]]]) -> tuple[nn.Module, float]:
+    """torch-pruning removes the same channels: one pruning group per zeroed channel group,
+    rooted at one of its producing convs (its DependencyGraph finds the coupled layers)."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(zeroed)
+    t0 = time.perf_counter()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    modules = dict(model.named_modules())
+    for name, idxs in filters:
+        group = graph.get_pruning_group(modules[name], tp.prune_conv_out_channels, idxs=idxs)
+        if graph.check_pruning_group(group):
+            group.prune()
+    return model, time.perf_counter() - t0
+
+
+def measure_pair(dense: nn.Module, slim: nn.Module, example: torch.Tensor, workdir: Path,
+                 args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """ORT latency of both models per batch size, in interleaved rounds (dense, slim, dense,
+    slim, ...) so that load drifting on a shared machine hits both alike; the figure is the
+    median of the round medians."""
+    runners = {}
+    for variant, module in (("dense", dense), ("slim", slim)):
+        path = workdir / f"{variant}.onnx"
+        export_onnx(module, example, path)
+        runners[variant] = OrtRunner(path, threads=args.threads)
+    out: dict[int, dict[str, Any]] = {}
+    for b in args.batches:
+        x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b)).numpy()
+        rounds: dict[str, list[Any]] = {"dense": [], "slim": []}
+        for _ in range(args.rounds):
+            for variant, runner in runners.items():
+                rounds[variant].append(runner.measure(x, warmup=args.warmup, runs=args.runs,
+                                                      min_time_s=args.min_time))
+        out[b] = {v: {"median_ms": statistics.median(s.median_ms for s in stats),
+                      "p90_ms": statistics.median(s.p90_ms for s in stats),
+                      "n": sum(s.n for s in stats), "round_medians_ms": [s.median_ms for s in stats]}
+                  for v, stats in rounds.items()}
+    return out
+
+
+def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    shape = REDUCED_INPUT.get(name, models.input_shape(name))
+    torch.manual_seed(0)
+    net = models.create(name)
+    randomize_batchnorm(net, seed=1)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    probes = [example] + [torch.randn(4, *shape[1:], generator=torch.Generator().manual_seed(3 + i)) for i in range(2)]
+
+    gm = trace_model(net, example).gm
+    groups = prunable_conv_groups(net, analyze_channel_groups(gm, example))
+    zeroed = copy.deepcopy(net)
+    filters = zero_smallest_filters(zeroed, groups, rate)
+
+    slim, our_s = ours(zeroed, example)
+    our_err = _worst_error(zeroed, slim, probes)
+    t_dense, t_slim = totals(zeroed, layer_stats(zeroed, example)), totals(slim, layer_stats(slim, example))
+    row: dict[str, Any] = {
+        "model": name, "input_shape": list(shape), "rate": rate, "groups_pruned": len(groups),
+        "filters_zeroed": sum(len(idx) for _, idx in filters),
+        "params_dense": t_dense.params, "params_slim": t_slim.params,
+        "macs_dense": t_dense.macs, "macs_slim": t_slim.macs,
+        "ours_s": our_s, "ours_max_abs": our_err[0], "ours_max_rel": our_err[1],
+    }
+    if args.torch_pruning:
+        try:
+            theirs, tp_s = torch_pruning_prune(zeroed, example, filters)
+            tp_err = _worst_error(zeroed, theirs, probes)
+            row.update(tp_s=tp_s, tp_max_abs=tp_err[0], tp_max_rel=tp_err[1],
+                       tp_params=sum(p.numel() for p in theirs.parameters()))
+        except Exception as err:  # record, do not hide: a failure is a result too
+            row["tp_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if not args.no_measure:
+        latency = measure_pair(zeroed, slim, example, workdir, args)
+        mac_reduction = t_dense.macs / t_slim.macs
+        row["latency"] = {}
+        for b, lat in latency.items():
+            speedup = lat["dense"]["median_ms"] / lat["slim"]["median_ms"]
+            row["latency"][str(b)] = {**lat, "speedup": speedup, "speedup_per_mac_reduction": speedup / mac_reduction}
+    return row
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    batches = meta["batches"]
+    head = ["model", "rate", "params dense→slim", "MACs dense→slim"]
+    for b in batches:
+        head += [f"ORT b{b} ms dense→slim", f"b{b} speed-up (÷MAC red.)"]
+    head += ["ours: s, max rel err", "torch-pruning: s, max rel err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], f"{r['rate']:.0%}",
+                 f"{_fmt_count(r['params_dense'])}→{_fmt_count(r['params_slim'])}",
+                 f"{_fmt_count(r['macs_dense'])}→{_fmt_count(r['macs_slim'])}"]
+        for b in batches:
+            lat = r.get("latency", {}).get(str(b))
+            if lat:
+                cells += [f"{lat['dense']['median_ms']:.2f}→{lat['slim']['median_ms']:.2f}",
+                          f"{lat['speedup']:.2f}× ({lat['speedup_per_mac_reduction']:.2f})"]
+            else:
+                cells += ["-", "-"]
+        cells.append(f"{r['ours_s']:.2f}, {r['ours_max_rel']:.1e}")
+        if "tp_s" in r:
+            cells.append(f"{r['tp_s']:.2f}, {r['tp_max_rel']:.1e}")
+        else:
+            cells.append(r.get("tp_error", "not installed"))
+        lines.append("| " + " | ".join(cells) + " |")
+    load = ", ".join(f"{x:.2f}" for x in meta["loadavg_before"])
+    lines += ["", f"ONNX Runtime {meta['environment']['onnxruntime']}, CPU provider, {meta['threads']} thread(s), "
+              f"median of {meta['rounds']} interleaved rounds of ≥{meta['runs']} runs; {meta['environment']['cpu']}; load average before: {load}. "
+              f"Inputs: {', '.join(f'{m} {s}' for m, s in meta['input_shapes'].items())}. "
+              "Max relative error = max |slim − zeroed| / max |zeroed| over probe batches."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=DEFAULT_MODELS)
+    p.add_argument("--rates", default="0.3,0.5,0.7")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=20, help="timed runs per round at least")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved dense/slim rounds")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--min-time", dest="min_time", type=float, default=0.5)
+    p.add_argument("--no-measure", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batch.split(",")]
+    try:
+        import torch_pruning  # noqa: F401
+        args.torch_pruning = True
+    except ImportError:
+        args.torch_pruning = False
+        print("torch-pruning not installed (pip install '.[bench]'): its columns stay empty", file=sys.stderr)
+    torch.set_num_threads(args.threads)
+
+    meta: dict[str, Any] = {
+        "benchmark": "structured", "batches": args.batches, "threads": args.threads, "runs": args.runs, "rounds": args.rounds,
+        "min_time_s": args.min_time, "loadavg_before": list(os.getloadavg()), "environment": environment(),
+        "torch_pruning": _torch_pruning_version(), "input_shapes": {},
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            meta["input_shapes"][name] = "×".join(map(str, REDUCED_INPUT.get(name, models.input_shape(name))[1:]))
+            for rate in (float(r) for r in args.rates.split(",")):
+                t0 = time.perf_counter()
+                row = run_case(name, rate, args, Path(tmp))
+                rows.append(row)
+                print(f"{name} {rate:.0%}: MACs {row['macs_dense']:,} -> {row['macs_slim']:,}, ours err "
+                      f"{row['ours_max_rel']:.1e}, tp err {row.get('tp_max_rel', float('nan')):.1e} "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    meta["loadavg_after"] = list(os.getloadavg())
+    table = markdown(rows, meta)
+    with atomic_file(args.out / "structured.json") as tmp:
+        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    with atomic_file(args.out / "structured.md") as tmp:
+        tmp.write_text(table)
+    print(table)
+    return 0
+
+
+def _torch_pruning_version() -> str | None:
+    try:
+        return metadata.version("torch-pruning")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
