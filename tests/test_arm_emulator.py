@@ -133,3 +133,33 @@ def test_arm_device_starts_and_stops_the_emulator_it_needed(emulator, monkeypatc
     assert not arm_emulator.status().running
     assert not Path(f"/proc/{st.pid}").exists() or not arm_emulator._pid_alive(st.pid)
     assert arm_emulator.status(emulator.home).running  # the other server is untouched
+
+
+def test_compile_stage_measures_shipped_arm_libraries(emulator, tmp_path):
+    """The pipeline's arm measure stage on a context shaped like the TVM build stage leaves it:
+    original = 8-filter net, slim = the same shape with half the filters."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rwdeploy.runtime import tvm_build
+    from rwdeploy.runtime.arm_measure import stage_arm_measure
+
+    x = torch.from_numpy(example_input())
+    original, slim = small_cnn(8), small_cnn(4)
+    artifacts = {}
+    for variant, module in (("original", original), ("slim", slim)):
+        artifacts[(variant, 1)] = tvm_build.build(module, x, "arm", out_dir=tmp_path / variant)
+    artifacts[("slim", 8)] = SimpleNamespace(path=None)  # built, not shipped: not measured
+    ctx = SimpleNamespace(
+        options=SimpleNamespace(target="arm", runs=5, seed=0),  # no rpc/tracker: the emulator
+        loaded=SimpleNamespace(example_input=lambda batch, seed: x), original=original, slim=slim,
+        tvm_artifacts=artifacts, sections={}, latency=[])
+    stage_arm_measure(ctx)
+    rows = {r["variant"]: r for r in ctx.latency}
+    assert set(rows) == {"original", "slim"}
+    assert all(r["emulated"] and r["target"] == "arm" and r["max_abs_err_vs_torch"] < 1e-4 for r in rows.values())
+    section = ctx.sections["targets"]["arm"]
+    assert section["device"]["emulated"] and any("emulated aarch64 device" in n for n in section["notes"])
+    counts = section["instructions"]["per_variant"]
+    assert counts["slim"]["insns_per_inference"] < counts["original"]["insns_per_inference"]
