@@ -32,6 +32,7 @@ from rwdeploy import report as report_mod
 from rwdeploy.errors import ExportError, OptionError, VerificationError
 from rwdeploy.io import LoadedModel, atomic_dir
 from rwdeploy.passes.layer_stats import layer_stats, totals
+from rwdeploy.quant.compile_stage import stage_export_quantized
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -341,6 +342,8 @@ SLIM_STAGES: tuple[Stage, ...] = (
     Stage("export_pt2", "Export slim .pt2", stage_export_pt2),
     Stage("export_onnx", "Export ONNX (original, slim)", stage_export_onnx),
     Stage("ort_check", "Check ONNX Runtime output", stage_ort_check),
+    # does nothing unless the checkpoint was quantized by `rwdeploy prune --quantize`
+    Stage("export_quantized", "Export quantized weights (QDQ ONNX, TVM)", stage_export_quantized),
     Stage("measure_ort", "Measure ONNX Runtime latency", stage_measure_ort, _measuring),
 )
 
