@@ -212,6 +212,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
                              f"{', ...' if len(g['tensors']) > 4 else ''}): {'; '.join(g['reasons'])}")
             lines.append("")
 
+    quant = doc.get("quantization")
+    if quant:
+        onnx_q, tvm_q, size = quant.get("onnx", {}), quant.get("tvm", {}), quant.get("storage", {})
+        grain = "per channel" if quant.get("per_channel") else "per layer"
+        lines += ["## Quantization", "",
+                  f"{quant.get('bits')}-bit weights, {grain}, power-of-two scales. QDQ ONNX stores them as "
+                  f"{onnx_q.get('storage')} (opset {onnx_q.get('opset')}); ONNX Runtime vs the slim torch model: max rel. "
+                  f"error {onnx_q.get('check', {}).get('max_rel', float('nan')):.3g}.", ""]
+        if tvm_q:
+            lines += [f"TVM build for the host ({tvm_q.get('weights')} weights): library {_fmt_bytes(tvm_q.get('library_bytes'))} "
+                      f"vs {_fmt_bytes(tvm_q.get('float_library_bytes'))} with float weights; max rel. error "
+                      f"{tvm_q.get('check', {}).get('max_rel', float('nan')):.3g}.", ""]
+        if size:
+            lines += [f"Weights counted: float32 {_fmt_bytes(size.get('float32_bytes'))}, dense {quant.get('bits')}-bit "
+                      f"{_fmt_bytes(size.get('dense_quantized_bytes'))}, sparse {quant.get('bits')}-bit "
+                      f"{_fmt_bytes(size.get('sparse_quantized_bytes'))} ({size.get('counting')}).", ""]
+
     files = doc.get("files")
     if files:
         lines += ["## Files", ""]
