@@ -76,8 +76,11 @@ def arm_device(
              "its latency is emulated, not ARM latency: compare the instruction counts")
     before = arm_emulator.status()
     st = before if before.running else arm_emulator.start(progress=progress)
+    # A server registered with a tracker takes only tracker-brokered sessions.
+    device = Device(tracker=st.tracker, key=st.key, emulated=True) if st.tracker else \
+        Device(rpc=st.address, emulated=True)
     try:
-        yield Device(rpc=st.address, emulated=True), st.threads
+        yield device, st.threads
     finally:
         if not before.running:
             arm_emulator.stop()
@@ -154,9 +157,9 @@ def stage_arm_measure(ctx: Any) -> None:
     notes = section.setdefault("notes", [])
     variants = []
     for (variant, batch), art in ctx.tvm_artifacts.items():
-        if art.path is None:
+        module = getattr(ctx, variant, None)  # ctx.original / ctx.slim / ctx.packed
+        if art.path is None or module is None:
             continue
-        module = ctx.original if variant == "original" else ctx.slim
         x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
         with torch.no_grad():
             ref = module(x).detach().numpy()

@@ -32,10 +32,13 @@ from rwdeploy import report as report_mod
 from rwdeploy.errors import ExportError, OptionError, VerificationError
 from rwdeploy.io import LoadedModel, atomic_dir
 from rwdeploy.passes.layer_stats import layer_stats, totals
+from rwdeploy.quant.compile_stage import stage_export_quantized
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
+from rwdeploy.runtime.targets import TARGETS
+from rwdeploy.tvm_stages import target_stages, validate_tvm_options
 
 SLIM_PT2 = "slim.pt2"
 SLIM_ONNX = "slim.onnx"
@@ -58,6 +61,9 @@ class CompileOptions:
     seed: int = 0
     opset: int = 17
     sparse: str = "auto"  # pack sparse layers as CSR/BSR: auto (where measured faster) | off | csr | bsr
+    gpu_arch: str | None = None  # --target gpu: sm_XY (default: the visible GPU's, else sm_90)
+    tune: int = 0  # MetaSchedule trials for the TVM cpu/arm build (0: hand schedules only)
+    tuning_db: Path | None = None  # MetaSchedule records, reused across runs
 
     def validate(self) -> None:
         if not self.tolerance >= 0:
@@ -76,6 +82,7 @@ class CompileOptions:
         if self.target not in TARGET_STAGES:
             raise OptionError(f"unknown --target {self.target!r}",
                               hint=f"known targets: {', '.join(sorted(TARGET_STAGES))}")
+        validate_tvm_options(self)
 
 
 @dataclass
@@ -99,6 +106,7 @@ class CompileContext:
     latency: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # filled in by compile_model
+    tvm_artifacts: dict[tuple[str, int], Any] = field(default_factory=dict)  # (variant, batch) -> TvmArtifact
 
     def path(self, name: str) -> Path:
         return self.workdir / name
@@ -361,13 +369,15 @@ SLIM_STAGES: tuple[Stage, ...] = (
     Stage("export_pt2", "Export slim .pt2", stage_export_pt2),
     Stage("export_onnx", "Export ONNX (original, slim)", stage_export_onnx),
     Stage("ort_check", "Check ONNX Runtime output", stage_ort_check),
+    # does nothing unless the checkpoint was quantized by `rwdeploy prune --quantize`
+    Stage("export_quantized", "Export quantized weights (QDQ ONNX, TVM)", stage_export_quantized),
     Stage("measure_ort", "Measure ONNX Runtime latency", stage_measure_ort, _measuring),
 )
 
 # Per target: the stages it adds after the common ones (TVM build + measure for arm/gpu, ...).
-TARGET_STAGES: dict[str, tuple[Stage, ...]] = {
-    "cpu": (),
-}
+# Every entry of the target registry (runtime/targets.py): TVM build, then measurement where the
+# target runs (in this process for cpu/gpu, on a device for arm: rwdeploy.tvm_stages.DEVICE_STAGES).
+TARGET_STAGES: dict[str, tuple[Stage, ...]] = {name: target_stages(name, Stage) for name in TARGETS}
 
 REPORT_STAGES: tuple[Stage, ...] = (Stage("report", "Write report", stage_report),)
 
