@@ -10,7 +10,7 @@ from torch import nn
 
 import nets
 import nets_families
-from channel_helpers import conv_linear_macs, randomize_norms, zero_filters
+from channel_helpers import conv_linear_macs, randomize_norms, zero_filters, one_torch_thread  # noqa: F401 (autouse fixture)
 from rwdeploy import models
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_groups import analyze_channel_groups
@@ -23,8 +23,8 @@ RTOL = 1e-4
 
 def zoo_case(name):
     shape = models.input_shape(name)
-    if shape[-1] > 32:  # ImageNet models at 32x32 keep the test fast; the graph is the same
-        shape = shape[:-2] + (32, 32)
+    if shape[-1] > 64:  # ImageNet models at 64x64 keep the test fast; the graph is the same
+        shape = shape[:-2] + (64, 64)
     return (lambda: models.create(name)), shape
 
 
