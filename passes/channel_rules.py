@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from rwdeploy.passes import channel_provenance as provenance
 from rwdeploy.passes.channel_state import (
     CONST,
     AnalysisState,
@@ -191,6 +192,7 @@ def rule_placeholder(st: AnalysisState, node: fx.Node) -> Any:
 
 def rule_get_attr(st: AnalysisState, node: fx.Node) -> Any:
     meta = st.values[node.name]
+    provenance.start(st, node)
     return const_map(len(meta.shape)) if isinstance(meta, TensorMeta) else None
 
 
@@ -205,6 +207,7 @@ def rule_shape_value(st: AnalysisState, node: fx.Node) -> Any:
 
 
 def rule_constant(st: AnalysisState, node: fx.Node) -> Any:
+    provenance.follow(st, node, base_name(node))
     return _const_like(st.values[node.name])
 
 
@@ -294,18 +297,19 @@ def _constant_operand(st: AnalysisState, node: fx.Node, arg: fx.Node, mine: torc
             and bool(((mine == CONST) & (other >= 0)).any())]
     if not dims:
         return
-    param = _state_tensor(st, arg)
-    if param is None or len(arg.users) > 1:
+    prov = provenance.provenance_of(st, arg)
+    offset = ndim - len(prov[1]) if prov is not None else 0
+    if prov is None or any(d < offset or prov[1][d - offset] is None for d in dims):
         st.pin(other, f"{op_name(node)}: operand {arg.name} is computed in forward() (or shared) "
                       f"and varies along channels, so it cannot be sliced")
         return
-    offset = ndim - param.dim()
-    st.attr_followers.add(arg.target)
+    key, param_dims = prov
+    st.attr_followers.add(key)
     for d in dims:
         # index i along d belongs to every class found at i; the tensor keeps i unless all go
         moved = other.movedim(d, 0).reshape(other.shape[d], -1)
         for col in range(moved.shape[1]):
-            st.add_slice(arg.target, d - offset, torch.arange(moved.shape[0]), moved[:, col],
+            st.add_slice(key, param_dims[d - offset], torch.arange(moved.shape[0]), moved[:, col],
                          "follower", node.name)
 
 
