@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from rwdeploy.passes.layer_stats import layer_stats, totals
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
 from rwdeploy.runtime.environment import environment
+from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
 
@@ -151,9 +151,8 @@ def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
 
 def measure_pair(dense: nn.Module, slim: nn.Module, example: torch.Tensor, workdir: Path,
                  args: argparse.Namespace) -> dict[int, dict[str, Any]]:
-    """ORT latency of both models per batch size, in interleaved rounds (dense, slim, dense,
-    slim, ...) so that load drifting on a shared machine hits both alike; the figure is the
-    median of the round medians."""
+    """ORT latency of both models per batch size, their calls alternating (dense, slim, dense,
+    ...) so that load drifting on a shared machine hits both alike."""
     runners = {}
     for variant, module in (("dense", dense), ("slim", slim)):
         path = workdir / f"{variant}.onnx"
@@ -162,15 +161,9 @@ def measure_pair(dense: nn.Module, slim: nn.Module, example: torch.Tensor, workd
     out: dict[int, dict[str, Any]] = {}
     for b in args.batches:
         x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b)).numpy()
-        rounds: dict[str, list[Any]] = {"dense": [], "slim": []}
-        for _ in range(args.rounds):
-            for variant, runner in runners.items():
-                rounds[variant].append(runner.measure(x, warmup=args.warmup, runs=args.runs,
-                                                      min_time_s=args.min_time))
-        out[b] = {v: {"median_ms": statistics.median(s.median_ms for s in stats),
-                      "p90_ms": statistics.median(s.p90_ms for s in stats),
-                      "n": sum(s.n for s in stats), "round_medians_ms": [s.median_ms for s in stats]}
-                  for v, stats in rounds.items()}
+        stats = time_interleaved({v: r.bind(x) for v, r in runners.items()}, warmup=args.warmup,
+                                 min_runs=args.runs, max_runs=max(args.runs, 2000), min_time_s=args.min_time)
+        out[b] = {v: {"median_ms": st.median_ms, "p90_ms": st.p90_ms, "n": st.n} for v, st in stats.items()}
     return out
 
 
@@ -248,7 +241,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     load = ", ".join(f"{x:.2f}" for x in meta["loadavg_before"])
     lines += ["", f"ONNX Runtime {meta['environment']['onnxruntime']}, CPU provider, {meta['threads']} thread(s), "
-              f"median of {meta['rounds']} interleaved rounds of ≥{meta['runs']} runs; {meta['environment']['cpu']}; load average before: {load}. "
+              f"median of ≥{meta['runs']} runs, dense and slim calls alternating; {meta['environment']['cpu']}; load average before: {load}. "
               f"Inputs: {', '.join(f'{m} {s}' for m, s in meta['input_shapes'].items())}. "
               "Max relative error = max |slim − zeroed| / max |zeroed| over probe batches."]
     return "\n".join(lines) + "\n"
@@ -260,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="0.3,0.5,0.7")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=int, default=20, help="timed runs per round at least")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved dense/slim rounds")
+    p.add_argument("--runs", type=int, default=30, help="timed runs of each model at least")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--min-time", dest="min_time", type=float, default=0.5)
+    p.add_argument("--min-time", dest="min_time", type=float, default=2.0,
+                   help="seconds of alternating timed runs at least, per batch size")
     p.add_argument("--no-measure", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -277,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     meta: dict[str, Any] = {
-        "benchmark": "structured", "batches": args.batches, "threads": args.threads, "runs": args.runs, "rounds": args.rounds,
+        "benchmark": "structured", "batches": args.batches, "threads": args.threads, "runs": args.runs,
         "min_time_s": args.min_time, "loadavg_before": list(os.getloadavg()), "environment": environment(),
         "torch_pruning": _torch_pruning_version(), "input_shapes": {},
     }

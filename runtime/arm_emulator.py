@@ -375,6 +375,8 @@ class EmulatorStatus:
     host: str | None = None
     port: int | None = None
     threads: int | None = None
+    tracker: str | None = None  # set when the server registered with a TVM RPC tracker
+    key: str | None = None
     log: str | None = None
     missing_host_tools: list[str] = field(default_factory=list)
 
@@ -431,6 +433,7 @@ def status(path: str | os.PathLike | None = None) -> EmulatorStatus:
     if _pid_alive(pid) and _is_our_server(pid, h):
         st.running = True
         st.pid, st.host, st.port, st.threads = pid, info["host"], info["port"], info.get("threads")
+        st.tracker, st.key = info.get("tracker"), info.get("key")
     return st
 
 
@@ -490,7 +493,8 @@ def start(
     else:
         _terminate_group(proc.pid)
         raise ToolchainError(f"the arm emulator did not become ready in {timeout_s:.0f} s", hint=f"see {h.log_file}")
-    h.info_file.write_text(json.dumps({"host": host, "port": port, "threads": threads, "tracker": tracker}))
+    h.info_file.write_text(json.dumps({"host": host, "port": port, "threads": threads, "tracker": tracker,
+                                       "key": key if tracker else None}))
     h.pid_file.write_text(str(proc.pid))
     st = status(path)
     progress(f"arm emulator ready: pid {st.pid}, rpc {st.address}, log {h.log_file}")

@@ -76,8 +76,11 @@ def arm_device(
              "its latency is emulated, not ARM latency: compare the instruction counts")
     before = arm_emulator.status()
     st = before if before.running else arm_emulator.start(progress=progress)
+    # A server registered with a tracker takes only tracker-brokered sessions.
+    device = Device(tracker=st.tracker, key=st.key, emulated=True) if st.tracker else \
+        Device(rpc=st.address, emulated=True)
     try:
-        yield Device(rpc=st.address, emulated=True), st.threads
+        yield device, st.threads
     finally:
         if not before.running:
             arm_emulator.stop()
@@ -135,3 +138,49 @@ def reference_outputs(models: Mapping[str, Any], example_input: np.ndarray) -> d
     x = torch.from_numpy(np.ascontiguousarray(example_input, dtype=np.float32))
     with torch.no_grad():
         return {name: m(x).detach().numpy() for name, m in models.items()}
+
+
+def stage_arm_measure(ctx: Any) -> None:
+    """Compile-pipeline stage for the arm targets (after the TVM build stage).
+
+    Reads the shipped libraries from `ctx.tvm_artifacts` ((variant, batch) -> TvmArtifact;
+    those with a `path` were exported), the device from `ctx.options.rpc/tracker/key`, and adds
+    latency rows plus `device`, `measurements` and `instructions` to the report's
+    `targets[<target>]` section. Only the shipped batch size is measured: at emulated speed a
+    batch-8 resnet takes a minute.
+    """
+    import torch
+
+    opts = ctx.options
+    name = opts.target
+    section = ctx.sections.setdefault("targets", {}).setdefault(name, {})
+    notes = section.setdefault("notes", [])
+    variants = []
+    for (variant, batch), art in ctx.tvm_artifacts.items():
+        module = getattr(ctx, variant, None)  # ctx.original / ctx.slim / ctx.packed
+        if art.path is None or module is None:
+            continue
+        x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
+        with torch.no_grad():
+            ref = module(x).detach().numpy()
+        variants.append((x.numpy(), ArmVariant(variant, Path(art.path), ref)))
+    if not variants:
+        notes.append("arm measurement skipped: no exported library")
+        return
+    x = variants[0][0]
+    results = measure_arm([v for _, v in variants], x, target=name, rpc=getattr(opts, "rpc", None),
+                          tracker=getattr(opts, "tracker", None), key=getattr(opts, "key", None),
+                          repeat=max(5, min(opts.runs, 30)))
+    m = results[0].measurement
+    section["device"] = {"address": m.device, "emulated": m.emulated}
+    if m.emulated:
+        notes.append("measured on the emulated aarch64 device (no --rpc given): qemu-user on this machine, "
+                     "so latency is emulated, not ARM latency; compare variants by aarch64 instructions per "
+                     "inference")
+    section["measurements"] = {r.variant: r.to_dict() for r in results}
+    if any(r.instructions is not None for r in results):
+        section["instructions"] = instruction_section(results)
+        for variant, c in section["instructions"]["per_variant"].items():
+            notes.append(f"{variant}: {c['insns_per_inference']:,} aarch64 instructions per inference "
+                         f"(spread {c['relative_spread']:.2%})")
+    ctx.latency.extend(r.latency_row() for r in results)

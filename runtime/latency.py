@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,33 @@ def time_callable(
         if len(samples) >= min_runs and time.perf_counter() - start >= min_time_s:
             break
     return LatencyStats.from_samples(samples, warmup)
+
+
+def time_interleaved(
+    runs: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 5,
+    min_runs: int = 20,
+    max_runs: int = 1000,
+    min_time_s: float = 0.5,
+) -> dict[str, LatencyStats]:
+    """Time several callables in alternation (a, b, a, b, ...), one call at a time.
+
+    On a shared machine the load changes from second to second; timing one model for a while
+    and then the other lets that drift decide the comparison. Alternating single calls exposes
+    every candidate to the same conditions, so their ratio is what the models differ by.
+    `min_runs`/`max_runs` count calls of each; `min_time_s` is the whole loop's floor.
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    start = time.perf_counter()
+    for i in range(max_runs):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - t0)
+        if i + 1 >= min_runs and time.perf_counter() - start >= min_time_s:
+            break
+    return {name: LatencyStats.from_samples(s, warmup) for name, s in samples.items()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -33,9 +34,13 @@ class OrtRunner:
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def measure(self, x: np.ndarray, *, warmup: int = 10, runs: int = 50, min_time_s: float = 0.5) -> LatencyStats:
-        """Latency of one `run(x)`: `warmup` untimed calls, then at least `runs` timed ones."""
+    def bind(self, x: np.ndarray) -> Callable[[], Any]:
+        """A no-argument call of the session on `x` (the input converted once), for timing."""
         feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         session = self.session
-        return time_callable(lambda: session.run(None, feed), warmup=warmup, min_runs=runs,
-                             max_runs=max(runs, 1000), min_time_s=min_time_s)
+        return lambda: session.run(None, feed)
+
+    def measure(self, x: np.ndarray, *, warmup: int = 10, runs: int = 50, min_time_s: float = 0.5) -> LatencyStats:
+        """Latency of one `run(x)`: `warmup` untimed calls, then at least `runs` timed ones."""
+        return time_callable(self.bind(x), warmup=warmup, min_runs=runs, max_runs=max(runs, 1000),
+                             min_time_s=min_time_s)

@@ -74,6 +74,11 @@ def _as_tuple(example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[t
     return example_input if isinstance(example_input, tuple) else (example_input,)
 
 
+def _has_rwdeploy_ops(program: torch.export.ExportedProgram) -> bool:
+    return any(node.op == "call_function" and "rwdeploy" in str(node.target)
+               for node in program.graph.nodes)
+
+
 def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
                  example_input: torch.Tensor | tuple[torch.Tensor, ...],
                  converters: dict[str, Converter] | None = None) -> Any:
@@ -85,6 +90,10 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
     else:
         with torch.no_grad():
             program = torch.export.export(module_or_program, _as_tuple(example_input))
+    if converters is None and _has_rwdeploy_ops(program):
+        from rwdeploy.runtime.tvm_sparse import convert_map  # CSR/BSR kernels (packed layers)
+
+        converters = convert_map(dense_kernels=False)
     try:
         return from_exported_program(program, keep_params_as_input=False,
                                      unwrap_unit_return_tuple=True,
@@ -142,6 +151,22 @@ def _cuda_module(executable: Any) -> Any | None:
     return None
 
 
+def check_tuning_options(target: Target, tune: int,
+                         tuning_db: str | os.PathLike | None) -> str | None:
+    """Validate --tune/--tuning-db for `target`; returns the database folder (absolute) or None."""
+    if tune < 0:
+        raise OptionError(f"--tune must be >= 0 trials, got {tune}")
+    if (tune or tuning_db is not None) and target.family == "gpu":
+        raise OptionError("--tune/--tuning-db are for cpu/arm targets; "
+                          "gpu uses TVM's default CUDA schedules")
+    if tune and tuning_db is None:
+        raise OptionError("--tune needs --tuning-db DIR to keep the tuning records")
+    db = None if tuning_db is None else str(Path(tuning_db).resolve())
+    if db is not None and not tune and not Path(db).is_dir():
+        raise OptionError(f"--tuning-db {db} does not exist", hint="tune first with --tune TRIALS")
+    return db
+
+
 def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
           example_input: torch.Tensor | tuple[torch.Tensor, ...],
           target: str | Target,
@@ -162,15 +187,7 @@ def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
 
     tgt = resolve_target(target, gpu_arch=gpu_arch, threads=threads)
     tgt.require("build")
-    if tune < 0:
-        raise OptionError(f"--tune must be >= 0 trials, got {tune}")
-    if tune and tgt.family == "gpu":
-        raise OptionError("--tune is for cpu/arm targets; gpu uses TVM's default CUDA schedules")
-    if tune and tuning_db is None:
-        raise OptionError("--tune needs --tuning-db DIR to keep the tuning records")
-    db = None if tuning_db is None else str(Path(tuning_db).resolve())
-    if db is not None and not tune and not Path(db).is_dir():
-        raise OptionError(f"--tuning-db {db} does not exist", hint="tune first with --tune TRIALS")
+    db = check_tuning_options(tgt, tune, tuning_db)
 
     t0 = time.perf_counter()
     mod = import_relax(module_or_program, example_input, converters)

@@ -2,14 +2,23 @@
 
 Every kernel is target-agnostic TIR: the same function compiles for the host CPU, for
 aarch64 (NEON) and anywhere LLVM goes. Work is split over *chunks* of output rows with
-`T.parallel`; accumulators live in a small local buffer declared once per chunk (a local
-buffer inside the parallel body is a workspace allocation per iteration, so never per row).
+`T.parallel`.
+
+Scratch memory (accumulators, the padded input of a conv) is passed in as extra *output*
+buffers that the caller allocates (`scratch_shapes`), never allocated inside the kernel:
+a buffer allocated inside a parallel body becomes a runtime workspace allocation, which
+LLVM must assume aliases the weight arrays, so it reloads indices and row pointers on
+every step. For the same reason scalars are bound with `T.bind` (a let): in TVMScript a
+plain `v = expr` declares a 1-element buffer, i.e. another workspace allocation.
+Parameters are `tir.noalias`.
 
 Layouts (W is the weight as a matrix, rows = output features/channels):
 - linear: x (B, K), y (B, N) = x @ W.T + bias
 - conv2d: x (B, C, H, W), W (O, C/g*kh*kw) with columns ordered (ci, ky, kx)
 - sparse: values (nnzb, br, bc) float32, indices (nnzb,) any int dtype, indptr int32
-Kernel signatures: (x, [values, indices, indptr] | [weight], bias, y) -> y is written.
+Kernel signatures: (x, values, indices, indptr, bias, *scratch, y) for sparse kernels and
+dense conv (a dense weight is passed as a CSR holding every entry); (x, weight, bias, *scratch, y)
+for dense linear.
 """
 from __future__ import annotations
 
@@ -98,61 +107,81 @@ def kernel_for(spec: LinearSpec | ConvSpec):
     return f.with_attr("global_symbol", spec.name())
 
 
+def scratch_shapes(spec: LinearSpec | ConvSpec) -> list[tuple[int, ...]]:
+    """Shapes of the float32 scratch outputs that come before y in the kernel's signature."""
+    if isinstance(spec, LinearSpec):
+        br, bc = spec.block
+        if spec.fmt == "dense":
+            return [(_linear_tasks(spec.out_features, 1), DENSE_LANES)]
+        if spec.batch > 1:
+            return [(spec.in_features, spec.batch),
+                    (_linear_tasks(spec.out_features // br, br), br, spec.batch)]
+        lanes = GATHER_LANES if (br, bc) == (1, 1) else max(br, bc)
+        return [(_linear_tasks(spec.out_features // br, br), lanes)]
+    g = _conv_geometry(spec)
+    return [(spec.batch * spec.in_channels * g["PLANE"],), (spec.batch, spec.out_channels, g["P"])]
+
+
 # ----------------------------------------------------------------------------- linear
+
+def _linear_tasks(block_rows: int, br: int) -> int:
+    return _ceil_div(block_rows, max(1, ROWS_PER_TASK // br))
+
 
 def _dense_linear(s: LinearSpec):
     B, N, K, L, RB = s.batch, s.out_features, s.in_features, DENSE_LANES, ROWS_PER_TASK
     KV = K // L * L
-    tasks = _ceil_div(N, RB)
+    tasks = _linear_tasks(N, 1)
 
     @T.prim_func
     def f(x: T.Buffer((B, K), "float32"), w: T.Buffer((N, K), "float32"),
-          bias: T.Buffer((N,), "float32"), y: T.Buffer((B, N), "float32")):
+          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, L), "float32"),
+          y: T.Buffer((B, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((L,), "float32", scope="local")
             for i in range(RB):
                 if t * RB + i < N:
                     for b in range(B):
                         for j in T.vectorized(L):
-                            acc[j] = T.float32(0)
+                            acc[t, j] = T.float32(0)
                         for ko in range(KV // L):
                             for j in T.vectorized(L):
-                                acc[j] = acc[j] + w[t * RB + i, ko * L + j] * x[b, ko * L + j]
+                                acc[t, j] = acc[t, j] + w[t * RB + i, ko * L + j] * x[b, ko * L + j]
                         for k in range(KV, K):
-                            acc[0] = acc[0] + w[t * RB + i, k] * x[b, k]
+                            acc[t, 0] = acc[t, 0] + w[t * RB + i, k] * x[b, k]
                         y[b, t * RB + i] = bias[t * RB + i]
                         for j in range(L):
-                            y[b, t * RB + i] = y[b, t * RB + i] + acc[j]
+                            y[b, t * RB + i] = y[b, t * RB + i] + acc[t, j]
     return f
 
 
 def _csr_linear_b1(s: LinearSpec):
-    """Batch 1: per row, a gathered dot product GATHER_LANES wide plus a scalar tail."""
+    """Batch 1: per row, a GATHER_LANES-wide gathered dot product plus a scalar tail."""
     N, K, NNZ, L, RB, IDX = s.out_features, s.in_features, s.nnz_blocks, GATHER_LANES, ROWS_PER_TASK, s.index_dtype
-    tasks = _ceil_div(N, RB)
+    tasks = _linear_tasks(N, 1)
 
     @T.prim_func
     def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, 1), "float32"),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((N + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), y: T.Buffer((1, N), "float32")):
+          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, L), "float32"),
+          y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((L,), "float32", scope="local")
             for i in range(RB):
                 if t * RB + i < N:
+                    lo = T.bind(rp[t * RB + i])
+                    hi = T.bind(rp[t * RB + i + 1])
                     for j in T.vectorized(L):
-                        acc[j] = T.float32(0)
-                    for c in range((rp[t * RB + i + 1] - rp[t * RB + i]) // L):
+                        acc[t, j] = T.float32(0)
+                    for c in range((hi - lo) // L):
                         for j in T.vectorized(L):
-                            acc[j] = acc[j] + vals[rp[t * RB + i] + c * L + j, 0, 0] * x[
-                                0, T.Cast("int32", col[rp[t * RB + i] + c * L + j])]
-                    for k in range(rp[t * RB + i] + (rp[t * RB + i + 1] - rp[t * RB + i]) // L * L,
-                                   rp[t * RB + i + 1]):
-                        acc[0] = acc[0] + vals[k, 0, 0] * x[0, T.Cast("int32", col[k])]
+                            acc[t, j] = acc[t, j] + vals[lo + c * L + j, 0, 0] * x[
+                                0, T.Cast("int32", col[lo + c * L + j])]
+                    for k in range(lo + (hi - lo) // L * L, hi):
+                        acc[t, 0] = acc[t, 0] + vals[k, 0, 0] * x[0, T.Cast("int32", col[k])]
                     y[0, t * RB + i] = bias[t * RB + i]
                     for j in range(L):
-                        y[0, t * RB + i] = y[0, t * RB + i] + acc[j]
+                        y[0, t * RB + i] = y[0, t * RB + i] + acc[t, j]
     return f
 
 
@@ -162,93 +191,105 @@ def _sparse_linear_batched(s: LinearSpec):
     BR, BC = s.block
     NB = N // BR
     RB = max(1, ROWS_PER_TASK // BR)
-    tasks = _ceil_div(NB, RB)
+    tasks = _linear_tasks(NB, BR)
     kt = _ceil_div(K, 64)
 
     @T.prim_func
     def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, BR, BC), "float32"),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), y: T.Buffer((B, N), "float32")):
+          bias: T.Buffer((N,), "float32"), xt: T.Buffer((K, B), "float32"),
+          acc: T.Buffer((tasks, BR, B), "float32"), y: T.Buffer((B, N), "float32")):
         T.func_attr({"tir.noalias": True})
-        xt = T.alloc_buffer((K, B), "float32")
         for kc in T.parallel(kt):
             for kk in range(64):
                 if kc * 64 + kk < K:
                     for b in range(B):
                         xt[kc * 64 + kk, b] = x[b, kc * 64 + kk]
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((BR, B), "float32", scope="local")
             for i in range(RB):
                 if t * RB + i < NB:
                     for r in range(BR):
                         for b in T.vectorized(B):
-                            acc[r, b] = T.float32(0)
+                            acc[t, r, b] = T.float32(0)
                     for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
                         for r, j in T.grid(BR, BC):
                             for b in T.vectorized(B):
-                                acc[r, b] = acc[r, b] + vals[k, r, j] * xt[T.Cast("int32", col[k]) * BC + j, b]
+                                acc[t, r, b] = acc[t, r, b] + vals[k, r, j] * xt[
+                                    T.Cast("int32", col[k]) * BC + j, b]
                     for r in range(BR):
                         for b in range(B):
-                            y[b, (t * RB + i) * BR + r] = acc[r, b] + bias[(t * RB + i) * BR + r]
+                            y[b, (t * RB + i) * BR + r] = acc[t, r, b] + bias[(t * RB + i) * BR + r]
     return f
 
 
 def _bsr_linear_cols(s: LinearSpec):
-    """Blocks of 1 row x BC columns: vector over the block's columns, horizontal sum per row."""
-    B, N, K, NNZ, IDX = s.batch, s.out_features, s.in_features, s.nnz_blocks, s.index_dtype
+    """Batch 1, blocks of 1 row x BC columns: vector over the block's columns, then a row sum."""
+    N, K, NNZ, IDX = s.out_features, s.in_features, s.nnz_blocks, s.index_dtype
     BC, RB = s.block[1], ROWS_PER_TASK
-    tasks = _ceil_div(N, RB)
+    tasks = _linear_tasks(N, 1)
 
     @T.prim_func
-    def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, 1, BC), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, BC), "float32"),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((N + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), y: T.Buffer((B, N), "float32")):
+          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, BC), "float32"),
+          y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((BC,), "float32", scope="local")
             for i in range(RB):
                 if t * RB + i < N:
-                    for b in range(B):
+                    for j in T.vectorized(BC):
+                        acc[t, j] = T.float32(0)
+                    for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
                         for j in T.vectorized(BC):
-                            acc[j] = T.float32(0)
-                        for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
-                            for j in T.vectorized(BC):
-                                acc[j] = acc[j] + vals[k, 0, j] * x[b, T.Cast("int32", col[k]) * BC + j]
-                        y[b, t * RB + i] = bias[t * RB + i]
-                        for j in range(BC):
-                            y[b, t * RB + i] = y[b, t * RB + i] + acc[j]
+                            acc[t, j] = acc[t, j] + vals[k, 0, j] * x[0, T.Cast("int32", col[k]) * BC + j]
+                    y[0, t * RB + i] = bias[t * RB + i]
+                    for j in range(BC):
+                        y[0, t * RB + i] = y[0, t * RB + i] + acc[t, j]
     return f
 
 
 def _bsr_linear_rows(s: LinearSpec):
-    """Blocks of BR rows x 1 column: one x element broadcast into BR row accumulators."""
-    B, N, K, NNZ, IDX = s.batch, s.out_features, s.in_features, s.nnz_blocks, s.index_dtype
+    """Batch 1, blocks of BR rows x 1 column: one x element broadcast into BR row sums."""
+    N, K, NNZ, IDX = s.out_features, s.in_features, s.nnz_blocks, s.index_dtype
     BR = s.block[0]
     NB = N // BR
     RB = max(1, ROWS_PER_TASK // BR)
-    tasks = _ceil_div(NB, RB)
+    tasks = _linear_tasks(NB, BR)
 
     @T.prim_func
-    def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, BR, 1), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, BR, 1), "float32"),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), y: T.Buffer((B, N), "float32")):
+          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, BR), "float32"),
+          y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((BR,), "float32", scope="local")
             for i in range(RB):
                 if t * RB + i < NB:
-                    for b in range(B):
+                    for r in T.vectorized(BR):
+                        acc[t, r] = bias[(t * RB + i) * BR + r]
+                    for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
                         for r in T.vectorized(BR):
-                            acc[r] = bias[(t * RB + i) * BR + r]
-                        for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
-                            for r in T.vectorized(BR):
-                                acc[r] = acc[r] + vals[k, r, 0] * x[b, T.Cast("int32", col[k])]
-                        for r in T.vectorized(BR):
-                            y[b, (t * RB + i) * BR + r] = acc[r]
+                            acc[t, r] = acc[t, r] + vals[k, r, 0] * x[0, T.Cast("int32", col[k])]
+                    for r in T.vectorized(BR):
+                        y[0, (t * RB + i) * BR + r] = acc[t, r]
     return f
 
 
 # ----------------------------------------------------------------------------- conv2d
+
+def _conv_geometry(s: ConvSpec) -> dict[str, int]:
+    H, W = s.height, s.width
+    KH, KW = s.kernel
+    PH, PW = s.padding
+    OH, OW = s.out_hw
+    HP, WP = H + 2 * PH, W + 2 * PW
+    wide = s.stride == (1, 1)
+    row = WP if wide else OW
+    # each padded plane, flattened, gets KW * dilation spare zeros: the last wide row reads past
+    # the plane's end by up to (KW - 1) * dilation elements
+    return {"HP": HP, "WP": WP, "PLANE": HP * WP + KW * s.dilation[1], "ROW": row,
+            "P": OH * row, "WIDE": int(wide)}
+
 
 def _conv(s: ConvSpec, dense: bool):
     """Direct convolution on a zero-padded copy of x, one output-channel block per task.
@@ -256,9 +297,9 @@ def _conv(s: ConvSpec, dense: bool):
     For every stored weight (o, ci, ky, kx), channel o's output plane gets v * (ci's input
     plane shifted by (ky, kx)): long vector FMAs on a plane that stays in L1. Stride 1 runs
     on "wide" rows: the accumulator is (OH, WP) so the shifted input is one contiguous run of
-    the padded plane (flattened), then the WP - OW extra columns are dropped. Sparse and dense
-    share the loop nest (dense walks every weight instead of indptr); BR output channels of a
-    row block share each input load.
+    the padded plane (flattened); the WP - OW extra columns are dropped at the end. Sparse
+    and dense share the loop nest (dense walks a CSR holding every weight: the index load is
+    amortised over a whole plane). BR output channels of a row block share each index.
     """
     B, C, H, W, O = s.batch, s.in_channels, s.height, s.width, s.out_channels
     KH, KW = s.kernel
@@ -268,62 +309,58 @@ def _conv(s: ConvSpec, dense: bool):
     G = s.groups
     CG, OG = C // G, O // G
     OH, OW = s.out_hw
-    HP, WP = H + 2 * PH, W + 2 * PW
+    geo = _conv_geometry(s)
+    WP, PLANE, ROW, P, wide = geo["WP"], geo["PLANE"], geo["ROW"], geo["P"], geo["WIDE"]
     KK = KH * KW
     KCOL = CG * KK
     BR = 1 if dense else s.block[0]
     if OG % BR:
         raise ValueError(f"block of {BR} output channels crosses a group of {OG}")
     NB = O // BR
-    # dense runs the same loop nest over every weight (the arrays of a fully dense CSR): the
-    # index load is amortised over P vector lanes, so it costs nothing measurable
     NNZ, IDX = (O * KCOL, s.index_dtype) if dense else (s.nnz_blocks, s.index_dtype)
-    wide = SH == 1 and SW == 1
-    # padded planes, flattened, with KW * DW spare zeros so the wide rows never read past the end
-    PLANE = HP * WP + KW * DW
-    ROW = WP if wide else OW
-    P = OH * ROW                              # accumulator length per output channel
+    # planes up to 64 floats are one vector expression (LLVM keeps it in registers across the
+    # weights of a row); longer ones go in 16-lane chunks plus one shorter vector tail
     V = 16
-    PV = P // V * V
+    PV = 0 if P <= 64 else (P - 1) // V * V   # the tail keeps 1..16 lanes (never 0)
 
     @T.prim_func
     def f(x: T.Buffer((B, C, H, W), "float32"), vals: T.Buffer((NNZ, BR, 1), "float32"),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((O,), "float32"), y: T.Buffer((B, O, OH, OW), "float32")):
+          bias: T.Buffer((O,), "float32"), xp: T.Buffer((B * C * PLANE,), "float32"),
+          yw: T.Buffer((B, O, P), "float32"), y: T.Buffer((B, O, OH, OW), "float32")):
         T.func_attr({"tir.noalias": True})
-        xp = T.alloc_buffer((B * C * PLANE,), "float32")
         for bc in T.parallel(B * C):
             for q in range(PLANE):
                 xp[bc * PLANE + q] = T.if_then_else(
                     q // WP >= PH and q // WP < PH + H and q % WP >= PW and q % WP < PW + W,
                     x[bc // C, bc % C, T.min(q // WP - PH, H - 1), q % WP - PW], T.float32(0))
         for bo in T.parallel(B * NB):
-            acc = T.decl_buffer((BR, P), "float32", scope="local")
             for r in range(BR):
                 for p in T.vectorized(P):
-                    acc[r, p] = bias[bo % NB * BR + r]
+                    yw[bo // NB, bo % NB * BR + r, p] = bias[bo % NB * BR + r]
             for k in range(rp[bo % NB], rp[bo % NB + 1]):
-                # bound once per stored weight: LLVM cannot hoist it out of the plane loop
-                # (the accumulator stores might alias the index array, as far as it knows)
-                c = T.Cast("int32", col[k])
-                src = (bo // NB * C + bo % NB * BR // OG * CG + T.truncdiv(c, KK)) * PLANE \
-                    + T.truncdiv(T.truncmod(c, KK), KW) * DH * WP + T.truncmod(c, KW) * DW
-                if wide:
-                    for pc in range(PV // V):
-                        for r in range(BR):
+                # T.bind is a true let; a plain assignment would be a 1-element local buffer
+                c = T.bind(T.Cast("int32", col[k]))
+                src = T.bind((bo // NB * C + bo % NB * BR // OG * CG + T.truncdiv(c, KK)) * PLANE
+                             + T.truncdiv(T.truncmod(c, KK), KW) * DH * WP + T.truncmod(c, KW) * DW)
+                if wide == 1:
+                    for r in range(BR):
+                        for pc in range(PV // V):
                             for j in T.vectorized(V):
-                                acc[r, pc * V + j] = acc[r, pc * V + j] + vals[k, r, 0] * xp[src + pc * V + j]
-                    for p in range(PV, P):
-                        for r in range(BR):
-                            acc[r, p] = acc[r, p] + vals[k, r, 0] * xp[src + p]
+                                yw[bo // NB, bo % NB * BR + r, pc * V + j] = yw[
+                                    bo // NB, bo % NB * BR + r, pc * V + j] + vals[k, r, 0] * xp[src + pc * V + j]
+                        for p in T.vectorized(P - PV):
+                            yw[bo // NB, bo % NB * BR + r, PV + p] = yw[bo // NB, bo % NB * BR + r, PV + p] \
+                                + vals[k, r, 0] * xp[src + PV + p]
                 else:
-                    for oh in range(OH):
-                        for r in range(BR):
+                    for r in range(BR):
+                        for oh in range(OH):
                             for ow in T.vectorized(OW):
-                                acc[r, oh * OW + ow] = acc[r, oh * OW + ow] + vals[k, r, 0] * xp[
+                                yw[bo // NB, bo % NB * BR + r, oh * OW + ow] = yw[
+                                    bo // NB, bo % NB * BR + r, oh * OW + ow] + vals[k, r, 0] * xp[
                                     src + oh * SH * WP + ow * SW]
             for r in range(BR):
                 for oh in range(OH):
                     for ow in T.vectorized(OW):
-                        y[bo // NB, bo % NB * BR + r, oh, ow] = acc[r, oh * ROW + ow]
+                        y[bo // NB, bo % NB * BR + r, oh, ow] = yw[bo // NB, bo % NB * BR + r, oh * ROW + ow]
     return f

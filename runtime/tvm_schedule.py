@@ -41,11 +41,31 @@ def _channel_tile(channels: int, lanes: int) -> int:
     return _largest_divisor(channels, 2 * lanes)
 
 
+def _has_loop_schedule(sch: Any) -> bool:
+    """True when some loop is already parallel, vectorised, unrolled or bound."""
+    from tvm.tirx import ForKind
+
+    seen = set()
+    pending = list(sch.get_child_blocks(sch.get_sblock("root")))
+    while pending:
+        block = pending.pop()
+        for loop in sch.get_loops(block):
+            if sch.get(loop).kind != ForKind.SERIAL:
+                return True
+        for child in sch.get_child_blocks(block):
+            if id(child) not in seen:
+                seen.add(id(child))
+                pending.append(child)
+    return False
+
+
 def schedule_reduction(func: Any, lanes: int) -> Any | None:
     """The scheduled PrimFunc, or None when `func` does not have the recognised shape."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
+    if _has_loop_schedule(sch):  # a hand-written kernel (e.g. the sparse ones): keep it
+        return None
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks
                   if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]

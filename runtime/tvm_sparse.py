@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from rwdeploy.runtime.tvm_kernels import ConvSpec, LinearSpec, kernel_for  # noqa: E402
+from rwdeploy.runtime.tvm_kernels import ConvSpec, LinearSpec, kernel_for, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
 OPAQUE = 8  # relax op pattern kOpaque: never fuse our hand-scheduled kernels with neighbours
@@ -52,6 +52,15 @@ def _prim(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec) -> relax.GlobalVa
     return bb.add_func(kernel_for(spec).with_attr("op_pattern", OPAQUE), spec.name())
 
 
+def _call(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec, args: list[relax.Expr],
+          out_shape: tuple[int, ...]) -> relax.Var:
+    """call_tir of the spec's kernel; its scratch outputs are allocated by Relax and dropped."""
+    outs = [relax.TensorType(sh, "float32") for sh in scratch_shapes(spec)]
+    outs.append(relax.TensorType(out_shape, "float32"))
+    res = bb.emit(relax.call_tir(_prim(bb, spec), args, outs))
+    return bb.emit(relax.TupleGetItem(res, len(outs) - 1))
+
+
 def _bias(bias: relax.Expr | None, n: int) -> relax.Expr:
     return relax.const(np.zeros(n, np.float32)) if bias is None else bias
 
@@ -67,8 +76,7 @@ def _convert_sparse_linear(node, importer) -> relax.Var:
         y = bb.emit(relax.op.broadcast_to(_bias(bias, n_out), (batch, n_out)))
     else:
         spec = LinearSpec(batch, n_out, n_in, "sparse", nnzb, tuple(block), _dtype(idx))
-        y = bb.emit(relax.call_tir(_prim(bb, spec), [x2, vals, idx, ptr, _bias(bias, n_out)],
-                                   relax.TensorType((batch, n_out), "float32")))
+        y = _call(bb, spec, [x2, vals, idx, ptr, _bias(bias, n_out)], (batch, n_out))
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
 
@@ -83,22 +91,68 @@ def _convert_sparse_conv2d(node, importer) -> relax.Var:
     if spec.nnz_blocks == 0:
         bias4 = bb.emit(relax.op.reshape(_bias(bias, o), (1, o, 1, 1)))
         return bb.emit(relax.op.broadcast_to(bias4, (b, o, oh, ow)))
-    return bb.emit(relax.call_tir(_prim(bb, spec), [x, vals, idx, ptr, _bias(bias, o)],
-                                  relax.TensorType((b, o, oh, ow), "float32")))
+    return _call(bb, spec, [x, vals, idx, ptr, _bias(bias, o)], (b, o, oh, ow))
 
 
-def convert_map() -> dict[str, Callable]:
-    """`custom_convert_map` entries for from_exported_program (keys are fx target names)."""
-    return {"sparse_linear.default": _convert_sparse_linear,
+def _convert_dense_linear(node, importer) -> relax.Var:
+    args = importer.retrieve_args(node)
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    bb: relax.BlockBuilder = importer.block_builder
+    n_out, n_in = _shape(w)
+    lead = _shape(x)[:-1]
+    batch = int(np.prod(lead)) if lead else 1
+    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, (batch, n_in)))
+    spec = LinearSpec(batch, n_out, n_in, "dense")
+    y = _call(bb, spec, [x2, w, _bias(bias, n_out)], (batch, n_out))
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
+
+
+def _convert_dense_conv2d(node, importer) -> relax.Var:
+    from rwdeploy.sparse.formats import index_dtype
+
+    args = list(importer.retrieve_args(node)) + [None] * 7
+    x, w, bias, stride, padding, dilation, groups = args[:7]
+    pair = lambda v, d: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (v or d,) * 2  # noqa: E731
+    bb: relax.BlockBuilder = importer.block_builder
+    b, c, h, wd = _shape(x)
+    o, cg, kh, kw = _shape(w)
+    kcol = cg * kh * kw
+    idx = str(index_dtype(kcol)).replace("torch.", "")
+    spec = ConvSpec(b, c, h, wd, o, (kh, kw), pair(stride, 1), pair(padding, 0), pair(dilation, 1),
+                    int(groups or 1), "dense", 0, (1, 1), idx)
+    # the dense conv kernel is the sparse one walking a CSR that holds every weight
+    vals = bb.emit(relax.op.reshape(w, (o * kcol, 1, 1)))
+    col = relax.const(np.tile(np.arange(kcol), o).astype(idx))
+    ptr = relax.const((np.arange(o + 1) * kcol).astype(np.int32))
+    return _call(bb, spec, [x, vals, col, ptr, _bias(bias, o)], (b, o, *spec.out_hw))
+
+
+def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
+    """`custom_convert_map` entries for from_exported_program (keys are fx target names).
+
+    With `dense_kernels`, dense conv2d / linear also run rwdeploy's scheduled TIR kernels
+    instead of the default Relax lowering, which leaves them unscheduled on CPU (~100x
+    slower); the program must then be imported without decomposition, so that conv2d and
+    linear reach the converter as themselves.
+    """
+    cmap = {"sparse_linear.default": _convert_sparse_linear,
             "sparse_conv2d.default": _convert_sparse_conv2d}
+    if dense_kernels:
+        cmap.update({"linear.default": _convert_dense_linear, "conv2d.default": _convert_dense_conv2d})
+    return cmap
 
 
-def import_exported_program(ep: torch.export.ExportedProgram, **kw: Any) -> tvm.IRModule:
-    """from_exported_program with rwdeploy's sparse ops converted to TIR kernels."""
+def import_exported_program(ep: torch.export.ExportedProgram, *, dense_kernels: bool = True,
+                            **kw: Any) -> tvm.IRModule:
+    """from_exported_program with rwdeploy's sparse ops (and, by default, dense conv2d/linear)
+    converted to rwdeploy's TIR kernels."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    cmap = {**convert_map(), **kw.pop("custom_convert_map", {})}
+    cmap = {**convert_map(dense_kernels), **kw.pop("custom_convert_map", {})}
     kw.setdefault("unwrap_unit_return_tuple", True)
+    if dense_kernels:
+        kw.setdefault("run_ep_decomposition", False)
     return from_exported_program(ep, custom_convert_map=cmap, **kw)
 
 
@@ -148,8 +202,9 @@ def time_candidates(cands: Sequence[Candidate], target: tvm.target.Target | None
     dev = tvm.cpu()
     out: dict[str, dict[str, float]] = {}
     for c in cands:
+        outs = [*scratch_shapes(c.spec), c.out_shape]
         args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in c.args]
-        args.append(tvm.runtime.tensor(np.zeros(c.out_shape, np.float32), dev))
+        args += [tvm.runtime.tensor(np.zeros(sh, np.float32), dev) for sh in outs]
         ev = lib.time_evaluator(c.spec.name(), dev, number=1, repeat=repeat,
                                 min_repeat_ms=min_repeat_ms)(*args)
         res = sorted(ev.results)
@@ -181,7 +236,7 @@ def layer_spec(layer: torch.nn.Module, in_shape: Sequence[int], fmt: str,
                     nnzb, block, idx)
 
 
-def _layer_candidate(key: str, layer: torch.nn.Module, in_shape: Sequence[int], matrix) -> Candidate:
+def layer_candidate(key: str, layer: torch.nn.Module, in_shape: Sequence[int], matrix) -> Candidate:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(tuple(in_shape)).astype(np.float32)
     bias = np.zeros(layer.weight.shape[0], np.float32)
@@ -207,17 +262,18 @@ def measure_layer_formats(layers: Sequence[tuple[str, torch.nn.Module, Sequence[
                           target: tvm.target.Target | None = None) -> dict[str, dict[str, dict]]:
     """Time each layer's dense and packed forms on this machine, all in one TVM build.
 
-    `layers`: (name, nn.Linear|nn.Conv2d, input shape, {format: SparseMatrix}). Dense is timed
-    twice: rwdeploy's TIR kernel ("dense:tvm") and torch eager ("dense:torch", oneDNN/MKL), so
-    that a packed format must beat the best dense kernel this machine has, not just ours.
+    `layers`: (name, nn.Linear|nn.Conv2d, input shape, {format: SparseMatrix}). The
+    alternatives are the kernels a TVM artifact can run for the layer: "dense" (rwdeploy's
+    scheduled TIR dense kernel) and each format. torch's eager dense layer (oneDNN/MKL) is
+    timed too, as a reference outside the artifact ("ref:dense_torch").
     Returns name -> {alternative: {"median_ms", "min_ms", "n"}}.
     """
     from rwdeploy.runtime.latency import time_callable
 
     cands = []
     for name, layer, shape, packed in layers:
-        cands.append(_layer_candidate(f"{name}\0dense:tvm", layer, shape, None))
-        cands += [_layer_candidate(f"{name}\0{fmt}", layer, shape, m) for fmt, m in packed.items()]
+        cands.append(layer_candidate(f"{name}\0dense", layer, shape, None))
+        cands += [layer_candidate(f"{name}\0{fmt}", layer, shape, m) for fmt, m in packed.items()]
     timed = time_candidates(cands, target)
     out: dict[str, dict[str, dict]] = {name: {} for name, *_ in layers}
     for key, stats in timed.items():
@@ -230,7 +286,7 @@ def measure_layer_formats(layers: Sequence[tuple[str, torch.nn.Module, Sequence[
             x = torch.randn(tuple(shape))
             with torch.no_grad():
                 st = time_callable(lambda: layer(x), warmup=3, min_runs=10, min_time_s=0.05)
-            out[name]["dense:torch"] = {"median_ms": st.median_ms, "min_ms": st.min_ms, "n": st.n}
+            out[name]["ref:dense_torch"] = {"median_ms": st.median_ms, "min_ms": st.min_ms, "n": st.n}
     finally:
         torch.set_num_threads(prev)
     return out

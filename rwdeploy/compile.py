@@ -32,9 +32,13 @@ from rwdeploy import report as report_mod
 from rwdeploy.errors import ExportError, OptionError, VerificationError
 from rwdeploy.io import LoadedModel, atomic_dir
 from rwdeploy.passes.layer_stats import layer_stats, totals
+from rwdeploy.quant.compile_stage import stage_export_quantized
 from rwdeploy.runtime.environment import environment
+from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
+from rwdeploy.runtime.targets import TARGETS
+from rwdeploy.tvm_stages import target_stages, validate_tvm_options
 
 SLIM_PT2 = "slim.pt2"
 SLIM_ONNX = "slim.onnx"
@@ -56,6 +60,10 @@ class CompileOptions:
     probe_batch_size: int = 4
     seed: int = 0
     opset: int = 17
+    sparse: str = "auto"  # pack sparse layers as CSR/BSR: auto (where measured faster) | off | csr | bsr
+    gpu_arch: str | None = None  # --target gpu: sm_XY (default: the visible GPU's, else sm_90)
+    tune: int = 0  # MetaSchedule trials for the TVM cpu/arm build (0: hand schedules only)
+    tuning_db: Path | None = None  # MetaSchedule records, reused across runs
 
     def validate(self) -> None:
         if not self.tolerance >= 0:
@@ -67,9 +75,14 @@ class CompileOptions:
             raise OptionError(f"--threads {self.threads} must be >= 1")
         if self.runs < 1 or self.warmup < 0:
             raise OptionError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1, warmup >= 0")
+        from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
+
+        if self.sparse not in SPARSE_MODES:
+            raise OptionError(f"unknown --sparse {self.sparse!r}", hint=f"use one of {', '.join(SPARSE_MODES)}")
         if self.target not in TARGET_STAGES:
             raise OptionError(f"unknown --target {self.target!r}",
                               hint=f"known targets: {', '.join(sorted(TARGET_STAGES))}")
+        validate_tvm_options(self)
 
 
 @dataclass
@@ -87,11 +100,13 @@ class CompileContext:
     trace_method: str | None = None
     analysis: Any = None
     slim: fx.GraphModule | None = None
+    unpacked: fx.GraphModule | None = None  # the slim model before sparse packing (layer stats)
     records: dict[str, Any] = field(default_factory=dict)  # pass name -> record
     sections: dict[str, Any] = field(default_factory=dict)  # report sections by name
     latency: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # filled in by compile_model
+    tvm_artifacts: dict[tuple[str, int], Any] = field(default_factory=dict)  # (variant, batch) -> TvmArtifact
 
     def path(self, name: str) -> Path:
         return self.workdir / name
@@ -209,6 +224,24 @@ def stage_verify(ctx: CompileContext) -> None:
         )
 
 
+def stage_pack_sparse(ctx: CompileContext) -> None:
+    """Pack sparse layers as CSR/BSR where that measures faster (`--sparse`); checked on the probes."""
+    from rwdeploy.passes.pack_sparse import pack_sparse
+
+    opts = ctx.options
+    result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target)
+    worst = 0.0
+    for x in ctx.probe_inputs:
+        worst = max(worst, max_errors(ctx.slim(x), result.gm(x))[1])
+    if worst > opts.tolerance:
+        raise VerificationError(f"packed model differs from the slim model: max relative error {worst:.3g} "
+                                f"> tolerance {opts.tolerance:g}; nothing was written",
+                                hint="compile with --sparse off, and please report it")
+    ctx.unpacked, ctx.slim = ctx.slim, result.gm
+    ctx.records["pack_sparse"] = result.record
+    ctx.sections["sparse"] = {**result.record.to_dict(), "max_rel_vs_slim": worst}
+
+
 def stage_export_pt2(ctx: CompileContext) -> None:
     """The slim model as a `torch.export` program, batch dimension dynamic where possible."""
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -262,25 +295,31 @@ def stage_ort_check(ctx: CompileContext) -> None:
 
 
 def stage_measure_ort(ctx: CompileContext) -> None:
+    """Original vs slim in ONNX Runtime; the two alternate call by call, so that a shared
+    machine's changing load cannot decide which one looks faster."""
     opts = ctx.options
-    for variant, name in (("original", ORIGINAL_ONNX), ("slim", SLIM_ONNX)):
-        runner = OrtRunner(ctx.path(name), threads=opts.threads)
-        for batch in ctx.batches:
-            x = ctx.loaded.example_input(batch=batch, seed=opts.seed).numpy()
-            stats = runner.measure(x, warmup=opts.warmup, runs=opts.runs, min_time_s=opts.min_time_s)
+    runners = {variant: OrtRunner(ctx.path(name), threads=opts.threads)
+               for variant, name in (("original", ORIGINAL_ONNX), ("slim", SLIM_ONNX))}
+    for batch in ctx.batches:
+        x = ctx.loaded.example_input(batch=batch, seed=opts.seed).numpy()
+        stats = time_interleaved({v: r.bind(x) for v, r in runners.items()}, warmup=opts.warmup,
+                                 min_runs=opts.runs, max_runs=max(opts.runs, 1000),
+                                 min_time_s=opts.min_time_s)
+        for variant, st in stats.items():
             ctx.latency.append({
                 "runtime": "onnxruntime", "target": opts.target, "variant": variant, "batch": batch,
-                "median_ms": stats.median_ms, "p90_ms": stats.p90_ms, "n": stats.n,
-                "warmup": stats.warmup, "threads": opts.threads, "emulated": False,
-                "provider": "CPUExecutionProvider",
+                "median_ms": st.median_ms, "p90_ms": st.p90_ms, "n": st.n, "warmup": st.warmup,
+                "threads": opts.threads, "emulated": False, "provider": "CPUExecutionProvider",
+                "interleaved": True,
             })
 
 
 def stage_report(ctx: CompileContext) -> None:
     opts, loaded = ctx.options, ctx.loaded
     before = layer_stats(ctx.original, ctx.example_input)
-    after = layer_stats(ctx.slim, ctx.example_input)
-    t_before, t_after = totals(ctx.original, before), totals(ctx.slim, after)
+    slim = ctx.unpacked if ctx.unpacked is not None else ctx.slim  # packed layers hold no weight
+    after = layer_stats(slim, ctx.example_input)
+    t_before, t_after = totals(ctx.original, before), totals(slim, after)
     ctx.sections["model"] = {
         "source": loaded.source,
         "path": str(loaded.path) if loaded.path else None,
@@ -325,16 +364,20 @@ SLIM_STAGES: tuple[Stage, ...] = (
     Stage("analyze", "Analyze channel groups", stage_analyze),
     Stage("remove_zero_channels", "Remove zero channels", stage_remove_zero_channels),
     Stage("verify", "Verify against the original", stage_verify),
+    Stage("pack_sparse", "Pack sparse layers (CSR/BSR where faster)", stage_pack_sparse,
+          lambda options: options.sparse != "off"),
     Stage("export_pt2", "Export slim .pt2", stage_export_pt2),
     Stage("export_onnx", "Export ONNX (original, slim)", stage_export_onnx),
     Stage("ort_check", "Check ONNX Runtime output", stage_ort_check),
+    # does nothing unless the checkpoint was quantized by `rwdeploy prune --quantize`
+    Stage("export_quantized", "Export quantized weights (QDQ ONNX, TVM)", stage_export_quantized),
     Stage("measure_ort", "Measure ONNX Runtime latency", stage_measure_ort, _measuring),
 )
 
 # Per target: the stages it adds after the common ones (TVM build + measure for arm/gpu, ...).
-TARGET_STAGES: dict[str, tuple[Stage, ...]] = {
-    "cpu": (),
-}
+# Every entry of the target registry (runtime/targets.py): TVM build, then measurement where the
+# target runs (in this process for cpu/gpu, on a device for arm: rwdeploy.tvm_stages.DEVICE_STAGES).
+TARGET_STAGES: dict[str, tuple[Stage, ...]] = {name: target_stages(name, Stage) for name in TARGETS}
 
 REPORT_STAGES: tuple[Stage, ...] = (Stage("report", "Write report", stage_report),)
 

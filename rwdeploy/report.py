@@ -212,6 +212,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
                              f"{', ...' if len(g['tensors']) > 4 else ''}): {'; '.join(g['reasons'])}")
             lines.append("")
 
+    quant = doc.get("quantization")
+    if quant:
+        onnx_q, tvm_q, size = quant.get("onnx", {}), quant.get("tvm", {}), quant.get("storage", {})
+        grain = "per channel" if quant.get("per_channel") else "per layer"
+        lines += ["## Quantization", "",
+                  f"{quant.get('bits')}-bit weights, {grain}, power-of-two scales. QDQ ONNX stores them as "
+                  f"{onnx_q.get('storage')} (opset {onnx_q.get('opset')}); ONNX Runtime vs the slim torch model: max rel. "
+                  f"error {onnx_q.get('check', {}).get('max_rel', float('nan')):.3g}.", ""]
+        if tvm_q:
+            lines += [f"TVM build for the host ({tvm_q.get('weights')} weights): library {_fmt_bytes(tvm_q.get('library_bytes'))} "
+                      f"vs {_fmt_bytes(tvm_q.get('float_library_bytes'))} with float weights; max rel. error "
+                      f"{tvm_q.get('check', {}).get('max_rel', float('nan')):.3g}.", ""]
+        if size:
+            lines += [f"Weights counted: float32 {_fmt_bytes(size.get('float32_bytes'))}, dense {quant.get('bits')}-bit "
+                      f"{_fmt_bytes(size.get('dense_quantized_bytes'))}, sparse {quant.get('bits')}-bit "
+                      f"{_fmt_bytes(size.get('sparse_quantized_bytes'))} ({size.get('counting')}).", ""]
+
     files = doc.get("files")
     if files:
         lines += ["## Files", ""]
@@ -222,19 +239,67 @@ def render_markdown(doc: dict[str, Any]) -> str:
     latency = doc.get("latency")
     if latency:
         lines += ["## Latency", ""]
-        lines += _table(["runtime", "target", "variant", "batch", "threads", "median ms", "p90 ms", "n"],
-                        [[r["runtime"], r["target"], r["variant"], r["batch"], r["threads"],
-                          f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", r["n"]] for r in latency])
-        sp = speedups(latency)
-        if sp:
-            lines += _table(["runtime", "batch", "threads", "speed-up (original/slim median)"],
-                            [[r["runtime"], r["batch"], r["threads"], f"{r['speedup']:.2f}×"] for r in sp])
+        lines += _latency_tables(latency)
+
+    targets = doc.get("targets")
+    if targets:
+        lines += ["## Targets", ""]
+        lines += _targets_lines(targets)
 
     env = doc.get("environment")
     if env:
         lines += ["## Environment", ""]
         lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    return f"{row['median_ms']:.3f} ({row['p90_ms']:.3f}, n={row['n']})"
+
+
+def _latency_tables(latency: list[dict[str, Any]]) -> list[str]:
+    """One table per (target, runtime): batch rows, original vs slim median (p90, n)."""
+    groups: dict[tuple[str, str], dict[tuple[int, int], dict[str, dict[str, Any]]]] = {}
+    for r in latency:
+        key = (r["target"], r["runtime"] + (" (emulated)" if r.get("emulated") else ""))
+        groups.setdefault(key, {}).setdefault((r["batch"], r["threads"]), {})[r["variant"]] = r
+    lines: list[str] = []
+    for (target, runtime), by_batch in groups.items():
+        lines += [f"### {runtime} on {target}", ""]
+        variants = sorted({v for row in by_batch.values() for v in row},
+                          key=lambda v: ("original", "slim", "packed").index(v)
+                          if v in ("original", "slim", "packed") else 9)
+        rows = []
+        for (batch, threads), row in sorted(by_batch.items()):
+            o, sl = row.get("original"), row.get("slim")
+            speed = f"{o['median_ms'] / sl['median_ms']:.2f}×" if o and sl and sl["median_ms"] > 0 else "-"
+            rows.append([batch, threads, *[_cell(row.get(v)) for v in variants], speed])
+        lines += _table(["batch", "threads", *[f"{v} median ms (p90, n)" for v in variants],
+                         "speed-up original/slim"], rows)
+    return lines
+
+
+def _targets_lines(targets: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for name, section in targets.items():
+        tgt = section.get("target", {})
+        lines += [f"### {name}", "", f"TVM target `{tgt.get('tvm_target')}`"
+                  + (f", host `{tgt.get('host')}`" if tgt.get("host") else "") + ".", ""]
+        rows = [[b["variant"], b["batch"], f"`{b['path']}`" if b.get("path") else "(not shipped)",
+                 f"{b['build_s']:.1f}", _fmt_bytes(b.get("size_bytes")),
+                 ", ".join(b.get("device_modules") or []) or "host",
+                 f"{b.get('kernels', {}).get('scheduled', 0)}/"
+                 f"{sum(b.get('kernels', {}).values())}"] for b in section.get("builds", [])]
+        if rows:
+            lines += _table(["variant", "batch", "file", "build s", "size", "device code",
+                             "kernels scheduled"], rows)
+        for note in section.get("notes", []):
+            lines.append(f"- {note}")
+        if section.get("notes"):
+            lines.append("")
+    return lines
 
 
 def _removed_line(g: Any) -> str:

@@ -109,3 +109,85 @@ def test_selection_keeps_the_best_mean_of_natural_and_pgd_accuracy():
     assert sel.best_epoch == 1
     sel.restore(model)
     assert torch.equal(model.weight, states[1])
+
+
+@pytest.fixture(scope="module")
+def extended_checkpoint(tmp_path_factory):
+    """One short `rwdeploy prune` run with all three extensions: rw-admm, PGD training, 4-bit QAT.
+
+    The attack settings come from the recipe file, the method and quantization from options."""
+    from rwdeploy.cli import main
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("ext")
+    out = folder / "m.pt"
+    (folder / "r.yaml").write_text(
+        "model: lenet5\ndata: digits\nscheme: irregular\nrate: 0.75\n"
+        "pretrain: {epochs: 0}\nprune: {epochs: 1}\nretrain: {epochs: 1, lr: 0.01}\n"
+        "extra:\n  adversarial: {method: pgd, steps: 2, eval_steps: 5, eval_samples: 64}\n")
+    rc = main(["prune", "--recipe", str(folder / "r.yaml"), "--method", "rw-admm", "--quantize", "4", "--per-channel",
+               "--quantize-epochs", "1", "--out", str(out), "--quiet"])
+    torch.set_num_threads(old)
+    assert rc == 0
+    return out
+
+
+def test_prune_cli_with_pgd_rw_admm_and_4bit_quantization(extended_checkpoint):
+    import json
+
+    from rwdeploy.io import load_model
+    from rwdeploy.quant import QuantSpec
+
+    loaded = load_model(extended_checkpoint)
+    meta = loaded.metadata
+    assert meta["rwdeploy_prune"]["method"] == "rw-admm"
+    assert meta["adversarial"]["training"]["steps"] == 2 and meta["adversarial"]["final"]["strong_steps"] == 5
+    assert meta["robust_selection"]["criterion"] == "(natural_acc + pgd_acc) / 2"
+    spec = QuantSpec.from_dict(meta["quantization"])
+    assert spec.bits == 4 and spec.per_channel
+    params = dict(loaded.module.named_parameters())
+    for name, mask in loaded.masks.items():  # masks held through quantization-aware retraining
+        assert int(torch.count_nonzero(params[name][~mask])) == 0
+    for name, scales in spec.layers.items():  # weights are integers times power-of-two scales
+        w = params[name].detach()
+        s = torch.tensor(scales).view(-1, *([1] * (w.dim() - 1)))
+        q = w / s
+        assert torch.equal(q, torch.round(q)) and float(q.abs().max()) <= 8
+    log_path = extended_checkpoint.parent / "m.pt.log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["prune", "hard_prune", "retrain", "quantize", "final"]
+    assert 0 <= log[2]["pgd_acc"] <= log[2]["natural_acc"] + 0.05 and log[2]["selected"]
+
+
+def test_bad_extension_settings_are_one_line_errors(tmp_path, capsys):
+    from rwdeploy.cli import main
+
+    (tmp_path / "r.yaml").write_text("model: lenet5\nextra:\n  quantize: {bits: 8, per_chanel: true}\n")
+    assert main(["prune", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "extra.quantize: unknown setting 'per_chanel'" in capsys.readouterr().err
+    assert main(["prune", "--model", "lenet5", "--pgd-eps", "0.1", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "need --adversarial pgd" in capsys.readouterr().err
+    assert main(["prune", "--model", "lenet5", "--adversarial", "pgd", "--pgd-eps", "3", "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "eps=3" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_compile_exports_the_quantized_checkpoint_as_qdq_onnx(extended_checkpoint, tmp_path):
+    import json
+
+    import onnx
+
+    pytest.importorskip("rwdeploy.passes.remove_zero_channels")  # the channel passes (compile pipeline)
+    from rwdeploy.cli import main
+
+    rc = main(["compile", str(extended_checkpoint), "--out", str(tmp_path / "c"), "--no-measure"])
+    assert rc == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    q = report["quantization"]
+    assert q["bits"] == 4 and q["onnx"]["storage"] == "int4" and q["onnx"]["check"]["max_rel"] <= 1e-4
+    assert q["tvm"]["weights"] == "int8" and q["tvm"]["check"]["max_rel"] <= 1e-4
+    qdq = tmp_path / "c" / "slim.qdq.onnx"
+    assert qdq.stat().st_size < 0.3 * (tmp_path / "c" / "slim.onnx").stat().st_size
+    assert sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(qdq)).graph.node) == 4

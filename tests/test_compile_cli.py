@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -68,7 +67,8 @@ def compiled(lenet_file, tmp_path_factory):
 def test_cli_writes_the_folder(compiled):
     proc, out, _ = compiled
     assert proc.returncode == 0, proc.stderr
-    assert _leftovers(out) == ["original.onnx", "report.json", "report.md", "slim.onnx", "slim.pt2"]
+    assert _leftovers(out) == ["model.cpu.so", "original.cpu.so", "original.onnx", "report.json",
+                               "report.md", "slim.onnx", "slim.pt2"]
     assert _leftovers(out.parent) == ["out"]  # no temporary folder left beside it
     assert "max rel. error" in proc.stdout and "params" in proc.stdout  # the summary
 

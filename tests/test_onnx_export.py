@@ -104,3 +104,14 @@ def test_measure_records_runs_and_threads(tmp_path):
     assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms
     assert runner.threads == 1
     assert runner.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_interleaved_timing_alternates_calls():
+    from rwdeploy.runtime.latency import time_interleaved
+
+    calls: list[str] = []
+    stats = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             warmup=2, min_runs=5, max_runs=9, min_time_s=0)
+    assert calls == ["a", "b"] * 7  # 2 warm-up rounds, then 5 timed ones, strictly alternating
+    assert stats["a"].n == stats["b"].n == 5 and stats["a"].warmup == 2
+

@@ -88,3 +88,33 @@ def test_bad_settings_are_option_errors():
         ReweightedADMM({"w": torch.ones(2, 2)}, [_Rows("w", 2)], lam=-1)
     with pytest.raises(OptionError, match="no parameter named v"):
         ReweightedADMM({"w": torch.ones(2, 2)}, [_Rows("v", 2)], lam=1)
+
+
+def test_z_step_on_the_frameworks_filter_groups_matches_the_formula():
+    from rwdeploy.train.groups import tensor_groups
+    from rwdeploy.train.schemes import SchemeSpec
+
+    torch.manual_seed(1)
+    w = torch.randn(6, 3, 3, 3) * torch.tensor([1.0, 0.01, 1.0, 0.02, 1.0, 1.0]).view(6, 1, 1, 1)
+    gs = tensor_groups(SchemeSpec("filter"), "conv.weight", tuple(w.shape), 0.5)
+    admm = ReweightedADMM({"conv.weight": w}, [gs], lam=1e-3, rho=1e-2, rho_growth=1.0, rho_max=1e-2, eps=1e-3)
+    z = admm.z_step({"conv.weight": w})["conv.weight"]
+    norms = w.flatten(1).norm(dim=1)
+    factor = torch.clamp(1 - (1e-3 / 1e-2) / (norms + 1e-3) / norms, min=0)
+    torch.testing.assert_close(z, w * factor.view(6, 1, 1, 1))
+    assert (z.flatten(1).norm(dim=1) == 0).tolist() == [False, True, False, True, False, False]
+
+
+def test_rw_admm_method_prunes_to_the_rate_in_a_short_run(tmp_path):
+    from rwdeploy.train import Recipe, run_pruning
+
+    torch.set_num_threads(1)
+    r = Recipe(model="lenet5", data="digits", method="rw-admm", scheme="irregular", rate=0.8, device="cpu")
+    r.penalty.lam = 1e-4
+    r.pretrain.epochs, r.prune.epochs, r.retrain.epochs = 1, 2, 1
+    res = run_pruning(r, tmp_path / "m.pt")
+    for m in res.masks.values():
+        assert int((~m).sum()) == round(0.8 * m.numel())
+    log = [rec for rec in res.log if rec["phase"] == "prune"]
+    assert log[-1]["admm_updates"] == 1 and log[-1]["z_zero_fraction"] > 0  # the Z-step zeroed weights
+    assert res.final_acc > 0.8

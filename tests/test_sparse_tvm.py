@@ -48,13 +48,22 @@ def _packed(net):
     return p.eval()
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_relax_import_uses_tir_kernels_and_matches_dense(batch):
+@pytest.mark.parametrize("batch,decompose", [(1, False), (3, True)])
+def test_relax_import_uses_tir_kernels_and_matches_dense(batch, decompose):
+    """decompose=True: the path of runtime.tvm_build (ATen decomposition on, sparse converters
+    only); the custom ops are not decomposed and still reach their converters."""
     net = Net().eval()
     packed = _packed(net)
     x = torch.randn(batch, 4, 10, 10)
     ref = net(x).detach().numpy()
-    mod = tvm_sparse.import_exported_program(torch.export.export(packed, (x,)))
+    ep = torch.export.export(packed, (x,))
+    if decompose:
+        from tvm.relax.frontend.torch import from_exported_program
+
+        mod = from_exported_program(ep, unwrap_unit_return_tuple=True,
+                                    custom_convert_map=tvm_sparse.convert_map(dense_kernels=False))
+    else:
+        mod = tvm_sparse.import_exported_program(ep)
     script = mod.script()
     assert script.count("R.call_tir") >= 7          # every non-empty packed layer
     assert "rw_conv2d_sparse" in script and "rw_linear_sparse" in script
@@ -71,6 +80,22 @@ def test_time_candidates_runs_dense_and_sparse_kernels():
         ("lin", lin, [1, 64], {"csr": pack(lin.weight)}),
         ("conv", conv, [1, 8, 6, 6], {"bsr4x1": pack(conv.weight.reshape(8, -1), (4, 1))}),
     ])
-    assert set(out["lin"]) == {"dense:tvm", "dense:torch", "csr"}
-    assert set(out["conv"]) == {"dense:tvm", "dense:torch", "bsr4x1"}
+    assert set(out["lin"]) == {"dense", "ref:dense_torch", "csr"}
+    assert set(out["conv"]) == {"dense", "ref:dense_torch", "bsr4x1"}
     assert all(v["median_ms"] > 0 for layer in out.values() for v in layer.values())
+
+
+def test_dense_layers_use_scheduled_kernels():
+    net = Net().eval()
+    packed = _packed(net)
+    packed.f2 = net.f2                      # dense layers stay nn.Linear / nn.Conv2d
+    packed.c1 = net.c1
+    x = torch.randn(2, 4, 10, 10)
+    ref = net(x).detach().numpy()
+    mod = tvm_sparse.import_exported_program(torch.export.export(packed, (x,)))
+    script = mod.script()
+    assert "rw_conv2d_dense" in script and "rw_linear_dense" in script
+    assert "R.nn.conv2d" not in script and "R.matmul" not in script
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -74,6 +74,16 @@ def _summary(report: dict[str, Any], out: Path) -> Table:
         table.add_row(f"{row['runtime']} b={row['batch']} t={row['threads']} ms",
                       f"{row['original_ms']:.3f}", f"{row['slim_ms']:.3f}",
                       f"{row['speedup']:.2f}× faster")
+    sparse = report.get("sparse")
+    if sparse:
+        packed = [l for l in sparse["layers"] if l["chosen"] != "dense"]
+        kinds = ", ".join(sorted({l["chosen"] for l in packed})) or "none faster"
+        dense_b = sum(l["dense_bytes"] for l in sparse["layers"])
+        table.add_row(f"packed layers ({kinds})", "", f"{len(packed)}/{len(sparse['layers'])}",
+                      f"--sparse {sparse['mode']}")
+        if dense_b:
+            table.add_row("weight bytes (packed)", f"{dense_b:,}", f"{dense_b - sparse['bytes_saved']:,}",
+                          f"{(dense_b - sparse['bytes_saved']) / dense_b:.1%}")
     ver = report.get("verification", {})
     if ver:
         table.add_row("max rel. error", "", f"{ver['max_rel']:.2e}", f"tol {ver['tolerance_rel']:g}")
@@ -89,20 +99,31 @@ def _summary(report: dict[str, Any], out: Path) -> Table:
 @click.option("--tolerance", default=1e-4, show_default=True, type=float,
               help="Max relative error of the slim model vs the original (and ONNX Runtime vs torch).")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Batch sizes to measure, e.g. 1,8.")
-@click.option("--threads", default=1, show_default=True, type=int, help="ONNX Runtime intra-op threads (fixed).")
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="ONNX Runtime intra-op threads and TVM threads (fixed).")
 @click.option("--runs", default=50, show_default=True, type=int,
               help="Timed runs at least per measurement (more while --min-time has not passed).")
 @click.option("--warmup", default=10, show_default=True, type=int, help="Untimed runs before timing.")
 @click.option("--min-time", "min_time", default=0.5, show_default=True, type=float,
               help="Seconds of timed runs at least per measurement.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement.")
+@click.option("--gpu-arch", "gpu_arch", default=None, metavar="sm_XY",
+              help="CUDA architecture for --target gpu (default: the visible GPU's, else sm_90).")
+@click.option("--tune", default=0, show_default=True, type=int, metavar="TRIALS",
+              help="MetaSchedule trials for the TVM cpu/arm build (needs --tuning-db).")
+@click.option("--tuning-db", "tuning_db", default=None, type=click.Path(path_type=Path),
+              help="Folder of MetaSchedule records, reused across runs (applied when present).")
+@click.option("--sparse", default="auto", show_default=True, type=click.Choice(["auto", "off", "csr", "bsr"]),
+              help="Store sparse Conv/Linear layers as CSR/BSR: auto = per layer where measured faster.")
 def command(model: str, arch: str | None, input_shape: str | None, trust_pickle: bool, target: str,
             out: Path | None, tolerance: float, batch: str, threads: int, runs: int, warmup: int,
-            min_time: float, no_measure: bool) -> None:
-    """Remove zero channels from MODEL, verify, export .pt2 + ONNX, measure, and report."""
+            min_time: float, no_measure: bool, gpu_arch: str | None, tune: int,
+            tuning_db: Path | None, sparse: str) -> None:
+    """Remove zero channels from MODEL, verify, export .pt2 + ONNX + TVM module, measure, report."""
     options = CompileOptions(out=out or default_out(model), target=target, tolerance=tolerance,
                              batches=parse_batches(batch), threads=threads, runs=runs, warmup=warmup,
-                             min_time_s=min_time, measure=not no_measure)
+                             min_time_s=min_time, measure=not no_measure, gpu_arch=gpu_arch,
+                             tune=tune, tuning_db=tuning_db, sparse=sparse)
     options.validate()  # bad options fail before the (slow) model load
     loaded = load_from_cli(model, arch, input_shape, trust_pickle)
     err_console = make_console(stderr=True)
@@ -111,5 +132,8 @@ def command(model: str, arch: str | None, input_shape: str | None, trust_pickle:
         result = compile_model(loaded, options, progress=_StageProgress(progress))
     console = make_console()
     console.print(_summary(result.report, result.out))
+    for name, section in result.report.get("targets", {}).items():
+        for note in section.get("notes", []):
+            console.print(f"{name}: {note}")
     console.print(f"Wrote {', '.join(sorted(p.name for p in result.out.iterdir()))}; "
                   f"details in {result.out / REPORT_MD}")

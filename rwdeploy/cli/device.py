@@ -26,7 +26,8 @@ def _print_status(st: arm_emulator.EmulatorStatus, as_json: bool) -> None:
     if st.missing_host_tools:
         click.echo(f"missing:     {', '.join(st.missing_host_tools)}")
     if st.running:
-        click.echo(f"running:     yes, pid {st.pid}, rpc {st.address}, threads {st.threads}")
+        via = f", via tracker {st.tracker} key {st.key}" if st.tracker else ""
+        click.echo(f"running:     yes, pid {st.pid}, rpc {st.address}{via}, threads {st.threads}")
     else:
         click.echo("running:     no")
     click.echo(f"log:         {st.log}")
@@ -58,12 +59,14 @@ def provision_cmd(home_dir: str | None) -> None:
 @_home_option
 @click.option("--port", type=int, default=None, help="RPC port on 127.0.0.1 (default: first free from 9190).")
 @click.option("--threads", type=int, default=1, show_default=True, help="TVM threads on the emulated device.")
-@click.option("--tracker", default=None, metavar="HOST:PORT", help="Also register with this TVM RPC tracker.")
+@click.option("--tracker", default=None, metavar="HOST:PORT",
+              help="Register with this TVM RPC tracker (then it takes only sessions brokered by the tracker).")
 @click.option("--key", default="arm-emulator", show_default=True, help="Device key announced to --tracker.")
 def start_cmd(home_dir: str | None, port: int | None, threads: int, tracker: str | None, key: str) -> None:
     """Provision if needed and start the RPC server under qemu-aarch64."""
     st = arm_emulator.start(home_dir, port=port, threads=threads, tracker=tracker, key=key, progress=_progress)
-    click.echo(f"arm emulator running: rpc {st.address} (pid {st.pid})")
+    via = f" via tracker {st.tracker} key {st.key}" if st.tracker else ""
+    click.echo(f"arm emulator running: rpc {st.address}{via} (pid {st.pid})")
 
 
 @arm_emulator_group.command("stop")

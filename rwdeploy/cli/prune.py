@@ -27,6 +27,27 @@ def _set(recipe: Any, dotted: str, value: Any) -> None:
     setattr(obj, last, value)
 
 
+def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, steps: int | None,
+                    bits: str | None, per_channel: bool | None, epochs: int | None) -> None:
+    """Command-line adversarial/quantize options into the recipe's `extra` (over the recipe file)."""
+    from rwdeploy.train.extensions import parse_extensions
+
+    extra = dict(recipe.extra or {})
+    adv = {k: v for k, v in {"method": adversarial, "eps": eps, "steps": steps}.items() if v is not None}
+    if adv:
+        if "adversarial" not in extra and adversarial is None:
+            raise OptionError("--pgd-eps/--pgd-steps need --adversarial pgd")
+        extra["adversarial"] = {**(extra.get("adversarial") or {}), **adv}
+    quant = {k: v for k, v in {"bits": int(bits) if bits else None, "per_channel": per_channel,
+                                "epochs": epochs}.items() if v is not None}
+    if quant:
+        if "quantize" not in extra and bits is None:
+            raise OptionError("--per-channel/--quantize-epochs need --quantize 8|4")
+        extra["quantize"] = {**(extra.get("quantize") or {}), **quant}
+    recipe.extra = extra
+    parse_extensions(extra)  # one clear error now, before any training
+
+
 @click.command("prune")
 @click.option("--model", help="Zoo name (e.g. lenet5, resnet20) or an rwdeploy checkpoint to start from.")
 @click.option("--data", help="digits | synthetic | mnist:DIR | cifar10:DIR | cifar100:DIR | folder:DIR | npz:FILE")
@@ -34,7 +55,8 @@ def _set(recipe: Any, dotted: str, value: Any) -> None:
                                "per-scheme rates with ':' (e.g. filter:0.5+irregular:0.9).")
 @click.option("--rate", type=float, help="Fraction of each scheme's groups to prune (0.9 = keep 10%).")
 @click.option("--lambda", "lam", type=float, help="Penalty strength lambda (the reweighted method's one knob).")
-@click.option("--method", type=click.Choice(["reweighted", "magnitude", "admm"]), help="Pruning method (default reweighted).")
+@click.option("--method", type=click.Choice(["reweighted", "magnitude", "admm", "rw-admm"]),
+              help="Pruning method (default reweighted; rw-admm: reweighted ADMM).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt) for `rwdeploy compile`.")
 @click.option("--eps", type=float, help="epsilon in alpha_g = 1/(||W_g|| + eps) (default 1e-3).")
@@ -56,9 +78,17 @@ def _set(recipe: Any, dotted: str, value: Any) -> None:
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), help="Per-epoch JSON lines (default OUT.log.jsonl).")
 @click.option("--debug-masks", is_flag=True, default=None, help="Check after every retraining step that pruned weights stay exactly zero.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--adversarial", type=click.Choice(["pgd"]), help="Adversarial training in every phase (PGD-Linf on [0, 1] pixels).")
+@click.option("--pgd-eps", type=float, help="PGD budget in pixels (default 8/255).")
+@click.option("--pgd-steps", type=int, help="PGD steps in training (default 10; evaluation adds a 50-step attack).")
+@click.option("--quantize", type=click.Choice(["8", "4"]), help="Quantize weights to 8 or 4 bits after pruning (QAT with masks).")
+@click.option("--per-channel", is_flag=True, default=None, help="Quantization scale per output channel instead of per layer.")
+@click.option("--quantize-epochs", type=int, help="Quantization-aware retraining epochs (default 2).")
 @click.pass_context
 def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str, ...], include: tuple[str, ...],
-            threads: int | None, resume: bool, log_path: str | None, quiet: bool, **options: Any) -> None:
+            threads: int | None, resume: bool, log_path: str | None, quiet: bool, adversarial: str | None,
+            pgd_eps: float | None, pgd_steps: int | None, quantize: str | None, per_channel: bool | None,
+            quantize_epochs: int | None, **options: Any) -> None:
     """Prune a network by reweighted group penalties, hard pruning and masked retraining."""
     import torch
 
@@ -82,6 +112,8 @@ def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str
         base.include = list(include)
     if threads:
         torch.set_num_threads(threads)
+    _set_extensions(base, adversarial=adversarial, eps=pgd_eps, steps=pgd_steps, bits=quantize,
+                    per_channel=per_channel, epochs=quantize_epochs)
     recipe_obj = base.validate()
 
     dist = init_distributed(recipe_obj.device)

@@ -2,7 +2,7 @@
 
 Three figures per model: dense float32; dense b-bit; and sparse b-bit, where only the nonzero
 weights are stored at b bits plus a 1-bit-per-weight occupancy bitmap, and the scales at 32 bits
-each. Parameters that are not quantized (biases, BN) count as float32 in all three.
+each (`best_bytes` is the smaller of the two b-bit layouts). Parameters that are not quantized (biases, BN) count as float32 in all three.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def model_size(model: nn.Module, spec: QuantSpec | None = None) -> dict[str, Any
         "sparse_quantized_bytes": to_bytes(sparse_q_bits),
         "quantized_weights": weights_total,
         "quantized_weights_nonzero": weights_nonzero,
-        "compression_vs_float32": round(float_bits / max(sparse_q_bits, 1), 2),
+        # the smaller of the two layouts is what a deployment would store
+        "best_bytes": to_bytes(min(dense_q_bits, sparse_q_bits)),
+        "compression_vs_float32": round(float_bits / max(min(dense_q_bits, sparse_q_bits), 1), 2),
         "counting": "sparse = nonzero values at b bits + 1-bit occupancy bitmap + 32-bit scales; others float32",
     }

@@ -6,6 +6,9 @@
     regularizer.py  the reweighted penalty and its alphas
     methods.py      PruneMethod interface, registry; reweighted and magnitude
     admm.py         ADMM baseline (ECCV 2018)
+    rw_admm.py      reweighted ADMM (reweighted proximal Z-step)
+    adversarial.py  PGD adversarial training and robustness evaluation
+    extensions.py   recipe `extra`: adversarial training, quantization-aware retraining
     masking.py      masked retraining
     trainer.py      the epoch loop with its hooks (perturb / loss / on_epoch_end)
     recipe.py       the run as dataclasses (YAML)
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 from rwdeploy.train import admm as _admm  # noqa: F401  (registers the admm method)
+from rwdeploy.train import rw_admm as _rw_admm  # noqa: F401  (registers the rw-admm method)
 from rwdeploy.train.groups import GroupSet, IndexGroups, PatternGroups, coupled_groups, tensor_groups
 from rwdeploy.train.masking import Masker, MaskLeakError
 from rwdeploy.train.methods import METHODS, PruneMethod, create_method, register_method

@@ -21,6 +21,7 @@ from rwdeploy.data import BatchLoader, DataSplits, load_dataset
 from rwdeploy.errors import ModelFileError, OptionError
 from rwdeploy.io import Checkpoint, atomic_file, save_checkpoint
 from rwdeploy.train.dist import DistContext, init_distributed
+from rwdeploy.train.extensions import attach as attach_extensions
 from rwdeploy.train.groups import Masks
 from rwdeploy.train.masking import Masker
 from rwdeploy.train.methods import PruneMethod, create_method
@@ -106,6 +107,7 @@ class PruneRun:
         self.echo = echo or (lambda s: None)
         self.dist = dist or init_distributed(recipe.device)
         self._data = data
+        self.extensions = attach_extensions(self)  # recipe `extra`: adversarial training, quantization
 
     # ------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -146,6 +148,8 @@ class PruneRun:
         self.masks: Masks = {}
         self.log: list[dict[str, Any]] = []
         self.dense_acc: float | None = None
+        if self.extensions is not None:
+            self.extensions.after_setup(self)
 
     # ------------------------------------------------------------ state
     def _save_state(self, phase: int, next_epoch: int, optimizer: torch.optim.Optimizer) -> None:
@@ -254,6 +258,7 @@ class PruneRun:
             self._run_phase(index, name, cfg, start_epoch if first else 0, state if first else None)
         if not self.masks:  # no retrain phase
             self._hard_prune()
+        extension_meta = self.extensions.after_retrain(self) if self.extensions is not None else {}
         Masker(self.model, self.masks).apply_()
         _, final_acc = evaluate(self.ddp_model, self.test_loader, self.dist)
         params = {n: p.detach() for n, p in self.model.named_parameters()}
@@ -268,6 +273,7 @@ class PruneRun:
                 "train_time_s": time.perf_counter() - t0, "world_size": self.dist.world_size,
             }
         }
+        meta.update(extension_meta)
         self._write_log({"phase": "final", "test_acc": final_acc, "dense_test_acc": self.dense_acc, "sparsity": sp})
         wrote = False
         if self.dist.is_main:

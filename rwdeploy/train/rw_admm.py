@@ -137,3 +137,68 @@ class ReweightedADMM:
         self.Z = {n: z.clone() for n, z in state["Z"].items()}
         self.U = {n: u.clone() for n, u in state["U"].items()}
         self.rho, self.iterations = float(state["rho"]), int(state["iterations"])
+
+
+# ---------------------------------------------------------------------------- the prune method
+from rwdeploy.train.methods import PruneMethod, register_method  # noqa: E402  (after the math above)
+
+
+@register_method("rw-admm")
+class ReweightedAdmmPruning(PruneMethod):
+    """`--method rw-admm`: the prune phase runs reweighted ADMM; hard pruning and masked
+    retraining follow as for every method.
+
+    Settings: lambda and eps from the recipe's `penalty`, rho / rho_factor / rho_max /
+    update_every from its `admm` section (Z/U updates every `update_every` epochs).
+    """
+
+    def __init__(self, group_sets, recipe, dist) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(group_sets, recipe, dist)
+        self.admm: ReweightedADMM | None = None
+        self._pending: dict[str, Any] | None = None
+        self.last: dict[str, float] = {}
+
+    def _start(self, model: torch.nn.Module) -> ReweightedADMM:
+        cfg, pen = self.recipe.admm, self.recipe.penalty
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        admm = ReweightedADMM(params, self.group_sets, lam=float(pen.lam), rho=float(cfg.rho),
+                              rho_growth=float(cfg.rho_factor), rho_max=float(cfg.rho_max), eps=float(pen.eps))
+        if self._pending is not None:
+            admm.load_state_dict({k: v for k, v in self._pending.items()})
+            device = next(model.parameters()).device
+            admm.Z = {n: z.to(device) for n, z in admm.Z.items()}
+            admm.U = {n: u.to(device) for n, u in admm.U.items()}
+            self._pending = None
+        return admm
+
+    @torch.no_grad()
+    def before_step(self, model: torch.nn.Module, step: int) -> None:
+        if self.admm is None:
+            self.admm = self._start(model)
+            if self.admm.iterations == 0:
+                return
+        every = max(int(self.recipe.admm.update_every), 1) * self.steps_per_epoch
+        if step == 0 or step % every:
+            return
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        self.last = self.admm.update(params)
+        self.dist.broadcast_(list(self.admm.Z.values()) + list(self.admm.U.values()))
+
+    def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        return self.admm.penalty(params) if self.admm is not None else None
+
+    def log_fields(self) -> dict[str, Any]:
+        if self.admm is None:
+            return {}
+        return {"rho": self.admm.rho, "admm_updates": self.admm.iterations, **self.last}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.admm is None:
+            return {}
+        state = self.admm.state_dict()
+        return {"Z": {n: z.cpu() for n, z in state["Z"].items()}, "U": {n: u.cpu() for n, u in state["U"].items()},
+                "rho": state["rho"], "iterations": state["iterations"]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = dict(state) if state else None
+        self.admm = None

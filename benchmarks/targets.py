@@ -1,0 +1,228 @@
+"""Zoo models, original vs 50% filter-pruned slim, per target.
+
+    python benchmarks/targets.py                       # lenet5, resnet20, vgg16_bn; batch 1
+    python benchmarks/targets.py --models resnet20 --batches 1,8 --threads 1
+
+cpu: ONNX Runtime (CPU provider) and TVM (`model.cpu.so`, scheduled kernels) latency,
+median/p90/n, same thread count, timed in alternating rounds (same load), outputs
+checked against torch; TVM/ORT ratio.
+arm and gpu: build time and artifact size of `model.arm.so` / `model.gpu.so` (no device
+here; the gpu row says the latency step was skipped without a GPU, or measures when one is
+present). Results: benchmarks/results/targets.json and targets.md, with os.getloadavg() -
+numbers from a shared, loaded machine are noisy.
+
+"slim" here is the zoo architecture with half the filters in every prunable layer: the
+shape a 50% filter-pruned model has after `remove_zero_channels` (which is how `compile`
+produces it). Random weights: latency does not depend on the values.
+
+Extension point for the arm device: append a function to `ARM_HOOKS`; it is called with
+(model name, variant, path of model.arm.so, torch module, example input) and returns fields
+merged into that arm row (e.g. emulated latency, instructions per inference).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+ArmHook = Callable[[str, str, Path, nn.Module, torch.Tensor], dict[str, Any]]
+ARM_HOOKS: list[ArmHook] = []  # see the module docstring
+
+
+def slim_model(name: str) -> nn.Module:
+    """The zoo network with half the filters of every prunable layer."""
+    import rwdeploy.models as zoo
+    from rwdeploy.models.cifar import _VGG16, VGG, CifarResNet
+    from rwdeploy.models.lenet import LeNet5
+
+    if name.startswith("resnet") and zoo.input_shape(name)[-1] == 32:
+        return CifarResNet(int(name[len("resnet"):]), width=8).eval()
+    if name == "vgg16_bn":
+        return VGG(tuple(v if v == "M" else v // 2 for v in _VGG16)).eval()
+    if name == "lenet5":
+        m = LeNet5()
+        m.conv1, m.conv2 = nn.Conv2d(1, 10, 5), nn.Conv2d(10, 25, 5)
+        m.fc1, m.fc2 = nn.Linear(25 * 4 * 4, 250), nn.Linear(250, 10)
+        return m.eval()
+    raise SystemExit(f"no slim variant defined for {name!r} in this benchmark")
+
+
+def _row_latency(stats: Any) -> dict[str, Any]:
+    return {"median_ms": round(stats.median_ms, 4), "p90_ms": round(stats.p90_ms, 4), "n": stats.n}
+
+
+def interleaved(runs: list[Callable[[], Any]], rounds: int, warmup: int = 5,
+                min_runs: int = 10, min_time_s: float = 0.3) -> list[Any]:
+    """Time each callable in alternating rounds; one LatencyStats each from all its samples.
+
+    On a shared machine the load changes from second to second: alternating the runtimes
+    exposes them to the same load, so their ratio is meaningful even when absolute times drift.
+    """
+    from rwdeploy.runtime.latency import LatencyStats
+
+    samples: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, out in zip(runs, samples):
+            for _ in range(warmup):
+                run()
+            start = time.perf_counter()
+            n = 0
+            while n < min_runs or time.perf_counter() - start < min_time_s:
+                t0 = time.perf_counter()
+                run()
+                out.append(time.perf_counter() - t0)
+                n += 1
+                if n >= 2000:
+                    break
+    return [LatencyStats.from_samples(s, warmup) for s in samples]
+
+
+def bench_model(name: str, batches: list[int], threads: int, work: Path,
+                targets: list[str], rounds: int = 5) -> list[dict[str, Any]]:
+    import tvm
+
+    import rwdeploy.models as zoo
+    from rwdeploy.runtime import tvm_build
+    from rwdeploy.runtime.onnx_export import export_onnx
+    from rwdeploy.runtime.ort_runner import OrtRunner
+
+    rows: list[dict[str, Any]] = []
+    torch.manual_seed(0)
+    variants = {"original": zoo.create(name), "slim": slim_model(name)}
+    for variant, module in variants.items():
+        params = sum(p.numel() for p in module.parameters())
+        for batch in batches:
+            shape = (batch, *zoo.input_shape(name)[1:])
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                ref = module(x).numpy()
+            base = {"model": name, "variant": variant, "batch": batch, "params": params}
+            if "cpu" in targets:
+                onnx_path = work / f"{name}.{variant}.b{batch}.onnx"
+                export_onnx(module, x, onnx_path)
+                ort = OrtRunner(onnx_path, threads=threads)
+                ort_err = float(np.abs(ort.run(x.numpy()) - ref).max())
+                art = tvm_build.build(module, x, "cpu", out_dir=work / f"{name}.{variant}.b{batch}",
+                                      threads=threads)
+                tvm_err = float(np.abs(tvm_build.run_local(art, x) - ref).max())
+                tvm_main = tvm_build.load_local(art)
+                tvm_x = tvm.runtime.tensor(x.numpy())
+                feed = x.numpy()
+                ort_stats, tvm_stats = interleaved([lambda: ort.run(feed), lambda: tvm_main(tvm_x)],
+                                                   rounds)
+                rows.append({**base, "target": "cpu", "threads": threads,
+                             "ort": _row_latency(ort_stats), "ort_max_err": ort_err,
+                             "tvm": _row_latency(tvm_stats), "tvm_max_err": tvm_err,
+                             "tvm_over_ort": round(tvm_stats.median_ms / ort_stats.median_ms, 3),
+                             "build_s": round(art.build_s, 2), "size_bytes": art.size_bytes,
+                             "kernels": art.to_dict()["kernels"]})
+                print(f"{name:10s} {variant:8s} b{batch} cpu  ORT {ort_stats.median_ms:8.3f} ms  "
+                      f"TVM {tvm_stats.median_ms:8.3f} ms  ratio "
+                      f"{tvm_stats.median_ms / ort_stats.median_ms:5.2f}", flush=True)
+            if batch != batches[0]:
+                continue  # arm/gpu rows: build figures, once per variant
+            for target in (t for t in targets if t != "cpu"):
+                art = tvm_build.build(module, x, target,
+                                      out_dir=work / f"{name}.{variant}.{target}")
+                row = {**base, "target": target, "build_s": round(art.build_s, 2),
+                       "export_s": round(art.export_s, 2), "size_bytes": art.size_bytes,
+                       "device_modules": art.device_modules, "notes": list(art.target.notes)}
+                if target == "gpu":
+                    if art.target.check("run"):
+                        stats, err = tvm_build.measure_local(art, x, ref)
+                        row.update(tvm=_row_latency(stats), tvm_max_err=err)
+                    else:
+                        row["latency"] = "skipped: no CUDA GPU on this machine"
+                if art.target.family == "arm":
+                    for hook in ARM_HOOKS:
+                        row.update(hook(name, variant, art.path, module, x))
+                rows.append(row)
+                print(f"{name:10s} {variant:8s} b{batch} {target:4s} build {art.build_s:6.1f} s  "
+                      f"{art.size_bytes / 1e6:6.2f} MB", flush=True)
+    return rows
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    env = doc["environment"]
+    lines = [
+        "# Targets benchmark",
+        "",
+        f"Machine: {env['cpu']} ({env['logical_cores']} cores), load average before/after "
+        f"{doc['loadavg_before']} / {doc['loadavg_after']} (shared machine: noisy).",
+        f"TVM target `{doc['cpu_target']}`, {doc['threads']} thread(s) for TVM and ORT. "
+        "slim = half the filters per prunable layer (the shape of a 50% filter-pruned model). "
+        f"ORT and TVM timed in {doc['rounds']} alternating rounds (same load).",
+        "",
+        "## cpu latency (median ms, p90 in brackets)",
+        "",
+        "| model | variant | batch | ONNX Runtime | TVM | TVM / ORT | within 1.5x |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        if r["target"] != "cpu":
+            continue
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['batch']} | {r['ort']['median_ms']:.3f} "
+            f"({r['ort']['p90_ms']:.3f}) | {r['tvm']['median_ms']:.3f} ({r['tvm']['p90_ms']:.3f}) "
+            f"| {r['tvm_over_ort']:.2f} | {'yes' if r['tvm_over_ort'] <= 1.5 else 'no'} |")
+    lines += ["", "## builds (arm, gpu)", "", "| model | variant | target | build s | size MB | notes |",
+              "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if r["target"] == "cpu":
+            continue
+        note = "; ".join(r.get("notes", []) + ([r["latency"]] if "latency" in r else []))
+        lines.append(f"| {r['model']} | {r['variant']} | {r['target']} | {r['build_s']:.1f} | "
+                     f"{r['size_bytes'] / 1e6:.2f} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="lenet5,resnet20,vgg16_bn")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--targets", default="cpu,arm,gpu")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="alternating ORT/TVM timing rounds per model (samples pooled)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    from rwdeploy.runtime.environment import environment
+    from rwdeploy.runtime.targets import get_target
+    from rwdeploy.runtime.tvm_build import set_threads
+
+    set_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    t0 = time.time()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            rows += bench_model(name, [int(b) for b in args.batches.split(",")], args.threads,
+                                Path(tmp), args.targets.split(","), args.rounds)
+    doc = {"benchmark": "targets", "rows": rows, "threads": args.threads, "rounds": args.rounds,
+           "cpu_target": get_target("cpu", threads=args.threads).tvm_target,
+           "loadavg_before": load_before, "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+           "seconds": round(time.time() - t0, 1), "environment": environment(),
+           "command": "python benchmarks/targets.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "targets.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "targets.md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

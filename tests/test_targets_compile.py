@@ -1,0 +1,87 @@
+"""The compile pipeline's TVM stages (rwdeploy/tvm_stages.py) and their report sections.
+
+Runs the stages of TARGET_STAGES on a hand-made CompileContext (original and a smaller slim
+model), so they are tested whether or not the channel passes are installed; the full
+`rwdeploy compile` path is covered by test_compile_cli.py.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rwdeploy.compile import TARGET_STAGES, CompileContext, CompileOptions
+from rwdeploy.errors import OptionError
+from rwdeploy.report import make_report, render_markdown
+from rwdeploy.runtime import targets as reg
+from targets_support import tiny_input, tiny_model
+
+
+def _context(tmp_path, target: str, batches=(1, 2), **opts) -> CompileContext:
+    original, slim = tiny_model(seed=0, width=8), tiny_model(seed=1, width=4)
+    loaded = SimpleNamespace(example_input=lambda batch=None, seed=0: tiny_input(batch or 1, seed))
+    options = CompileOptions(out=tmp_path / "out", target=target, batches=batches, threads=1,
+                             runs=3, warmup=1, min_time_s=0.0, **opts)
+    options.validate()
+    return CompileContext(loaded=loaded, options=options, workdir=tmp_path, example_input=tiny_input(),
+                          probe_inputs=[], batches=batches, original=original, slim=slim)
+
+
+def _run(ctx: CompileContext) -> None:
+    for stage in TARGET_STAGES[ctx.options.target]:
+        if stage.when(ctx.options):
+            with torch.no_grad():
+                stage.run(ctx)
+
+
+def test_every_registry_target_is_a_compile_target():
+    assert set(reg.TARGETS) <= set(TARGET_STAGES)
+    assert [s.name for s in TARGET_STAGES["cpu"]] == ["tvm_build", "tvm_measure"]
+    assert TARGET_STAGES["arm"][0].name == "tvm_build"
+    assert "tvm_measure" not in [s.name for s in TARGET_STAGES["arm"]]  # measured over RPC
+
+
+def test_cpu_stages_ship_the_module_and_measure_original_and_slim(tmp_path):
+    ctx = _context(tmp_path, "cpu")
+    _run(ctx)
+    assert (tmp_path / "model.cpu.so").is_file() and (tmp_path / "original.cpu.so").is_file()
+    assert ctx.files["tvm_module"]["bytes"] == (tmp_path / "model.cpu.so").stat().st_size
+    rows = [r for r in ctx.latency if r["runtime"] == "tvm"]
+    assert {(r["variant"], r["batch"]) for r in rows} == {("original", 1), ("original", 2),
+                                                          ("slim", 1), ("slim", 2)}
+    assert all(r["max_abs_err"] < 1e-4 and r["n"] >= 3 and r["target"] == "cpu" for r in rows)
+    builds = ctx.sections["targets"]["cpu"]["builds"]
+    assert len(builds) == 4 and all(b["build_s"] > 0 for b in builds)
+    shipped = [b for b in builds if b["path"]]
+    assert {b["path"] for b in shipped} == {"model.cpu.so", "original.cpu.so"}
+    assert all(b["batch"] == 1 for b in shipped)
+    # The slim build is smaller than the original's (half the filters).
+    sizes = {b["variant"]: b["size_bytes"] for b in shipped}
+    assert sizes["slim"] < sizes["original"]
+    md = render_markdown(make_report({"latency": ctx.latency, "targets": ctx.sections["targets"]}))
+    assert "### tvm on cpu" in md and "## Targets" in md and "`model.cpu.so`" in md
+
+
+def test_gpu_stages_build_cuda_and_say_latency_was_skipped(tmp_path):
+    ctx = _context(tmp_path, "gpu", batches=(1,), gpu_arch="sm_80")
+    _run(ctx)
+    section = ctx.sections["targets"]["gpu"]
+    assert section["target"]["tvm_target"]["arch"] == "sm_80"
+    assert all(b["device_modules"] == ["cuda"] for b in section["builds"])
+    assert (tmp_path / "model.gpu.so").is_file()
+    if reg.cuda_gpu_arch() is None:
+        assert section.get("latency_skipped") is True
+        assert any("latency step skipped" in n and "CUDA GPU" in n for n in section["notes"])
+        assert not [r for r in ctx.latency if r["runtime"] == "tvm"]
+
+
+def test_tvm_options_are_checked_before_the_pipeline_runs(tmp_path):
+    with pytest.raises(OptionError, match="--gpu-arch"):
+        CompileOptions(out=tmp_path, target="cpu", gpu_arch="sm_90").validate()
+    with pytest.raises(OptionError, match="--tuning-db"):
+        CompileOptions(out=tmp_path, target="cpu", tune=8).validate()
+    with pytest.raises(OptionError, match="gpu"):
+        CompileOptions(out=tmp_path, target="gpu", tune=8, tuning_db=tmp_path).validate()
+    with pytest.raises(OptionError, match="unknown --target"):
+        CompileOptions(out=tmp_path, target="tpu").validate()
