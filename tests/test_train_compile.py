@@ -61,3 +61,19 @@ def test_resnet_filter_groups_prune_whole_residual_stages_that_compile_removes(t
     assert layers["layer3.1.conv1"]["shape_after"][0] == 32
     assert layers["layer1.0.conv2"]["shape_after"][0] == 16  # stage 1 touches the excluded stem: kept
     assert report["verification"]["max_rel"] <= 1e-4
+
+
+def test_demo_prunes_and_compiles(tmp_path):
+    from rich.console import Console
+
+    from rwdeploy.demo import run_demo
+
+    out = run_demo(tmp_path / "demo", Console(file=open(tmp_path / "log.txt", "w"), width=120),
+                   epochs=(1, 1, 1), measure=False)
+    assert (out / "report.json").is_file() and (out / "slim.onnx").is_file()
+    ckpt = load_model(tmp_path / "demo" / "lenet5-pruned.pt")
+    assert ckpt.metadata["rwdeploy_prune"]["scheme"] == "filter:0.5+irregular:0.9"
+    import json
+
+    layers = _layers(json.loads((out / "report.json").read_text()))
+    assert layers["conv2"]["shape_after"][0] == 25 and layers["fc1"]["shape_after"][0] == 250
