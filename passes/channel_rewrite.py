@@ -12,7 +12,14 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from rwdeploy.passes.channel_rules import index_items
+from rwdeploy.passes.channel_rules import (
+    CONV_ARGS,
+    LINEAR_ARGS,
+    base_name,
+    batchnorm_arg_names,
+    bound_args,
+    index_items,
+)
 from rwdeploy.passes.channel_selection import Selection
 from rwdeploy.passes.channel_state import TensorMeta
 
@@ -31,23 +38,23 @@ def _set(mod: nn.Module, name: str, value: torch.Tensor | None) -> None:
         setattr(mod, name, value.clone())
 
 
+def conv_weight(w: torch.Tensor, groups: int, keep_in: torch.Tensor, keep_out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A conv weight [O, C/g, k...] cut to the kept channels, and its new group count."""
+    cin = w.shape[1] * groups
+    if groups == 1:
+        return _keep(_keep(w, 0, keep_out), 1, keep_in), 1
+    if groups == cin:  # depthwise: one conv group per remaining channel
+        return _keep(w, 0, keep_out), int(keep_in.sum())
+    per_in, per_out = cin // groups, w.shape[0] // groups
+    parts = []
+    for j in range(groups):
+        rows = _keep(w[j * per_out:(j + 1) * per_out], 0, keep_out[j * per_out:(j + 1) * per_out])
+        parts.append(_keep(rows, 1, keep_in[j * per_in:(j + 1) * per_in]))
+    return torch.cat(parts, 0), groups
+
+
 def shrink_conv(mod: nn.Module, keep_in: torch.Tensor, keep_out: torch.Tensor) -> None:
-    w, g = mod.weight, mod.groups
-    cin = mod.in_channels
-    if g == 1:
-        new = _keep(_keep(w, 0, keep_out), 1, keep_in)
-        groups = 1
-    elif g == cin:  # depthwise: one conv group per remaining channel
-        new = _keep(w, 0, keep_out)
-        groups = int(keep_in.sum())
-    else:
-        per_in, per_out = cin // g, mod.out_channels // g
-        parts = []
-        for j in range(g):
-            rows = _keep(w[j * per_out:(j + 1) * per_out], 0, keep_out[j * per_out:(j + 1) * per_out])
-            parts.append(_keep(rows, 1, keep_in[j * per_in:(j + 1) * per_in]))
-        new = torch.cat(parts, 0)
-        groups = g
+    new, groups = conv_weight(mod.weight, mod.groups, keep_in, keep_out)
     _set(mod, "weight", new)
     if mod.bias is not None:
         _set(mod, "bias", _keep(mod.bias, 0, keep_out))
@@ -104,6 +111,54 @@ MODULE_SHRINKERS: dict[str, tuple[Callable[[nn.Module, torch.Tensor, torch.Tenso
 }
 
 
+def _set_param(gm: fx.GraphModule, key: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = key.rpartition(".")
+    _set(gm.get_submodule(owner_name) if owner_name else gm, attr, value)
+
+
+def set_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -> None:
+    i = names.index(name)
+    if name in node.kwargs or len(node.args) <= i:
+        node.kwargs = {**node.kwargs, name: value}
+    else:
+        node.args = node.args[:i] + (value,) + node.args[i + 1:]
+
+
+def shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, keep_in: torch.Tensor,
+                      keep_out: torch.Tensor) -> dict[str, tuple[list[int], list[int]]]:
+    """Cut the get_attr parameters of a functional conv / linear / batch norm node; returns
+    {key: (shape before, shape after)}."""
+    names = {"fconv": CONV_ARGS, "flinear": LINEAR_ARGS}.get(kind) or batchnorm_arg_names(node)
+    b = bound_args(node, names)
+    keys = {n: b[n].target for n in ("weight", "bias", "running_mean", "running_var")
+            if isinstance(b.get(n), fx.Node)}
+    new: dict[str, torch.Tensor] = {}
+    if kind == "fconv":
+        groups = b.get("groups", 1)
+        new[keys["weight"]], new_groups = conv_weight(gm.get_parameter(keys["weight"]), groups, keep_in, keep_out)
+        if new_groups != groups:
+            set_arg(node, CONV_ARGS, "groups", new_groups)
+    elif kind == "flinear":
+        new[keys["weight"]] = _keep(_keep(gm.get_parameter(keys["weight"]), 0, keep_out), 1, keep_in)
+    if "bias" in keys and kind != "fbatchnorm":
+        new[keys["bias"]] = _keep(_state(gm, keys["bias"]), 0, keep_out)
+    if kind == "fbatchnorm":
+        for key in keys.values():
+            new[key] = _keep(_state(gm, key), 0, keep_in)
+    shapes = {}
+    for key, value in new.items():
+        shapes[key] = (list(_state(gm, key).shape), list(value.shape))
+        _set_param(gm, key, value)
+    return shapes
+
+
+def _state(gm: fx.GraphModule, key: str) -> torch.Tensor:
+    try:
+        return gm.get_parameter(key)
+    except AttributeError:
+        return gm.get_buffer(key)
+
+
 def _count(mask: torch.Tensor, stop: int) -> int:
     return int(mask[:stop].sum())
 
@@ -114,16 +169,26 @@ def rewrite_args(node: fx.Node, kind: str, sel: Selection, values: dict[str, Any
         return _freeze_size_reads(node, sel, values)
     if kind != "shape":
         return False
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = base_name(node)
     x = node.args[0] if node.args else None
     if not isinstance(x, fx.Node) or not isinstance(values.get(x.name), TensorMeta):
         return False
     shape = values[x.name].shape
-    if name in ("view", "reshape", "expand"):
+    if name in ("view", "unsafe_view", "reshape", "expand"):
         return _rewrite_sizes(node, sel, values, 1)
     if name == "unflatten":
         return _rewrite_unflatten(node, sel, values)
-    if name in ("split", "chunk"):
+    if name == "slice":  # aten.slice(x, dim, start, end, step)
+        dim = node.args[1] % len(shape) if len(node.args) > 1 else 0
+        keep = sel.present(x.name, dim, shape[dim])
+        if keep.all():
+            return False
+        start = node.args[2] if len(node.args) > 2 else None
+        end = node.args[3] if len(node.args) > 3 else None
+        lo, hi, _ = slice(start, end).indices(shape[dim])
+        node.args = (x, dim, _count(keep, lo), _count(keep, hi))
+        return True
+    if name in ("split", "split_with_sizes", "chunk"):
         dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(shape)
         keep = sel.present(x.name, dim, shape[dim])
         if keep.all():
@@ -251,6 +316,7 @@ def _freeze_size_reads(node: fx.Node, sel: Selection, values: dict[str, Any]) ->
         for user in list(node.users):
             user.args = fx.node.map_arg(user.args, lambda a: original if a is node else a)
             user.kwargs = fx.node.map_arg(user.kwargs, lambda a: original if a is node else a)
+        node.graph.erase_node(node)
         return True
     node.op, node.target, node.args, node.kwargs = "call_function", frozen_size, (x, fixed), {}
     return True

@@ -88,7 +88,7 @@ SPATIAL_FUNCTIONS = {
 }
 FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.tensor, torch.eye,
                      torch.linspace, torch.zeros_like, torch.ones_like, torch.full_like}
-NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm}
+NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm}
 # Ops whose arguments name channel-dim sizes or offsets that the removal pass rewrites.
 RESIZING = {"view", "reshape", "expand", "unflatten", "split", "chunk", "narrow", "select", "getitem"}
 
@@ -101,6 +101,40 @@ def op_name(node: fx.Node) -> str:
         return f"{node.name} (.{node.target}())"
     name = getattr(node.target, "__name__", str(node.target))
     return f"{node.name} ({name})"
+
+
+def base_name(node: fx.Node) -> str:
+    """'conv2d' for aten.conv2d.default, F.conv2d and .conv2d(); the op's plain name."""
+    t = node.target
+    if node.op == "call_method":
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__.lstrip("_")
+    return getattr(t, "__name__", "")
+
+
+# ATen ops (graphs from torch.export / .pt2 programs), by plain name.
+ATEN_KINDS: dict[str, str] = {
+    **dict.fromkeys(("relu", "relu_", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid", "tanh",
+                     "hardswish", "hardswish_", "hardsigmoid", "leaky_relu", "elu", "mish", "softplus",
+                     "clone", "dropout", "alias", "detach", "contiguous", "to_copy", "clamp", "clamp_min",
+                     "clamp_max", "exp", "abs", "sqrt", "rsqrt", "neg", "erf", "log", "square",
+                     "reciprocal"), "unary"),
+    **dict.fromkeys(("add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "pow"), "binary"),
+    **dict.fromkeys(("view", "unsafe_view", "reshape", "flatten", "permute", "transpose", "t", "unsqueeze",
+                     "squeeze", "cat", "concat", "stack", "split", "split_with_sizes", "chunk", "slice",
+                     "select", "expand", "unbind", "narrow", "roll", "flip", "repeat"), "shape"),
+    **dict.fromkeys(("mean", "sum", "amax", "amin"), "reduce"),
+    **dict.fromkeys(("softmax", "log_softmax"), "softmax"),
+    **dict.fromkeys(("matmul", "bmm"), "matmul"),
+    **dict.fromkeys(("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d",
+                     "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+                     "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd"), "spatial"),
+    **dict.fromkeys(("conv1d", "conv2d", "conv3d"), "fconv"),
+    "linear": "flinear",
+    "batch_norm": "fbatchnorm",
+    **dict.fromkeys(("layer_norm", "group_norm"), "functional_norm"),
+}
 
 
 def classify(node: fx.Node, st: AnalysisState) -> str:
@@ -117,6 +151,8 @@ def classify(node: fx.Node, st: AnalysisState) -> str:
         return "constant"
     if node.op == "call_module":
         mod = st.module(node)
+        if type(mod).__name__ == "GuardsFn" and not has_tensor(meta):
+            return "shape_value"  # torch.export's input-shape guards: they read shapes only
         for types, kind in _MODULE_KINDS:
             if isinstance(mod, types):
                 return kind
@@ -127,6 +163,8 @@ def classify(node: fx.Node, st: AnalysisState) -> str:
             if t in names:
                 return kind
         return "opaque"
+    if isinstance(t, torch._ops.OpOverload):
+        return ATEN_KINDS.get(base_name(node), "opaque")
     for funcs, kind in _FUNCTION_KINDS:
         if t in funcs:
             return kind
@@ -260,6 +298,7 @@ def _constant_operand(st: AnalysisState, node: fx.Node, arg: fx.Node, mine: torc
                       f"and varies along channels, so it cannot be sliced")
         return
     offset = ndim - param.dim()
+    st.attr_followers.add(arg.target)
     for d in dims:
         # index i along d belongs to every class found at i; the tensor keeps i unless all go
         moved = other.movedim(d, 0).reshape(other.shape[d], -1)
@@ -322,6 +361,8 @@ def rule_shape(st: AnalysisState, node: fx.Node) -> Any:
         if node.op == "call_method":
             name = "reshape" if node.target == "view" else node.target
             result = getattr(args[0], name)(*args[1:], **kwargs)
+        elif base_name(node) in ("view", "unsafe_view"):  # class maps are expanded views
+            result = torch.reshape(*args, **kwargs)
         else:
             result = node.target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - an op the int maps cannot follow is not understood
@@ -341,13 +382,23 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 def _record_presence(st: AnalysisState, node: fx.Node) -> bool:
     """Splits, slices and selects along a channel dim: each piece must keep >= 1 channel."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = base_name(node)
     x = node.args[0] if node.args else None
     m = st.maps.get(x.name) if isinstance(x, fx.Node) else None
     if not isinstance(m, torch.Tensor):
         return True
     shape = st.shape(x)
-    if name in ("split", "chunk", "unbind"):
+    if name == "slice":  # aten.slice(x, dim, start, end, step)
+        dim = _arg(node, 1, "dim", 0) % len(shape)
+        if m.shape[dim] == 1:
+            return True
+        if _arg(node, 4, "step", 1) != 1:
+            return False
+        lo, hi, _ = slice(_arg(node, 2, "start"), _arg(node, 3, "end")).indices(shape[dim])
+        if hi > lo:
+            st.presence.append((x.name, dim, lo, hi))
+        return True
+    if name in ("split", "split_with_sizes", "chunk", "unbind"):
         dim = _arg(node, 2 if name != "unbind" else 1, "dim", 0)
         dim = dim % len(shape)
         if m.shape[dim] == 1:
@@ -435,9 +486,9 @@ def _spatial_rank(st: AnalysisState, node: fx.Node, ndim: int) -> int:
             if type(mod).__name__.endswith(f"{k}d"):
                 return k
         return ndim - 2
-    if node.target is F.pad:
+    if node.target is F.pad or base_name(node) in ("pad", "constant_pad_nd"):
         return len(_arg(node, 1, "pad")) // 2
-    name = node.target.__name__
+    name = base_name(node)
     for k in (1, 2, 3):
         if name.endswith(f"{k}d"):
             return k
@@ -525,17 +576,83 @@ def rule_conv(st: AnalysisState, node: fx.Node) -> Any:
     got = _single_input(st, node)
     if got is None or len(node.args) != 1 or node.kwargs:
         return rule_opaque(st, node, "convolution called with extra arguments")
-    x, m = got
-    spatial = len(mod.kernel_size)
+    bias = f"{node.target}.bias" if mod.bias is not None else None
+    return _conv_classes(st, node, got[1], f"{node.target}.weight", bias, mod.in_channels,
+                         mod.out_channels, mod.groups, len(mod.kernel_size))
+
+
+CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+LINEAR_ARGS = ("input", "weight", "bias")
+BATCHNORM_ARGS = {  # F.batch_norm and aten.batch_norm order their arguments differently
+    "F": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    "aten": ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+             "cudnn_enabled"),
+}
+
+
+def bound_args(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def batchnorm_arg_names(node: fx.Node) -> tuple[str, ...]:
+    return BATCHNORM_ARGS["aten" if isinstance(node.target, torch._ops.OpOverload) else "F"]
+
+
+def param_key(st: AnalysisState, arg: Any) -> str | None:
+    """The state_dict key of a get_attr argument used by this node only, else None."""
+    if not isinstance(arg, fx.Node) or _state_tensor(st, arg) is None or len(arg.users) != 1:
+        return None
+    return arg.target
+
+
+def _param_keys(st: AnalysisState, b: dict[str, Any], required: tuple[str, ...],
+                optional: tuple[str, ...]) -> dict[str, str | None] | None:
+    keys: dict[str, str | None] = {}
+    for name in required + optional:
+        arg = b.get(name)
+        keys[name] = param_key(st, arg) if arg is not None else None
+        if keys[name] is None and (name in required or arg is not None):
+            return None
+    return keys
+
+
+def _functional_layer(st: AnalysisState, node: fx.Node, names: tuple[str, ...]):
+    """(bound args, parameter keys, weight) of a functional layer, or None if not a plain one."""
+    b = bound_args(node, names)
+    keys = _param_keys(st, b, ("weight",), ("bias",))
+    x = b.get("input")
+    if keys is None or not isinstance(st.maps.get(getattr(x, "name", None)), torch.Tensor):
+        return None
+    return b, keys, _state_tensor(st, b["weight"])
+
+
+def rule_fconv(st: AnalysisState, node: fx.Node) -> Any:
+    """F.conv2d / aten.conv2d with parameters read through get_attr (graphs of .pt2 programs)."""
+    got = _functional_layer(st, node, CONV_ARGS)
+    if got is None:
+        return rule_opaque(st, node, "functional convolution whose weight is not a parameter used once")
+    b, keys, w = got
+    x = b["input"]
+    g = b.get("groups", 1)
+    if not isinstance(g, int):
+        return rule_opaque(st, node)
+    return _conv_classes(st, node, st.canon(st.maps[x.name]), keys["weight"], keys["bias"],
+                         w.shape[1] * g, w.shape[0], g, w.dim() - 2)
+
+
+def _conv_classes(st: AnalysisState, node: fx.Node, m: torch.Tensor, weight: str, bias: str | None,
+                  cin: int, cout: int, g: int, spatial: int) -> Any:
     if m.dim() != spatial + 2 or any(d != 1 for d in varying_dims(m)):
         return rule_opaque(st, node, "convolution input whose channels are not on dim 1")
-    cin, cout, g = mod.in_channels, mod.out_channels, mod.groups
     vec = along(m, 1, cin)
-    weight = f"{node.target}.weight"
     ones = [1] * spatial
     if g == cin and g > 1:  # depthwise (with channel multiplier k): output c*k.. follows input c
         out = vec.repeat_interleave(cout // cin)
-        st.add_module_slices(node, ("weight", "bias"), 0, out, "follower")
+        for key in (weight, bias):
+            if key is not None:
+                st.add_slice(key, 0, torch.arange(cout), out, "follower", node.name)
         return compress(out.reshape(1, cout, *ones))
     index = torch.arange(cin)
     span = None
@@ -548,7 +665,8 @@ def rule_conv(st: AnalysisState, node: fx.Node) -> Any:
     st.fold_sites.append(node.name)
     out = st.fresh(cout)
     st.add_slice(weight, 0, torch.arange(cout), out, "producer", node.name)
-    st.add_module_slices(node, ("bias",), 0, out, "follower")
+    if bias is not None:
+        st.add_slice(bias, 0, torch.arange(cout), out, "follower", node.name)
     if g > 1:
         st.uniform.append(list(vec.reshape(g, -1)))
         st.uniform.append(list(out.reshape(g, -1)))
@@ -579,17 +697,34 @@ def rule_linear(st: AnalysisState, node: fx.Node) -> Any:
     got = _single_input(st, node)
     if got is None or len(node.args) != 1 or node.kwargs:
         return rule_opaque(st, node)
-    x, m = got
+    bias = f"{node.target}.bias" if mod.bias is not None else None
+    return _linear_classes(st, node, got[1], f"{node.target}.weight", bias, mod.in_features, mod.out_features)
+
+
+def rule_flinear(st: AnalysisState, node: fx.Node) -> Any:
+    got = _functional_layer(st, node, LINEAR_ARGS)
+    if got is None:
+        return rule_opaque(st, node, "functional linear whose weight is not a parameter used once")
+    b, keys, w = got
+    x = b["input"]
+    if w.dim() != 2:
+        return rule_opaque(st, node)
+    return _linear_classes(st, node, st.canon(st.maps[x.name]), keys["weight"], keys["bias"], w.shape[1], w.shape[0])
+
+
+def _linear_classes(st: AnalysisState, node: fx.Node, m: torch.Tensor, weight: str, bias: str | None,
+                    fin: int, fout: int) -> Any:
     last = m.dim() - 1
-    vec = channel_vector(st, m, last, mod.in_features)
+    vec = channel_vector(st, m, last, fin)
     if vec is None:
         return rule_opaque(st, node, "linear input whose channels are not on the last dim")
-    st.add_slice(f"{node.target}.weight", 1, torch.arange(mod.in_features), vec, "consumer", node.name)
+    st.add_slice(weight, 1, torch.arange(fin), vec, "consumer", node.name)
     st.fold_sites.append(node.name)
-    out = st.fresh(mod.out_features)
-    st.add_slice(f"{node.target}.weight", 0, torch.arange(mod.out_features), out, "producer", node.name)
-    st.add_module_slices(node, ("bias",), 0, out, "follower")
-    return out.reshape([1] * last + [mod.out_features])
+    out = st.fresh(fout)
+    st.add_slice(weight, 0, torch.arange(fout), out, "producer", node.name)
+    if bias is not None:
+        st.add_slice(bias, 0, torch.arange(fout), out, "follower", node.name)
+    return out.reshape([1] * last + [fout])
 
 
 def _channel_dim1(st: AnalysisState, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
@@ -611,6 +746,23 @@ def rule_batchnorm(st: AnalysisState, node: fx.Node) -> Any:
     vec = along(got[1], 1, mod.num_features)
     st.add_module_slices(node, ("weight", "bias", "running_mean", "running_var"), 0, vec, "follower")
     return got[1]
+
+
+def rule_fbatchnorm(st: AnalysisState, node: fx.Node) -> Any:
+    b = bound_args(node, batchnorm_arg_names(node))
+    keys = _param_keys(st, b, (), ("weight", "bias", "running_mean", "running_var"))
+    x = b.get("input")
+    m = st.maps.get(getattr(x, "name", None))
+    if keys is None or not isinstance(m, torch.Tensor) or b.get("training", False) is not False:
+        return rule_opaque(st, node, "functional batch norm (training, or parameters used elsewhere)")
+    m = st.canon(m)
+    if m.dim() < 2 or any(d != 1 for d in varying_dims(m)):
+        return rule_opaque(st, node, "batch norm input whose channels are not on dim 1")
+    vec = along(m, 1, st.shape(x)[1])
+    for key in keys.values():
+        if key is not None:
+            st.add_slice(key, 0, torch.arange(len(vec)), vec, "follower", node.name)
+    return m
 
 
 def rule_groupnorm(st: AnalysisState, node: fx.Node) -> Any:
@@ -644,7 +796,7 @@ def rule_layernorm(st: AnalysisState, node: fx.Node) -> Any:
 
 
 def rule_functional_norm(st: AnalysisState, node: fx.Node) -> Any:
-    if node.target is F.layer_norm:
+    if node.target is F.layer_norm or base_name(node) == "layer_norm":
         return rule_layernorm(st, node)
     got = _single_input(st, node)
     if got is None:
@@ -696,6 +848,7 @@ _FUNCTION_KINDS: list[tuple[set[Any], str]] = [
     (UNARY_FUNCTIONS, "unary"), (BINARY_FUNCTIONS, "binary"), (SHAPE_FUNCTIONS, "shape"),
     (REDUCE_FUNCTIONS, "reduce"), (SOFTMAX_FUNCTIONS, "softmax"), (MATMUL_FUNCTIONS, "matmul"),
     (SPATIAL_FUNCTIONS, "spatial"), (FACTORY_FUNCTIONS, "constant"), (NORM_FUNCTIONS, "functional_norm"),
+    ({F.conv1d, F.conv2d, F.conv3d}, "fconv"), ({F.linear}, "flinear"), ({F.batch_norm}, "fbatchnorm"),
 ]
 
 RULES: dict[str, Rule] = {
@@ -713,6 +866,9 @@ RULES: dict[str, Rule] = {
     "softmax": rule_softmax,
     "matmul": rule_matmul,
     "conv": rule_conv,
+    "fconv": rule_fconv,
+    "flinear": rule_flinear,
+    "fbatchnorm": rule_fbatchnorm,
     "conv_transpose": rule_conv_transpose,
     "linear": rule_linear,
     "batchnorm": rule_batchnorm,

@@ -140,6 +140,7 @@ class AnalysisState:
         self.kinds: dict[str, str] = {}
         self.key_users: dict[str, set[str]] = defaultdict(set)
         self.fold_sites: list[str] = []  # nodes whose weights read channels (constants fold here)
+        self.attr_followers: set[str] = set()  # get_attr tensors sliced along with an elementwise op
 
     # -- reading the graph -------------------------------------------------------------
     def map_of(self, arg: Any) -> Any:

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
-from rwdeploy.passes.channel_rewrite import MODULE_SHRINKERS, rewrite_args
+from rwdeploy.passes.channel_rewrite import MODULE_SHRINKERS, set_arg, rewrite_args, shrink_functional
+from rwdeploy.passes.channel_rules import CONV_ARGS, LINEAR_ARGS, base_name, bound_args
 from rwdeploy.passes.channel_selection import Selection, candidates, select
 from rwdeploy.passes.channel_state import TensorMeta
 from rwdeploy.passes.result import PassResult
@@ -95,7 +97,7 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
 
     sites = [n for n in work.graph.nodes if n.name in set(st.fold_sites)]
     captured = _capture_inputs(work, example_input, sites, sel)
-    folds = {n.name: _contribution(modules[n.target], captured[n.name], n, sel, st)
+    folds = {n.name: _contribution(_consumer_fn(work, n, st.kinds[n.name]), captured[n.name], n, sel, st)
              for n in sites if n.name in captured}
 
     layers: list[LayerChange] = []
@@ -103,12 +105,16 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
         kind = st.kinds.get(node.name)
         if node.op == "call_module" and kind in MODULE_SHRINKERS:
             change = _shrink_module(node, kind, modules[node.target], sel, st.values, folds.get(node.name))
-            if change is not None:
-                layers.append(change)
-        elif kind is not None:
-            rewrite_args(node, kind, sel, st.values)
+        elif kind in FUNCTIONAL_KINDS:
+            change = _shrink_functional(work, node, kind, sel, st.values, folds.get(node.name))
+        else:
+            change = None
+            if kind is not None:
+                rewrite_args(node, kind, sel, st.values)
+        if change is not None:
+            layers.append(change)
     _shrink_attributes(work, analysis, sel)
-    aliases = _add_constant_maps(work, folds, layers)
+    aliases = _add_constant_maps(work, folds, st.values)
     work.graph.lint()
     work.recompile()
 
@@ -148,16 +154,29 @@ def _capture_inputs(gm: fx.GraphModule, example_input: Any, sites: list[fx.Node]
     return cap.inputs
 
 
-def _contribution(mod: nn.Module, x: torch.Tensor, node: fx.Node, sel: Selection, st) -> tuple | None:
+def _consumer_fn(gm: fx.GraphModule, node: fx.Node, kind: str):
+    """The consumer as a float64 function of its input, without bias."""
+    if node.op == "call_module":
+        ref = copy.deepcopy(gm.get_submodule(node.target)).double()
+        ref.bias = None
+        return ref
+    names = CONV_ARGS if kind == "fconv" else LINEAR_ARGS
+    b = bound_args(node, names)
+    w = gm.get_parameter(b["weight"].target).detach().double()
+    if kind == "flinear":
+        return lambda x: F.linear(x, w)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
+    return lambda x: conv(x, w, None, b.get("stride", 1), b.get("padding", 0), b.get("dilation", 1),
+                          b.get("groups", 1))
+
+
+def _contribution(fn, x: torch.Tensor, node: fx.Node, sel: Selection, st) -> tuple | None:
     """What the removed input channels add to the consumer's output (float64), or None."""
-    in_dim = 1 if not isinstance(mod, nn.Linear) else -1
     keep = sel.node_kept(node.args[0].name).expand(x.shape[:1] + st.values[node.args[0].name].shape[1:])
     gone = (~keep).to(x.dtype)
-    ref = copy.deepcopy(mod).double()
-    ref.bias = None
     with torch.no_grad():
-        c = ref(x * gone)
-    out_dim = c.dim() - 1 if in_dim == -1 else 1
+        c = fn(x * gone)
+    out_dim = c.dim() - 1 if st.kinds[node.name] in ("linear", "flinear") else 1
     keep_out = sel.present(node.name, out_dim, c.shape[out_dim])
     c = c.index_select(out_dim, keep_out.nonzero().flatten())
     scale = float(c.abs().max()) if c.numel() else 0.0
@@ -168,6 +187,40 @@ def _contribution(mod: nn.Module, x: torch.Tensor, node: fx.Node, sel: Selection
     if float((c - mean).abs().max()) <= 1e-10 * scale:
         return ("bias", mean.flatten())
     return ("constant map", c)
+
+
+FUNCTIONAL_KINDS = ("fconv", "flinear", "fbatchnorm")
+
+
+def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Selection,
+                       values: dict[str, Any], fold: tuple | None) -> LayerChange | None:
+    x = node.args[0]
+    in_dim = out_dim = -1 if kind == "flinear" else 1
+    keep_in = sel.present(x.name, in_dim, values[x.name].shape[in_dim])
+    keep_out = sel.present(node.name, out_dim, values[node.name].shape[out_dim])
+    if keep_in.all() and keep_out.all() and fold is None:
+        return None
+    shapes = shrink_functional(gm, node, kind, keep_in, keep_out)
+    folded = None
+    if fold is not None and fold[0] == "bias":
+        names = CONV_ARGS if kind == "fconv" else LINEAR_ARGS
+        bias = bound_args(node, names).get("bias")
+        if isinstance(bias, fx.Node):
+            with torch.no_grad():
+                gm.get_parameter(bias.target).add_(fold[1].to(values[node.name].dtype))
+        else:  # the layer had no bias: give it one
+            key = f"_rw_bias_{node.name}"
+            gm.register_parameter(key, nn.Parameter(fold[1].to(values[node.name].dtype).clone()))
+            with gm.graph.inserting_before(node):
+                attr = gm.graph.get_attr(key)
+            set_arg(node, names, "bias", attr)
+        folded = "bias"
+    elif fold is not None:
+        folded = "constant map"
+    weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+    name = weight.target.rpartition(".")[0] if weight is not None else node.name
+    return LayerChange(name or node.name, f"{base_name(node)} (functional)",
+                       {k: v[0] for k, v in shapes.items()}, {k: v[1] for k, v in shapes.items()}, folded)
 
 
 def _shrink_module(node: fx.Node, kind: str, mod: nn.Module, sel: Selection, values: dict[str, Any],
@@ -202,7 +255,7 @@ def _shapes(mod: nn.Module) -> dict[str, list[int]]:
 
 def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis, sel: Selection) -> None:
     """Per-channel tensors used through get_attr (layer scale, position tables): slice them too."""
-    owners = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    owners = analysis.state.attr_followers
     keep: dict[tuple[str, int], torch.Tensor] = {}
     for s in analysis.state.slices:
         if s.key not in owners:
@@ -222,7 +275,7 @@ def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis, sel: Selec
 
 
 def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
-                       layers: list[LayerChange]) -> dict[str, str]:
+                       values: dict[str, Any]) -> dict[str, str]:
     aliases = {}
     by_name = {n.name: n for n in gm.graph.nodes}
     for name, fold in folds.items():
@@ -230,8 +283,7 @@ def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
             continue
         node = by_name[name]
         buf = f"_rw_const_{name}"
-        mod = gm.get_submodule(node.target)
-        gm.register_buffer(buf, fold[1].to(mod.weight.dtype).contiguous())
+        gm.register_buffer(buf, fold[1].to(values[name].dtype).contiguous())
         with gm.graph.inserting_after(node):
             attr = gm.graph.get_attr(buf)
         with gm.graph.inserting_after(attr):

@@ -189,5 +189,6 @@ def test_compile_exports_the_quantized_checkpoint_as_qdq_onnx(extended_checkpoin
     assert q["bits"] == 4 and q["onnx"]["storage"] == "int4" and q["onnx"]["check"]["max_rel"] <= 1e-4
     assert q["tvm"]["weights"] == "int8" and q["tvm"]["check"]["max_rel"] <= 1e-4
     qdq = tmp_path / "c" / "slim.qdq.onnx"
-    assert qdq.stat().st_size < 0.3 * (tmp_path / "c" / "slim.onnx").stat().st_size
+    # dense int4 weights: about 1/8 of the float file (irregular pruning removes no channels)
+    assert qdq.stat().st_size < 0.2 * (tmp_path / "c" / "original.onnx").stat().st_size
     assert sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(qdq)).graph.node) == 4

@@ -150,3 +150,31 @@ def test_compile_stage_measures_shipped_arm_libraries(emulator):
     original_n, slim_n = counts["original"]["insns_per_inference"], counts["slim"]["insns_per_inference"]
     assert slim_n < 0.75 * original_n, (original_n, slim_n)
     assert section["instructions"]["relative_to_original"]["slim"] == pytest.approx(slim_n / original_n)
+
+
+def test_compile_target_arm_without_rpc_uses_the_emulator(emulator, cli, tmp_path):
+    """`rwdeploy compile --target arm` end to end on lenet5 with half of conv1/conv2's filters zeroed."""
+    import json
+
+    from rwdeploy import io, models
+
+    net = models.create("lenet5")
+    state = net.state_dict()
+    for name in ("conv1", "conv2"):
+        n = state[f"{name}.weight"].shape[0]
+        state[f"{name}.weight"][n // 2:] = 0
+        state[f"{name}.bias"][n // 2:] = 0
+    ckpt = tmp_path / "lenet5_half.pt"
+    io.save_checkpoint(io.Checkpoint("lenet5", state, (1, 1, 28, 28)), ckpt)
+    out = tmp_path / "out"
+    proc = cli("compile", str(ckpt), "--target", "arm", "--out", str(out), "--batch", "1", "--runs", "5",
+               "--warmup", "1", "--min-time", "0", "--sparse", "off")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no --rpc given: measuring --target arm on the emulated aarch64 device" in proc.stderr
+    assert rpc.elf_machine(out / "model.arm.so") == "aarch64"
+    report = json.loads((out / "report.json").read_text())
+    rows = [r for r in report["latency"] if r["runtime"] == "tvm"]
+    assert {r["variant"] for r in rows} == {"original", "slim"} and all(r["emulated"] for r in rows)
+    counts = report["targets"]["arm"]["instructions"]["per_variant"]
+    assert counts["slim"]["insns_per_inference"] < 0.75 * counts["original"]["insns_per_inference"]
+    assert "(emulated)" in (out / "report.md").read_text()

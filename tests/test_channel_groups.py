@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from channel_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 import nets
 import nets_families
 from rwdeploy import models

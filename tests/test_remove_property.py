@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from channel_helpers import randomize_norms, zero_filters
+from channel_helpers import randomize_norms, zero_filters, one_torch_thread  # noqa: F401 (autouse fixture)
 from nets import channel_shuffle
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
