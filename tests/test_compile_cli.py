@@ -122,7 +122,8 @@ def test_no_measure_has_no_latency_section(tmp_path):
     torch.manual_seed(1)
     loaded = compile_mod.LoadedModel(zero_half_the_filters(models.create("lenet5")), (1, 1, 28, 28), "zoo",
                                      arch="lenet5")
-    result = compile_mod.compile_model(loaded, compile_mod.CompileOptions(out=tmp_path / "o", measure=False))
+    options = compile_mod.CompileOptions(out=tmp_path / "o", measure=False, batches=(1,), sparse="off")
+    result = compile_mod.compile_model(loaded, options)
     assert "latency" not in result.report
     assert "measure_ort" not in result.report["compile"]["stage_seconds"]
     assert json.loads((tmp_path / "o" / "report.json").read_text()) == json.loads(json.dumps(result.report))
@@ -152,7 +153,7 @@ def test_unsupported_op_is_pinned_not_a_crash(tmp_path, capsys):
     torch.save(net, path)
     out = tmp_path / "out"
     code = main(["compile", str(path), "--trust-pickle", "--input-shape", "1,3,8,8", "--out", str(out),
-                 "--no-measure"])
+                 "--no-measure", "--batch", "1", "--sparse", "off"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     layers = {r["name"]: r for r in report["layers"]}
@@ -170,7 +171,7 @@ def test_static_batch_pt2_is_probed_and_measured_at_its_batch(lenet_file, tmp_pa
     path = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(net, (torch.randn(1, 1, 28, 28),)), str(path))
     out = tmp_path / "out"
-    assert main(["compile", str(path), "--out", str(out), *FAST]) == 0, capsys.readouterr().err
+    assert main(["compile", str(path), "--out", str(out), *FAST, "--sparse", "off"]) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["trace"]["fixed_batch"] == 1
     assert {r["batch"] for r in report["latency"]} == {1}
