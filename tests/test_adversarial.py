@@ -88,7 +88,7 @@ def test_evaluation_counts_natural_and_adversarial_accuracy():
     res = evaluate_robustness(model, batches, cfg=PGDConfig(eps=0.0), strong_steps=3)
     assert res.n == 40 and res.natural_acc == pytest.approx(0.75)
     assert res.pgd_acc == pytest.approx(0.75) and res.pgd_strong_acc == pytest.approx(0.75)  # eps 0: no change
-    res = evaluate_robustness(model, batches, cfg=PGDConfig(eps=0.3, step=0.05), strong_steps=20)
+    res = evaluate_robustness(model, batches, cfg=PGDConfig(eps=0.3, step=0.1, steps=3), strong_steps=8)
     assert res.natural_acc == pytest.approx(0.75)
     assert res.pgd_acc < 0.75 and res.pgd_strong_acc <= res.pgd_acc + 0.05
     assert res.score == pytest.approx((res.natural_acc + res.pgd_acc) / 2)
@@ -182,7 +182,7 @@ def test_compile_exports_the_quantized_checkpoint_as_qdq_onnx(extended_checkpoin
     pytest.importorskip("rwdeploy.passes.remove_zero_channels")  # the channel passes (compile pipeline)
     from rwdeploy.cli import main
 
-    rc = main(["compile", str(extended_checkpoint), "--out", str(tmp_path / "c"), "--no-measure"])
+    rc = main(["compile", str(extended_checkpoint), "--out", str(tmp_path / "c"), "--no-measure", "--sparse", "off"])
     assert rc == 0
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     q = report["quantization"]

@@ -3,6 +3,7 @@ aarch64 libraries cross-built by TVM, and qemu's instruction counts."""
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -101,17 +102,28 @@ def test_unreachable_apt_mirror_is_one_clear_error(monkeypatch, tmp_path):
     assert line.startswith("apt-get update (arm64 + deb-src lists) failed: ") and "127.0.0.1:9" in line, line
 
 
-def test_arm_device_starts_and_stops_the_emulator_it_needed(emulator, monkeypatch, tmp_path):
+def test_arm_device_starts_and_stops_the_emulator_it_needed_despite_a_port_race(emulator, monkeypatch, tmp_path):
     # a second home sharing the provisioned files, with no server running in it
     h = tmp_path / "home"
     h.mkdir()
     for sub in ("site", "root", "plugins", "rt"):
         (h / sub).symlink_to(Path(emulator.home) / sub)
     monkeypatch.setenv("RWDEPLOY_A64_HOME", str(h))
-    with arm_device() as (device, threads):
+    # Another server grabs the port this start picks (a race with another home): it moves on.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    real_free_port, picks = arm_emulator._free_port, []
+
+    def racing_free_port(host, start):
+        picks.append(start)
+        return taken.getsockname()[1] if len(picks) == 1 else real_free_port(host, start)
+
+    monkeypatch.setattr(arm_emulator, "_free_port", racing_free_port)
+    with taken, arm_device() as (device, threads):
         st = arm_emulator.status()
         assert st.running and device.emulated and device.rpc == st.address and threads == 1
-        assert st.port != emulator.port
+        assert len(picks) == 2 and st.port not in (emulator.port, taken.getsockname()[1])
     assert not arm_emulator.status().running
     assert not Path(f"/proc/{st.pid}").exists() or not arm_emulator._pid_alive(st.pid)
     assert arm_emulator.status(emulator.home).running  # the other server is untouched
