@@ -189,7 +189,7 @@ def _contribution(fn, x: torch.Tensor, node: fx.Node, sel: Selection, st) -> tup
     return ("constant map", c)
 
 
-FUNCTIONAL_KINDS = ("fconv", "flinear", "fbatchnorm")
+FUNCTIONAL_KINDS = ("fconv", "flinear", "fbatchnorm", "fgroupnorm", "fprelu")
 
 
 def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Selection,

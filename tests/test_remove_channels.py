@@ -158,8 +158,8 @@ def test_untraceable_model_falls_back_to_torch_export_and_is_slimmed():
     assert res.gm.get_parameter("b.weight").shape == (4, 5, 3, 3)
 
 
-@pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk",
-                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net"])
+@pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
+                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net", "family:swin"])
 def test_exported_programs_are_slimmed_exactly(case):
     """A .pt2 program's graph holds aten ops with parameters read through get_attr."""
     gm, x, _ = pruned(*CASES[case])
