@@ -170,8 +170,64 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
     return schedule
 
 
-def prepare_passes() -> list[Any]:
-    """Relax passes run before legalisation: BN folding, NHWC/HWIO layout, constant folding.
+def _padded_width(channels: int, lanes: int) -> int:
+    return -(-channels // lanes) * lanes
+
+
+def pad_channels_pass(lanes: int) -> Any:
+    """Pad output channels of constant-weight convs/matmuls to a multiple of `lanes`.
+
+    A vector tile of odd width (50 channels -> 25 lanes) is legalised by LLVM into element
+    inserts and shuffles: LeNet-5's second conv ran ~20x slower than its FLOPs allow. Zero
+    filters appended to the weight make the width a multiple of the vector length; a slice
+    right after the layer drops them again, so the function is unchanged.
+    """
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class PadChannels(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or len(call.args) < 2:
+                return call
+            weight = call.args[1]
+            if not isinstance(weight, tvm.ir.expr.GenericConst) or not hasattr(weight.value, "numpy"):
+                return call
+            name = call.op.name
+            if name == "relax.nn.conv2d":
+                attrs = call.attrs
+                if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO"
+                        or attrs.out_layout != "NHWC" or int(attrs.groups) != 1):
+                    return call
+            elif name != "relax.matmul" or len(weight.value.shape) != 2:
+                return call
+            w = weight.value.numpy()
+            channels = w.shape[-1]
+            padded = _padded_width(channels, lanes)
+            if padded == channels:
+                return call
+            w = np.concatenate([w, np.zeros((*w.shape[:-1], padded - channels), w.dtype)], -1)
+            wide = self.builder_.emit(tvm.ir.Call(call.op, [call.args[0], relax.const(w)],
+                                                   call.attrs, call.ty_args))
+            axis = len(wide.ty.shape) - 1
+            return relax.op.strided_slice(wide, axes=[axis], begin=[0], end=[channels])
+
+    @tvm.transform.module_pass(opt_level=0, name="rwdeploy.PadChannels")
+    def pad(mod: Any, _ctx: Any) -> Any:
+        mutator = PadChannels(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.finalize()
+
+    return pad
+
+
+def prepare_passes(lanes: int | None = None) -> list[Any]:
+    """Relax passes run before legalisation: BN folding, NHWC/HWIO layout, constant folding,
+    and (with `lanes`) output channels padded to whole vectors.
 
     FoldConstant must run between FoldBatchnormToConv2D and ConvertLayout: on the unfolded
     result ConvertLayout segfaults (TVM 0.27, ResNet-20).
@@ -184,4 +240,5 @@ def prepare_passes() -> list[Any]:
         relax.transform.FoldConstant(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         relax.transform.FoldConstant(),
+        *([pad_channels_pass(lanes)] if lanes else []),
     ]

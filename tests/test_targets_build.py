@@ -152,3 +152,24 @@ def test_gpu_run_matches_torch(model, tmp_path):
         ref = model(x).numpy()
     stats, err = tvm_build.measure_local(art, x, ref, warmup=2, min_runs=5, min_time_s=0.0)
     assert err < 1e-3 and stats.n >= 5
+
+
+def test_odd_channel_counts_are_padded_to_whole_vectors():
+    """10 and 7 output channels become 16-wide (zero filters), sliced back: same function."""
+    import tvm
+
+    from rwdeploy.runtime import tvm_schedule
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(10 * 6 * 6, 7)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with tvm.target.Target({"kind": "llvm"}):
+        mod = tvm.transform.Sequential(tvm_schedule.prepare_passes(16))(tvm_build.import_relax(model, x))
+    script = mod.script()
+    assert script.count("R.strided_slice") == 2
+    assert "R.Tensor((1, 6, 6, 16)" in script and "R.Tensor((1, 16)" in script  # widened outputs
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
