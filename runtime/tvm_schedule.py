@@ -89,8 +89,19 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
             sch.parallel(producer_loops[0])
 
     co_outer, co_inner = sch.split(spatial[-1], [None, _channel_tile(extents[n_spatial - 1], lanes)])
+    width = extents[n_spatial - 2] if n_spatial >= 2 else 1
+    row_tile = _largest_divisor(width, MAX_ROW_TILE)
+    if n_spatial >= 3:
+        # Rows and columns as one pixel axis: on small feature maps (4x4, 2x2 at the end of
+        # VGG/ResNet) a tile of several whole rows streams the large weights once per tile
+        # instead of once per short row. Tiles must stay rectangles (whole rows, or a
+        # divisor of a row): the epilogue is placed per tile by its bounding box.
+        pixels = width * extents[n_spatial - 3]
+        whole_rows = [t for t in range(width, MAX_ROW_TILE + 1, width) if pixels % t == 0]
+        if whole_rows and whole_rows[-1] > row_tile:
+            row_tile = whole_rows[-1]
+            spatial = [*spatial[:-3], sch.fuse(spatial[-3], spatial[-2]), spatial[-1]]
     if n_spatial >= 2:
-        row_tile = _largest_divisor(extents[n_spatial - 2], MAX_ROW_TILE)
         row_outer, row_inner = sch.split(spatial[-2], [None, row_tile])
         outer = [*spatial[:-2], row_outer, co_outer]
         inner = [row_inner, co_inner]
@@ -103,6 +114,7 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
         sch.unroll(inner[0])
     sch.vectorize(inner[-1])
     sch.parallel(sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0])
+    loops_above_tile = min(len(outer), 2)  # after the fuse
 
     accumulator = sch.cache_write(red, 0, "local")
     sch.reverse_compute_at(accumulator, outer[-1])
@@ -116,7 +128,7 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None
     if init is not None:
         sch.vectorize(sch.get_loops(init)[-1])
-    writeback = sch.get_loops(accumulator)[len(outer):]
+    writeback = sch.get_loops(accumulator)[loops_above_tile:]
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
         sch.vectorize(writeback[-1])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
