@@ -237,6 +237,39 @@ def pad_channels_pass(lanes: int) -> Any:
     return pad
 
 
+def clip_to_min_max_pass() -> Any:
+    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi) (ReLU6 in MobileNet).
+
+    ConvertLayout has no layout rule for `relax.clip`: it wraps every clip in NHWC->NCHW
+    and back transposes (10 ms of MobileNetV2's 40). Two binary ops with scalar constants
+    follow the layout of their input.
+    """
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class ClipToMinMax(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.clip"):
+                return call
+            x, low, high = call.args
+            dtype = x.ty.dtype
+            low = relax.const(float(low.value), dtype)
+            high = relax.const(float(high.value), dtype)
+            return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, low)), high)
+
+    @tvm.transform.module_pass(opt_level=0, name="rwdeploy.ClipToMinMax")
+    def rewrite(mod: Any, _ctx: Any) -> Any:
+        mutator = ClipToMinMax(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.finalize()
+
+    return rewrite
+
+
 def prepare_passes(lanes: int | None = None) -> list[Any]:
     """Relax passes run before legalisation: BN folding, NHWC/HWIO layout, constant folding,
     and (with `lanes`) output channels padded to whole vectors.
@@ -250,6 +283,7 @@ def prepare_passes(lanes: int | None = None) -> list[Any]:
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
+        clip_to_min_max_pass(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         relax.transform.FoldConstant(),
         *([pad_channels_pass(lanes)] if lanes else []),

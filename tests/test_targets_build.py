@@ -171,19 +171,23 @@ def test_gpu_run_matches_torch(model, tmp_path):
 
 
 def test_odd_channel_counts_are_padded_to_whole_vectors():
-    """10 and 7 output channels become 16-wide (zero filters), sliced back: same function."""
+    """10 and 7 output channels become 16-wide (zero filters), sliced back; ReLU6 (clip)
+    becomes max/min so it keeps the NHWC layout: the same function as torch."""
     import tvm
 
     from rwdeploy.runtime import tvm_schedule
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.ReLU6(), torch.nn.Flatten(),
                                 torch.nn.Linear(10 * 6 * 6, 7)).eval()
-    x = torch.randn(1, 3, 8, 8)
+    x = 8 * torch.randn(1, 3, 8, 8)  # large enough that ReLU6 clips at both ends
+    with torch.no_grad():
+        pre = model[0](x)
+    assert (pre > 6).any() and (pre < 0).any()
     with tvm.target.Target({"kind": "llvm"}):
         mod = tvm.transform.Sequential(tvm_schedule.prepare_passes(16))(tvm_build.import_relax(model, x))
     script = mod.script()
-    assert script.count("R.strided_slice") == 2
+    assert script.count("R.strided_slice") == 2 and "R.clip" not in script
     assert "R.Tensor((1, 6, 6, 16)" in script and "R.Tensor((1, 16)" in script  # widened outputs
     art = tvm_build.build(model, x, "cpu", threads=1)
     with torch.no_grad():
