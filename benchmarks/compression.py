@@ -57,10 +57,10 @@ class Study:
 STUDIES = {
     # lambda and rho: the best of three values each (lambda 2e-5/1e-4/5e-4, rho 1e-3/1e-2/1e-1)
     # on seed 0 at rates 0.98/0.99; see the README section for the numbers.
-    "lenet5": Study("lenet5", "lenet5", "irregular", [0.95, 0.97, 0.98, 0.99], dense_epochs=8,
+    "lenet5": Study("lenet5", "lenet5", "irregular", [0.9, 0.95, 0.97, 0.98, 0.99], dense_epochs=8,
                     prune_epochs=4, retrain_epochs=4, lam=1e-4, rho=0.1),
-    "resnet20": Study("resnet20", "resnet20", "filter", [0.3, 0.5, 0.7], dense_epochs=4,
-                      prune_epochs=1, retrain_epochs=2, lam=2e-4, batch_size=128, lr=0.1),
+    "resnet20": Study("resnet20", "resnet20", "filter", [0.5, 0.7], dense_epochs=4,
+                      prune_epochs=2, retrain_epochs=2, lam=1e-3, rho=0.1, lr=0.1),
 }
 DEFAULT_SEEDS = {"lenet5": [0, 1, 2], "resnet20": [0, 1]}
 

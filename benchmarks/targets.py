@@ -19,7 +19,10 @@ width option in the zoo and are left out.
 
 Extension point for the arm device: append a function to `ARM_HOOKS`; it is called with
 (model name, variant, path of model.arm.so, torch module, example input) and returns fields
-merged into that arm row (e.g. emulated latency, instructions per inference).
+merged into that arm row. With `arm` in --targets, `benchmarks/arm_device.py` is that hook:
+latency on the device (--rpc HOST:PORT, else the emulated aarch64 device, labelled emulated)
+and aarch64 instructions per inference from qemu's plugin. Arm-only run, kept beside the cpu
+results: `python benchmarks/targets.py --targets arm --name targets_arm`.
 """
 from __future__ import annotations
 
@@ -215,6 +218,10 @@ def markdown(doc: dict[str, Any]) -> str:
         note = "; ".join(r.get("notes", []) + ([r["latency"]] if "latency" in r else []))
         lines.append(f"| {r['model']} | {r['variant']} | {r['target']} | {r['build_s']:.1f} | "
                      f"{r['size_bytes'] / 1e6:.2f} | {note} |")
+    if any("arm_latency" in r for r in doc["rows"]):
+        from arm_device import arm_markdown
+
+        lines += arm_markdown(doc["rows"])
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5,
                     help="alternating ORT/TVM timing rounds per model (samples pooled)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="targets", help="stem of the result files (NAME.json, NAME.md)")
+    ap.add_argument("--rpc", default=None, metavar="HOST:PORT",
+                    help="arm: measure on this device's TVM RPC server instead of the emulated one")
     args = ap.parse_args(argv)
+    if "arm" in args.targets.split(","):
+        import arm_device  # benchmarks/arm_device.py: emulated/RPC latency + instruction counts
+
+        arm_device.RPC = args.rpc
+        ARM_HOOKS.append(arm_device.arm_row)
     from rwdeploy.runtime.environment import environment
     from rwdeploy.runtime.targets import get_target
     from rwdeploy.runtime.tvm_build import set_threads
@@ -248,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python benchmarks/targets.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "targets.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "targets.md").write_text(markdown(doc))
+    (out / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(doc))
     print(markdown(doc))
     return 0
 

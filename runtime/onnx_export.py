@@ -69,7 +69,16 @@ def export_onnx(
 
     `fold_batchnorm=False` keeps BatchNormalization nodes instead of folding them into the
     preceding convolution's weights (quantized weights must reach the file unchanged).
+
+    A module with packed sparse layers (`rwdeploy.sparse`) is exported through its dense
+    equivalent, then every sparse weight is stored compactly (CSR arrays densified by stock
+    ops that ONNX Runtime folds at load: `rwdeploy.runtime.onnx_sparse`).
     """
+    from rwdeploy.runtime import onnx_sparse
+
+    packed = onnx_sparse.has_packed_layers(module)
+    if packed:
+        module = onnx_sparse.dense_copy(module)
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} < {MIN_OPSET}")
     path = Path(path)
@@ -100,8 +109,10 @@ def export_onnx(
                               hint="the slim .pt2 is unaffected; report the op that failed") from None
 
     model = onnx.load(str(path))
-    if model.ir_version > MAX_ORT_IR_VERSION:
-        model.ir_version = MAX_ORT_IR_VERSION
+    if packed:
+        model, _ = onnx_sparse.compact_onnx(model)
+    if model.ir_version > MAX_ORT_IR_VERSION or packed:
+        model.ir_version = min(model.ir_version, MAX_ORT_IR_VERSION)
         onnx.save(model, str(path))
     try:
         onnx.checker.check_model(model, full_check=True)

@@ -15,15 +15,14 @@ creation with default options: the file is small and the running graph is the de
 (Gather + Mul + ScatterElements) was not used: per call it runs several ops over all
 non-zeros and cannot beat ORT's dense Gemm/Conv kernels at these sizes.
 
-`export_sparse_onnx` exports a (packed) module: packed layers are swapped for their dense
-equivalents in a copy, exported by torch.onnx, then every sparse weight is compacted.
+`runtime.onnx_export.export_onnx` calls this for a module with packed layers: the packed
+layers are swapped for their dense equivalents in a copy (`dense_copy`), exported by
+torch.onnx, then every sparse weight is compacted (`compact_onnx`).
 """
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from rwdeploy.io import atomic_file
 from rwdeploy.sparse import PACKED_TYPES
 
 WEIGHT_CONSUMERS = {"Gemm": (1,), "MatMul": (0, 1), "Conv": (1,), "ConvTranspose": (1,)}
@@ -155,6 +153,10 @@ def compact_onnx(model: onnx.ModelProto, *, min_sparsity: float = 0.5,
     return model, done
 
 
+def has_packed_layers(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, PACKED_TYPES) for m in module.modules())
+
+
 def dense_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of `module` with every packed layer replaced by its dense nn.Linear/nn.Conv2d."""
     out = copy.deepcopy(module)
@@ -165,27 +167,3 @@ def dense_copy(module: torch.nn.Module) -> torch.nn.Module:
     if isinstance(out, torch.fx.GraphModule):
         out.recompile()
     return out
-
-
-def export_sparse_onnx(module: torch.nn.Module, example_input: torch.Tensor,
-                       path: str | os.PathLike, *, opset: int = 17, min_sparsity: float = 0.5,
-                       **export_kw: Any) -> tuple[Any, list[CompactedWeight]]:
-    """Export `module` (packed or not) to a compact ONNX file at `path` (written atomically).
-
-    The dense copy goes through the pipeline's exporter (`runtime.onnx_export.export_onnx`,
-    extra keywords are passed on), then sparse weights are compacted. Returns the exporter's
-    info (size updated to the compact file) and the compacted weights.
-    """
-    import dataclasses
-    import tempfile
-
-    from rwdeploy.runtime.onnx_export import export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "dense.onnx"
-        info = export_onnx(dense_copy(module), example_input, raw, max(opset, MIN_OPSET), **export_kw)
-        model, done = compact_onnx(onnx.load(str(raw)), min_sparsity=min_sparsity)
-    with atomic_file(path) as tmp_path:
-        onnx.save(model, str(tmp_path))
-    info = dataclasses.replace(info, path=str(path), size_bytes=Path(path).stat().st_size)
-    return info, done

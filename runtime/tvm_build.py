@@ -93,7 +93,7 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
     if converters is None and _has_rwdeploy_ops(program):
         from rwdeploy.runtime.tvm_sparse import convert_map  # CSR/BSR kernels (packed layers)
 
-        converters = convert_map()
+        converters = convert_map(dense_kernels=False)
     try:
         return from_exported_program(program, keep_params_as_input=False,
                                      unwrap_unit_return_tuple=True,

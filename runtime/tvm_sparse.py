@@ -236,7 +236,7 @@ def layer_spec(layer: torch.nn.Module, in_shape: Sequence[int], fmt: str,
                     nnzb, block, idx)
 
 
-def _layer_candidate(key: str, layer: torch.nn.Module, in_shape: Sequence[int], matrix) -> Candidate:
+def layer_candidate(key: str, layer: torch.nn.Module, in_shape: Sequence[int], matrix) -> Candidate:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(tuple(in_shape)).astype(np.float32)
     bias = np.zeros(layer.weight.shape[0], np.float32)
@@ -272,8 +272,8 @@ def measure_layer_formats(layers: Sequence[tuple[str, torch.nn.Module, Sequence[
 
     cands = []
     for name, layer, shape, packed in layers:
-        cands.append(_layer_candidate(f"{name}\0dense", layer, shape, None))
-        cands += [_layer_candidate(f"{name}\0{fmt}", layer, shape, m) for fmt, m in packed.items()]
+        cands.append(layer_candidate(f"{name}\0dense", layer, shape, None))
+        cands += [layer_candidate(f"{name}\0{fmt}", layer, shape, m) for fmt, m in packed.items()]
     timed = time_candidates(cands, target)
     out: dict[str, dict[str, dict]] = {name: {} for name, *_ in layers}
     for key, stats in timed.items():

@@ -60,9 +60,14 @@ class CompileOptions:
     probe_batch_size: int = 4
     seed: int = 0
     opset: int = 17
+    sparse: str = "auto"  # pack sparse layers as CSR/BSR: auto (where measured faster) | off | csr | bsr
     gpu_arch: str | None = None  # --target gpu: sm_XY (default: the visible GPU's, else sm_90)
     tune: int = 0  # MetaSchedule trials for the TVM cpu/arm build (0: hand schedules only)
     tuning_db: Path | None = None  # MetaSchedule records, reused across runs
+    # arm targets: the device to measure on over TVM RPC; neither = the emulated aarch64 device
+    rpc: str | None = None  # HOST:PORT
+    tracker: str | None = None  # HOST:PORT, with key
+    key: str | None = None
 
     def validate(self) -> None:
         if not self.tolerance >= 0:
@@ -74,10 +79,30 @@ class CompileOptions:
             raise OptionError(f"--threads {self.threads} must be >= 1")
         if self.runs < 1 or self.warmup < 0:
             raise OptionError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1, warmup >= 0")
+        from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
+
+        if self.sparse not in SPARSE_MODES:
+            raise OptionError(f"unknown --sparse {self.sparse!r}", hint=f"use one of {', '.join(SPARSE_MODES)}")
         if self.target not in TARGET_STAGES:
             raise OptionError(f"unknown --target {self.target!r}",
                               hint=f"known targets: {', '.join(sorted(TARGET_STAGES))}")
+        self._validate_device()
         validate_tvm_options(self)
+
+    def _validate_device(self) -> None:
+        from rwdeploy.runtime.rpc import parse_address
+        from rwdeploy.runtime.targets import TARGETS as REGISTRY
+
+        if (self.rpc or self.tracker or self.key) and REGISTRY[self.target].family != "arm":
+            raise OptionError(f"--rpc/--tracker/--key measure on a device; --target {self.target} runs here",
+                              hint="use them with an arm target (arm, rpi4, rpi5, graviton2, android-arm64)")
+        if self.rpc and self.tracker:
+            raise OptionError("give either --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
+        if self.tracker and not self.key:
+            raise OptionError("--tracker needs --key KEY (the device key its server registered with)")
+        for option, value in (("--rpc", self.rpc), ("--tracker", self.tracker)):
+            if value:
+                parse_address(value, option)
 
 
 @dataclass
@@ -95,6 +120,7 @@ class CompileContext:
     trace_method: str | None = None
     analysis: Any = None
     slim: fx.GraphModule | None = None
+    unpacked: fx.GraphModule | None = None  # the slim model before sparse packing (layer stats)
     records: dict[str, Any] = field(default_factory=dict)  # pass name -> record
     sections: dict[str, Any] = field(default_factory=dict)  # report sections by name
     latency: list[dict[str, Any]] = field(default_factory=list)
@@ -218,6 +244,24 @@ def stage_verify(ctx: CompileContext) -> None:
         )
 
 
+def stage_pack_sparse(ctx: CompileContext) -> None:
+    """Pack sparse layers as CSR/BSR where that measures faster (`--sparse`); checked on the probes."""
+    from rwdeploy.passes.pack_sparse import pack_sparse
+
+    opts = ctx.options
+    result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target)
+    worst = 0.0
+    for x in ctx.probe_inputs:
+        worst = max(worst, max_errors(ctx.slim(x), result.gm(x))[1])
+    if worst > opts.tolerance:
+        raise VerificationError(f"packed model differs from the slim model: max relative error {worst:.3g} "
+                                f"> tolerance {opts.tolerance:g}; nothing was written",
+                                hint="compile with --sparse off, and please report it")
+    ctx.unpacked, ctx.slim = ctx.slim, result.gm
+    ctx.records["pack_sparse"] = result.record
+    ctx.sections["sparse"] = {**result.record.to_dict(), "max_rel_vs_slim": worst}
+
+
 def stage_export_pt2(ctx: CompileContext) -> None:
     """The slim model as a `torch.export` program, batch dimension dynamic where possible."""
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -293,8 +337,9 @@ def stage_measure_ort(ctx: CompileContext) -> None:
 def stage_report(ctx: CompileContext) -> None:
     opts, loaded = ctx.options, ctx.loaded
     before = layer_stats(ctx.original, ctx.example_input)
-    after = layer_stats(ctx.slim, ctx.example_input)
-    t_before, t_after = totals(ctx.original, before), totals(ctx.slim, after)
+    slim = ctx.unpacked if ctx.unpacked is not None else ctx.slim  # packed layers hold no weight
+    after = layer_stats(slim, ctx.example_input)
+    t_before, t_after = totals(ctx.original, before), totals(slim, after)
     ctx.sections["model"] = {
         "source": loaded.source,
         "path": str(loaded.path) if loaded.path else None,
@@ -339,6 +384,8 @@ SLIM_STAGES: tuple[Stage, ...] = (
     Stage("analyze", "Analyze channel groups", stage_analyze),
     Stage("remove_zero_channels", "Remove zero channels", stage_remove_zero_channels),
     Stage("verify", "Verify against the original", stage_verify),
+    Stage("pack_sparse", "Pack sparse layers (CSR/BSR where faster)", stage_pack_sparse,
+          lambda options: options.sparse != "off"),
     Stage("export_pt2", "Export slim .pt2", stage_export_pt2),
     Stage("export_onnx", "Export ONNX (original, slim)", stage_export_onnx),
     Stage("ort_check", "Check ONNX Runtime output", stage_ort_check),

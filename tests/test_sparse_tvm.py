@@ -48,13 +48,22 @@ def _packed(net):
     return p.eval()
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_relax_import_uses_tir_kernels_and_matches_dense(batch):
+@pytest.mark.parametrize("batch,decompose", [(1, False), (3, True)])
+def test_relax_import_uses_tir_kernels_and_matches_dense(batch, decompose):
+    """decompose=True: the path of runtime.tvm_build (ATen decomposition on, sparse converters
+    only); the custom ops are not decomposed and still reach their converters."""
     net = Net().eval()
     packed = _packed(net)
     x = torch.randn(batch, 4, 10, 10)
     ref = net(x).detach().numpy()
-    mod = tvm_sparse.import_exported_program(torch.export.export(packed, (x,)))
+    ep = torch.export.export(packed, (x,))
+    if decompose:
+        from tvm.relax.frontend.torch import from_exported_program
+
+        mod = from_exported_program(ep, unwrap_unit_return_tuple=True,
+                                    custom_convert_map=tvm_sparse.convert_map(dense_kernels=False))
+    else:
+        mod = tvm_sparse.import_exported_program(ep)
     script = mod.script()
     assert script.count("R.call_tir") >= 7          # every non-empty packed layer
     assert "rw_conv2d_sparse" in script and "rw_linear_sparse" in script

@@ -27,39 +27,6 @@ def _set(recipe: Any, dotted: str, value: Any) -> None:
     setattr(obj, last, value)
 
 
-class _EpochBars:
-    """Rich progress bars, one per epoch, showing loss, accuracy and current sparsity."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  "
-                       "sparsity {task.fields[sparsity]:.3f}{task.fields[test]}"),
-            TimeElapsedColumn(),
-        )
-        self.progress.start()
-
-    def __call__(self, description: str, total: int) -> "_EpochBars._Bar":
-        task = self.progress.add_task(description, total=total, loss=0.0, acc=0.0, sparsity=0.0, test="")
-        return _EpochBars._Bar(self.progress, task)
-
-    class _Bar:
-        def __init__(self, progress: Any, task: Any) -> None:
-            self.progress, self.task = progress, task
-
-        def update(self, **fields: float) -> None:
-            self.progress.update(self.task, advance=1, **fields)
-
-        def close(self, record: dict[str, Any]) -> None:
-            self.progress.update(self.task, loss=record["loss"], acc=record["train_acc"],
-                                 sparsity=record["sparsity"], test=f"  test {record['test_acc']:.3f}")
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
 def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, steps: int | None,
                     bits: str | None, per_channel: bool | None, epochs: int | None) -> None:
     """Command-line adversarial/quantize options into the recipe's `extra` (over the recipe file)."""
@@ -155,8 +122,11 @@ def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str
     if show:
         from rich.console import Console
 
-        if Console(stderr=True).is_terminal:
-            bars = _EpochBars()
+        from rwdeploy.train.progress import EpochBars
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            bars = EpochBars(console)
     echo = (lambda s: click.echo(s, err=True)) if show and bars is None else None
     try:
         result = run_pruning(recipe_obj, out, resume=resume, log_path=log_path, progress=bars, echo=echo, dist=dist)

@@ -119,6 +119,9 @@ class AdversarialTraining:
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Under DistributedDataParallel attack the local module: the attack needs no gradient
+        # synchronisation, and DDP's reducer must only see the training step's backward.
+        model = getattr(model, "module", model)
         pixel_model = with_normalization(model, self.mean, self.std)
         norm = pixel_model[0]
         x_adv = pgd_attack(pixel_model, norm.inverse(x).clamp(0, 1), y, self.cfg, generator=self._generator)
@@ -157,8 +160,13 @@ class RobustnessResult:
 def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                         mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
                         cfg: PGDConfig = PGDConfig(), strong_steps: int | None = 50,
-                        max_samples: int | None = None, seed: int = 0) -> RobustnessResult:
-    """Natural, PGD-`cfg.steps` and PGD-`strong_steps` accuracy over normalised `batches`."""
+                        max_samples: int | None = None, seed: int = 0,
+                        all_reduce: Callable[[list[float]], list[float]] | None = None) -> RobustnessResult:
+    """Natural, PGD-`cfg.steps` and PGD-`strong_steps` accuracy over normalised `batches`.
+
+    `all_reduce` sums the counts across ranks (each rank evaluates its shard; `max_samples` is
+    per rank), so every rank gets the same result and makes the same selection.
+    """
     pixel_model = with_normalization(model, mean, std)
     norm = pixel_model[0]
     g = torch.Generator().manual_seed(seed)
@@ -187,6 +195,9 @@ def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
             n += int(y.numel())
     finally:
         model.train(was_training)
+    if all_reduce is not None:
+        correct_nat, correct_pgd, correct_strong, n = (int(v) for v in all_reduce(
+            [float(correct_nat), float(correct_pgd), float(correct_strong), float(n)]))
     if n == 0:
         raise OptionError("robustness evaluation got no samples", hint="check the test split")
     return RobustnessResult(correct_nat / n, correct_pgd / n, (correct_strong / n) if strong else None,

@@ -111,7 +111,8 @@ class Extensions:
         cfg = self.adversarial
         return evaluate_robustness(self.run.model, self.run.test_loader, mean=self.run.data.mean, std=self.run.data.std,
                                    cfg=cfg.pgd(), strong_steps=(cfg.eval_steps or None) if final else None,
-                                   max_samples=None if final else cfg.eval_samples, seed=self.run.recipe.seed)
+                                   max_samples=None if final else cfg.eval_samples, seed=self.run.recipe.seed,
+                                   all_reduce=self.run.dist.all_reduce_sum)
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         if self.adversarial is None or record.get("phase") != "retrain" or "epoch" not in record:

@@ -244,6 +244,8 @@ class PruneRun:
         self._setup()
         self._last_sparsity = 0.0
         state = self._load_state() if self.resume else None
+        if state is None and self.dist.is_main and self.log_path.exists():
+            self.log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
         start_phase, start_epoch = (state["phase"], state["epoch"]) if state else (0, 0)
         t0 = time.perf_counter()
         for index, name in enumerate(Recipe.PHASES):
