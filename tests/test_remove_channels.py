@@ -71,6 +71,7 @@ def test_constants_of_removed_channels_are_folded_where_needed():
     # b and c are padded 3x3 convs: a removed channel's constant contributes less at borders
     assert folded["b.0"] == "constant map" and folded["c.0"] == "constant map"
     assert folded["head"] == "bias"  # a Linear after global pooling: position-independent
+    assert all(layer.folded_max_abs > 0 for layer in res.record.layers if layer.folded)
     # without the folded constants the slim model would be wrong: drop them and compare
     broken = remove_zero_channels(gm, x).gm
     for name, buf in list(broken.named_buffers()):
@@ -158,8 +159,8 @@ def test_untraceable_model_falls_back_to_torch_export_and_is_slimmed():
     assert res.gm.get_parameter("b.weight").shape == (4, 5, 3, 3)
 
 
-@pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk",
-                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net"])
+@pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
+                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net", "family:swin"])
 def test_exported_programs_are_slimmed_exactly(case):
     """A .pt2 program's graph holds aten ops with parameters read through get_attr."""
     gm, x, _ = pruned(*CASES[case])
