@@ -35,10 +35,11 @@ class LayerChange:
     before: dict[str, list[int]]
     after: dict[str, list[int]]
     folded: str | None = None  # "bias" or "constant map"
+    folded_max_abs: float | None = None  # largest folded value: how much the constants mattered
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "before": self.before, "after": self.after,
-                "folded": self.folded}
+                "folded": self.folded, "folded_max_abs": self.folded_max_abs}
 
 
 @dataclass
@@ -220,7 +221,8 @@ def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Select
     weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
     name = weight.target.rpartition(".")[0] if weight is not None else node.name
     return LayerChange(name or node.name, f"{base_name(node)} (functional)",
-                       {k: v[0] for k, v in shapes.items()}, {k: v[1] for k, v in shapes.items()}, folded)
+                       {k: v[0] for k, v in shapes.items()}, {k: v[1] for k, v in shapes.items()}, folded,
+                       _max_abs(fold))
 
 
 def _shrink_module(node: fx.Node, kind: str, mod: nn.Module, sel: Selection, values: dict[str, Any],
@@ -246,7 +248,11 @@ def _shrink_module(node: fx.Node, kind: str, mod: nn.Module, sel: Selection, val
         folded = "bias"
     elif fold is not None:
         folded = "constant map"
-    return LayerChange(node.target, type(mod).__name__, before, _shapes(mod), folded)
+    return LayerChange(node.target, type(mod).__name__, before, _shapes(mod), folded, _max_abs(fold))
+
+
+def _max_abs(fold: tuple | None) -> float | None:
+    return None if fold is None else float(fold[1].abs().max())
 
 
 def _shapes(mod: nn.Module) -> dict[str, list[int]]:
