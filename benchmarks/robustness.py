@@ -51,6 +51,7 @@ class Budget:
     lam: float = 2e-4  # reweighted and reweighted-ADMM lambda (filter groups)
     rho: float = 1e-3
     eval_samples: int = 256
+    eps: float = 8 / 255
     rates: dict[str, float] = field(default_factory=lambda: dict(RATES))
 
 
@@ -65,7 +66,8 @@ def _recipe(b: Budget, *, model: str, method: str = "magnitude", rate: float = 0
     r.prune.epochs, r.prune.lr = (0 if dense or quantize else b.prune_epochs), b.lr
     r.retrain.epochs, r.retrain.lr = (0 if dense or quantize else b.retrain_epochs), b.retrain_lr
     if adversarial:
-        r.extra["adversarial"] = {"method": "pgd", "eval_steps": 50, "eval_samples": b.eval_samples}
+        r.extra["adversarial"] = {"method": "pgd", "eps": b.eps, "step": b.eps / 4, "eval_steps": 50,
+                                  "eval_samples": b.eval_samples}
     if quantize:
         r.extra["quantize"] = quantize
     return r
@@ -96,7 +98,8 @@ def _natural_eval(path: Path, b: Budget) -> dict:
     loaded = load_model(path)
     data = load_dataset("digits", tuple(loaded.input_shape[1:]))
     loader = BatchLoader(data, "test", loaded.input_shape, 256, shuffle=False)
-    res = evaluate_robustness(loaded.module, loader, mean=data.mean, std=data.std, cfg=PGDConfig(), strong_steps=50)
+    cfg = PGDConfig(eps=b.eps, step=b.eps / 4)
+    res = evaluate_robustness(loaded.module, loader, mean=data.mean, std=data.std, cfg=cfg, strong_steps=50)
     return {"natural_acc": res.natural_acc, "pgd10_acc": res.pgd_acc, "pgd50_acc": res.pgd_strong_acc,
             "masking_suspect": res.masking_suspect}
 
@@ -108,7 +111,8 @@ def _files(path: Path, work: Path) -> dict | None:
     except ImportError:
         return None
     out = work / f"{path.stem}-compiled"
-    result = compile_model(load_model(path), CompileOptions(out=out, measure=False))
+    # sparse="off": slim.onnx is the dense slim float model, the baseline of the QDQ file
+    result = compile_model(load_model(path), CompileOptions(out=out, measure=False, sparse="off"))
     files = result.report["files"]
     q = result.report.get("quantization", {})
     return {"original_onnx_bytes": files["original_onnx"]["bytes"], "slim_onnx_bytes": files["slim_onnx"]["bytes"],
@@ -120,7 +124,7 @@ def _files(path: Path, work: Path) -> dict | None:
 
 def run(b: Budget, work: Path, log=print) -> dict:
     rows: list[dict] = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     natural = work / "dense-natural.pt"
     res = run_pruning(_recipe(b, model="lenet5", adversarial=False, dense=True), natural)
     rows.append({"name": "dense (natural training)", "method": "dense", "rate": None, "test_acc": res.final_acc,
@@ -158,7 +162,8 @@ def run(b: Budget, work: Path, log=print) -> dict:
             row["files"] = _files(out, work)
             quant_rows.append(row)
             log(row)
-    return {"rows": rows, "quantization": quant_rows, "wall_s_total": round(time.perf_counter() - t0, 1)}
+    return {"rows": rows, "quantization": quant_rows, "wall_s_total": round(time.perf_counter() - t0, 1),
+            "cpu_s_total": round(time.process_time() - cpu0, 1)}
 
 
 def _pct(v) -> str:
@@ -168,12 +173,13 @@ def _pct(v) -> str:
 def markdown(report: dict) -> str:
     b = report["budget"]
     lines = ["# Robust sparse models and quantization on digits (LeNet-5)", "",
-             f"PGD-Linf eps 8/255, step 2/255, 10 steps, random start, on [0, 1] pixels of the 28x28 up-sampled digits; "
+             f"PGD-Linf eps {255 * b['eps']:.0f}/255, step eps/4, 10 steps, random start, on [0, 1] pixels of the 28x28 up-sampled digits; "
              f"adversarial training in every phase. Dense AT {b['dense_epochs']} epochs; each method {b['prune_epochs']} "
              f"prune-phase + {b['retrain_epochs']} retraining epochs from the same dense AT model; filter pruning of conv2 and "
              f"fc1 (conv1, classifier dense); lambda {b['lam']}, rho {b['rho']}. Checkpoint: the retraining epoch with the best "
              f"(natural + PGD-10) / 2 on {b['eval_samples']} test images; figures below on all 540 test images. One seed.", "",
-             f"Load average start/end: {report['loadavg_start']} / {report['loadavg_end']}; total wall {report['wall_s_total']} s "
+             f"Load average start/end: {report['loadavg_start']} / {report['loadavg_end']}; total wall {report['wall_s_total']} s, "
+             f"CPU {report.get('cpu_s_total')} s "
              f"with {report['threads']} thread(s) (shared machine: times are noisy).", "",
              "| model | filters kept | compression (params) | natural % | PGD-10 % | PGD-50 % | after hard prune % | wall s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -207,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch per phase, 8x only")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eps", type=float, default=8 / 255, help="PGD budget in [0, 1] pixels (step = eps / 4)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     budget = QUICK if args.quick else Budget()
+    budget.eps = args.eps
     report = {"benchmark": "robustness", "loadavg_start": [round(v, 2) for v in os.getloadavg()],
               "threads": args.threads, "budget": budget.__dict__, "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:

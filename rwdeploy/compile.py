@@ -64,6 +64,10 @@ class CompileOptions:
     gpu_arch: str | None = None  # --target gpu: sm_XY (default: the visible GPU's, else sm_90)
     tune: int = 0  # MetaSchedule trials for the TVM cpu/arm build (0: hand schedules only)
     tuning_db: Path | None = None  # MetaSchedule records, reused across runs
+    # arm targets: the device to measure on over TVM RPC; neither = the emulated aarch64 device
+    rpc: str | None = None  # HOST:PORT
+    tracker: str | None = None  # HOST:PORT, with key
+    key: str | None = None
 
     def validate(self) -> None:
         if not self.tolerance >= 0:
@@ -82,7 +86,23 @@ class CompileOptions:
         if self.target not in TARGET_STAGES:
             raise OptionError(f"unknown --target {self.target!r}",
                               hint=f"known targets: {', '.join(sorted(TARGET_STAGES))}")
+        self._validate_device()
         validate_tvm_options(self)
+
+    def _validate_device(self) -> None:
+        from rwdeploy.runtime.rpc import parse_address
+        from rwdeploy.runtime.targets import TARGETS as REGISTRY
+
+        if (self.rpc or self.tracker or self.key) and REGISTRY[self.target].family != "arm":
+            raise OptionError(f"--rpc/--tracker/--key measure on a device; --target {self.target} runs here",
+                              hint="use them with an arm target (arm, rpi4, rpi5, graviton2, android-arm64)")
+        if self.rpc and self.tracker:
+            raise OptionError("give either --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
+        if self.tracker and not self.key:
+            raise OptionError("--tracker needs --key KEY (the device key its server registered with)")
+        for option, value in (("--rpc", self.rpc), ("--tracker", self.tracker)):
+            if value:
+                parse_address(value, option)
 
 
 @dataclass

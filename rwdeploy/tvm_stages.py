@@ -21,13 +21,18 @@ import torch
 
 from rwdeploy.errors import VerificationError
 from rwdeploy.runtime import tvm_build
+from rwdeploy.runtime.arm_measure import stage_arm_measure
 from rwdeploy.runtime.targets import RUNS_LOCAL, TARGETS, get_target
 
 SLIM_SO = "model.{target}.so"
 ORIGINAL_SO = "original.{target}.so"
 
-# family -> extra stages measuring on a device (e.g. "arm": RPC / emulator measurement).
-DEVICE_STAGES: dict[str, tuple[Any, ...]] = {}
+# family -> extra stages measuring on a device, as (name, title, run, when) for `Stage`.
+# arm: over TVM RPC (--rpc / --tracker --key), else on the emulated aarch64 device.
+DEVICE_STAGES: dict[str, tuple[tuple[Any, ...], ...]] = {
+    "arm": (("arm_measure", "Measure on the arm device (emulated without --rpc)", stage_arm_measure,
+             lambda options: bool(options.measure)),),
+}
 
 
 def _target(ctx: Any) -> Any:
@@ -111,5 +116,5 @@ def target_stages(name: str, stage: Callable[..., Any]) -> tuple[Any, ...]:
     if entry.runs_on == RUNS_LOCAL:
         stages.append(stage("tvm_measure", f"Measure TVM latency on {name}", stage_tvm_measure,
                             _measuring))
-    stages.extend(DEVICE_STAGES.get(entry.family, ()))
+    stages.extend(stage(*spec) for spec in DEVICE_STAGES.get(entry.family, ()))
     return tuple(stages)

@@ -88,7 +88,7 @@ def test_evaluation_counts_natural_and_adversarial_accuracy():
     res = evaluate_robustness(model, batches, cfg=PGDConfig(eps=0.0), strong_steps=3)
     assert res.n == 40 and res.natural_acc == pytest.approx(0.75)
     assert res.pgd_acc == pytest.approx(0.75) and res.pgd_strong_acc == pytest.approx(0.75)  # eps 0: no change
-    res = evaluate_robustness(model, batches, cfg=PGDConfig(eps=0.3, step=0.05), strong_steps=20)
+    res = evaluate_robustness(model, batches, cfg=PGDConfig(eps=0.3, step=0.1, steps=3), strong_steps=8)
     assert res.natural_acc == pytest.approx(0.75)
     assert res.pgd_acc < 0.75 and res.pgd_strong_acc <= res.pgd_acc + 0.05
     assert res.score == pytest.approx((res.natural_acc + res.pgd_acc) / 2)
@@ -182,12 +182,13 @@ def test_compile_exports_the_quantized_checkpoint_as_qdq_onnx(extended_checkpoin
     pytest.importorskip("rwdeploy.passes.remove_zero_channels")  # the channel passes (compile pipeline)
     from rwdeploy.cli import main
 
-    rc = main(["compile", str(extended_checkpoint), "--out", str(tmp_path / "c"), "--no-measure"])
+    rc = main(["compile", str(extended_checkpoint), "--out", str(tmp_path / "c"), "--no-measure", "--sparse", "off"])
     assert rc == 0
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     q = report["quantization"]
     assert q["bits"] == 4 and q["onnx"]["storage"] == "int4" and q["onnx"]["check"]["max_rel"] <= 1e-4
     assert q["tvm"]["weights"] == "int8" and q["tvm"]["check"]["max_rel"] <= 1e-4
     qdq = tmp_path / "c" / "slim.qdq.onnx"
-    assert qdq.stat().st_size < 0.3 * (tmp_path / "c" / "slim.onnx").stat().st_size
+    # dense int4 weights: about 1/8 of the float file (irregular pruning removes no channels)
+    assert qdq.stat().st_size < 0.2 * (tmp_path / "c" / "original.onnx").stat().st_size
     assert sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(qdq)).graph.node) == 4

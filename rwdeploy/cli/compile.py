@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from rwdeploy.cli.common import load_from_cli, model_options
-from rwdeploy.compile import TARGET_STAGES, CompileOptions, Stage, compile_model
+from rwdeploy.compile import TARGET_STAGES, CompileOptions, Stage, compile_model, pipeline
 from rwdeploy.console import make_console
 from rwdeploy.errors import OptionError
 from rwdeploy.report import REPORT_MD, speedups
@@ -70,10 +71,17 @@ def _summary(report: dict[str, Any], out: Path) -> Table:
     ratio_row("MACs", model.get("macs", {}).get("original"), model.get("macs", {}).get("slim"))
     if "original_onnx" in files and "slim_onnx" in files:
         ratio_row("ONNX bytes", files["original_onnx"]["bytes"], files["slim_onnx"]["bytes"])
+    emulated = {(r["runtime"], r["target"]) for r in report.get("latency", []) if r.get("emulated")}
     for row in speedups(report.get("latency", [])):
-        table.add_row(f"{row['runtime']} b={row['batch']} t={row['threads']} ms",
+        where = f" {row['target']} (emulated)" if (row["runtime"], row["target"]) in emulated else ""
+        table.add_row(f"{row['runtime']}{where} b={row['batch']} t={row['threads']} ms",
                       f"{row['original_ms']:.3f}", f"{row['slim_ms']:.3f}",
                       f"{row['speedup']:.2f}× faster")
+    for name, section in report.get("targets", {}).items():
+        insns = section.get("instructions", {}).get("per_variant", {})
+        if "original" in insns and "slim" in insns:
+            ratio_row(f"{name} insns/inference", insns["original"]["insns_per_inference"],
+                      insns["slim"]["insns_per_inference"])
     sparse = report.get("sparse")
     if sparse:
         packed = [l for l in sparse["layers"] if l["chosen"] != "dense"]
@@ -115,16 +123,27 @@ def _summary(report: dict[str, Any], out: Path) -> Table:
               help="Folder of MetaSchedule records, reused across runs (applied when present).")
 @click.option("--sparse", default="auto", show_default=True, type=click.Choice(["auto", "off", "csr", "bsr"]),
               help="Store sparse Conv/Linear layers as CSR/BSR: auto = per layer where measured faster.")
+@click.option("--rpc", default=None, metavar="HOST:PORT",
+              help="arm targets: measure on this device's TVM RPC server (default: the emulated aarch64 device).")
+@click.option("--tracker", default=None, metavar="HOST:PORT", help="arm targets: get the device from this TVM RPC tracker.")
+@click.option("--key", default=None, help="Device key for --tracker.")
 def command(model: str, arch: str | None, input_shape: str | None, trust_pickle: bool, target: str,
             out: Path | None, tolerance: float, batch: str, threads: int, runs: int, warmup: int,
             min_time: float, no_measure: bool, gpu_arch: str | None, tune: int,
-            tuning_db: Path | None, sparse: str) -> None:
+            tuning_db: Path | None, sparse: str, rpc: str | None, tracker: str | None, key: str | None) -> None:
     """Remove zero channels from MODEL, verify, export .pt2 + ONNX + TVM module, measure, report."""
     options = CompileOptions(out=out or default_out(model), target=target, tolerance=tolerance,
                              batches=parse_batches(batch), threads=threads, runs=runs, warmup=warmup,
                              min_time_s=min_time, measure=not no_measure, gpu_arch=gpu_arch,
-                             tune=tune, tuning_db=tuning_db, sparse=sparse)
+                             tune=tune, tuning_db=tuning_db, sparse=sparse, rpc=rpc, tracker=tracker, key=key)
     options.validate()  # bad options fail before the (slow) model load
+    # torch's own deep copies of exported graphs warn about its internal pytree API; the
+    # warning is for torch's developers and says nothing about the user's model.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    if any(st.name == "arm_measure" for st in pipeline(options)) and not (rpc or tracker):
+        click.echo(f"rwdeploy: no --rpc given: measuring --target {target} on the emulated aarch64 device "
+                   "(qemu-user on this machine); its latency is emulated, not ARM latency, and comes with "
+                   "aarch64 instructions per inference", err=True)
     loaded = load_from_cli(model, arch, input_shape, trust_pickle)
     err_console = make_console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),

@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from rwdeploy.errors import VerificationError
-from rwdeploy.quant.export import export_qdq_onnx
+from rwdeploy.quant.export import export_float_onnx, write_qdq_onnx
 from rwdeploy.quant.onnx_qdq import to_qdq
 from rwdeploy.quant.qat import QuantSpec
 from rwdeploy.quant.size import model_size
@@ -50,24 +50,26 @@ def _check(name: str, runtime: str, module: torch.nn.Module, run, probes: list[t
 
 
 def stage_export_quantized(ctx: Any) -> None:
-    from rwdeploy.compile import SLIM_ONNX, max_errors  # the pipeline imports this module
+    from rwdeploy.compile import max_errors  # the pipeline imports this module
 
     spec = quant_spec(ctx.loaded.metadata)
     if spec is None:
         return
     opts = ctx.options
-    info = export_qdq_onnx(ctx.slim, ctx.example_input, ctx.path(QDQ_ONNX), bits=spec.bits,
-                           per_channel=spec.per_channel, opset=opts.opset)
+    # The dense slim model: sparse packing (when it ran) replaced weights by CSR/BSR arrays.
+    slim = ctx.unpacked if getattr(ctx, "unpacked", None) is not None else ctx.slim
+    float_model = export_float_onnx(slim, ctx.example_input, opts.opset)
+    info = write_qdq_onnx(float_model, ctx.path(QDQ_ONNX), bits=spec.bits, per_channel=spec.per_channel)
     runner = OrtRunner(ctx.path(QDQ_ONNX), threads=opts.threads)
     section: dict[str, Any] = {
         "bits": spec.bits, "per_channel": spec.per_channel, "scales": "power of two (fixed point)",
-        "onnx": {**info.record.to_dict(), "check": _check(QDQ_ONNX, "ONNX Runtime", ctx.slim, runner.run,
+        "onnx": {**info.record.to_dict(), "check": _check(QDQ_ONNX, "ONNX Runtime", slim, runner.run,
                                                           ctx.probe_inputs, opts.tolerance, max_errors)},
-        "storage": model_size(ctx.slim, spec),
+        "storage": model_size(slim, spec),
     }
     ctx.files["slim_qdq_onnx"] = {"path": QDQ_ONNX, "bytes": info.size_bytes, "opset": info.record.opset,
                                   "weights": info.record.storage}
-    section["tvm"] = _tvm_builds(ctx, spec, max_errors, SLIM_ONNX)
+    section["tvm"] = _tvm_builds(ctx, spec, max_errors, slim, float_model)
     if opts.measure:
         for batch in opts.batches:
             x = ctx.loaded.example_input(batch=batch, seed=opts.seed).numpy()
@@ -80,15 +82,15 @@ def stage_export_quantized(ctx: Any) -> None:
     ctx.sections["quantization"] = section
 
 
-def _tvm_builds(ctx: Any, spec: QuantSpec, max_errors, slim_onnx: str) -> dict[str, Any]:
+def _tvm_builds(ctx: Any, spec: QuantSpec, max_errors, slim: torch.nn.Module,
+                float_model: onnx.ModelProto) -> dict[str, Any]:
     """TVM builds for this host of the slim graph with float and with int8-stored weights."""
     from rwdeploy.quant.tvm_qdq import build_onnx
 
-    float_model = onnx.load(str(ctx.path(slim_onnx)))
     qdq_model, record = to_qdq(float_model, spec.bits, per_channel=spec.per_channel, int4_storage=False)
     qbuild, qrun = build_onnx(qdq_model, path=ctx.path(QDQ_TVM))
     fbuild, _ = build_onnx(float_model)
-    check = _check(QDQ_TVM, "TVM", ctx.slim, qrun, ctx.probe_inputs, ctx.options.tolerance, max_errors)
+    check = _check(QDQ_TVM, "TVM", slim, qrun, ctx.probe_inputs, ctx.options.tolerance, max_errors)
     ctx.files["slim_qdq_tvm"] = {"path": QDQ_TVM, "bytes": qbuild.library_bytes, "weights": record.storage}
     return {"target": qbuild.target, "weights": record.storage, "library_bytes": qbuild.library_bytes,
             "float_library_bytes": fbuild.library_bytes, "build_s": round(qbuild.build_s, 3), "check": check,

@@ -63,17 +63,22 @@ class FakeQuantConv2d(_FakeQuantMixin, nn.Conv2d):
         return self._conv_forward(x, self.qat_weight(), self.bias)
 
 
+class FakeQuantConv1d(_FakeQuantMixin, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.qat_weight(), self.bias)
+
+
 class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.qat_weight(), self.bias)
 
 
-_FAKE_CLASS = {nn.Conv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear}
+_FAKE_CLASS = {nn.Conv1d: FakeQuantConv1d, nn.Conv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear}
 _PLAIN_CLASS = {v: k for k, v in _FAKE_CLASS.items()}
 
 
 def quantizable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """Conv2d / Linear layers by module name (exact classes: subclasses may change forward)."""
+    """Conv1d / Conv2d / Linear layers by module name (exact classes: subclasses may change forward)."""
     skip = set(exclude)
     return {n: m for n, m in model.named_modules()
             if (type(m) in _FAKE_CLASS or type(m) in _PLAIN_CLASS) and n not in skip}
@@ -99,7 +104,7 @@ def prepare_qat(model: nn.Module, bits: int, *, per_channel: bool = False,
         m.qat_mask = None if mask is None else mask.to(m.weight.device, m.weight.dtype)
         names.append(name)
     if not names:
-        raise OptionError("--quantize: the model has no Conv2d or Linear layer to quantize")
+        raise OptionError("--quantize: the model has no Conv1d, Conv2d or Linear layer to quantize")
     return names
 
 

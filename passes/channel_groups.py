@@ -1,0 +1,165 @@
+"""Analysis: channel dependency groups of a traced model, as data.
+
+A *group* is a set of coupled channels: removing channel `c` of a group means removing, in
+every slice of the group, the indices `slice.indices[c]` along `slice.dim` of the state_dict
+tensor `slice.tensor`. The analysis walks the graph once with the op rules of
+`channel_rules` (shape propagation gives every value's shape), unions coupled channel classes,
+and bundles classes that touch the same tensors into groups.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from rwdeploy.passes.channel_rules import RULES, classify, op_name, rule_opaque
+from rwdeploy.passes.channel_state import AnalysisState, summarize
+
+
+@dataclass
+class ChannelSlice:
+    tensor: str  # state_dict key, e.g. "layer1.0.conv1.weight"
+    dim: int
+    indices: list[list[int]]  # for channel c of the group: indices along dim
+    role: str  # "producer" | "consumer" | "follower"
+    # grouped convolutions: for channel c, the [start, stop) rows on dim 0 the slice is limited to
+    span: list[tuple[int, int]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"tensor": self.tensor, "dim": self.dim, "role": self.role, "indices": self.indices}
+        if self.span is not None:
+            d["span"] = [list(s) for s in self.span]
+        return d
+
+
+@dataclass
+class ChannelGroup:
+    id: int
+    size: int  # channels (atomic removable units) in the group
+    unit: int  # underlying tensor channels per group channel (GroupNorm group, head width, ...)
+    slices: list[ChannelSlice]
+    pinned: list[str]  # reasons the group must be kept; empty = removable
+    classes: list[int] = field(default_factory=list, repr=False)  # internal class ids per channel
+
+    @property
+    def removable(self) -> bool:
+        return not self.pinned
+
+    def slices_with(self, role: str) -> list[ChannelSlice]:
+        return [s for s in self.slices if s.role == role]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "size": self.size, "unit": self.unit, "pinned": self.pinned,
+                "slices": [s.to_dict() for s in self.slices]}
+
+
+@dataclass
+class ChannelAnalysis:
+    groups: list[ChannelGroup]
+    state: AnalysisState = field(repr=False)
+    roots: torch.Tensor = field(repr=False)  # class id -> root class id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups": [g.to_dict() for g in self.groups],
+            "removable_groups": sum(g.removable for g in self.groups),
+            "pinned_groups": sum(not g.removable for g in self.groups),
+        }
+
+    def root_map(self, node_name: str) -> Any:
+        """The class map of a node's output with every class replaced by its root."""
+        return _resolve(self.state.maps.get(node_name), self.roots)
+
+
+def _resolve(m: Any, roots: torch.Tensor) -> Any:
+    if isinstance(m, torch.Tensor):
+        return torch.where(m >= 0, roots[m.clamp(min=0)], m)
+    if isinstance(m, (tuple, list)):
+        return tuple(_resolve(x, roots) for x in m)
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = summarize(out)
+        return out
+
+
+def record_values(gm: fx.GraphModule, example_input: Any) -> dict[str, Any]:
+    """Run the graph once; keep every node's output shape (and small non-tensor values)."""
+    rec = _Recorder(gm)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.values
+
+
+def analyze_channel_groups(gm: fx.GraphModule, example_input: Any) -> ChannelAnalysis:
+    """Channel dependency groups of `gm` (evaluated at `example_input`)."""
+    st = AnalysisState(gm, record_values(gm, example_input))
+    for node in gm.graph.nodes:
+        kind = classify(node, st)
+        st.kinds[node.name] = kind
+        try:
+            st.maps[node.name] = RULES[kind](st, node)
+        except Exception as exc:  # noqa: BLE001 - a rule that fails keeps channels, never crashes
+            st.kinds[node.name] = "opaque"
+            st.maps[node.name] = rule_opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
+    for key, users in st.key_users.items():
+        if len(users) > 1:
+            for s in st.slices:
+                if s.key == key:
+                    st.pin(s.cls, f"{key} is used by {len(users)} ops ({', '.join(sorted(users))})")
+    roots = st.uf.roots()
+    return ChannelAnalysis(_build_groups(st, roots), st, roots)
+
+
+def _build_groups(st: AnalysisState, roots: torch.Tensor) -> list[ChannelGroup]:
+    pins: dict[int, set[str]] = defaultdict(set)
+    for c, reasons in st.pins.items():
+        pins[int(roots[c])] |= reasons
+    # root -> (key, dim, role) -> set of indices; grouped-conv reads also keep their row span
+    per_root: dict[int, dict[tuple[str, int, str], set[int]]] = defaultdict(lambda: defaultdict(set))
+    spans: dict[tuple[int, str, int, str], set[tuple[int, int]]] = defaultdict(set)
+    for s in st.slices:
+        keep = s.cls >= 0
+        idx, cls = s.index[keep].tolist(), roots[s.cls[keep]].tolist()
+        k = (s.key, s.dim, s.role)
+        for i, r in zip(idx, cls):
+            per_root[r][k].add(i)
+        if s.span is not None:
+            for r, sp in zip(cls, s.span[keep].tolist()):
+                spans[(r, *k)].add(tuple(sp))
+    for (r, *_), found in spans.items():
+        if len(found) > 1:
+            pins[r].add("channel read by several groups of a grouped convolution")
+    bundles: dict[tuple, list[int]] = {}
+    for r in sorted(per_root):
+        sig = (tuple(sorted(per_root[r])), tuple(sorted(pins[r])))
+        bundles.setdefault(sig, []).append(r)
+    groups = []
+    for gid, ((keys, reasons), members) in enumerate(bundles.items()):
+        slices = []
+        for key, dim, role in keys:
+            indices = [sorted(per_root[r][(key, dim, role)]) for r in members]
+            span = None
+            if (members[0], key, dim, role) in spans:
+                span = [min(spans[(r, key, dim, role)]) for r in members]
+            slices.append(ChannelSlice(key, dim, indices, role, span))
+        slices.sort(key=lambda s: ({"producer": 0, "follower": 1, "consumer": 2}[s.role], s.tensor))
+        weights = [s for s in slices if s.role != "follower"] or slices  # followers may be per head
+        unit = min(len(s.indices[0]) for s in weights) if weights else 1
+        groups.append(ChannelGroup(gid, len(members), unit, slices, list(reasons), members))
+    return groups
+
+
+def describe_node(node: fx.Node) -> str:
+    return op_name(node)

@@ -1,0 +1,205 @@
+"""Small test-only networks, one per channel-coupling pattern the passes must handle.
+
+`TEST_NETS = {name: (constructor, input_shape)}`; every network is tiny so tests stay fast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Chain(nn.Module):
+    """conv-BN-ReLU chain with a padded 3x3 conv after every pruned layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 8), cbr(8, 12), cbr(12, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.c(self.b(self.a(x))).mean((2, 3)))
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.b1, self.b2 = cbr(8, 6, 1), cbr(8, 10)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.bn(torch.cat([self.b1(x), self.b2(x)], dim=1)))
+        return self.fc(F.adaptive_avg_pool2d(self.conv(y), 1).flatten(1))
+
+
+class SplitChunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 12)
+        self.c1, self.c2 = cbr(6, 6), cbr(6, 6)
+        self.c3 = cbr(12, 8)
+        self.c4 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c5 = nn.Conv2d(5, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        y = self.c3(torch.cat([self.c1(a), self.c2(b)], 1))
+        p, q = torch.split(y, [3, 5], dim=1)
+        z = torch.cat([self.c4(p), self.c5(q), y[:, 2:6], y[:, -4:]], 1)
+        return self.fc(z.amax((2, 3)))
+
+
+class GroupedDepthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.grouped = cbr(16, 16, 3, groups=4)
+        self.dw = cbr(16, 16, 3, groups=16)
+        self.dw2 = nn.Conv2d(16, 32, 3, padding=1, groups=16)  # channel multiplier 2
+        self.pw = cbr(32, 8, 1)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(self.pw(self.dw2(self.dw(self.grouped(self.stem(x))))))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, c, h, w)
+
+
+class Shuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(3, 8)
+        self.c = cbr(16, 8)
+
+    def forward(self, x):
+        return self.c(channel_shuffle(torch.cat([self.a(x), self.b(x)], 1), 2))
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = cbr(3, 6), cbr(6, 8, stride=2)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.c2(self.c1(x))
+        x = x.view(-1, 8 * 4 * 4)  # a literal size the pass must rewrite
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class MultiResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.b2 = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.b3 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(x + self.b1(x) + self.b2(x) - self.b3(x))
+        g = torch.sigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
+        return self.out(y * g + 0.5 * y)
+
+
+class Attention(nn.Module):
+    """Explicit multi-head attention: q/k/v Linear, split into heads, out projection."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        k = self.k(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        v = self.v(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        y = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(y)
+
+
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.attn = Attention(16, 4)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+class Norms(nn.Module):
+    """GroupNorm (whole groups), PReLU, ConvTranspose2d, Conv1d + BatchNorm1d, layer scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.act = nn.PReLU(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.c1d = nn.Conv1d(8, 6, 3, padding=1)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.up(self.act(self.gn(self.c1(x))))
+        x = F.hardswish(self.c2(x)) * self.scale
+        x = x.flatten(2)
+        x = F.silu(self.bn1d(self.c1d(x)))
+        return self.fc(x.mean(-1))
+
+
+class UnknownOp(nn.Module):
+    """A cumulative sum over channels is not understood: it must pin, not break."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 8), cbr(8, 8), cbr(8, 8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = torch.cumsum(self.b(x), dim=1)
+        return self.out(self.c(y))
+
+
+TEST_NETS = {
+    "chain": (Chain, (1, 3, 16, 16)),
+    "concat": (Concat, (1, 3, 16, 16)),
+    "split_chunk": (SplitChunk, (1, 3, 16, 16)),
+    "grouped_depthwise": (GroupedDepthwise, (1, 3, 16, 16)),
+    "shuffle": (Shuffle, (1, 3, 16, 16)),
+    "flatten_linear": (FlattenLinear, (1, 3, 8, 8)),
+    "multi_residual": (MultiResidual, (1, 3, 16, 16)),
+    "attention": (AttentionNet, (1, 3, 16, 16)),
+    "norms": (Norms, (1, 3, 8, 8)),
+    "unknown_op": (UnknownOp, (1, 3, 16, 16)),
+}

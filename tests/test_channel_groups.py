@@ -1,0 +1,173 @@
+"""Channel dependency groups, hand-checked for each coupling pattern."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from channel_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+import nets
+import nets_families
+from rwdeploy import models
+from rwdeploy.passes.channel_groups import ChannelGroup, analyze_channel_groups
+from rwdeploy.passes.trace import trace_model
+
+
+def analysis_of(ctor, shape):
+    torch.manual_seed(0)
+    model = ctor().eval()
+    x = torch.randn(shape)
+    gm = trace_model(model, x).gm
+    return analyze_channel_groups(gm, x)
+
+
+def group_with(analysis, tensor: str, role: str, dim: int | None = None) -> ChannelGroup:
+    found = [g for g in analysis.groups
+             if any(s.tensor == tensor and s.role == role and (dim is None or s.dim == dim) for s in g.slices)]
+    assert len(found) == 1, f"{tensor} ({role}) in {len(found)} groups"
+    return found[0]
+
+
+def slice_of(group: ChannelGroup, tensor: str, role: str):
+    (s,) = [s for s in group.slices if s.tensor == tensor and s.role == role]
+    return s
+
+
+def test_chain_conv_bn_next_conv():
+    a = analysis_of(*nets.TEST_NETS["chain"])
+    g = group_with(a, "a.0.weight", "producer")
+    assert g.size == 8 and g.unit == 1 and g.removable
+    assert slice_of(g, "a.0.weight", "producer").indices == [[c] for c in range(8)]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert slice_of(g, f"a.1.{name}", "follower").dim == 0
+    consumer = slice_of(g, "b.0.weight", "consumer")
+    assert consumer.dim == 1 and consumer.indices == [[c] for c in range(8)]
+
+
+def test_residual_couples_every_producer_of_the_sum():
+    model = models.create("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    a = analyze_channel_groups(trace_model(model, x).gm, x)
+    g = group_with(a, "conv1.weight", "producer")
+    producers = {s.tensor for s in g.slices_with("producer")}
+    assert producers == {"conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight", "layer1.2.conv2.weight"}
+    consumers = {s.tensor for s in g.slices_with("consumer")}
+    assert {"layer1.0.conv1.weight", "layer2.0.conv1.weight", "layer2.0.shortcut.0.weight"} <= consumers
+
+
+def test_concat_offsets():
+    a = analysis_of(*nets.TEST_NETS["concat"])
+    g1 = group_with(a, "b1.0.weight", "producer")
+    g2 = group_with(a, "b2.0.weight", "producer")
+    assert slice_of(g1, "conv.weight", "consumer").indices == [[c] for c in range(6)]
+    assert slice_of(g2, "conv.weight", "consumer").indices == [[c] for c in range(6, 16)]
+    assert slice_of(g2, "bn.running_mean", "follower").indices == [[c] for c in range(6, 16)]
+
+
+def test_chunk_splits_one_producer_into_two_groups():
+    a = analysis_of(*nets.TEST_NETS["split_chunk"])
+    groups = [g for g in a.groups if any(s.tensor == "stem.0.weight" and s.role == "producer" for s in g.slices)]
+    assert sorted(g.size for g in groups) == [6, 6]
+    by_consumer = {next(s.tensor for s in g.slices_with("consumer")): g for g in groups}
+    assert slice_of(by_consumer["c1.0.weight"], "stem.0.weight", "producer").indices == [[c] for c in range(6)]
+    assert slice_of(by_consumer["c2.0.weight"], "stem.0.weight", "producer").indices == [[c] for c in range(6, 12)]
+    assert slice_of(by_consumer["c2.0.weight"], "c2.0.weight", "consumer").indices == [[c] for c in range(6)]
+
+
+def test_flatten_into_linear_is_channel_times_spatial():
+    a = analysis_of(*nets.TEST_NETS["flatten_linear"])
+    g = group_with(a, "c2.0.weight", "producer")
+    assert slice_of(g, "fc1.weight", "consumer").indices == [list(range(c * 16, c * 16 + 16)) for c in range(8)]
+
+
+def test_depthwise_follows_and_grouped_conv_reads_within_its_group():
+    a = analysis_of(*nets.TEST_NETS["grouped_depthwise"])
+    g = group_with(a, "grouped.0.weight", "producer")
+    assert slice_of(g, "dw.0.weight", "follower").indices == [[c] for c in range(16)]
+    # the depthwise output (same group as its input) feeds dw2 with channel multiplier 2
+    g_dw = group_with(a, "dw2.weight", "follower")
+    assert slice_of(g_dw, "dw2.weight", "follower").indices == [[2 * c, 2 * c + 1] for c in range(16)]
+    stem = group_with(a, "stem.0.weight", "producer")
+    read = slice_of(stem, "grouped.0.weight", "consumer")
+    assert read.indices == [[c % 4] for c in range(16)]
+    assert read.span == [((c // 4) * 4, (c // 4) * 4 + 4) for c in range(16)]
+
+
+def test_channel_shuffle_interleaves_consumer_columns():
+    a = analysis_of(*nets.TEST_NETS["shuffle"])
+    ga, gb = group_with(a, "a.0.weight", "producer"), group_with(a, "b.0.weight", "producer")
+    assert slice_of(ga, "c.0.weight", "consumer").indices == [[2 * c] for c in range(8)]
+    assert slice_of(gb, "c.0.weight", "consumer").indices == [[2 * c + 1] for c in range(8)]
+
+
+def test_gate_multiplication_couples_gate_producer_with_the_stream():
+    a = analysis_of(*nets.TEST_NETS["multi_residual"])
+    g = group_with(a, "gate.weight", "producer")
+    producers = {s.tensor for s in g.slices_with("producer")}
+    assert {"stem.0.weight", "b1.0.weight", "b2.0.weight", "b3.0.weight", "gate.weight"} <= producers
+
+
+def test_group_norm_moves_whole_groups():
+    a = analysis_of(*nets.TEST_NETS["norms"])
+    g = group_with(a, "c1.weight", "producer")
+    assert g.size == 4 and g.unit == 4
+    assert slice_of(g, "gn.weight", "follower").indices == [list(range(4 * j, 4 * j + 4)) for j in range(4)]
+    assert slice_of(g, "act.weight", "follower").dim == 0
+    assert slice_of(g, "up.weight", "consumer").dim == 0  # ConvTranspose2d reads dim 0
+    layer_scale = group_with(a, "scale", "follower")
+    assert slice_of(layer_scale, "c2.weight", "producer").indices == [[c] for c in range(8)]
+
+
+def test_attention_groups_whole_heads():
+    a = analysis_of(*nets.TEST_NETS["attention"])
+    g = group_with(a, "attn.q.weight", "producer")
+    assert g.size == 4 and g.unit == 4 and g.removable
+    for name in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
+        assert slice_of(g, name, "producer").indices == [list(range(4 * h, 4 * h + 4)) for h in range(4)]
+    assert slice_of(g, "attn.proj.weight", "consumer").indices == [list(range(4 * h, 4 * h + 4)) for h in range(4)]
+
+
+def test_fused_qkv_heads_in_vit():
+    a = analysis_of(*nets_families.TEST_NETS["vit"])
+    g = group_with(a, "blocks.0.attn.qkv.weight", "producer")
+    rows = slice_of(g, "blocks.0.attn.qkv.weight", "producer").indices
+    assert g.size == 4 and rows[1] == [4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39]
+
+
+def test_channels_last_layer_norm_pins_the_stream_but_not_the_mlp():
+    a = analysis_of(*nets_families.TEST_NETS["convnext"])
+    stream = group_with(a, "stage1.gamma", "follower")
+    assert any("layer norm over channels" in r for r in stream.pinned)
+    hidden = group_with(a, "stage1.pw1.weight", "producer", dim=0)
+    assert hidden.removable and hidden.size == 32
+
+
+def test_unknown_op_and_output_pin_with_reasons():
+    a = analysis_of(*nets.TEST_NETS["unknown_op"])
+    g = group_with(a, "b.0.weight", "producer")
+    assert any("cumsum" in r and "not understood" in r for r in g.pinned)
+    assert group_with(a, "a.0.weight", "producer").removable
+    out = group_with(a, "out.weight", "producer")
+    assert out.pinned == ["model output"]
+
+
+def test_analysis_is_json_data():
+    a = analysis_of(*nets.TEST_NETS["split_chunk"])
+    d = json.loads(json.dumps(a.to_dict()))
+    assert d["removable_groups"] + d["pinned_groups"] == len(a.groups)
+    assert {"id", "size", "unit", "pinned", "slices"} <= set(d["groups"][0])
+
+
+@pytest.mark.parametrize("name", sorted(nets_families.TEST_NETS))
+def test_every_family_has_removable_groups(name):
+    a = analysis_of(*nets_families.TEST_NETS[name])
+    assert any(g.removable and g.slices_with("producer") for g in a.groups)
+
+
+def test_swin_relative_position_bias_table_follows_its_heads():
+    a = analysis_of(*nets_families.TEST_NETS["swin"])
+    g = group_with(a, "blocks.0.attn.qkv.weight", "producer")
+    assert g.removable and g.size == 4 and g.unit == 4
+    table = slice_of(g, "blocks.0.table", "follower")
+    assert table.dim == 1 and table.indices == [[h] for h in range(4)]

@@ -1,0 +1,174 @@
+"""remove_zero_channels: exact, smaller, honest records; verify_equivalence finds divergence."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import fx, nn
+
+import nets
+import nets_families
+from channel_helpers import conv_linear_macs, randomize_norms, zero_filters, one_torch_thread  # noqa: F401 (autouse fixture)
+from rwdeploy import models
+from rwdeploy.errors import OptionError
+from rwdeploy.passes.channel_groups import analyze_channel_groups
+from rwdeploy.passes.remove_zero_channels import remove_zero_channels
+from rwdeploy.passes.trace import trace_model
+from rwdeploy.passes.verify import verify_equivalence
+
+RTOL = 1e-4
+
+
+def zoo_case(name):
+    shape = models.input_shape(name)
+    if shape[-1] > 64:  # ImageNet models at 64x64 keep the test fast; the graph is the same
+        shape = shape[:-2] + (64, 64)
+    return (lambda: models.create(name)), shape
+
+
+CASES = {f"zoo:{n}": zoo_case(n) for n in models.list()}
+CASES.update({f"net:{n}": v for n, v in nets.TEST_NETS.items()})
+CASES.update({f"family:{n}": v for n, v in nets_families.TEST_NETS.items()})
+
+
+def pruned(ctor, shape, seed=0):
+    """A traced model with ~half the channels of each removable group zeroed in the producing
+    conv/linear weights only; norms and biases random, so removed channels carry constants."""
+    torch.manual_seed(seed)
+    model = ctor().eval()
+    randomize_norms(model, seed)
+    x = torch.randn(shape)
+    gm = trace_model(model, x).gm
+    analysis = analyze_channel_groups(gm, x)
+    assert zero_filters(gm, analysis, 0.5, seed) > 0
+    return gm, x, analysis
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_and_smaller(case):
+    ctor, shape = CASES[case]
+    gm, x, analysis = pruned(ctor, shape)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    res = remove_zero_channels(gm, x, analysis=analysis)
+    probes = [x, torch.randn((2,) + tuple(shape[1:]))]
+    v = verify_equivalence(gm, res.gm, probes, rtol=RTOL, record=res.record)
+    assert v.passed, f"max_rel={v.max_rel} first diverging node {v.first_diverging_node}"
+    assert v.max_rel <= RTOL
+    assert res.record.params_after < res.record.params_before
+    assert sum(p.numel() for p in res.gm.parameters()) == res.record.params_after
+    assert conv_linear_macs(res.gm, x) < conv_linear_macs(gm, x)
+    # the input GraphModule is left as it was
+    assert all(torch.equal(before[k], t) for k, t in gm.state_dict().items())
+    json.dumps(res.record.to_dict())
+
+
+def test_constants_of_removed_channels_are_folded_where_needed():
+    gm, x, _ = pruned(*nets.TEST_NETS["chain"])
+    res = remove_zero_channels(gm, x)
+    folded = {layer.name: layer.folded for layer in res.record.layers}
+    # b and c are padded 3x3 convs: a removed channel's constant contributes less at borders
+    assert folded["b.0"] == "constant map" and folded["c.0"] == "constant map"
+    assert folded["head"] == "bias"  # a Linear after global pooling: position-independent
+    assert all(layer.folded_max_abs > 0 for layer in res.record.layers if layer.folded)
+    # without the folded constants the slim model would be wrong: drop them and compare
+    broken = remove_zero_channels(gm, x).gm
+    for name, buf in list(broken.named_buffers()):
+        if name.startswith("_rw_const_"):
+            buf.zero_()
+    assert not verify_equivalence(gm, broken, [x]).passed
+
+
+def test_record_lists_shapes_removed_and_pinned_groups():
+    gm, x, _ = pruned(*nets.TEST_NETS["unknown_op"])
+    rec = remove_zero_channels(gm, x).record.to_dict()
+    layers = {layer["name"]: layer for layer in rec["layers"]}
+    assert layers["a.0"]["before"]["weight"] == [8, 3, 3, 3]
+    assert layers["a.0"]["after"]["weight"][0] == 4
+    assert any("cumsum" in reason for g in rec["pinned_groups"] for reason in g["reasons"])
+    assert all(g["removed"] > 0 and g["why"] for g in rec["removed_groups"])
+
+
+def traced_chain():
+    torch.manual_seed(0)
+    model = nets.Chain().eval()
+    randomize_norms(model)
+    x = torch.randn(1, 3, 16, 16)
+    return model, x, trace_model(model, x).gm
+
+
+def test_masks_name_channels_to_remove():
+    model, x, gm = traced_chain()
+    mask = torch.ones_like(gm.get_parameter("b.0.weight"), dtype=torch.bool)
+    mask[[1, 4, 7]] = False
+    res = remove_zero_channels(gm, x, masks={"b.0.weight": mask})
+    assert res.gm.get_submodule("b.0").out_channels == 9
+    reference = trace_model(copy.deepcopy(model), x).gm  # traced modules share parameters
+    with torch.no_grad():
+        reference.get_parameter("b.0.weight").mul_(mask)
+    assert verify_equivalence(reference, res.gm, [x, torch.randn(2, 3, 16, 16)]).passed
+    assert gm.get_parameter("b.0.weight")[1].abs().sum() > 0  # the input model is untouched
+    with pytest.raises(OptionError, match="nope.weight"):
+        remove_zero_channels(gm, x, masks={"nope.weight": mask})
+
+
+def test_channels_nobody_reads_are_removed():
+    _, x, gm = traced_chain()
+    with torch.no_grad():
+        gm.get_parameter("c.0.weight")[:, [0, 3, 5]] = 0  # channel scheme: zero input columns
+    res = remove_zero_channels(gm, x)
+    assert res.gm.get_submodule("b.0").out_channels == 9
+    assert verify_equivalence(gm, res.gm, [x, torch.randn(2, 3, 16, 16)]).passed
+
+
+def test_verify_names_the_first_diverging_node():
+    gm, x, _ = pruned(*nets.TEST_NETS["concat"])
+    res = remove_zero_channels(gm, x)
+    with torch.no_grad():
+        res.gm.get_submodule("b2.0").weight.add_(0.5)
+    v = verify_equivalence(gm, res.gm, [x], record=res.record)
+    assert not v.passed and v.max_rel > 1e-2
+    assert v.first_diverging_node == "b2_0"
+
+
+class ShapeDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nets.cbr(3, 8), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.shape[-1] > 4:  # symbolic tracing cannot branch on a size; torch.export can
+            y = y * 2
+        return self.b(y)
+
+
+def test_untraceable_model_falls_back_to_torch_export_and_is_slimmed():
+    torch.manual_seed(0)
+    model = ShapeDependent().eval()
+    randomize_norms(model)
+    with torch.no_grad():
+        model.a[0].weight[[1, 2, 5]] = 0
+    x = torch.randn(1, 3, 8, 8)
+    tr = trace_model(model, x)
+    assert tr.method == "torch.export" and tr.fallback_reason
+    assert set(model.state_dict()) <= set(tr.gm.state_dict())
+    res = remove_zero_channels(tr.gm, x)
+    assert verify_equivalence(model, res.gm, [x, torch.randn(1, 3, 8, 8)]).passed  # export fixes the batch
+    assert res.gm.get_parameter("b.weight").shape == (4, 5, 3, 3)
+
+
+@pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
+                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net", "family:swin"])
+def test_exported_programs_are_slimmed_exactly(case):
+    """A .pt2 program's graph holds aten ops with parameters read through get_attr."""
+    gm, x, _ = pruned(*CASES[case])
+    program = torch.export.export(gm, (x,)).module()
+    aten = fx.GraphModule(program, program.graph)
+    assert not any(n.op == "call_module" and isinstance(aten.get_submodule(n.target), nn.Conv2d)
+                   for n in aten.graph.nodes)
+    res = remove_zero_channels(aten, x)
+    assert verify_equivalence(gm, res.gm, [x, torch.randn(x.shape)], record=res.record).passed
+    assert res.record.params_after < res.record.params_before
+    assert not any("GuardsFn" in g["reasons"][0] for g in res.record.pinned_groups)
