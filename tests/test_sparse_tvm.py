@@ -67,6 +67,8 @@ def test_relax_import_uses_tir_kernels_and_matches_dense(batch, decompose):
     script = mod.script()
     assert script.count("R.call_tir") >= 7          # every non-empty packed layer
     assert "rw_conv2d_sparse" in script and "rw_linear_sparse" in script
+    kernels = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("rw_")]
+    assert kernels and all(bool(f.attrs["tirx.is_scheduled"]) for f in kernels)   # schedulers skip them
     vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
