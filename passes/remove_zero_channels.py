@@ -35,10 +35,11 @@ class LayerChange:
     before: dict[str, list[int]]
     after: dict[str, list[int]]
     folded: str | None = None  # "bias" or "constant map"
+    folded_max_abs: float | None = None  # largest folded value: how much the constants mattered
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "before": self.before, "after": self.after,
-                "folded": self.folded}
+                "folded": self.folded, "folded_max_abs": self.folded_max_abs}
 
 
 @dataclass
@@ -113,7 +114,7 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
                 rewrite_args(node, kind, sel, st.values)
         if change is not None:
             layers.append(change)
-    _shrink_attributes(work, analysis, sel)
+    attr_keep = _shrink_attributes(work, analysis, sel)
     aliases = _add_constant_maps(work, folds, st.values)
     work.graph.lint()
     work.recompile()
@@ -125,7 +126,7 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
                         "reasons": g.pinned} for g in analysis.groups if g.pinned],
         params_before=params_before,
         params_after=sum(p.numel() for p in work.parameters()),
-        kept_indices=_kept_indices(st, sel),
+        kept_indices=_kept_indices(st, sel, attr_keep),
         aliases=aliases,
     )
     return PassResult(work, record)
@@ -220,7 +221,8 @@ def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Select
     weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
     name = weight.target.rpartition(".")[0] if weight is not None else node.name
     return LayerChange(name or node.name, f"{base_name(node)} (functional)",
-                       {k: v[0] for k, v in shapes.items()}, {k: v[1] for k, v in shapes.items()}, folded)
+                       {k: v[0] for k, v in shapes.items()}, {k: v[1] for k, v in shapes.items()}, folded,
+                       _max_abs(fold))
 
 
 def _shrink_module(node: fx.Node, kind: str, mod: nn.Module, sel: Selection, values: dict[str, Any],
@@ -246,15 +248,21 @@ def _shrink_module(node: fx.Node, kind: str, mod: nn.Module, sel: Selection, val
         folded = "bias"
     elif fold is not None:
         folded = "constant map"
-    return LayerChange(node.target, type(mod).__name__, before, _shapes(mod), folded)
+    return LayerChange(node.target, type(mod).__name__, before, _shapes(mod), folded, _max_abs(fold))
+
+
+def _max_abs(fold: tuple | None) -> float | None:
+    return None if fold is None else float(fold[1].abs().max())
 
 
 def _shapes(mod: nn.Module) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in mod.state_dict().items()}
 
 
-def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis, sel: Selection) -> None:
-    """Per-channel tensors used through get_attr (layer scale, position tables): slice them too."""
+def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis,
+                       sel: Selection) -> dict[tuple[str, int], torch.Tensor]:
+    """Per-channel tensors used through get_attr (layer scale, position tables): slice them too.
+    Returns the kept mask of each (tensor, dim) that was cut."""
     owners = analysis.state.attr_followers
     keep: dict[tuple[str, int], torch.Tensor] = {}
     for s in analysis.state.slices:
@@ -272,6 +280,7 @@ def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis, sel: Selec
         new = old.detach().index_select(dim, mask.nonzero().flatten()).clone()
         setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad)
                 if isinstance(old, nn.Parameter) else new)
+    return {k: m for k, m in keep.items() if not m.all()}
 
 
 def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
@@ -293,8 +302,13 @@ def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
     return aliases
 
 
-def _kept_indices(st, sel: Selection) -> dict[str, dict[int, list[int]]]:
+def _kept_indices(st, sel: Selection, attr_keep: dict[tuple[str, int], torch.Tensor]) -> dict[str, dict[int, list[int]]]:
     out: dict[str, dict[int, list[int]]] = {}
+    for name, (key, dims) in st.provenance.items():  # constants computed from a cut parameter
+        cut = {d: attr_keep[(key, p)].nonzero().flatten().tolist() for d, p in enumerate(dims)
+               if (key, p) in attr_keep}
+        if cut:
+            out[name] = cut
     for name, m in st.maps.items():
         meta = st.values.get(name)
         if not isinstance(m, torch.Tensor) or not isinstance(meta, TensorMeta):

@@ -33,6 +33,11 @@ def test_resnet_filter_groups_prune_whole_residual_stages_that_compile_removes(t
                                   analysis=channel_analysis(net, x))
     stage = [g for g in targets.group_sets if "layer2.0.shortcut.0.weight" in g.tensors]
     assert len(stage) == 1 and {"layer2.0.conv2.weight", "layer2.1.conv2.weight", "layer2.2.conv2.weight"} <= set(stage[0].tensors)
+    # the BatchNorm scales after the producers join the group (a conv before BN is scale-invariant)
+    assert {"layer2.0.bn2.weight", "layer2.0.shortcut.1.weight"} <= set(stage[0].tensors)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    ref = sum((params[t].reshape(32, -1) ** 2).sum(1) for t in stage[0].tensors)
+    assert torch.allclose(stage[0].sq_norms(params), ref)
     params = {n: p.detach() for n, p in net.named_parameters()}
     masks = hard_prune(params, targets.group_sets)
     Masker(net, masks).apply_()
@@ -46,6 +51,8 @@ def test_resnet_filter_groups_prune_whole_residual_stages_that_compile_removes(t
         assert shapes[f"{name}.weight"][0] == 16, name  # the stage's 32 channels -> 16, in every producer
     assert shapes["layer3.1.conv1.weight"][0] == 32
     assert shapes["layer1.0.conv2.weight"][0] == 16  # stage 1 touches the excluded stem: kept
+    dead = (~masks["layer2.0.conv2.weight"]).flatten(1).all(1)
+    assert torch.equal(dead, ~masks["layer2.0.bn2.weight"])  # the same channels, conv and BN scale
     with torch.no_grad():
         assert torch.allclose(slim(x), net(x), rtol=1e-4, atol=1e-5)
 

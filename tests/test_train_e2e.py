@@ -105,3 +105,13 @@ def test_cli_with_recipe_and_overrides(tmp_path, capsys):
     assert main(["prune", "--recipe", str(recipe), "--out", str(tmp_path / "x.pt")]) == 2
     assert "unknown setting 'rat'" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_input_shape_override_is_trained_and_recorded(tmp_path):
+    r = Recipe(model="resnet20", data="synthetic", scheme="kernel", rate=0.5, device="cpu", input_shape=[1, 3, 8, 8])
+    r.pretrain.epochs, r.prune.epochs, r.retrain.epochs = 0, 1, 0
+    res = run_pruning(r, tmp_path / "r.pt")
+    loaded = load_model(tmp_path / "r.pt")
+    assert loaded.input_shape == (1, 3, 8, 8)
+    w = res.masks["layer1.0.conv1.weight"]
+    assert int((~w).all(-1).all(-1).sum()) == 16 * 16 // 2  # half of the 3x3 kernels

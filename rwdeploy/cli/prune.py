@@ -15,7 +15,7 @@ _RECIPE_FIELDS = {
     "lam": "penalty.lam", "eps": "penalty.eps", "squared": "penalty.squared", "global_rate": "global_rate",
     "pretrain_epochs": "pretrain.epochs", "prune_epochs": "prune.epochs", "retrain_epochs": "retrain.epochs",
     "lr": "prune.lr", "retrain_lr": "retrain.lr", "batch_size": "batch_size", "seed": "seed",
-    "device": "device", "debug_masks": "debug_masks", "rho": "admm.rho",
+    "device": "device", "debug_masks": "debug_masks", "rho": "admm.rho", "input_shape": "input_shape",
 }
 
 
@@ -59,6 +59,7 @@ def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, 
               help="Pruning method (default reweighted; rw-admm: reweighted ADMM).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt) for `rwdeploy compile`.")
+@click.option("--input-shape", "input_shape", help="Model input 1,C,H,W (default: the zoo's), e.g. 1,3,16,16.")
 @click.option("--eps", type=float, help="epsilon in alpha_g = 1/(||W_g|| + eps) (default 1e-3).")
 @click.option("--squared", is_flag=True, default=None, help="Use the squared group norm.")
 @click.option("--global-rate", is_flag=True, default=None, help="Rank groups across layers instead of per layer.")
@@ -104,6 +105,10 @@ def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str
         if recipe and ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
             continue
         _set(base, _RECIPE_FIELDS[key], value)
+    if isinstance(base.input_shape, str):
+        from rwdeploy.io import parse_input_shape
+
+        base.input_shape = list(parse_input_shape(base.input_shape))
     if options.get("lr") is not None:
         base.pretrain.lr = options["lr"]
     if exclude:

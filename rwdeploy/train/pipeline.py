@@ -122,6 +122,8 @@ class PruneRun:
                                   f"{self.data.num_classes} classes")
             torch.manual_seed(r.seed)
             model, self.arch, self.input_shape, self.arch_kwargs = build_model(r.model, self.data.num_classes)
+        if r.input_shape is not None:
+            self.input_shape = tuple(int(d) for d in r.input_shape)
         example = torch.randn(self.input_shape, generator=torch.Generator().manual_seed(0))
         analysis = channel_analysis(model.eval(), example) if needs_analysis(r) else None
         self.targets = build_prune_targets(model, r.rules(), default_rate=r.rate, exclude=r.exclude,
