@@ -15,7 +15,7 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -130,15 +130,6 @@ def instruction_section(results: list[ArmResult]) -> dict[str, Any]:
     if base:
         out["relative_to_original"] = {k: v["insns_per_inference"] / base for k, v in by_variant.items()}
     return out
-
-
-def reference_outputs(models: Mapping[str, Any], example_input: np.ndarray) -> dict[str, np.ndarray]:
-    """torch outputs of each variant's module (the values the device must reproduce)."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(example_input, dtype=np.float32))
-    with torch.no_grad():
-        return {name: m(x).detach().numpy() for name, m in models.items()}
 
 
 def _emulator_messages(message: str) -> None:
