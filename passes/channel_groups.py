@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from rwdeploy.passes.channel_rules import RULES, classify, op_name, rule_opaque
+from rwdeploy.passes.channel_rules import RULES, classify, rule_opaque
 from rwdeploy.passes.channel_state import AnalysisState, summarize
 
 
@@ -155,10 +155,7 @@ def _build_groups(st: AnalysisState, roots: torch.Tensor) -> list[ChannelGroup]:
                 span = [min(spans[(r, key, dim, role)]) for r in members]
             slices.append(ChannelSlice(key, dim, indices, role, span))
         slices.sort(key=lambda s: ({"producer": 0, "follower": 1, "consumer": 2}[s.role], s.tensor))
-        unit = min(len(s.indices[0]) for s in slices) if slices else 1
+        weights = [s for s in slices if s.role != "follower"] or slices  # followers may be per head
+        unit = min(len(s.indices[0]) for s in weights) if weights else 1
         groups.append(ChannelGroup(gid, len(members), unit, slices, list(reasons), members))
     return groups
-
-
-def describe_node(node: fx.Node) -> str:
-    return op_name(node)

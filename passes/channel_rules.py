@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from rwdeploy.passes import channel_provenance as provenance
 from rwdeploy.passes.channel_state import (
     CONST,
     AnalysisState,
@@ -88,7 +89,7 @@ SPATIAL_FUNCTIONS = {
 }
 FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.tensor, torch.eye,
                      torch.linspace, torch.zeros_like, torch.ones_like, torch.full_like}
-NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm}
+NORM_FUNCTIONS = {F.layer_norm, F.instance_norm}
 # Ops whose arguments name channel-dim sizes or offsets that the removal pass rewrites.
 RESIZING = {"view", "reshape", "expand", "unflatten", "split", "chunk", "narrow", "select", "getitem"}
 
@@ -131,9 +132,12 @@ ATEN_KINDS: dict[str, str] = {
                      "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
                      "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd"), "spatial"),
     **dict.fromkeys(("conv1d", "conv2d", "conv3d"), "fconv"),
+    **dict.fromkeys(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "fconv_transpose"),
     "linear": "flinear",
     "batch_norm": "fbatchnorm",
-    **dict.fromkeys(("layer_norm", "group_norm"), "functional_norm"),
+    "group_norm": "fgroupnorm",
+    "prelu": "fprelu",
+    "layer_norm": "functional_norm",
 }
 
 
@@ -189,6 +193,7 @@ def rule_placeholder(st: AnalysisState, node: fx.Node) -> Any:
 
 def rule_get_attr(st: AnalysisState, node: fx.Node) -> Any:
     meta = st.values[node.name]
+    provenance.start(st, node)
     return const_map(len(meta.shape)) if isinstance(meta, TensorMeta) else None
 
 
@@ -203,6 +208,7 @@ def rule_shape_value(st: AnalysisState, node: fx.Node) -> Any:
 
 
 def rule_constant(st: AnalysisState, node: fx.Node) -> Any:
+    provenance.follow(st, node, base_name(node))
     return _const_like(st.values[node.name])
 
 
@@ -292,18 +298,19 @@ def _constant_operand(st: AnalysisState, node: fx.Node, arg: fx.Node, mine: torc
             and bool(((mine == CONST) & (other >= 0)).any())]
     if not dims:
         return
-    param = _state_tensor(st, arg)
-    if param is None or len(arg.users) > 1:
+    prov = provenance.provenance_of(st, arg)
+    offset = ndim - len(prov[1]) if prov is not None else 0
+    if prov is None or any(d < offset or prov[1][d - offset] is None for d in dims):
         st.pin(other, f"{op_name(node)}: operand {arg.name} is computed in forward() (or shared) "
                       f"and varies along channels, so it cannot be sliced")
         return
-    offset = ndim - param.dim()
-    st.attr_followers.add(arg.target)
+    key, param_dims = prov
+    st.attr_followers.add(key)
     for d in dims:
         # index i along d belongs to every class found at i; the tensor keeps i unless all go
         moved = other.movedim(d, 0).reshape(other.shape[d], -1)
         for col in range(moved.shape[1]):
-            st.add_slice(arg.target, d - offset, torch.arange(moved.shape[0]), moved[:, col],
+            st.add_slice(key, param_dims[d - offset], torch.arange(moved.shape[0]), moved[:, col],
                          "follower", node.name)
 
 
@@ -582,7 +589,10 @@ def rule_conv(st: AnalysisState, node: fx.Node) -> Any:
 
 
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 LINEAR_ARGS = ("input", "weight", "bias")
+GROUPNORM_ARGS = ("input", "num_groups", "weight", "bias", "eps")
+PRELU_ARGS = ("input", "weight")
 BATCHNORM_ARGS = {  # F.batch_norm and aten.batch_norm order their arguments differently
     "F": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
     "aten": ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
@@ -678,17 +688,31 @@ def rule_conv_transpose(st: AnalysisState, node: fx.Node) -> Any:
     got = _single_input(st, node)
     if got is None or len(node.args) != 1 or node.kwargs or mod.groups != 1:
         return rule_opaque(st, node, "transposed convolution with groups or output_size")
-    x, m = got
-    spatial = len(mod.kernel_size)
+    bias = f"{node.target}.bias" if mod.bias is not None else None
+    return _conv_transpose_classes(st, node, got[1], f"{node.target}.weight", bias,
+                                   mod.in_channels, mod.out_channels, len(mod.kernel_size))
+
+
+def rule_fconv_transpose(st: AnalysisState, node: fx.Node) -> Any:
+    got = _functional_layer(st, node, CONV_TRANSPOSE_ARGS)
+    if got is None or got[0].get("groups", 1) != 1:
+        return rule_opaque(st, node, "functional transposed convolution with groups or shared weights")
+    b, keys, w = got
+    return _conv_transpose_classes(st, node, st.canon(st.maps[b["input"].name]), keys["weight"], keys["bias"],
+                                   w.shape[0], w.shape[1], w.dim() - 2)
+
+
+def _conv_transpose_classes(st: AnalysisState, node: fx.Node, m: torch.Tensor, weight: str, bias: str | None,
+                            cin: int, cout: int, spatial: int) -> Any:
+    """Weight [Cin, Cout, k...]: dim 0 reads the input channels, dim 1 produces the output."""
     if m.dim() != spatial + 2 or any(d != 1 for d in varying_dims(m)):
         return rule_opaque(st, node, "convolution input whose channels are not on dim 1")
-    cin, cout = mod.in_channels, mod.out_channels
-    weight = f"{node.target}.weight"
     st.add_slice(weight, 0, torch.arange(cin), along(m, 1, cin), "consumer", node.name)
     st.fold_sites.append(node.name)
     out = st.fresh(cout)
     st.add_slice(weight, 1, torch.arange(cout), out, "producer", node.name)
-    st.add_module_slices(node, ("bias",), 0, out, "follower")
+    if bias is not None:
+        st.add_slice(bias, 0, torch.arange(cout), out, "follower", node.name)
     return out.reshape(1, cout, *([1] * spatial))
 
 
@@ -770,11 +794,32 @@ def rule_groupnorm(st: AnalysisState, node: fx.Node) -> Any:
     if got is None:
         return rule_opaque(st, node, "group norm input whose channels are not on dim 1")
     mod = st.module(node)
-    vec = along(got[1], 1, mod.num_channels)
-    for ids in vec.reshape(mod.num_groups, -1):
+    keys = [f"{node.target}.{n}" for n in ("weight", "bias") if getattr(mod, n, None) is not None]
+    return _groupnorm_classes(st, node, got[1], mod.num_channels, mod.num_groups, keys)
+
+
+def rule_fgroupnorm(st: AnalysisState, node: fx.Node) -> Any:
+    b = bound_args(node, GROUPNORM_ARGS)
+    keys = _param_keys(st, b, (), ("weight", "bias"))
+    x = b.get("input")
+    m = st.maps.get(getattr(x, "name", None))
+    if keys is None or not isinstance(m, torch.Tensor) or not isinstance(b.get("num_groups"), int):
+        return rule_opaque(st, node, "functional group norm with parameters used elsewhere")
+    m = st.canon(m)
+    if m.dim() < 2 or any(d != 1 for d in varying_dims(m)):
+        return rule_opaque(st, node, "group norm input whose channels are not on dim 1")
+    return _groupnorm_classes(st, node, m, st.shape(x)[1], b["num_groups"],
+                              [k for k in keys.values() if k is not None])
+
+
+def _groupnorm_classes(st: AnalysisState, node: fx.Node, m: torch.Tensor, channels: int, groups: int,
+                       keys: list[str]) -> Any:
+    vec = along(m, 1, channels)
+    for ids in vec.reshape(groups, -1):
         st.uf.union_all(ids)  # statistics are per group: whole groups go or stay
-    st.add_module_slices(node, ("weight", "bias"), 0, vec, "follower")
-    return got[1]
+    for key in keys:
+        st.add_slice(key, 0, torch.arange(channels), vec, "follower", node.name)
+    return m
 
 
 def rule_layernorm(st: AnalysisState, node: fx.Node) -> Any:
@@ -817,6 +862,23 @@ def rule_prelu(st: AnalysisState, node: fx.Node) -> Any:
     return got[1]
 
 
+def rule_fprelu(st: AnalysisState, node: fx.Node) -> Any:
+    b = bound_args(node, PRELU_ARGS)
+    key = param_key(st, b.get("weight"))
+    x = b.get("input")
+    m = st.maps.get(getattr(x, "name", None))
+    if key is None or not isinstance(m, torch.Tensor):
+        return rule_opaque(st, node, "functional PReLU whose weight is not a parameter used once")
+    m = st.canon(m)
+    n = _state_tensor(st, b["weight"]).numel()
+    if n == 1:
+        return m
+    if m.dim() < 2 or any(d != 1 for d in varying_dims(m)):
+        return rule_opaque(st, node, "PReLU input whose channels are not on dim 1")
+    st.add_slice(key, 0, torch.arange(n), along(m, 1, n), "follower", node.name)
+    return m
+
+
 def rule_flatten_module(st: AnalysisState, node: fx.Node) -> Any:
     got = _single_input(st, node)
     if got is None:
@@ -848,7 +910,9 @@ _FUNCTION_KINDS: list[tuple[set[Any], str]] = [
     (UNARY_FUNCTIONS, "unary"), (BINARY_FUNCTIONS, "binary"), (SHAPE_FUNCTIONS, "shape"),
     (REDUCE_FUNCTIONS, "reduce"), (SOFTMAX_FUNCTIONS, "softmax"), (MATMUL_FUNCTIONS, "matmul"),
     (SPATIAL_FUNCTIONS, "spatial"), (FACTORY_FUNCTIONS, "constant"), (NORM_FUNCTIONS, "functional_norm"),
-    ({F.conv1d, F.conv2d, F.conv3d}, "fconv"), ({F.linear}, "flinear"), ({F.batch_norm}, "fbatchnorm"),
+    ({F.conv1d, F.conv2d, F.conv3d}, "fconv"),
+    ({F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}, "fconv_transpose"), ({F.linear}, "flinear"), ({F.batch_norm}, "fbatchnorm"),
+    ({F.group_norm}, "fgroupnorm"), ({F.prelu}, "fprelu"),
 ]
 
 RULES: dict[str, Rule] = {
@@ -867,8 +931,11 @@ RULES: dict[str, Rule] = {
     "matmul": rule_matmul,
     "conv": rule_conv,
     "fconv": rule_fconv,
+    "fconv_transpose": rule_fconv_transpose,
     "flinear": rule_flinear,
     "fbatchnorm": rule_fbatchnorm,
+    "fgroupnorm": rule_fgroupnorm,
+    "fprelu": rule_fprelu,
     "conv_transpose": rule_conv_transpose,
     "linear": rule_linear,
     "batchnorm": rule_batchnorm,

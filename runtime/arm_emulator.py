@@ -467,11 +467,38 @@ def start(
     if current.running:
         progress(f"arm emulator already running (pid {current.pid}, {current.address})")
         return current
+    chosen = port is None
     if port is None:
         port = _free_port(host, DEFAULT_PORT)
     elif _port_accepts(host, port, timeout=0.5):
         raise OptionError(f"port {port} on {host} is already in use", hint="pass another --port")
     h.server_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(5):
+        try:
+            proc = _launch(h, host, port, threads, tracker, key, timeout_s, progress)
+            break
+        except _PortTaken:
+            # Another server (another home, another user) took the port between our check and
+            # the bind: try the next free one if the port was ours to choose.
+            if not chosen or attempt == 4:
+                raise ToolchainError(f"port {port} on {host} was taken while the arm emulator started",
+                                     hint="pass another --port") from None
+            port = _free_port(host, port + 1)
+    h.info_file.write_text(json.dumps({"host": host, "port": port, "threads": threads, "tracker": tracker,
+                                       "key": key if tracker else None}))
+    h.pid_file.write_text(str(proc.pid))
+    st = status(path)
+    progress(f"arm emulator ready: pid {st.pid}, rpc {st.address}, log {h.log_file}")
+    return st
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _launch(h: EmulatorHome, host: str, port: int, threads: int, tracker: str | None, key: str,
+            timeout_s: float, progress: Progress) -> subprocess.Popen:
+    """Start the server process and wait for its ready line."""
     cmd = ["qemu-aarch64", "-L", str(h.userland), str(h.python), "-u", str(NATIVE_SOURCES / "rpc_server.py"),
            "--host", host, "--port", str(port)]
     if tracker:
@@ -485,20 +512,15 @@ def start(
     while time.monotonic() < deadline:
         text = h.log_file.read_text(errors="replace")
         if READY_MARK in text:
-            break
+            return proc
         if proc.poll() is not None:
+            if "cannot bind to any port" in text or "Address already in use" in text:
+                raise _PortTaken()
             tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["(empty log)"]
             raise ToolchainError(f"the arm emulator exited during start-up: {tail[0]}", hint=f"see {h.log_file}")
         time.sleep(0.25)
-    else:
-        _terminate_group(proc.pid)
-        raise ToolchainError(f"the arm emulator did not become ready in {timeout_s:.0f} s", hint=f"see {h.log_file}")
-    h.info_file.write_text(json.dumps({"host": host, "port": port, "threads": threads, "tracker": tracker,
-                                       "key": key if tracker else None}))
-    h.pid_file.write_text(str(proc.pid))
-    st = status(path)
-    progress(f"arm emulator ready: pid {st.pid}, rpc {st.address}, log {h.log_file}")
-    return st
+    _terminate_group(proc.pid)
+    raise ToolchainError(f"the arm emulator did not become ready in {timeout_s:.0f} s", hint=f"see {h.log_file}")
 
 
 def _terminate_group(pid: int, grace_s: float = 5.0) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -90,18 +91,24 @@ class Device:
             host, port = parse_address(self.rpc, "--rpc")
             _check_reachable(host, port, "RPC server", self.connect_timeout_s)
             try:
-                return rpc.connect(host, port, session_timeout=self.session_timeout_s)
+                return _within(self.connect_timeout_s, f"RPC server {host}:{port}", "the RPC handshake",
+                               lambda: rpc.connect(host, port, session_timeout=self.session_timeout_s))
+            except ToolchainError:
+                raise
             except Exception as err:  # TVMError / RuntimeError from the handshake
-                raise ToolchainError(f"RPC handshake with {host}:{port} failed: {_first_line(err)}",
+                raise ToolchainError(f"RPC handshake with {host}:{port} failed: {_error_line(err)}",
                                      hint="is it a TVM RPC server of the same TVM version? "
                                      "A server registered with a tracker only accepts --tracker connections") from None
         host, port = parse_address(self.tracker, "--tracker")
         _check_reachable(host, port, "RPC tracker", self.connect_timeout_s)
         try:
             tracker = rpc.connect_tracker(host, port)
-            summary = tracker.summary()
+            summary = _within(self.connect_timeout_s, f"RPC tracker {host}:{port}", "a summary request",
+                              tracker.summary)
+        except ToolchainError:
+            raise
         except Exception as err:
-            raise ToolchainError(f"{host}:{port} is not a TVM RPC tracker: {_first_line(err)}",
+            raise ToolchainError(f"{host}:{port} is not a TVM RPC tracker: {_error_line(err)}",
                                  hint="check --tracker") from None
         keys = summary.get("queue_info", {})
         if self.key not in keys:
@@ -109,13 +116,42 @@ class Device:
             raise ToolchainError(f"tracker {host}:{port} has no device with key {self.key!r} (registered keys: {known})",
                                  hint="check --key, or start the device's server with --tracker and that key")
         try:
-            return tracker.request(self.key, session_timeout=self.session_timeout_s, max_retry=2)
+            # The tracker queues a request until a device is free: wait a while, not forever.
+            return _within(max(60.0, self.connect_timeout_s), f"tracker {host}:{port}", f"a free {self.key!r} device",
+                           lambda: tracker.request(self.key, session_timeout=self.session_timeout_s, max_retry=2))
+        except ToolchainError:
+            raise
         except Exception as err:
-            raise ToolchainError(f"tracker {host}:{port} could not give a {self.key!r} device: {_first_line(err)}",
+            raise ToolchainError(f"tracker {host}:{port} could not give a {self.key!r} device: {_error_line(err)}",
                                  hint="is the device busy or gone?") from None
 
 
-def _first_line(err: BaseException) -> str:
+def _within(seconds: float, who: str, what: str, call: Callable[[], Any]) -> Any:
+    """`call()`, or a ToolchainError if it has not returned after `seconds`.
+
+    TVM's connect and tracker calls block in C++ without a timeout (e.g. on a port that accepts
+    connections but is no RPC server); they run in a daemon thread so that the command can end.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise ToolchainError(f"{who} did not complete {what} within {seconds:.0f} s",
+                             hint="is it a TVM RPC server/tracker, and is the device up?")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _error_line(err: BaseException) -> str:
     text = str(err).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # TVM errors end with the actual message; tracebacks come first.
@@ -153,7 +189,7 @@ def _load_remote(session: Any, lib_path: Path, device: Device) -> Any:
         arch = elf_machine(lib_path)
         raise ToolchainError(
             f"device {device.label} could not load {lib_path.name} (built for {arch or 'an unknown format'}): "
-            f"{_first_line(err)}",
+            f"{_error_line(err)}",
             hint="build it for the device's architecture (e.g. --target arm for aarch64 boards)",
         ) from None
 
@@ -202,7 +238,7 @@ def measure_remote(
     except ToolchainError:
         raise
     except Exception as err:
-        raise ToolchainError(f"running {lib_path.name} on {device.label} failed: {_first_line(err)}",
+        raise ToolchainError(f"running {lib_path.name} on {device.label} failed: {_error_line(err)}",
                              hint="see the device's RPC server log") from None
     ref = np.asarray(reference_output, dtype=np.float32)
     if out.shape != ref.shape:

@@ -9,7 +9,9 @@ from rich.console import Console
 from rwdeploy import models
 from rwdeploy.console import make_console
 from rwdeploy.inspection import inspect_model, render_table
+from rwdeploy.errors import OptionError
 from rwdeploy.io import Checkpoint, load_model, save_checkpoint
+from rwdeploy.train.recipe import Recipe
 
 
 def example_pruned_lenet(seed: int = 0) -> Checkpoint:
@@ -31,11 +33,59 @@ def example_pruned_lenet(seed: int = 0) -> Checkpoint:
                       metadata={"origin": "rwdeploy demo: magnitude-zeroed example"})
 
 
-def run_demo(out_dir: str | Path = "rwdeploy-demo", console: Console | None = None) -> Path:
+DEMO_SCHEME = "filter:0.5+irregular:0.9"
+
+
+def demo_recipe(epochs: tuple[int, int, int] = (4, 3, 3)) -> Recipe:
+    """Reweighted pruning of LeNet-5 on the built-in digits: half of the channels of conv2 and
+    fc1 (filter groups of the channel analysis, so compile can remove them), then 90% of those
+    layers' weights in all (irregular); conv1 and the classifier stay dense."""
+    r = Recipe(model="lenet5", data="digits", method="reweighted", scheme=DEMO_SCHEME, rate=0.9, device="cpu")
+    r.penalty.lam = 1e-4
+    r.pretrain.epochs, r.prune.epochs, r.retrain.epochs = epochs
+    return r
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OptionError(f"cannot create output folder {out}: {err.strerror}", hint="choose a writable --out") from None
+
+
+def run_demo(out_dir: str | Path = "rwdeploy-demo", console: Console | None = None, *,
+             epochs: tuple[int, int, int] = (4, 3, 3), measure: bool = True) -> Path:
+    """The main job: prune LeNet-5 on digits (reweighted, filter + irregular), then compile it
+    for `cpu` (remove the zeroed channels, verify, export, measure) and show the report."""
+    from rwdeploy.compile import CompileOptions, compile_model
+    from rwdeploy.report import REPORT_MD
+    from rwdeploy.train import run_pruning
+    from rwdeploy.train.progress import EpochBars
+
     console = console or make_console()
     out = Path(out_dir)
-    path = out / "example-lenet5.pt"
-    save_checkpoint(example_pruned_lenet(), path)
-    console.print(f"[bold]rwdeploy demo[/]: wrote {path} (LeNet-5, half of conv2/fc1 zeroed)")
-    render_table(inspect_model(load_model(path)), console)
-    return path
+    _prepare_out(out)
+    torch.set_num_threads(1)  # the fastest setting on a small or busy machine
+    ckpt = out / "lenet5-pruned.pt"
+    recipe = demo_recipe(epochs)
+    console.print(f"[bold]rwdeploy demo[/] 1/2: reweighted pruning of LeNet-5 on digits "
+                  f"(scheme {DEMO_SCHEME}, lambda {recipe.penalty.lam}, epochs {'+'.join(map(str, epochs))})")
+    err = make_console(stderr=True)
+    bars = EpochBars(err) if err.is_terminal else None
+    echo = None if bars is not None else (lambda s: err.print(s, highlight=False))
+    try:
+        result = run_pruning(recipe, ckpt, progress=bars, echo=echo)
+    finally:
+        if bars is not None:
+            bars.stop()
+    console.print(f"wrote {ckpt}: test accuracy {result.final_acc:.2%} (dense {result.dense_acc:.2%}), "
+                  f"{result.sparsity:.0%} of conv2/fc1 weights pruned")
+    render_table(inspect_model(load_model(ckpt)), console)
+
+    console.print("[bold]rwdeploy demo[/] 2/2: compile for cpu (remove zero channels, verify, export, measure)")
+    compiled = compile_model(load_model(ckpt), CompileOptions(out=out / "lenet5-cpu", target="cpu", measure=measure))
+    from rwdeploy.cli.compile import _summary
+
+    console.print(_summary(compiled.report, compiled.out))
+    console.print(f"report: {compiled.out / REPORT_MD}")
+    return compiled.out

@@ -101,55 +101,31 @@ def test_unreachable_apt_mirror_is_one_clear_error(monkeypatch, tmp_path):
     assert line.startswith("apt-get update (arm64 + deb-src lists) failed: ") and "127.0.0.1:9" in line, line
 
 
-def test_arm_device_starts_and_stops_the_emulator_it_needed(emulator, monkeypatch, tmp_path):
+def test_arm_device_starts_and_stops_the_emulator_it_needed_despite_a_port_race(emulator, monkeypatch, tmp_path):
     # a second home sharing the provisioned files, with no server running in it
     h = tmp_path / "home"
     h.mkdir()
     for sub in ("site", "root", "plugins", "rt"):
         (h / sub).symlink_to(Path(emulator.home) / sub)
     monkeypatch.setenv("RWDEPLOY_A64_HOME", str(h))
+    # The server cannot bind the port it was given (another home's server took it between
+    # the free-port check and the bind; TVM's "cannot bind" in the log): the start moves on.
+    real_launch, launches = arm_emulator._launch, []
+
+    def racing_launch(h, host, port, *args):
+        launches.append(port)
+        if len(launches) == 1:
+            raise arm_emulator._PortTaken()
+        return real_launch(h, host, port, *args)
+
+    monkeypatch.setattr(arm_emulator, "_launch", racing_launch)
     with arm_device() as (device, threads):
         st = arm_emulator.status()
         assert st.running and device.emulated and device.rpc == st.address and threads == 1
-        assert st.port != emulator.port
+        assert len(launches) == 2 and launches[1] > launches[0] and st.port == launches[1] != emulator.port
     assert not arm_emulator.status().running
     assert not Path(f"/proc/{st.pid}").exists() or not arm_emulator._pid_alive(st.pid)
     assert arm_emulator.status(emulator.home).running  # the other server is untouched
-
-
-def test_compile_stage_measures_shipped_arm_libraries(emulator):
-    """The pipeline's arm measure stage on a context shaped like the TVM build stage leaves it:
-    original = 8-filter net, slim = the same shape with half the filters; no --rpc given."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from rwdeploy.runtime.arm_measure import stage_arm_measure
-
-    x = torch.from_numpy(example_input())
-    original, slim = small_cnn(8), small_cnn(4)
-    artifacts = {("original", 1): SimpleNamespace(path=build_small_cnn(8, "arm")),
-                 ("slim", 1): SimpleNamespace(path=build_small_cnn(4, "arm")),
-                 ("slim", 8): SimpleNamespace(path=None)}  # built, not shipped: not measured
-    assert all(rpc.elf_machine(a.path) == "aarch64" for a in artifacts.values() if a.path)
-    ctx = SimpleNamespace(
-        options=SimpleNamespace(target="arm", runs=5, seed=0),  # no rpc/tracker: the emulator
-        loaded=SimpleNamespace(example_input=lambda batch, seed: x), original=original, slim=slim,
-        tvm_artifacts=artifacts, sections={}, latency=[])
-    stage_arm_measure(ctx)
-    rows = {r["variant"]: r for r in ctx.latency}
-    assert set(rows) == {"original", "slim"}
-    for r in rows.values():  # outputs were checked against torch inside; the error is recorded
-        assert r["emulated"] and r["target"] == "arm" and r["max_abs_err_vs_torch"] < 1e-4
-        assert r["n"] == 5 and 0 < r["median_ms"] <= r["p90_ms"]
-    section = ctx.sections["targets"]["arm"]
-    assert section["device"]["emulated"] and any("emulated aarch64 device" in n for n in section["notes"])
-    counts = section["instructions"]["per_variant"]
-    for c in counts.values():
-        assert len(c["samples"]) == 2 and c["relative_spread"] < 0.01, c  # two measurements within 1%
-    original_n, slim_n = counts["original"]["insns_per_inference"], counts["slim"]["insns_per_inference"]
-    assert slim_n < 0.75 * original_n, (original_n, slim_n)
-    assert section["instructions"]["relative_to_original"]["slim"] == pytest.approx(slim_n / original_n)
 
 
 def test_compile_target_arm_without_rpc_uses_the_emulator(emulator, cli, tmp_path):
@@ -175,6 +151,14 @@ def test_compile_target_arm_without_rpc_uses_the_emulator(emulator, cli, tmp_pat
     report = json.loads((out / "report.json").read_text())
     rows = [r for r in report["latency"] if r["runtime"] == "tvm"]
     assert {r["variant"] for r in rows} == {"original", "slim"} and all(r["emulated"] for r in rows)
-    counts = report["targets"]["arm"]["instructions"]["per_variant"]
-    assert counts["slim"]["insns_per_inference"] < 0.75 * counts["original"]["insns_per_inference"]
+    for r in rows:  # outputs were checked against torch on the device; the error is recorded
+        assert r["max_abs_err_vs_torch"] < 1e-4 and r["n"] == 5
+    section = report["targets"]["arm"]
+    assert section["device"]["emulated"] and any("emulated aarch64 device" in n for n in section["notes"])
+    counts = section["instructions"]["per_variant"]
+    for c in counts.values():
+        assert len(c["samples"]) == 2 and c["relative_spread"] < 0.01, c  # two measurements within 1%
+    original_n, slim_n = counts["original"]["insns_per_inference"], counts["slim"]["insns_per_inference"]
+    assert slim_n < 0.75 * original_n, (original_n, slim_n)
+    assert section["instructions"]["relative_to_original"]["slim"] == pytest.approx(slim_n / original_n)
     assert "(emulated)" in (out / "report.md").read_text()

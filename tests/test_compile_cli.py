@@ -114,7 +114,7 @@ def test_verification_failure_writes_nothing(lenet_file, tmp_path, monkeypatch, 
     last = err.strip().splitlines()[-1]
     assert err.count("rwdeploy: error:") == 1
     assert last.startswith("rwdeploy: error: slim model differs from the original")
-    assert "first diverging at node" in last
+    assert "first diverging at node 'fc1'" in last  # the corrupted layer, named
     assert _leftovers(tmp_path) == []
 
 

@@ -16,7 +16,7 @@ from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
-from rwdeploy.passes.verify import verify_equivalence
+from rwdeploy.passes.verify import first_diverging_node, verify_equivalence
 
 RTOL = 1e-4
 
@@ -56,6 +56,7 @@ def test_exact_and_smaller(case):
     v = verify_equivalence(gm, res.gm, probes, rtol=RTOL, record=res.record)
     assert v.passed, f"max_rel={v.max_rel} first diverging node {v.first_diverging_node}"
     assert v.max_rel <= RTOL
+    assert first_diverging_node(gm, res.gm, (x,), record=res.record) is None  # no false alarms
     assert res.record.params_after < res.record.params_before
     assert sum(p.numel() for p in res.gm.parameters()) == res.record.params_after
     assert conv_linear_macs(res.gm, x) < conv_linear_macs(gm, x)
@@ -71,6 +72,7 @@ def test_constants_of_removed_channels_are_folded_where_needed():
     # b and c are padded 3x3 convs: a removed channel's constant contributes less at borders
     assert folded["b.0"] == "constant map" and folded["c.0"] == "constant map"
     assert folded["head"] == "bias"  # a Linear after global pooling: position-independent
+    assert all(layer.folded_max_abs > 0 for layer in res.record.layers if layer.folded)
     # without the folded constants the slim model would be wrong: drop them and compare
     broken = remove_zero_channels(gm, x).gm
     for name, buf in list(broken.named_buffers()):
@@ -158,8 +160,8 @@ def test_untraceable_model_falls_back_to_torch_export_and_is_slimmed():
     assert res.gm.get_parameter("b.weight").shape == (4, 5, 3, 3)
 
 
-@pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk",
-                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net"])
+@pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
+                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net", "family:swin"])
 def test_exported_programs_are_slimmed_exactly(case):
     """A .pt2 program's graph holds aten ops with parameters read through get_attr."""
     gm, x, _ = pruned(*CASES[case])

@@ -13,12 +13,12 @@ from nets import channel_shuffle
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
-from rwdeploy.passes.verify import verify_equivalence
+from rwdeploy.passes.verify import first_diverging_node, verify_equivalence
 
 ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
         nn.LeakyReLU, nn.ELU, nn.Identity]
 KINDS = ["conv", "depthwise", "grouped", "residual", "concat", "split", "se", "pool", "shuffle",
-         "groupnorm", "prelu", "scale"]
+         "groupnorm", "prelu", "scale", "mlp_last", "upsample"]
 
 
 class Block(nn.Module):
@@ -61,6 +61,11 @@ class Block(nn.Module):
             self.f = nn.PReLU(cin)
         elif kind == "scale":
             self.gamma = nn.Parameter(torch.rand(cin, 1, 1) + 0.5)
+        elif kind == "mlp_last":  # channels-last MLP with layer scale and a residual (ConvNeXt-like)
+            self.f = nn.Sequential(nn.Linear(cin, width + 2, bias=bias), a(), nn.Linear(width + 2, cin))
+            self.gamma = nn.Parameter(torch.rand(cin) + 0.5)
+        elif kind == "upsample":
+            self.f = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cin, cin, 3, 2, 1, bias=bias))
 
     def forward(self, x):
         kind = self.kind
@@ -77,6 +82,8 @@ class Block(nn.Module):
             return channel_shuffle(x, 2)
         if kind == "scale":
             return x * self.gamma
+        if kind == "mlp_last":
+            return x + (self.gamma * self.f(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         return self.f(x)
 
 
@@ -126,4 +133,6 @@ def test_random_architectures_stay_exact(spec, head, fraction, seed, columns):
     res = remove_zero_channels(gm, x, analysis=analysis)
     v = verify_equivalence(gm, res.gm, [x, torch.randn(2, 3, 6, 6)], rtol=1e-4, record=res.record)
     assert v.passed, f"max_rel={v.max_rel} at {v.first_diverging_node}; spec={spec}"
+    # node by node, on the kept channels, the slim graph agrees too (no false alarms)
+    assert first_diverging_node(gm, res.gm, (x,), record=res.record) is None
     assert res.record.params_after <= res.record.params_before

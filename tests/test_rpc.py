@@ -121,3 +121,15 @@ def test_compile_device_options_are_checked_before_any_work(tmp_path):
         with pytest.raises(OptionError, match=msg):
             CompileOptions(out=tmp_path, **kw).validate()
     CompileOptions(out=tmp_path, target="rpi5", rpc="10.0.0.7:9090").validate()  # fine: nothing raised
+
+
+def test_port_that_never_answers_the_handshake_is_a_timeout_error(tmp_path):
+    fake = tmp_path / "model.so"
+    fake.write_bytes(b"\x7fELF")
+    with socket.socket() as mute:  # accepts connections, never speaks RPC
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(4)
+        port = mute.getsockname()[1]
+        with pytest.raises(ToolchainError, match=f"127.0.0.1:{port} did not complete the RPC handshake within 1 s"):
+            rpc.measure_remote(fake, example_input(), np.zeros((1, 10), np.float32),
+                               rpc.Device(rpc=f"127.0.0.1:{port}", connect_timeout_s=1.0))

@@ -20,8 +20,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def _recipe(method: str = "reweighted", scheme: str = "irregular", rate: float = 0.8, **kw) -> Recipe:
-    r = Recipe(model="lenet5", data="digits", method=method, scheme=scheme, rate=rate, device="cpu", **kw)
+def _recipe(method: str = "reweighted", scheme: str = "irregular", rate: float = 0.8, data: str = "synthetic",
+            **kw) -> Recipe:
+    r = Recipe(model="lenet5", data=data, method=method, scheme=scheme, rate=rate, device="cpu", **kw)
     r.penalty.lam = 1e-5
     r.pretrain.epochs, r.prune.epochs, r.retrain.epochs = 1, 1, 1
     return r
@@ -29,7 +30,7 @@ def _recipe(method: str = "reweighted", scheme: str = "irregular", rate: float =
 
 def test_end_to_end_lowers_loss_reaches_rate_and_saves_masks(tmp_path):
     out = tmp_path / "m.pt"
-    res = run_pruning(_recipe(debug_masks=True), out)
+    res = run_pruning(_recipe(data="digits", debug_masks=True), out)
     losses = [r["loss"] for r in res.log if r["phase"] in ("pretrain", "prune", "retrain")]
     assert losses[-1] < 0.5 * losses[0]
     assert res.final_acc > 0.85  # 10 classes: chance is 0.1
@@ -85,7 +86,7 @@ def test_resume_refuses_a_different_recipe(tmp_path):
 def test_cli_with_recipe_and_overrides(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "model: lenet5\ndata: digits\nscheme: irregular\nrate: 0.5\n"
+        "model: lenet5\ndata: synthetic\nscheme: irregular\nrate: 0.5\n"
         "layers:\n  - {match: fc1, scheme: 'block1x4:0.75'}\n"
         "penalty: {lam: 1e-5, eps: 1e-3}\n"
         "pretrain: {epochs: 1}\nprune: {epochs: 1, lr: 0.05}\nretrain: {epochs: 1, lr: 0.01, schedule: constant}\n")
@@ -104,3 +105,13 @@ def test_cli_with_recipe_and_overrides(tmp_path, capsys):
     assert main(["prune", "--recipe", str(recipe), "--out", str(tmp_path / "x.pt")]) == 2
     assert "unknown setting 'rat'" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_input_shape_override_is_trained_and_recorded(tmp_path):
+    r = Recipe(model="resnet20", data="synthetic", scheme="kernel", rate=0.5, device="cpu", input_shape=[1, 3, 8, 8])
+    r.pretrain.epochs, r.prune.epochs, r.retrain.epochs = 0, 1, 0
+    res = run_pruning(r, tmp_path / "r.pt")
+    loaded = load_model(tmp_path / "r.pt")
+    assert loaded.input_shape == (1, 3, 8, 8)
+    w = res.masks["layer1.0.conv1.weight"]
+    assert int((~w).all(-1).all(-1).sum()) == 16 * 16 // 2  # half of the 3x3 kernels

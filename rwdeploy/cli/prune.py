@@ -15,7 +15,7 @@ _RECIPE_FIELDS = {
     "lam": "penalty.lam", "eps": "penalty.eps", "squared": "penalty.squared", "global_rate": "global_rate",
     "pretrain_epochs": "pretrain.epochs", "prune_epochs": "prune.epochs", "retrain_epochs": "retrain.epochs",
     "lr": "prune.lr", "retrain_lr": "retrain.lr", "batch_size": "batch_size", "seed": "seed",
-    "device": "device", "debug_masks": "debug_masks", "rho": "admm.rho",
+    "device": "device", "debug_masks": "debug_masks", "rho": "admm.rho", "input_shape": "input_shape",
 }
 
 
@@ -25,39 +25,6 @@ def _set(recipe: Any, dotted: str, value: Any) -> None:
     for part in head:
         obj = getattr(obj, part)
     setattr(obj, last, value)
-
-
-class _EpochBars:
-    """Rich progress bars, one per epoch, showing loss, accuracy and current sparsity."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  "
-                       "sparsity {task.fields[sparsity]:.3f}{task.fields[test]}"),
-            TimeElapsedColumn(),
-        )
-        self.progress.start()
-
-    def __call__(self, description: str, total: int) -> "_EpochBars._Bar":
-        task = self.progress.add_task(description, total=total, loss=0.0, acc=0.0, sparsity=0.0, test="")
-        return _EpochBars._Bar(self.progress, task)
-
-    class _Bar:
-        def __init__(self, progress: Any, task: Any) -> None:
-            self.progress, self.task = progress, task
-
-        def update(self, **fields: float) -> None:
-            self.progress.update(self.task, advance=1, **fields)
-
-        def close(self, record: dict[str, Any]) -> None:
-            self.progress.update(self.task, loss=record["loss"], acc=record["train_acc"],
-                                 sparsity=record["sparsity"], test=f"  test {record['test_acc']:.3f}")
-
-    def stop(self) -> None:
-        self.progress.stop()
 
 
 def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, steps: int | None,
@@ -92,6 +59,7 @@ def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, 
               help="Pruning method (default reweighted; rw-admm: reweighted ADMM).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt) for `rwdeploy compile`.")
+@click.option("--input-shape", "input_shape", help="Model input 1,C,H,W (default: the zoo's), e.g. 1,3,16,16.")
 @click.option("--eps", type=float, help="epsilon in alpha_g = 1/(||W_g|| + eps) (default 1e-3).")
 @click.option("--squared", is_flag=True, default=None, help="Use the squared group norm.")
 @click.option("--global-rate", is_flag=True, default=None, help="Rank groups across layers instead of per layer.")
@@ -137,6 +105,10 @@ def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str
         if recipe and ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
             continue
         _set(base, _RECIPE_FIELDS[key], value)
+    if isinstance(base.input_shape, str):
+        from rwdeploy.io import parse_input_shape
+
+        base.input_shape = list(parse_input_shape(base.input_shape))
     if options.get("lr") is not None:
         base.pretrain.lr = options["lr"]
     if exclude:
@@ -155,8 +127,11 @@ def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str
     if show:
         from rich.console import Console
 
-        if Console(stderr=True).is_terminal:
-            bars = _EpochBars()
+        from rwdeploy.train.progress import EpochBars
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            bars = EpochBars(console)
     echo = (lambda s: click.echo(s, err=True)) if show and bars is None else None
     try:
         result = run_pruning(recipe_obj, out, resume=resume, log_path=log_path, progress=bars, echo=echo, dist=dist)

@@ -210,17 +210,23 @@ class PatternGroups(GroupSet):
 
 # ------------------------------------------------------------------ coupled channel groups
 def coupled_groups(group: Any, role: str, scheme: str, shapes: Mapping[str, tuple[int, ...]],
-                   rate: float) -> IndexGroups | None:
+                   rate: float, scales: frozenset[str] = frozenset()) -> IndexGroups | None:
     """The `role` slices ("producer" for filter, "consumer" for channel) of one channel group of
     the dependency analysis, as one set with a group per channel of the analysis group.
 
     A channel of the analysis group is its atomic unit (a head, a GroupNorm group): its
     `indices[c]` already list every tensor index that belongs to it. A slice's optional `span`
     (grouped convolutions) limits channel c to rows span[c] of dim 0.
+
+    Follower slices of the tensors in `scales` (normalisation scales, e.g. BatchNorm weights)
+    join the producer groups: a convolution followed by BatchNorm is scale-invariant, so its
+    weight norm alone says nothing about a channel's importance, and shrinking it changes
+    nothing; the BN scale does both.
     """
     parts = []
     for sl in group.slices:
-        if sl.role != role or sl.tensor not in shapes:
+        follower_scale = role == "producer" and sl.role == "follower" and sl.tensor in scales
+        if (sl.role != role and not follower_scale) or sl.tensor not in shapes:
             continue
         shape = tuple(shapes[sl.tensor])
         gid = torch.full(shape, -1, dtype=torch.long)

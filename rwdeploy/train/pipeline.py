@@ -122,6 +122,8 @@ class PruneRun:
                                   f"{self.data.num_classes} classes")
             torch.manual_seed(r.seed)
             model, self.arch, self.input_shape, self.arch_kwargs = build_model(r.model, self.data.num_classes)
+        if r.input_shape is not None:
+            self.input_shape = tuple(int(d) for d in r.input_shape)
         example = torch.randn(self.input_shape, generator=torch.Generator().manual_seed(0))
         analysis = channel_analysis(model.eval(), example) if needs_analysis(r) else None
         self.targets = build_prune_targets(model, r.rules(), default_rate=r.rate, exclude=r.exclude,
@@ -244,6 +246,8 @@ class PruneRun:
         self._setup()
         self._last_sparsity = 0.0
         state = self._load_state() if self.resume else None
+        if state is None and self.dist.is_main and self.log_path.exists():
+            self.log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
         start_phase, start_epoch = (state["phase"], state["epoch"]) if state else (0, 0)
         t0 = time.perf_counter()
         for index, name in enumerate(Recipe.PHASES):

@@ -19,6 +19,8 @@ from rwdeploy.train.groups import GroupSet, Masks, Params, coupled_groups, tenso
 from rwdeploy.train.schemes import COUPLED_SCHEMES, SCHEME_ORDER, SchemeSpec, parse_scheme
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# Normalisation layers whose per-channel scale joins a filter group (see groups.coupled_groups).
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 @dataclass
@@ -100,6 +102,8 @@ def build_prune_targets(model: nn.Module, rules: list[LayerRule], *, default_rat
                 skipped.append({"tensor": name, "scheme": spec.label, "why": f"does not apply to shape {list(shapes[name])}"})
             else:
                 sets.append(gs)
+    scales = frozenset(f"{name}.weight" for name, m in model.named_modules()
+                       if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None)
     for scheme, wanted in coupled_rate.items():
         if not wanted:
             continue
@@ -120,7 +124,7 @@ def build_prune_targets(model: nn.Module, rules: list[LayerRule], *, default_rat
             if blocked:
                 skipped.append({"group": group.id, "scheme": scheme, "why": f"touches excluded {', '.join(blocked)}"})
                 continue
-            gs = coupled_groups(group, role, scheme, shapes, wanted[requested[0]])
+            gs = coupled_groups(group, role, scheme, shapes, wanted[requested[0]], scales)
             if gs is not None:
                 gs.label = where
                 sets.append(gs)

@@ -80,6 +80,7 @@ class AdmmConfig:
 class Recipe:
     model: str = "lenet5"
     data: str = "digits"
+    input_shape: list[int] | None = None  # [1, C, H, W]; None: the zoo's default
     method: str = "reweighted"
     scheme: str = "irregular"
     rate: float = 0.5
@@ -124,6 +125,8 @@ class Recipe:
                 raise OptionError(f"recipe {name}.optimizer {ph.optimizer!r}", hint=f"use one of {', '.join(OPTIMIZERS)}")
         if self.penalty.lam < 0 or self.penalty.eps <= 0 or self.penalty.updates < 1:
             raise OptionError("recipe penalty: lam must be >= 0, eps > 0, updates >= 1")
+        if self.input_shape is not None and (len(self.input_shape) != 4 or min(self.input_shape) < 1):
+            raise OptionError(f"--input-shape {self.input_shape}: need 4 positive sizes", hint="e.g. 1,3,16,16")
         if self.batch_size < 1:
             raise OptionError("--batch-size must be >= 1")
         return self
