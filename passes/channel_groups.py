@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from rwdeploy.passes.channel_rules import RULES, classify, op_name, rule_opaque
+from rwdeploy.passes.channel_rules import RULES, classify, rule_opaque
 from rwdeploy.passes.channel_state import AnalysisState, summarize
 
 
@@ -159,7 +159,3 @@ def _build_groups(st: AnalysisState, roots: torch.Tensor) -> list[ChannelGroup]:
         unit = min(len(s.indices[0]) for s in weights) if weights else 1
         groups.append(ChannelGroup(gid, len(members), unit, slices, list(reasons), members))
     return groups
-
-
-def describe_node(node: fx.Node) -> str:
-    return op_name(node)

@@ -89,8 +89,19 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
             sch.parallel(producer_loops[0])
 
     co_outer, co_inner = sch.split(spatial[-1], [None, _channel_tile(extents[n_spatial - 1], lanes)])
+    width = extents[n_spatial - 2] if n_spatial >= 2 else 1
+    row_tile = _largest_divisor(width, MAX_ROW_TILE)
+    if n_spatial >= 3:
+        # Rows and columns as one pixel axis: on small feature maps (4x4, 2x2 at the end of
+        # VGG/ResNet) a tile of several whole rows streams the large weights once per tile
+        # instead of once per short row. Tiles must stay rectangles (whole rows, or a
+        # divisor of a row): the epilogue is placed per tile by its bounding box.
+        pixels = width * extents[n_spatial - 3]
+        whole_rows = [t for t in range(width, MAX_ROW_TILE + 1, width) if pixels % t == 0]
+        if whole_rows and whole_rows[-1] > row_tile:
+            row_tile = whole_rows[-1]
+            spatial = [*spatial[:-3], sch.fuse(spatial[-3], spatial[-2]), spatial[-1]]
     if n_spatial >= 2:
-        row_tile = _largest_divisor(extents[n_spatial - 2], MAX_ROW_TILE)
         row_outer, row_inner = sch.split(spatial[-2], [None, row_tile])
         outer = [*spatial[:-2], row_outer, co_outer]
         inner = [row_inner, co_inner]
@@ -103,6 +114,7 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
         sch.unroll(inner[0])
     sch.vectorize(inner[-1])
     sch.parallel(sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0])
+    loops_above_tile = min(len(outer), 2)  # after the fuse
 
     accumulator = sch.cache_write(red, 0, "local")
     sch.reverse_compute_at(accumulator, outer[-1])
@@ -116,7 +128,7 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None
     if init is not None:
         sch.vectorize(sch.get_loops(init)[-1])
-    writeback = sch.get_loops(accumulator)[len(outer):]
+    writeback = sch.get_loops(accumulator)[loops_above_tile:]
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
         sch.vectorize(writeback[-1])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
@@ -170,8 +182,97 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
     return schedule
 
 
-def prepare_passes() -> list[Any]:
-    """Relax passes run before legalisation: BN folding, NHWC/HWIO layout, constant folding.
+def _padded_width(channels: int, lanes: int) -> int:
+    return -(-channels // lanes) * lanes
+
+
+def pad_channels_pass(lanes: int) -> Any:
+    """Pad output channels of constant-weight convs/matmuls to a multiple of `lanes`.
+
+    A vector tile of odd width (50 channels -> 25 lanes) is legalised by LLVM into element
+    inserts and shuffles: LeNet-5's second conv ran ~20x slower than its FLOPs allow. Zero
+    filters appended to the weight make the width a multiple of the vector length; a slice
+    right after the layer drops them again, so the function is unchanged.
+    """
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class PadChannels(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or len(call.args) < 2:
+                return call
+            weight = call.args[1]
+            if not isinstance(weight, tvm.ir.expr.GenericConst) or not hasattr(weight.value, "numpy"):
+                return call
+            name = call.op.name
+            if name == "relax.nn.conv2d":
+                attrs = call.attrs
+                if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO"
+                        or attrs.out_layout != "NHWC" or int(attrs.groups) != 1):
+                    return call
+            elif name != "relax.matmul" or len(weight.value.shape) != 2:
+                return call
+            w = weight.value.numpy()
+            channels = w.shape[-1]
+            padded = _padded_width(channels, lanes)
+            if padded == channels:
+                return call
+            w = np.concatenate([w, np.zeros((*w.shape[:-1], padded - channels), w.dtype)], -1)
+            wide = self.builder_.emit(tvm.ir.Call(call.op, [call.args[0], relax.const(w)],
+                                                   call.attrs, call.ty_args))
+            axis = len(wide.ty.shape) - 1
+            return relax.op.strided_slice(wide, axes=[axis], begin=[0], end=[channels])
+
+    @tvm.transform.module_pass(opt_level=0, name="rwdeploy.PadChannels")
+    def pad(mod: Any, _ctx: Any) -> Any:
+        mutator = PadChannels(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.finalize()
+
+    return pad
+
+
+def clip_to_min_max_pass() -> Any:
+    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi) (ReLU6 in MobileNet).
+
+    ConvertLayout has no layout rule for `relax.clip`: it wraps every clip in NHWC->NCHW
+    and back transposes (10 ms of MobileNetV2's 40). Two binary ops with scalar constants
+    follow the layout of their input.
+    """
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class ClipToMinMax(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.clip"):
+                return call
+            x, low, high = call.args
+            dtype = x.ty.dtype
+            low = relax.const(float(low.value), dtype)
+            high = relax.const(float(high.value), dtype)
+            return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, low)), high)
+
+    @tvm.transform.module_pass(opt_level=0, name="rwdeploy.ClipToMinMax")
+    def rewrite(mod: Any, _ctx: Any) -> Any:
+        mutator = ClipToMinMax(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.finalize()
+
+    return rewrite
+
+
+def prepare_passes(lanes: int | None = None) -> list[Any]:
+    """Relax passes run before legalisation: BN folding, NHWC/HWIO layout, constant folding,
+    and (with `lanes`) output channels padded to whole vectors.
 
     FoldConstant must run between FoldBatchnormToConv2D and ConvertLayout: on the unfolded
     result ConvertLayout segfaults (TVM 0.27, ResNet-20).
@@ -182,6 +283,8 @@ def prepare_passes() -> list[Any]:
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
+        clip_to_min_max_pass(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         relax.transform.FoldConstant(),
+        *([pad_channels_pass(lanes)] if lanes else []),
     ]

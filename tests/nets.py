@@ -191,6 +191,22 @@ class UnknownOp(nn.Module):
         return self.out(self.c(y))
 
 
+class TorchMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention is a leaf the analysis does not look into: it pins, the MLP shrinks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -202,4 +218,5 @@ TEST_NETS = {
     "attention": (AttentionNet, (1, 3, 16, 16)),
     "norms": (Norms, (1, 3, 8, 8)),
     "unknown_op": (UnknownOp, (1, 3, 16, 16)),
+    "torch_mha": (TorchMultiheadAttention, (1, 3, 16, 16)),
 }

@@ -171,3 +171,10 @@ def test_swin_relative_position_bias_table_follows_its_heads():
     assert g.removable and g.size == 4 and g.unit == 4
     table = slice_of(g, "blocks.0.table", "follower")
     assert table.dim == 1 and table.indices == [[h] for h in range(4)]
+
+
+def test_torch_multihead_attention_is_pinned_with_its_name():
+    a = analysis_of(*nets.TEST_NETS["torch_mha"])
+    stream = group_with(a, "embed.weight", "producer")
+    assert any("MultiheadAttention" in r and "not understood" in r for r in stream.pinned)
+    assert group_with(a, "mlp.0.weight", "producer").removable

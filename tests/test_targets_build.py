@@ -72,35 +72,51 @@ def test_cpu_build_at_batch_2_matches_torch(model):
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
 
 
-def test_schedule_vectorises_a_conv_and_keeps_its_result():
-    """The hand schedule on one legalised NHWC conv: vector loops, same numbers as naive."""
+def _scheduled_vs_naive(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Every kernel the hand schedule accepts, run scheduled and naive on the same random
+    arguments: kernel name -> max abs difference. Also checks the schedule vectorised it."""
     import tvm
-    from tvm import relax, tirx
+    from tvm import tirx
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from rwdeploy.runtime import tvm_schedule
 
-    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.ReLU()).eval()
-    x = torch.randn(1, 4, 10, 10)
     target = reg.get_target("cpu", threads=1).tvm()
-    mod = tvm_build.import_relax(conv, x)
+    lanes = tvm_schedule.vector_lanes(target)
     with target:
-        mod = tvm.transform.Sequential([*tvm_schedule.prepare_passes(),
-                                        *cpu.legalize_passes(target)])(mod)
-    (name, func), = [(g.name_hint, f) for g, f in mod.functions.items()
-                     if isinstance(f, tirx.PrimFunc) and "conv2d" in g.name_hint]
-    scheduled = tvm_schedule.schedule_reduction(func, tvm_schedule.vector_lanes(target))
-    assert scheduled is not None, name
-    assert "T.vectorized" in scheduled.script() and "T.vectorized" not in func.script()
+        mod = tvm.transform.Sequential([*tvm_schedule.prepare_passes(lanes),
+                                        *cpu.legalize_passes(target)])(tvm_build.import_relax(model, x))
     rng = np.random.default_rng(0)
-    args = [rng.standard_normal([int(s) for s in p.shape]).astype("float32") for p in func.params]
-    outs = []
-    for f in (func, scheduled):
-        lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)
-        bufs = [tvm.runtime.tensor(a) for a in args[:-1]] + [tvm.runtime.tensor(np.zeros_like(args[-1]))]
-        lib["main"](*bufs)
-        outs.append(bufs[-1].numpy())
-    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    diffs = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        scheduled = tvm_schedule.schedule_reduction(func, lanes)
+        if scheduled is None:
+            continue
+        assert "T.vectorized" in scheduled.script() and "T.vectorized" not in func.script()
+        args = [rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params]
+        outs = []
+        for f in (func, scheduled):
+            lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)
+            bufs = [tvm.runtime.tensor(a) for a in args[:-1]]
+            bufs.append(tvm.runtime.tensor(np.zeros_like(args[-1])))
+            lib["main"](*bufs)
+            outs.append(bufs[-1].numpy())
+        diffs[gvar.name_hint] = float(np.abs(outs[1] - outs[0]).max())
+    return diffs
+
+
+def test_schedules_keep_every_kernel_result():
+    """The hand schedules (tiles across rows, fused epilogues, padded channels) compute what
+    the naive kernels compute, kernel by kernel, on random arguments."""
+    diffs = _scheduled_vs_naive(tiny_model(), tiny_input())
+    assert sum("conv2d" in k for k in diffs) >= 3 and any("matmul" in k for k in diffs), diffs
+    # A 4x4 map with 8-pixel tiles spanning two rows, and a 5x5 map (tile = one row).
+    small = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 24, 3, stride=2, padding=2)).eval()
+    diffs.update({f"small.{k}": v for k, v in _scheduled_vs_naive(small, torch.randn(1, 8, 4, 4)).items()})
+    assert max(diffs.values()) < 1e-4, diffs
 
 
 def test_arm_cross_build_is_an_aarch64_elf(model, tmp_path):
@@ -152,3 +168,28 @@ def test_gpu_run_matches_torch(model, tmp_path):
         ref = model(x).numpy()
     stats, err = tvm_build.measure_local(art, x, ref, warmup=2, min_runs=5, min_time_s=0.0)
     assert err < 1e-3 and stats.n >= 5
+
+
+def test_odd_channel_counts_are_padded_to_whole_vectors():
+    """10 and 7 output channels become 16-wide (zero filters), sliced back; ReLU6 (clip)
+    becomes max/min so it keeps the NHWC layout: the same function as torch."""
+    import tvm
+
+    from rwdeploy.runtime import tvm_schedule
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.ReLU6(), torch.nn.Flatten(),
+                                torch.nn.Linear(10 * 6 * 6, 7)).eval()
+    x = 8 * torch.randn(1, 3, 8, 8)  # large enough that ReLU6 clips at both ends
+    with torch.no_grad():
+        pre = model[0](x)
+    assert (pre > 6).any() and (pre < 0).any()
+    with tvm.target.Target({"kind": "llvm"}):
+        mod = tvm.transform.Sequential(tvm_schedule.prepare_passes(16))(tvm_build.import_relax(model, x))
+    script = mod.script()
+    assert script.count("R.strided_slice") == 2 and "R.clip" not in script
+    assert "R.Tensor((1, 6, 6, 16)" in script and "R.Tensor((1, 16)" in script  # widened outputs
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
