@@ -21,8 +21,14 @@ from torch import fx, nn
 
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
-from rwdeploy.passes.channel_rewrite import MODULE_SHRINKERS, set_arg, rewrite_args, shrink_functional
-from rwdeploy.passes.channel_rules import CONV_ARGS, LINEAR_ARGS, base_name, bound_args
+from rwdeploy.passes.channel_rewrite import (
+    FUNCTIONAL_ARGS,
+    MODULE_SHRINKERS,
+    rewrite_args,
+    set_arg,
+    shrink_functional,
+)
+from rwdeploy.passes.channel_rules import base_name, bound_args
 from rwdeploy.passes.channel_selection import Selection, candidates, select
 from rwdeploy.passes.channel_state import TensorMeta
 from rwdeploy.passes.result import PassResult
@@ -161,11 +167,14 @@ def _consumer_fn(gm: fx.GraphModule, node: fx.Node, kind: str):
         ref = copy.deepcopy(gm.get_submodule(node.target)).double()
         ref.bias = None
         return ref
-    names = CONV_ARGS if kind == "fconv" else LINEAR_ARGS
-    b = bound_args(node, names)
+    b = bound_args(node, FUNCTIONAL_ARGS[kind])
     w = gm.get_parameter(b["weight"].target).detach().double()
     if kind == "flinear":
         return lambda x: F.linear(x, w)
+    if kind == "fconv_transpose":
+        convt = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
+        return lambda x: convt(x, w, None, b.get("stride", 1), b.get("padding", 0), b.get("output_padding", 0),
+                               1, b.get("dilation", 1))
     conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
     return lambda x: conv(x, w, None, b.get("stride", 1), b.get("padding", 0), b.get("dilation", 1),
                           b.get("groups", 1))
@@ -190,7 +199,7 @@ def _contribution(fn, x: torch.Tensor, node: fx.Node, sel: Selection, st) -> tup
     return ("constant map", c)
 
 
-FUNCTIONAL_KINDS = ("fconv", "flinear", "fbatchnorm", "fgroupnorm", "fprelu")
+FUNCTIONAL_KINDS = ("fconv", "fconv_transpose", "flinear", "fbatchnorm", "fgroupnorm", "fprelu")
 
 
 def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Selection,
@@ -204,7 +213,7 @@ def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Select
     shapes = shrink_functional(gm, node, kind, keep_in, keep_out)
     folded = None
     if fold is not None and fold[0] == "bias":
-        names = CONV_ARGS if kind == "fconv" else LINEAR_ARGS
+        names = FUNCTIONAL_ARGS[kind]
         bias = bound_args(node, names).get("bias")
         if isinstance(bias, fx.Node):
             with torch.no_grad():

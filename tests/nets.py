@@ -191,6 +191,21 @@ class UnknownOp(nn.Module):
         return self.out(self.c(y))
 
 
+class SharedConv(nn.Module):
+    """One conv applied twice (weight sharing): its channels must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = cbr(8, 8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.shared(F.relu(self.shared(self.a(x))))
+        return self.out(self.b(y))
+
+
 class TorchMultiheadAttention(nn.Module):
     """nn.MultiheadAttention is a leaf the analysis does not look into: it pins, the MLP shrinks."""
 
@@ -219,4 +234,5 @@ TEST_NETS = {
     "norms": (Norms, (1, 3, 8, 8)),
     "unknown_op": (UnknownOp, (1, 3, 16, 16)),
     "torch_mha": (TorchMultiheadAttention, (1, 3, 16, 16)),
+    "shared_conv": (SharedConv, (1, 3, 16, 16)),
 }
