@@ -122,14 +122,16 @@ def _files(path: Path, work: Path) -> dict | None:
             "tvm_qdq_library_bytes": q.get("tvm", {}).get("library_bytes")}
 
 
-def run(b: Budget, work: Path, log=print) -> dict:
+def run(b: Budget, work: Path, log=print, part: str = "all") -> dict:
+    """part: "all"; "robust" (study 1 only); "quant" (study 2 only: dense AT, reweighted, quantized)."""
     rows: list[dict] = []
     t0, cpu0 = time.perf_counter(), time.process_time()
-    natural = work / "dense-natural.pt"
-    res = run_pruning(_recipe(b, model="lenet5", adversarial=False, dense=True), natural)
-    rows.append({"name": "dense (natural training)", "method": "dense", "rate": None, "test_acc": res.final_acc,
-                 **_natural_eval(natural, b), "wall_s": round(time.perf_counter() - t0, 1)})
-    log(rows[-1])
+    if part != "quant":
+        natural = work / "dense-natural.pt"
+        res = run_pruning(_recipe(b, model="lenet5", adversarial=False, dense=True), natural)
+        rows.append({"name": "dense (natural training)", "method": "dense", "rate": None, "test_acc": res.final_acc,
+                     **_natural_eval(natural, b), "wall_s": round(time.perf_counter() - t0, 1)})
+        log(rows[-1])
     t = time.perf_counter()
     dense = work / "dense-at.pt"
     res = run_pruning(_recipe(b, model="lenet5", dense=True), dense)
@@ -137,7 +139,7 @@ def run(b: Budget, work: Path, log=print) -> dict:
     log(rows[-1])
     pruned: dict[str, Path] = {}
     for label, rate in b.rates.items():
-        for method in METHODS:
+        for method in (METHODS if part != "quant" else ("reweighted",)):
             t = time.perf_counter()
             out = work / f"{method}-{label}.pt"
             res = run_pruning(_recipe(b, model=str(dense), method=method, rate=rate), out)
@@ -147,7 +149,7 @@ def run(b: Budget, work: Path, log=print) -> dict:
             if method == "reweighted":
                 pruned[label] = out
     quant_rows: list[dict] = []
-    for label, path in pruned.items():
+    for label, path in (pruned.items() if part != "robust" else ()):
         base = next(r for r in rows if r.get("method") == "reweighted" and r.get("target") == label)
         float_files = _files(path, work)
         quant_rows.append({"target": label, "bits": 32, "qat_epochs": None, "natural_acc": base["natural_acc"],
@@ -170,6 +172,16 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def from_log(path: Path) -> dict:
+    """Rows and quantization rows from the JSON lines a run printed (e.g. of an interrupted run)."""
+    rows, quant = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            (quant if "bits" in row else rows).append(row)
+    return {"rows": rows, "quantization": quant}
+
+
 def markdown(report: dict) -> str:
     b = report["budget"]
     lines = ["# Robust sparse models and quantization on digits (LeNet-5)", "",
@@ -178,7 +190,7 @@ def markdown(report: dict) -> str:
              f"prune-phase + {b['retrain_epochs']} retraining epochs from the same dense AT model; filter pruning of conv2 and "
              f"fc1 (conv1, classifier dense); lambda {b['lam']}, rho {b['rho']}. Checkpoint: the retraining epoch with the best "
              f"(natural + PGD-10) / 2 on {b['eval_samples']} test images; figures below on all 540 test images. One seed.", "",
-             f"Load average start/end: {report['loadavg_start']} / {report['loadavg_end']}; total wall {report['wall_s_total']} s, "
+             f"Load average start/end: {report['loadavg_start']} / {report['loadavg_end']}; total wall {report.get('wall_s_total')} s, "
              f"CPU {report.get('cpu_s_total')} s "
              f"with {report['threads']} thread(s) (shared machine: times are noisy).", "",
              "| model | filters kept | compression (params) | natural % | PGD-10 % | PGD-50 % | after hard prune % | wall s |",
@@ -187,12 +199,16 @@ def markdown(report: dict) -> str:
         comp = f"{r['compression']:.1f}x" if "compression" in r else "1.0x"
         lines.append(f"| {r['name']} | {r.get('target', 'all')} | {comp} | {_pct(r.get('natural_acc'))} | {_pct(r.get('pgd10_acc'))} | "
                      f"{_pct(r.get('pgd50_acc'))} | {_pct(r.get('acc_after_hard_prune'))} | {r['wall_s']} |")
+    if report.get("note"):
+        lines += ["", f"Note: {report['note']}"]
+    if not report["quantization"]:
+        return "\n".join(lines + [""])
     lines += ["", "## Compression x quantization (reweighted + AT)", "",
               "Storage counted from the weights: dense b-bit, or nonzero values at b bits + 1-bit bitmap, whichever is smaller; "
               "scales 32 bits each; biases float32. Files: `rwdeploy compile` output (channels removed).", "",
               "| filters kept | bits | QAT epochs | natural % | PGD-10 % | counted bytes | x vs dense fp32 | slim ONNX bytes | slim QDQ ONNX bytes | TVM lib float / int8 |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    dense_fp32 = 4 * next(r["params_total"] for r in report["rows"] if r["name"] == "dense + AT")
+    dense_fp32 = 4 * next((r["params_total"] for r in report["rows"] if "params_total" in r), 0)
     for q in report["quantization"]:
         f = q.get("files") or {}
         size = q.get("size")
@@ -213,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch per phase, 8x only")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--part", choices=("all", "robust", "quant"), default="all",
+                    help="robust: study 1 only; quant: study 2 only (dense AT + reweighted + quantized)")
+    ap.add_argument("--from-log", type=Path, help="re-assemble results from the JSON lines of an earlier run's output")
+    ap.add_argument("--note", help="with --from-log: a note recorded in the results")
     ap.add_argument("--eps", type=float, default=8 / 255, help="PGD budget in [0, 1] pixels (step = eps / 4)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
@@ -221,11 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     budget.eps = args.eps
     report = {"benchmark": "robustness", "loadavg_start": [round(v, 2) for v in os.getloadavg()],
               "threads": args.threads, "budget": budget.__dict__, "quick": args.quick}
-    with tempfile.TemporaryDirectory() as tmp:
-        report.update(run(budget, Path(tmp), log=lambda r: print(json.dumps(r), flush=True)))
-    report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    if args.from_log:
+        report.update(from_log(args.from_log), assembled_from_log=args.from_log.name,
+                      loadavg_start="not recorded (assembled from a log)")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            report.update(run(budget, Path(tmp), log=lambda r: print(json.dumps(r), flush=True), part=args.part))
+    report["part"] = args.part
+    if not args.from_log:
+        report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    else:
+        report["loadavg_end"] = "not recorded"
+        if args.note:
+            report["note"] = args.note
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "robustness" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
+    stem = ("robustness" + (f"-{args.part}" if args.part != "all" else "") + (f"-{args.tag}" if args.tag else "")
+            + ("-quick" if args.quick else ""))
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (RESULTS / f"{stem}.md").write_text(md)

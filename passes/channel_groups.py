@@ -8,14 +8,14 @@ and bundles classes that touch the same tensors into groups.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
-from rwdeploy.passes.channel_rules import RULES, classify, op_name, rule_opaque
+from rwdeploy.passes.channel_rules import RULES, classify, rule_opaque
 from rwdeploy.passes.channel_state import AnalysisState, summarize
 
 
@@ -113,13 +113,23 @@ def analyze_channel_groups(gm: fx.GraphModule, example_input: Any) -> ChannelAna
         except Exception as exc:  # noqa: BLE001 - a rule that fails keeps channels, never crashes
             st.kinds[node.name] = "opaque"
             st.maps[node.name] = rule_opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
-    for key, users in st.key_users.items():
-        if len(users) > 1:
-            for s in st.slices:
-                if s.key == key:
-                    st.pin(s.cls, f"{key} is used by {len(users)} ops ({', '.join(sorted(users))})")
+    _pin_shared(st, gm)
     roots = st.uf.roots()
     return ChannelAnalysis(_build_groups(st, roots), st, roots)
+
+
+def _pin_shared(st: AnalysisState, gm: fx.GraphModule) -> None:
+    """A tensor read by several ops (a module called twice, a parameter read twice) is kept:
+    cutting it for one use would break the other."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    reads = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            reads[n.target] += len(n.users)
+    for s in st.slices:
+        uses = max(len(st.key_users[s.key]), calls[s.key.rpartition(".")[0]], reads[s.key])
+        if uses > 1:
+            st.pin(s.cls, f"{s.key} is used by {uses} ops")
 
 
 def _build_groups(st: AnalysisState, roots: torch.Tensor) -> list[ChannelGroup]:
@@ -159,7 +169,3 @@ def _build_groups(st: AnalysisState, roots: torch.Tensor) -> list[ChannelGroup]:
         unit = min(len(s.indices[0]) for s in weights) if weights else 1
         groups.append(ChannelGroup(gid, len(members), unit, slices, list(reasons), members))
     return groups
-
-
-def describe_node(node: fx.Node) -> str:
-    return op_name(node)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import fx
 
 from rwdeploy.passes.channel_state import AnalysisState, TensorMeta

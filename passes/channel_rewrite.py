@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from rwdeploy.passes.channel_rules import (
     CONV_ARGS,
+    CONV_TRANSPOSE_ARGS,
     GROUPNORM_ARGS,
     LINEAR_ARGS,
     PRELU_ARGS,
@@ -126,12 +127,15 @@ def set_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -> Non
         node.args = node.args[:i] + (value,) + node.args[i + 1:]
 
 
+FUNCTIONAL_ARGS = {"fconv": CONV_ARGS, "fconv_transpose": CONV_TRANSPOSE_ARGS, "flinear": LINEAR_ARGS,
+                   "fgroupnorm": GROUPNORM_ARGS, "fprelu": PRELU_ARGS}
+
+
 def shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, keep_in: torch.Tensor,
                       keep_out: torch.Tensor) -> dict[str, tuple[list[int], list[int]]]:
     """Cut the get_attr parameters of a functional conv / linear / batch norm node; returns
     {key: (shape before, shape after)}."""
-    names = {"fconv": CONV_ARGS, "flinear": LINEAR_ARGS, "fgroupnorm": GROUPNORM_ARGS,
-             "fprelu": PRELU_ARGS}.get(kind) or batchnorm_arg_names(node)
+    names = FUNCTIONAL_ARGS.get(kind) or batchnorm_arg_names(node)
     b = bound_args(node, names)
     keys = {n: b[n].target for n in ("weight", "bias", "running_mean", "running_var")
             if isinstance(b.get(n), fx.Node)}
@@ -143,6 +147,8 @@ def shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, keep_in: tor
             set_arg(node, CONV_ARGS, "groups", new_groups)
     elif kind == "flinear":
         new[keys["weight"]] = _keep(_keep(gm.get_parameter(keys["weight"]), 0, keep_out), 1, keep_in)
+    elif kind == "fconv_transpose":
+        new[keys["weight"]] = _keep(_keep(gm.get_parameter(keys["weight"]), 0, keep_in), 1, keep_out)
     if kind == "fgroupnorm":
         per = len(keep_in) // b["num_groups"]
         set_arg(node, GROUPNORM_ARGS, "num_groups", int(keep_in.sum()) // per)

@@ -132,6 +132,7 @@ ATEN_KINDS: dict[str, str] = {
                      "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
                      "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd"), "spatial"),
     **dict.fromkeys(("conv1d", "conv2d", "conv3d"), "fconv"),
+    **dict.fromkeys(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "fconv_transpose"),
     "linear": "flinear",
     "batch_norm": "fbatchnorm",
     "group_norm": "fgroupnorm",
@@ -588,6 +589,7 @@ def rule_conv(st: AnalysisState, node: fx.Node) -> Any:
 
 
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 LINEAR_ARGS = ("input", "weight", "bias")
 GROUPNORM_ARGS = ("input", "num_groups", "weight", "bias", "eps")
 PRELU_ARGS = ("input", "weight")
@@ -686,17 +688,31 @@ def rule_conv_transpose(st: AnalysisState, node: fx.Node) -> Any:
     got = _single_input(st, node)
     if got is None or len(node.args) != 1 or node.kwargs or mod.groups != 1:
         return rule_opaque(st, node, "transposed convolution with groups or output_size")
-    x, m = got
-    spatial = len(mod.kernel_size)
+    bias = f"{node.target}.bias" if mod.bias is not None else None
+    return _conv_transpose_classes(st, node, got[1], f"{node.target}.weight", bias,
+                                   mod.in_channels, mod.out_channels, len(mod.kernel_size))
+
+
+def rule_fconv_transpose(st: AnalysisState, node: fx.Node) -> Any:
+    got = _functional_layer(st, node, CONV_TRANSPOSE_ARGS)
+    if got is None or got[0].get("groups", 1) != 1:
+        return rule_opaque(st, node, "functional transposed convolution with groups or shared weights")
+    b, keys, w = got
+    return _conv_transpose_classes(st, node, st.canon(st.maps[b["input"].name]), keys["weight"], keys["bias"],
+                                   w.shape[0], w.shape[1], w.dim() - 2)
+
+
+def _conv_transpose_classes(st: AnalysisState, node: fx.Node, m: torch.Tensor, weight: str, bias: str | None,
+                            cin: int, cout: int, spatial: int) -> Any:
+    """Weight [Cin, Cout, k...]: dim 0 reads the input channels, dim 1 produces the output."""
     if m.dim() != spatial + 2 or any(d != 1 for d in varying_dims(m)):
         return rule_opaque(st, node, "convolution input whose channels are not on dim 1")
-    cin, cout = mod.in_channels, mod.out_channels
-    weight = f"{node.target}.weight"
     st.add_slice(weight, 0, torch.arange(cin), along(m, 1, cin), "consumer", node.name)
     st.fold_sites.append(node.name)
     out = st.fresh(cout)
     st.add_slice(weight, 1, torch.arange(cout), out, "producer", node.name)
-    st.add_module_slices(node, ("bias",), 0, out, "follower")
+    if bias is not None:
+        st.add_slice(bias, 0, torch.arange(cout), out, "follower", node.name)
     return out.reshape(1, cout, *([1] * spatial))
 
 
@@ -894,7 +910,8 @@ _FUNCTION_KINDS: list[tuple[set[Any], str]] = [
     (UNARY_FUNCTIONS, "unary"), (BINARY_FUNCTIONS, "binary"), (SHAPE_FUNCTIONS, "shape"),
     (REDUCE_FUNCTIONS, "reduce"), (SOFTMAX_FUNCTIONS, "softmax"), (MATMUL_FUNCTIONS, "matmul"),
     (SPATIAL_FUNCTIONS, "spatial"), (FACTORY_FUNCTIONS, "constant"), (NORM_FUNCTIONS, "functional_norm"),
-    ({F.conv1d, F.conv2d, F.conv3d}, "fconv"), ({F.linear}, "flinear"), ({F.batch_norm}, "fbatchnorm"),
+    ({F.conv1d, F.conv2d, F.conv3d}, "fconv"),
+    ({F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}, "fconv_transpose"), ({F.linear}, "flinear"), ({F.batch_norm}, "fbatchnorm"),
     ({F.group_norm}, "fgroupnorm"), ({F.prelu}, "fprelu"),
 ]
 
@@ -914,6 +931,7 @@ RULES: dict[str, Rule] = {
     "matmul": rule_matmul,
     "conv": rule_conv,
     "fconv": rule_fconv,
+    "fconv_transpose": rule_fconv_transpose,
     "flinear": rule_flinear,
     "fbatchnorm": rule_fbatchnorm,
     "fgroupnorm": rule_fgroupnorm,

@@ -56,6 +56,7 @@ class PackRecord:
     batch: int | None
     noise: float
     layers: list[LayerPacking] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def packed(self) -> list[LayerPacking]:
@@ -68,7 +69,11 @@ class PackRecord:
         return {"mode": self.mode, "target": self.target, "measured_on": self.measured_on,
                 "batch": self.batch, "noise": self.noise,
                 "packed_layers": len(self.packed), "bytes_saved": self.bytes_saved(),
-                "layers": [l.to_dict() for l in self.layers]}
+                "layers": [l.to_dict() for l in self.layers], "notes": list(self.notes)}
+
+
+_FUNCTIONAL = {torch.nn.functional.linear, torch.nn.functional.conv2d, torch.ops.aten.linear.default,
+               torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
 
 
 def _packable(m: nn.Module) -> bool:
@@ -149,6 +154,9 @@ def pack_sparse(gm: fx.GraphModule, example_input: torch.Tensor, *, mode: str = 
             seen.add(node.target)
             sites.append((node.target, layer, list(meta.shape)))
 
+    functional = [n.name for n in new.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL]
+    if functional:   # a torch.export-style graph: weights are not submodules we can swap
+        record.notes.append(f"not packed (functional conv/linear calls, not modules): {', '.join(functional)}")
     pending = []
     for name, layer, shape in sites:
         w = layer.weight.detach()

@@ -21,8 +21,14 @@ from torch import fx, nn
 
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
-from rwdeploy.passes.channel_rewrite import MODULE_SHRINKERS, set_arg, rewrite_args, shrink_functional
-from rwdeploy.passes.channel_rules import CONV_ARGS, LINEAR_ARGS, base_name, bound_args
+from rwdeploy.passes.channel_rewrite import (
+    FUNCTIONAL_ARGS,
+    MODULE_SHRINKERS,
+    rewrite_args,
+    set_arg,
+    shrink_functional,
+)
+from rwdeploy.passes.channel_rules import base_name, bound_args
 from rwdeploy.passes.channel_selection import Selection, candidates, select
 from rwdeploy.passes.channel_state import TensorMeta
 from rwdeploy.passes.result import PassResult
@@ -114,7 +120,7 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
                 rewrite_args(node, kind, sel, st.values)
         if change is not None:
             layers.append(change)
-    _shrink_attributes(work, analysis, sel)
+    attr_keep = _shrink_attributes(work, analysis, sel)
     aliases = _add_constant_maps(work, folds, st.values)
     work.graph.lint()
     work.recompile()
@@ -126,7 +132,7 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
                         "reasons": g.pinned} for g in analysis.groups if g.pinned],
         params_before=params_before,
         params_after=sum(p.numel() for p in work.parameters()),
-        kept_indices=_kept_indices(st, sel),
+        kept_indices=_kept_indices(st, sel, attr_keep),
         aliases=aliases,
     )
     return PassResult(work, record)
@@ -161,11 +167,14 @@ def _consumer_fn(gm: fx.GraphModule, node: fx.Node, kind: str):
         ref = copy.deepcopy(gm.get_submodule(node.target)).double()
         ref.bias = None
         return ref
-    names = CONV_ARGS if kind == "fconv" else LINEAR_ARGS
-    b = bound_args(node, names)
+    b = bound_args(node, FUNCTIONAL_ARGS[kind])
     w = gm.get_parameter(b["weight"].target).detach().double()
     if kind == "flinear":
         return lambda x: F.linear(x, w)
+    if kind == "fconv_transpose":
+        convt = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
+        return lambda x: convt(x, w, None, b.get("stride", 1), b.get("padding", 0), b.get("output_padding", 0),
+                               1, b.get("dilation", 1))
     conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
     return lambda x: conv(x, w, None, b.get("stride", 1), b.get("padding", 0), b.get("dilation", 1),
                           b.get("groups", 1))
@@ -190,7 +199,7 @@ def _contribution(fn, x: torch.Tensor, node: fx.Node, sel: Selection, st) -> tup
     return ("constant map", c)
 
 
-FUNCTIONAL_KINDS = ("fconv", "flinear", "fbatchnorm", "fgroupnorm", "fprelu")
+FUNCTIONAL_KINDS = ("fconv", "fconv_transpose", "flinear", "fbatchnorm", "fgroupnorm", "fprelu")
 
 
 def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Selection,
@@ -204,7 +213,7 @@ def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Select
     shapes = shrink_functional(gm, node, kind, keep_in, keep_out)
     folded = None
     if fold is not None and fold[0] == "bias":
-        names = CONV_ARGS if kind == "fconv" else LINEAR_ARGS
+        names = FUNCTIONAL_ARGS[kind]
         bias = bound_args(node, names).get("bias")
         if isinstance(bias, fx.Node):
             with torch.no_grad():
@@ -259,8 +268,10 @@ def _shapes(mod: nn.Module) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in mod.state_dict().items()}
 
 
-def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis, sel: Selection) -> None:
-    """Per-channel tensors used through get_attr (layer scale, position tables): slice them too."""
+def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis,
+                       sel: Selection) -> dict[tuple[str, int], torch.Tensor]:
+    """Per-channel tensors used through get_attr (layer scale, position tables): slice them too.
+    Returns the kept mask of each (tensor, dim) that was cut."""
     owners = analysis.state.attr_followers
     keep: dict[tuple[str, int], torch.Tensor] = {}
     for s in analysis.state.slices:
@@ -278,6 +289,7 @@ def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis, sel: Selec
         new = old.detach().index_select(dim, mask.nonzero().flatten()).clone()
         setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad)
                 if isinstance(old, nn.Parameter) else new)
+    return {k: m for k, m in keep.items() if not m.all()}
 
 
 def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
@@ -299,8 +311,13 @@ def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
     return aliases
 
 
-def _kept_indices(st, sel: Selection) -> dict[str, dict[int, list[int]]]:
+def _kept_indices(st, sel: Selection, attr_keep: dict[tuple[str, int], torch.Tensor]) -> dict[str, dict[int, list[int]]]:
     out: dict[str, dict[int, list[int]]] = {}
+    for name, (key, dims) in st.provenance.items():  # constants computed from a cut parameter
+        cut = {d: attr_keep[(key, p)].nonzero().flatten().tolist() for d, p in enumerate(dims)
+               if (key, p) in attr_keep}
+        if cut:
+            out[name] = cut
     for name, m in st.maps.items():
         meta = st.values.get(name)
         if not isinstance(m, torch.Tensor) or not isinstance(meta, TensorMeta):

@@ -12,9 +12,10 @@ and left running.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -131,13 +132,10 @@ def instruction_section(results: list[ArmResult]) -> dict[str, Any]:
     return out
 
 
-def reference_outputs(models: Mapping[str, Any], example_input: np.ndarray) -> dict[str, np.ndarray]:
-    """torch outputs of each variant's module (the values the device must reproduce)."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(example_input, dtype=np.float32))
-    with torch.no_grad():
-        return {name: m(x).detach().numpy() for name, m in models.items()}
+def _emulator_messages(message: str) -> None:
+    """Provisioning (first use, about a minute) and start-up messages, on stderr."""
+    if message.startswith(("downloading", "fetching", "installing", "cross-building", "starting", "stopped")):
+        print(f"arm-emulator: {message}", file=sys.stderr, flush=True)
 
 
 def stage_arm_measure(ctx: Any) -> None:
@@ -170,7 +168,7 @@ def stage_arm_measure(ctx: Any) -> None:
     x = variants[0][0]
     results = measure_arm([v for _, v in variants], x, target=name, rpc=getattr(opts, "rpc", None),
                           tracker=getattr(opts, "tracker", None), key=getattr(opts, "key", None),
-                          repeat=max(5, min(opts.runs, 30)))
+                          repeat=max(5, min(opts.runs, 30)), progress=_emulator_messages)
     m = results[0].measurement
     section["device"] = {"address": m.device, "emulated": m.emulated}
     if m.emulated:
@@ -182,5 +180,5 @@ def stage_arm_measure(ctx: Any) -> None:
         section["instructions"] = instruction_section(results)
         for variant, c in section["instructions"]["per_variant"].items():
             notes.append(f"{variant}: {c['insns_per_inference']:,} aarch64 instructions per inference "
-                         f"(spread {c['relative_spread']:.2%})")
+                         f"(two measurements differ by {max(c['samples']) - min(c['samples']):,})")
     ctx.latency.extend(r.latency_row() for r in results)

@@ -115,7 +115,7 @@ def scratch_shapes(spec: LinearSpec | ConvSpec) -> list[tuple[int, ...]]:
             return [(_linear_tasks(spec.out_features, 1), DENSE_LANES)]
         if spec.batch > 1:
             return [(spec.in_features, spec.batch),
-                    (_linear_tasks(spec.out_features // br, br), br, spec.batch)]
+                    (_linear_tasks(spec.out_features // br, br), 2, br, spec.batch)]
         lanes = GATHER_LANES if (br, bc) == (1, 1) else max(br, bc)
         return [(_linear_tasks(spec.out_features // br, br), lanes)]
     g = _conv_geometry(spec)
@@ -186,7 +186,10 @@ def _csr_linear_b1(s: LinearSpec):
 
 
 def _sparse_linear_batched(s: LinearSpec):
-    """Batch > 1, any block: transpose x once to (K, B) so each stored weight updates B lanes."""
+    """Batch > 1, any block: transpose x once to (K, B) so each stored weight updates B lanes.
+
+    Stored blocks are taken two at a time into two accumulator sets: one chain of dependent
+    FMAs per row would wait out the FMA latency on every non-zero."""
     B, N, K, NNZ, IDX = s.batch, s.out_features, s.in_features, s.nnz_blocks, s.index_dtype
     BR, BC = s.block
     NB = N // BR
@@ -198,7 +201,7 @@ def _sparse_linear_batched(s: LinearSpec):
     def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, BR, BC), "float32"),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
           bias: T.Buffer((N,), "float32"), xt: T.Buffer((K, B), "float32"),
-          acc: T.Buffer((tasks, BR, B), "float32"), y: T.Buffer((B, N), "float32")):
+          acc: T.Buffer((tasks, 2, BR, B), "float32"), y: T.Buffer((B, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for kc in T.parallel(kt):
             for kk in range(64):
@@ -208,17 +211,25 @@ def _sparse_linear_batched(s: LinearSpec):
         for t in T.parallel(tasks):
             for i in range(RB):
                 if t * RB + i < NB:
-                    for r in range(BR):
+                    lo = T.bind(rp[t * RB + i])
+                    hi = T.bind(rp[t * RB + i + 1])
+                    for u, r in T.grid(2, BR):
                         for b in T.vectorized(B):
-                            acc[t, r, b] = T.float32(0)
-                    for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
+                            acc[t, u, r, b] = T.float32(0)
+                    for c in range((hi - lo) // 2):
+                        for u, r, j in T.grid(2, BR, BC):
+                            for b in T.vectorized(B):
+                                acc[t, u, r, b] = acc[t, u, r, b] + vals[lo + 2 * c + u, r, j] * xt[
+                                    T.Cast("int32", col[lo + 2 * c + u]) * BC + j, b]
+                    for k in range(lo + (hi - lo) // 2 * 2, hi):
                         for r, j in T.grid(BR, BC):
                             for b in T.vectorized(B):
-                                acc[t, r, b] = acc[t, r, b] + vals[k, r, j] * xt[
+                                acc[t, 0, r, b] = acc[t, 0, r, b] + vals[k, r, j] * xt[
                                     T.Cast("int32", col[k]) * BC + j, b]
                     for r in range(BR):
                         for b in range(B):
-                            y[b, (t * RB + i) * BR + r] = acc[t, r, b] + bias[(t * RB + i) * BR + r]
+                            y[b, (t * RB + i) * BR + r] = acc[t, 0, r, b] + acc[t, 1, r, b] \
+                                + bias[(t * RB + i) * BR + r]
     return f
 
 

@@ -49,7 +49,9 @@ def _dtype(expr: relax.Expr) -> str:
 
 
 def _prim(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec) -> relax.GlobalVar:
-    return bb.add_func(kernel_for(spec).with_attr("op_pattern", OPAQUE), spec.name())
+    # hand-scheduled: Relax must not fuse it, schedulers (dlight, MetaSchedule, tvm_schedule) skip it
+    func = kernel_for(spec).with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
+    return bb.add_func(func, spec.name())
 
 
 def _call(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec, args: list[relax.Expr],

@@ -191,6 +191,37 @@ class UnknownOp(nn.Module):
         return self.out(self.c(y))
 
 
+class SharedConv(nn.Module):
+    """One conv applied twice (weight sharing): its channels must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = cbr(8, 8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.shared(F.relu(self.shared(self.a(x))))
+        return self.out(self.b(y))
+
+
+class TorchMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention is a leaf the analysis does not look into: it pins, the MLP shrinks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -202,4 +233,6 @@ TEST_NETS = {
     "attention": (AttentionNet, (1, 3, 16, 16)),
     "norms": (Norms, (1, 3, 8, 8)),
     "unknown_op": (UnknownOp, (1, 3, 16, 16)),
+    "torch_mha": (TorchMultiheadAttention, (1, 3, 16, 16)),
+    "shared_conv": (SharedConv, (1, 3, 16, 16)),
 }

@@ -171,3 +171,18 @@ def test_swin_relative_position_bias_table_follows_its_heads():
     assert g.removable and g.size == 4 and g.unit == 4
     table = slice_of(g, "blocks.0.table", "follower")
     assert table.dim == 1 and table.indices == [[h] for h in range(4)]
+
+
+def test_torch_multihead_attention_is_pinned_with_its_name():
+    a = analysis_of(*nets.TEST_NETS["torch_mha"])
+    stream = group_with(a, "embed.weight", "producer")
+    assert any("MultiheadAttention" in r and "not understood" in r for r in stream.pinned)
+    assert group_with(a, "mlp.0.weight", "producer").removable
+
+
+def test_a_module_called_twice_keeps_its_channels():
+    a = analysis_of(*nets.TEST_NETS["shared_conv"])
+    groups = [g for g in a.groups if any(s.tensor == "shared.weight" for s in g.slices)]
+    assert len(groups) == 3  # the first call's input, its output (= second input), the second output
+    assert all(any("shared.weight is used by 2 ops" in r for r in g.pinned) for g in groups)
+    assert group_with(a, "b.0.weight", "producer").removable

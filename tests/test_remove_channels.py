@@ -16,7 +16,7 @@ from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
-from rwdeploy.passes.verify import verify_equivalence
+from rwdeploy.passes.verify import first_diverging_node, verify_equivalence
 
 RTOL = 1e-4
 
@@ -56,6 +56,7 @@ def test_exact_and_smaller(case):
     v = verify_equivalence(gm, res.gm, probes, rtol=RTOL, record=res.record)
     assert v.passed, f"max_rel={v.max_rel} first diverging node {v.first_diverging_node}"
     assert v.max_rel <= RTOL
+    assert first_diverging_node(gm, res.gm, (x,), record=res.record) is None  # no false alarms
     assert res.record.params_after < res.record.params_before
     assert sum(p.numel() for p in res.gm.parameters()) == res.record.params_after
     assert conv_linear_macs(res.gm, x) < conv_linear_macs(gm, x)

@@ -115,3 +115,11 @@ def test_off_and_bad_mode():
     assert res.record.layers == [] and isinstance(res.gm.fc, nn.Linear)
     with pytest.raises(OptionError, match="--sparse 'fast'"):
         pack_sparse(_gm(), X, mode="fast")
+
+
+def test_functional_graph_is_reported_not_packed():
+    ep_module = torch.export.export(Small().eval(), (X,)).module()
+    gm = torch.fx.GraphModule(ep_module, ep_module.graph)
+    res = pack_sparse(gm, X, mode="csr")
+    assert res.record.layers == []
+    assert res.record.notes and "functional" in res.record.notes[0]

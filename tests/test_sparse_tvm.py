@@ -67,6 +67,8 @@ def test_relax_import_uses_tir_kernels_and_matches_dense(batch, decompose):
     script = mod.script()
     assert script.count("R.call_tir") >= 7          # every non-empty packed layer
     assert "rw_conv2d_sparse" in script and "rw_linear_sparse" in script
+    kernels = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("rw_")]
+    assert kernels and all(bool(f.attrs["tirx.is_scheduled"]) for f in kernels)   # schedulers skip them
     vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -99,3 +101,16 @@ def test_dense_layers_use_scheduled_kernels():
     vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_kernels_compile_for_aarch64():
+    """Target-agnostic TIR: the same kernels build for aarch64 NEON (run by the arm target)."""
+    from rwdeploy.runtime.tvm_kernels import ConvSpec, LinearSpec, kernel_for
+
+    specs = [LinearSpec(1, 32, 64, "sparse", 40, (1, 1), "uint8"),
+             LinearSpec(2, 32, 64, "sparse", 10, (4, 1), "uint8"),
+             ConvSpec(1, 8, 6, 6, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, "sparse", 30, (1, 1), "uint8")]
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    lib = tvm.compile(tvm.IRModule({s.name(): kernel_for(s) for s in specs}), target=target)
+    asm = lib.mod.inspect_source("asm")
+    assert "fmla" in asm or "fmadd" in asm                 # aarch64 multiply-add instructions
