@@ -10,7 +10,7 @@ from rwdeploy import models
 from rwdeploy.console import make_console
 from rwdeploy.inspection import inspect_model, render_table
 from rwdeploy.errors import OptionError
-from rwdeploy.io import Checkpoint, load_model, save_checkpoint
+from rwdeploy.io import Checkpoint, load_model
 from rwdeploy.train.recipe import Recipe
 
 

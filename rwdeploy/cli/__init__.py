@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -52,6 +53,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
+    # torch's own deep copies of exported graphs warn about its internal pytree API; the
+    # warning is for torch's developers and says nothing about the user's model.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     try:
         cli.main(args=args, prog_name="rwdeploy", standalone_mode=False)
     except RwdeployError as err:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +136,6 @@ def command(model: str, arch: str | None, input_shape: str | None, trust_pickle:
                              min_time_s=min_time, measure=not no_measure, gpu_arch=gpu_arch,
                              tune=tune, tuning_db=tuning_db, sparse=sparse, rpc=rpc, tracker=tracker, key=key)
     options.validate()  # bad options fail before the (slow) model load
-    # torch's own deep copies of exported graphs warn about its internal pytree API; the
-    # warning is for torch's developers and says nothing about the user's model.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     if any(st.name == "arm_measure" for st in pipeline(options)) and not (rpc or tracker):
         click.echo(f"rwdeploy: no --rpc given: measuring --target {target} on the emulated aarch64 device "
                    "(qemu-user on this machine); its latency is emulated, not ARM latency, and comes with "

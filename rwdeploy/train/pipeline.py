@@ -129,8 +129,10 @@ class PruneRun:
         self.targets = build_prune_targets(model, r.rules(), default_rate=r.rate, exclude=r.exclude,
                                            include=r.include, analysis=analysis)
         if not self.targets.group_sets:
-            raise OptionError(f"--scheme {r.scheme}: nothing to prune in {self.arch}",
-                              hint="check the scheme, the layer rules and --exclude/--include")
+            why = self.targets.skipped[0] if self.targets.skipped else None
+            detail = f" ({why.get('tensor', why.get('group'))}: {why['scheme']} {why['why']})" if why else ""
+            raise OptionError(f"--scheme {r.scheme}: nothing to prune in {self.arch}{detail}",
+                              hint="check the scheme (pattern needs 3x3 convolutions), the layer rules and --exclude/--include")
         self.model = model.to(dist.device)
         # every rank starts from rank 0's weights
         dist.broadcast_([p.data for p in self.model.parameters()] + [b for b in self.model.buffers()])
