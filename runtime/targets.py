@@ -32,7 +32,7 @@ class Requirement:
     """One thing a target needs installed, with how to check for it and how to install it."""
 
     name: str
-    needed_for: str  # "build" or "run"
+    needed_for: str  # "build", "run" or "optional" (never blocks)
     check: Callable[[], bool] = field(compare=False, repr=False)
     install: str  # what to tell the user
 
@@ -68,7 +68,8 @@ class Target:
     def missing(self, needed_for: str | None = None) -> list[Requirement]:
         """Requirements that are not present (all, or only those for "build"/"run")."""
         return [r for r in self.requirements
-                if (needed_for is None or r.needed_for == needed_for) and not r.present()]
+                if (r.needed_for == needed_for if needed_for else r.needed_for != "optional")
+                and not r.present()]
 
     def check(self, needed_for: str | None = None) -> bool:
         """True when everything the target needs (for "build", "run" or both) is installed."""
@@ -216,7 +217,7 @@ _NDK_CLANG = Requirement(
 )
 _CUDA_GPU = Requirement("a CUDA GPU + driver", "run", _have_cuda_gpu,
                         "run on a machine with an NVIDIA GPU (the build works without one)")
-_NVCC = Requirement("nvcc (optional: cubin instead of CUDA source)", "run",
+_NVCC = Requirement("nvcc (cubin instead of CUDA source compiled at load)", "optional",
                     _have_program("nvcc"), "install the CUDA toolkit")
 
 

@@ -281,6 +281,13 @@ def _latency_tables(latency: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _kernels_cell(build: dict[str, Any]) -> str:
+    kernels = build.get("kernels") or {}
+    if not kernels:  # gpu: TVM's default (dlight) schedules, not counted
+        return "TVM default"
+    return f"{kernels.get('scheduled', 0)}/{sum(kernels.values())}"
+
+
 def _targets_lines(targets: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for name, section in targets.items():
@@ -290,8 +297,7 @@ def _targets_lines(targets: dict[str, Any]) -> list[str]:
         rows = [[b["variant"], b["batch"], f"`{b['path']}`" if b.get("path") else "(not shipped)",
                  f"{b['build_s']:.1f}", _fmt_bytes(b.get("size_bytes")),
                  ", ".join(b.get("device_modules") or []) or "host",
-                 f"{b.get('kernels', {}).get('scheduled', 0)}/"
-                 f"{sum(b.get('kernels', {}).values())}"] for b in section.get("builds", [])]
+                 _kernels_cell(b)] for b in section.get("builds", [])]
         if rows:
             lines += _table(["variant", "batch", "file", "build s", "size", "device code",
                              "kernels scheduled"], rows)
