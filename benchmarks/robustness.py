@@ -119,7 +119,7 @@ def _files(path: Path, work: Path) -> dict | None:
             "slim_qdq_onnx_bytes": files.get("slim_qdq_onnx", {}).get("bytes"),
             "qdq_weights": files.get("slim_qdq_onnx", {}).get("weights"),
             "tvm_float_library_bytes": q.get("tvm", {}).get("float_library_bytes"),
-            "tvm_qdq_library_bytes": q.get("tvm", {}).get("library_bytes")}
+            "tvm_qdq_library_bytes": q.get("tvm", {}).get("library_bytes"), "slim_storage": q.get("storage")}
 
 
 def run(b: Budget, work: Path, log=print, part: str = "all") -> dict:
@@ -204,14 +204,15 @@ def markdown(report: dict) -> str:
     if not report["quantization"]:
         return "\n".join(lines + [""])
     lines += ["", "## Compression x quantization (reweighted + AT)", "",
-              "Storage counted from the weights: dense b-bit, or nonzero values at b bits + 1-bit bitmap, whichever is smaller; "
-              "scales 32 bits each; biases float32. Files: `rwdeploy compile` output (channels removed).", "",
+              "Storage counted from the weights of the slim model (channels removed by `rwdeploy compile`): dense b-bit, or "
+              "nonzero values at b bits + 1-bit bitmap, whichever is smaller; scales 32 bits each; biases float32; the ratio is "
+              "against the dense float32 model. Files: `rwdeploy compile` output (`--sparse off`).", "",
               "| filters kept | bits | QAT epochs | natural % | PGD-10 % | counted bytes | x vs dense fp32 | slim ONNX bytes | slim QDQ ONNX bytes | TVM lib float / int8 |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     dense_fp32 = 4 * next((r["params_total"] for r in report["rows"] if "params_total" in r), 0)
     for q in report["quantization"]:
         f = q.get("files") or {}
-        size = q.get("size")
+        size = f.get("slim_storage") or q.get("size")  # counted on the slim model when compiled
         counted = min(size["dense_quantized_bytes"], size["sparse_quantized_bytes"]) if size else None
         if counted is None:
             counted_cell, ratio = "(fp32)", "–"

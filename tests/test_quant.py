@@ -141,6 +141,9 @@ def test_qdq_onnx_matches_fake_quantized_torch_model(bits, per_channel):
     assert record.storage == ("int4" if bits == 4 else "int8")
     assert elem["conv.weight_quantized"] == want and elem["fc.weight_quantized"] == want
     assert "conv.weight" not in elem  # no float copy of the weight left in the file
+    stored = {t.name: len(t.raw_data) for t in qdq.graph.initializer}
+    for name, numel in (("conv.weight", 6 * 9), ("fc.weight", 10 * 216)):  # b bits per weight, packed
+        assert stored[f"{name}_quantized"] == -(-numel * bits // 8)
     sess = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

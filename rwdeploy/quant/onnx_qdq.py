@@ -41,6 +41,24 @@ class QdqRecord:
                 "opset": self.opset, "layers": list(self.layers)}
 
 
+def _int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer in raw_data: two values per byte, the first in the low nibble.
+
+    (`helper.make_tensor` would store the packed bytes as int32 varints, ~50% larger; the int8
+    case likewise goes through `numpy_helper.from_array`, which writes raw bytes: negative
+    values as int32 varints take 10 bytes each.)
+    """
+    flat = q.reshape(-1).astype(np.int16) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    t = onnx.TensorProto()
+    t.name, t.data_type = name, TensorProto.INT4
+    t.dims.extend(q.shape)
+    t.raw_data = packed.tobytes()
+    return t
+
+
 def _weight_axis(node: onnx.NodeProto) -> int | None:
     """Output-channel axis of input 1 of a weight-consuming node, or None if not one."""
     if node.op_type == "Conv":
@@ -104,9 +122,8 @@ def to_qdq(model: onnx.ModelProto, bits: int, *, per_channel: bool = False, int4
                 f"(max error {err:.3g})", hint="quantize the checkpoint with `rwdeploy prune --quantize` before exporting")
         dq_out = f"{name}_dequantized"
         q_name, s_name = f"{name}_quantized", f"{name}_scale"
-        elem = TensorProto.INT4 if storage == "int4" else TensorProto.INT8
         q_np = q.numpy()
-        graph.initializer.append(helper.make_tensor(q_name, elem, q_np.shape, q_np.flatten().tolist()))
+        graph.initializer.append(_int4_tensor(q_name, q_np) if storage == "int4" else numpy_helper.from_array(q_np, q_name))
         s_np = scale.numpy().astype(np.float32)
         graph.initializer.append(numpy_helper.from_array(s_np, s_name))
         attrs = {"axis": axis} if per_channel else {}
