@@ -11,11 +11,15 @@ still carry constants), then:
 * ONNX Runtime CPU latency, zeroed dense vs our slim model, at each batch size, and the ratio
   (latency speed-up / MAC reduction): 1.0 means the runtime turns every saved MAC into time.
 
-Writes benchmarks/results/structured.json and .md and prints the table. The machine is
+Each row also gives the bytes the slim model stores (state_dict: parameters + buffers such as
+folded constants) and its ONNX file size, relative to the zeroed dense model's.
+
+Writes benchmarks/results/structured.json and .md (or under --out) and prints the table. The machine is
 shared, so the JSON records os.getloadavg() before and after; read latencies with that in mind.
 
     python benchmarks/structured.py                      # all models (resnet18 at 112x112)
     python benchmarks/structured.py --models lenet5,resnet20 --runs 10
+    python benchmarks/structured.py --models resnet20,resnet56 --rates 0.5 --out benchmarks/results/border_kernels
 """
 from __future__ import annotations
 
@@ -150,13 +154,13 @@ def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
 
 
 def measure_pair(dense: nn.Module, slim: nn.Module, example: torch.Tensor, workdir: Path,
-                 args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+                 args: argparse.Namespace) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
     """ORT latency of both models per batch size, their calls alternating (dense, slim, dense,
-    ...) so that load drifting on a shared machine hits both alike."""
-    runners = {}
+    ...) so that load drifting on a shared machine hits both alike; and their ONNX file sizes."""
+    runners, sizes = {}, {}
     for variant, module in (("dense", dense), ("slim", slim)):
         path = workdir / f"{variant}.onnx"
-        export_onnx(module, example, path)
+        sizes[variant] = export_onnx(module, example, path).size_bytes
         runners[variant] = OrtRunner(path, threads=args.threads)
     out: dict[int, dict[str, Any]] = {}
     for b in args.batches:
@@ -164,7 +168,7 @@ def measure_pair(dense: nn.Module, slim: nn.Module, example: torch.Tensor, workd
         stats = time_interleaved({v: r.bind(x) for v, r in runners.items()}, warmup=args.warmup,
                                  min_runs=args.runs, max_runs=max(args.runs, 2000), min_time_s=args.min_time)
         out[b] = {v: {"median_ms": st.median_ms, "p90_ms": st.p90_ms, "n": st.n} for v, st in stats.items()}
-    return out
+    return out, sizes
 
 
 def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -188,6 +192,7 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
         "filters_zeroed": sum(len(idx) for _, idx in filters),
         "params_dense": t_dense.params, "params_slim": t_slim.params,
         "macs_dense": t_dense.macs, "macs_slim": t_slim.macs,
+        "state_bytes_dense": _state_bytes(zeroed), "state_bytes_slim": _state_bytes(slim),
         "ours_s": our_s, "ours_max_abs": our_err[0], "ours_max_rel": our_err[1],
     }
     if args.torch_pruning:
@@ -199,13 +204,19 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
         except Exception as err:  # record, do not hide: a failure is a result too
             row["tp_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if not args.no_measure:
-        latency = measure_pair(zeroed, slim, example, workdir, args)
+        latency, sizes = measure_pair(zeroed, slim, example, workdir, args)
+        row["onnx_bytes_dense"], row["onnx_bytes_slim"] = sizes["dense"], sizes["slim"]
         mac_reduction = t_dense.macs / t_slim.macs
         row["latency"] = {}
         for b, lat in latency.items():
             speedup = lat["dense"]["median_ms"] / lat["slim"]["median_ms"]
             row["latency"][str(b)] = {**lat, "speedup": speedup, "speedup_per_mac_reduction": speedup / mac_reduction}
     return row
+
+
+def _state_bytes(module: nn.Module) -> int:
+    """Bytes of every stored tensor (parameters and buffers, e.g. folded constants)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def _fmt_count(n: float) -> str:
@@ -217,7 +228,7 @@ def _fmt_count(n: float) -> str:
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     batches = meta["batches"]
-    head = ["model", "rate", "params dense→slim", "MACs dense→slim"]
+    head = ["model", "rate", "params dense→slim", "MACs dense→slim", "stored / ONNX bytes slim÷dense"]
     for b in batches:
         head += [f"ORT b{b} ms dense→slim", f"b{b} speed-up (÷MAC red.)"]
     head += ["ours: s, max rel err", "torch-pruning: s, max rel err"]
@@ -225,7 +236,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         cells = [r["model"], f"{r['rate']:.0%}",
                  f"{_fmt_count(r['params_dense'])}→{_fmt_count(r['params_slim'])}",
-                 f"{_fmt_count(r['macs_dense'])}→{_fmt_count(r['macs_slim'])}"]
+                 f"{_fmt_count(r['macs_dense'])}→{_fmt_count(r['macs_slim'])}",
+                 f"{r['state_bytes_slim'] / r['state_bytes_dense']:.1%} / "
+                 + (f"{r['onnx_bytes_slim'] / r['onnx_bytes_dense']:.1%}" if "onnx_bytes_slim" in r else "-")]
         for b in batches:
             lat = r.get("latency", {}).get(str(b))
             if lat:
@@ -286,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['ours_max_rel']:.1e}, tp err {row.get('tp_max_rel', float('nan')):.1e} "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     meta["loadavg_after"] = list(os.getloadavg())
+    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, meta)
     with atomic_file(args.out / "structured.json") as tmp:
         tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")

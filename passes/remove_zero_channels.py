@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rwdeploy.errors import OptionError
+from rwdeploy.passes.channel_constants import CONV_FUNCTIONS, BorderKernel, border_kernel, conv_geometry
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
 from rwdeploy.passes.channel_rewrite import (
     FUNCTIONAL_ARGS,
@@ -40,7 +41,7 @@ class LayerChange:
     type: str
     before: dict[str, list[int]]
     after: dict[str, list[int]]
-    folded: str | None = None  # "bias" or "constant map"
+    folded: str | None = None  # "bias", "border kernel" or "constant map"
     folded_max_abs: float | None = None  # largest folded value: how much the constants mattered
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
 
     sites = [n for n in work.graph.nodes if n.name in set(st.fold_sites)]
     captured = _capture_inputs(work, example_input, sites, sel)
-    folds = {n.name: _contribution(_consumer_fn(work, n, st.kinds[n.name]), captured[n.name], n, sel, st)
+    folds = {n.name: _fold(work, n, st.kinds[n.name], captured[n.name], sel, st)
              for n in sites if n.name in captured}
 
     layers: list[LayerChange] = []
@@ -180,12 +181,26 @@ def _consumer_fn(gm: fx.GraphModule, node: fx.Node, kind: str):
                           b.get("groups", 1))
 
 
-def _contribution(fn, x: torch.Tensor, node: fx.Node, sel: Selection, st) -> tuple | None:
-    """What the removed input channels add to the consumer's output (float64), or None."""
+def _fold(gm: fx.GraphModule, node: fx.Node, kind: str, x: torch.Tensor, sel: Selection, st) -> tuple | None:
+    """How the removed input channels' constant is folded at this consumer:
+    ("bias", vector) | ("border kernel", BorderKernel) | ("constant map", dense map) | None."""
     keep = sel.node_kept(node.args[0].name).expand(x.shape[:1] + st.values[node.args[0].name].shape[1:])
-    gone = (~keep).to(x.dtype)
+    x_gone = x * (~keep).to(x.dtype)
+    fold = _contribution(_consumer_fn(gm, node, kind), x_gone, node, sel, st)
+    geometry = conv_geometry(gm, node, kind) if fold is not None and fold[0] == "constant map" else None
+    if geometry is not None:
+        keep_out = sel.present(node.name, 1, geometry.weight.shape[0])
+        compact = border_kernel(geometry, x_gone, keep_out, fold[1])
+        if compact is not None:
+            return ("border kernel", compact)
+    return fold
+
+
+def _contribution(fn, x_gone: torch.Tensor, node: fx.Node, sel: Selection, st) -> tuple | None:
+    """What the removed input channels (`x_gone`: the input with kept channels zeroed) add to
+    the consumer's output (float64), or None."""
     with torch.no_grad():
-        c = fn(x * gone)
+        c = fn(x_gone)
     out_dim = c.dim() - 1 if st.kinds[node.name] in ("linear", "flinear") else 1
     keep_out = sel.present(node.name, out_dim, c.shape[out_dim])
     c = c.index_select(out_dim, keep_out.nonzero().flatten())
@@ -226,7 +241,7 @@ def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Select
             set_arg(node, names, "bias", attr)
         folded = "bias"
     elif fold is not None:
-        folded = "constant map"
+        folded = fold[0]
     weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
     name = weight.target.rpartition(".")[0] if weight is not None else node.name
     return LayerChange(name or node.name, f"{base_name(node)} (functional)",
@@ -256,12 +271,15 @@ def _shrink_module(node: fx.Node, kind: str, mod: nn.Module, sel: Selection, val
                 mod.bias.add_(vec)
         folded = "bias"
     elif fold is not None:
-        folded = "constant map"
+        folded = fold[0]
     return LayerChange(node.target, type(mod).__name__, before, _shapes(mod), folded, _max_abs(fold))
 
 
 def _max_abs(fold: tuple | None) -> float | None:
-    return None if fold is None else float(fold[1].abs().max())
+    if fold is None:
+        return None
+    value = fold[1].evaluate() if isinstance(fold[1], BorderKernel) else fold[1]
+    return float(value.abs().max())
 
 
 def _shapes(mod: nn.Module) -> dict[str, list[int]]:
@@ -294,21 +312,54 @@ def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis,
 
 def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
                        values: dict[str, Any]) -> dict[str, str]:
+    """Add each position-dependent fold right after its consumer: a dense map buffer
+    `_rw_const_<node>`, or a border kernel `_rw_const_kernel_<node>` (+ `_rw_const_pattern_<node>`
+    when the pattern is not the ones image) convolved in forward. Returns consumer -> add node."""
     aliases = {}
     by_name = {n.name: n for n in gm.graph.nodes}
+    ones: dict[tuple, fx.Node] = {}  # one ones image per (spatial shape, dtype), shared by all sites
     for name, fold in folds.items():
-        if fold is None or fold[0] != "constant map":
+        if fold is None or fold[0] == "bias":
             continue
-        node = by_name[name]
-        buf = f"_rw_const_{name}"
-        gm.register_buffer(buf, fold[1].to(values[name].dtype).contiguous())
-        with gm.graph.inserting_after(node):
-            attr = gm.graph.get_attr(buf)
-        with gm.graph.inserting_after(attr):
-            add = gm.graph.call_function(operator.add, (node, attr))
+        node, dtype = by_name[name], values[name].dtype
+        if fold[0] == "border kernel":
+            map_node = _border_kernel_nodes(gm, node, fold[1], dtype, ones)
+        else:
+            buf = f"_rw_const_{name}"
+            gm.register_buffer(buf, fold[1].to(dtype).contiguous())
+            with gm.graph.inserting_after(node):
+                map_node = gm.graph.get_attr(buf)
+        with gm.graph.inserting_after(map_node):
+            add = gm.graph.call_function(operator.add, (node, map_node))
         node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
         aliases[name] = add.name
     return aliases
+
+
+def _border_kernel_nodes(gm: fx.GraphModule, node: fx.Node, bk: BorderKernel, dtype: torch.dtype,
+                         ones: dict[tuple, fx.Node]) -> fx.Node:
+    """Nodes computing conv(pattern, kernel) right after `node`; returns the last one."""
+    kbuf = f"_rw_const_kernel_{node.name}"
+    gm.register_buffer(kbuf, bk.kernel.to(dtype).contiguous())
+    if bk.patterns is None:
+        key = (bk.spatial, dtype)
+        if key not in ones:  # made from the first kernel, at the top: before every user
+            first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+            with gm.graph.inserting_before(first):
+                like = gm.graph.get_attr(kbuf)
+                ones[key] = gm.graph.call_method("new_ones", (like, (1, 1, *bk.spatial)))
+        source = ones[key]
+    else:
+        pbuf = f"_rw_const_pattern_{node.name}"
+        gm.register_buffer(pbuf, bk.patterns.to(dtype).contiguous())
+        with gm.graph.inserting_after(node):
+            source = gm.graph.get_attr(pbuf)
+    with gm.graph.inserting_after(source if bk.patterns is not None else node):
+        kernel = gm.graph.get_attr(kbuf)
+    g = bk.geometry
+    with gm.graph.inserting_after(kernel):
+        return gm.graph.call_function(CONV_FUNCTIONS[len(bk.spatial)],
+                                      (source, kernel, None, g.stride, g.padding, g.dilation))
 
 
 def _kept_indices(st, sel: Selection, attr_keep: dict[tuple[str, int], torch.Tensor]) -> dict[str, dict[int, list[int]]]:

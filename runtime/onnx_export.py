@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
 from torch import fx, nn
 
 from rwdeploy.errors import ExportError
@@ -111,7 +113,8 @@ def export_onnx(
     model = onnx.load(str(path))
     if packed:
         model, _ = onnx_sparse.compact_onnx(model)
-    if model.ir_version > MAX_ORT_IR_VERSION or packed:
+    filled = _uniform_constants_as_fills(model)
+    if model.ir_version > MAX_ORT_IR_VERSION or packed or filled:
         model.ir_version = min(model.ir_version, MAX_ORT_IR_VERSION)
         onnx.save(model, str(path))
     try:
@@ -122,3 +125,31 @@ def export_onnx(
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     return OnnxExportInfo(str(path), opsets[0] if opsets else opset, int(model.ir_version),
                           path.stat().st_size, dynamic_batch)
+
+
+# Constants at least this large that hold one repeated value are stored as a fill instead.
+MIN_FILL_ELEMENTS = 64
+
+
+def _uniform_constants_as_fills(model: onnx.ModelProto) -> int:
+    """Replace every large Constant node holding one repeated value (the ones image the border
+    kernels of removed channels are convolved with, which the exporter's constant folding
+    materialises once per use) by ConstantOfShape: same tensor, a few bytes in the file.
+    ONNX Runtime folds it back at session creation. Returns how many were replaced."""
+    nodes, replaced = [], 0
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        arr = numpy_helper.to_array(value) if value is not None and len(node.attribute) == 1 else None
+        if arr is None or arr.size < MIN_FILL_ELEMENTS or not (arr == arr.flat[0]).all():
+            nodes.append(node)
+            continue
+        shape_name = f"{node.output[0]}__shape"
+        nodes.append(helper.make_node("Constant", [], [shape_name],
+                                      value=numpy_helper.from_array(np.array(arr.shape, np.int64), shape_name)))
+        nodes.append(helper.make_node("ConstantOfShape", [shape_name], [node.output[0]], name=node.name,
+                                      value=numpy_helper.from_array(arr.reshape(-1)[:1].copy())))
+        replaced += 1
+    if replaced:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return replaced

@@ -12,6 +12,7 @@ from typing import Any
 
 BUILD_TIMEOUT_S = 120  # MetaSchedule's default (30 s) is too short on a busy 2-core machine
 RUN_TIMEOUT_S = 60
+EVOLUTION_MIN_TRIALS = 32  # per kernel; below it, replay-trace sampling
 
 
 def tuning_module(mod: Any, target: Any) -> Any:
@@ -33,10 +34,15 @@ def tune_cpu(mod: Any, target: Any, work_dir: str, trials: int) -> None:
     os.makedirs(work_dir, exist_ok=True)
     fused = tuning_module(mod, target)
     n_tasks = max(1, len(ms.relax_integration.extract_tasks(fused, target)))
+    per_task = max(1, -(-trials // n_tasks))
+    # Few trials per kernel: sample the design space directly; the evolutionary search's
+    # population (512 by default) would cost minutes of CPU before the first trial.
+    strategy = (ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=16)
+                if per_task >= EVOLUTION_MIN_TRIALS else "replay-trace")
     ms.relax_integration.tune_relax(
         mod=fused, params={}, target=target, work_dir=work_dir,
-        max_trials_global=trials, max_trials_per_task=max(1, -(-trials // n_tasks)),
-        num_trials_per_iter=min(64, max(1, -(-trials // n_tasks))),
+        max_trials_global=trials, max_trials_per_task=per_task,
+        num_trials_per_iter=min(64, per_task), strategy=strategy,
         builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
         runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
         cost_model="random",  # the xgb model needs xgboost; random search still finds wins

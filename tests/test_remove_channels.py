@@ -70,7 +70,7 @@ def test_constants_of_removed_channels_are_folded_where_needed():
     res = remove_zero_channels(gm, x)
     folded = {layer.name: layer.folded for layer in res.record.layers}
     # b and c are padded 3x3 convs: a removed channel's constant contributes less at borders
-    assert folded["b.0"] == "constant map" and folded["c.0"] == "constant map"
+    assert folded["b.0"] == "border kernel" and folded["c.0"] == "border kernel"
     assert folded["head"] == "bias"  # a Linear after global pooling: position-independent
     assert all(layer.folded_max_abs > 0 for layer in res.record.layers if layer.folded)
     # without the folded constants the slim model would be wrong: drop them and compare

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -26,6 +27,13 @@ def host_server():
     tracker = Tracker("127.0.0.1", port=9390, port_end=9490, silent=True)
     server = tvm_rpc.Server("127.0.0.1", port=9490, port_end=9590, key="host-test",
                             tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    # The server registers with the tracker from its own process; wait until it has, or the
+    # first test races the registration.
+    deadline = time.monotonic() + 60
+    while "host-test" not in tvm_rpc.connect_tracker("127.0.0.1", tracker.port).summary().get("queue_info", {}):
+        if time.monotonic() > deadline:
+            pytest.fail("the test RPC server did not register with the tracker within 60 s")
+        time.sleep(0.2)
     yield rpc.Device(tracker=f"127.0.0.1:{tracker.port}", key="host-test"), server
     server.terminate()
     tracker.terminate()

@@ -193,3 +193,25 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RWDEPLOY_TEST_TUNING"),
+                    reason="MetaSchedule costs ~2.5 CPU-minutes even for 2 trials (over this "
+                           "file's CI budget); run with RWDEPLOY_TEST_TUNING=1")
+def test_metaschedule_records_are_applied_and_reused(tmp_path):
+    """--tune N --tuning-db DIR: tuned kernels replace the hand schedule; a later build with
+    only --tuning-db applies the same records without tuning again."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    db = tmp_path / "db"
+    tuned = tvm_build.build(model, x, "cpu", tune=2, tuning_db=db, threads=1)
+    assert any("matmul" in k for k in tuned.kernels.get("tuned", [])), tuned.kernels
+    assert (db / "database_tuning_record.json").read_text().strip()
+    np.testing.assert_allclose(tvm_build.run_local(tuned, x), ref, atol=ATOL, rtol=1e-4)
+    reused = tvm_build.build(model, x, "cpu", tuning_db=db, threads=1)
+    assert reused.kernels.get("tuned") == tuned.kernels["tuned"] and reused.tuned_trials == 0
+    np.testing.assert_allclose(tvm_build.run_local(reused, x), ref, atol=ATOL, rtol=1e-4)
