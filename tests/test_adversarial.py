@@ -192,3 +192,23 @@ def test_compile_exports_the_quantized_checkpoint_as_qdq_onnx(extended_checkpoin
     # dense int4 weights: about 1/8 of the float file (irregular pruning removes no channels)
     assert qdq.stat().st_size < 0.2 * (tmp_path / "c" / "original.onnx").stat().st_size
     assert sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(qdq)).graph.node) == 4
+
+
+def test_compile_for_arm_ships_the_quantized_weights_for_the_device(extended_checkpoint, tmp_path):
+    import json
+
+    pytest.importorskip("rwdeploy.passes.remove_zero_channels")
+    from rwdeploy.cli import main
+    from rwdeploy.runtime.targets import get_target
+
+    if not get_target("arm").check("build"):
+        pytest.skip("aarch64 cross compiler missing (scripts/setup.sh test installs it)")
+    out = tmp_path / "c"
+    assert main(["compile", str(extended_checkpoint), "--target", "arm", "--out", str(out),
+                 "--no-measure", "--sparse", "off"]) == 0
+    device = json.loads((out / "report.json").read_text())["quantization"]["tvm"]["device_build"]
+    lib = out / "slim.qdq.arm.so"
+    assert device["target"] == "arm" and device["path"] == lib.name
+    head = lib.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    assert device["library_bytes"] == lib.stat().st_size

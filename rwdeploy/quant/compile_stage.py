@@ -6,7 +6,7 @@ A checkpoint written by `rwdeploy prune --quantize` carries `metadata["quantizat
 * writes `slim.qdq.onnx` (integer weights behind DequantizeLinear), checks ONNX Runtime's output
   against the slim torch model on every probe input, and measures its latency when measuring;
 * builds the same graph with TVM for this host (`slim.qdq.tvm.so`, int8 constants in the
-  library) and checks its output too;
+  library) and checks its output too; for an arm/gpu --target also `slim.qdq.<target>.so`;
 * reports sizes: the float and QDQ files, the TVM libraries with float and integer weights, and
   the counted storage (dense float32, dense b-bit, sparse b-bit).
 
@@ -84,14 +84,29 @@ def stage_export_quantized(ctx: Any) -> None:
 
 def _tvm_builds(ctx: Any, spec: QuantSpec, max_errors, slim: torch.nn.Module,
                 float_model: onnx.ModelProto) -> dict[str, Any]:
-    """TVM builds for this host of the slim graph with float and with int8-stored weights."""
+    """TVM builds of the slim graph with float and with int8-stored weights: for this host (run
+    and checked here), and for the compile's --target when that is arm or gpu (built with the
+    target's toolchain; it cannot run on this machine, so it is not checked here)."""
     from rwdeploy.quant.tvm_qdq import build_onnx
+    from rwdeploy.runtime.targets import get_target
 
+    opts = ctx.options
     qdq_model, record = to_qdq(float_model, spec.bits, per_channel=spec.per_channel, int4_storage=False)
     qbuild, qrun = build_onnx(qdq_model, path=ctx.path(QDQ_TVM))
     fbuild, _ = build_onnx(float_model)
-    check = _check(QDQ_TVM, "TVM", slim, qrun, ctx.probe_inputs, ctx.options.tolerance, max_errors)
+    check = _check(QDQ_TVM, "TVM", slim, qrun, ctx.probe_inputs, opts.tolerance, max_errors)
     ctx.files["slim_qdq_tvm"] = {"path": QDQ_TVM, "bytes": qbuild.library_bytes, "weights": record.storage}
-    return {"target": qbuild.target, "weights": record.storage, "library_bytes": qbuild.library_bytes,
-            "float_library_bytes": fbuild.library_bytes, "build_s": round(qbuild.build_s, 3), "check": check,
-            "note": "host CPU build (llvm); arm/gpu builds of quantized weights are not wired in"}
+    section = {"target": qbuild.target, "weights": record.storage, "library_bytes": qbuild.library_bytes,
+               "float_library_bytes": fbuild.library_bytes, "build_s": round(qbuild.build_s, 3), "check": check}
+    target = get_target(opts.target, gpu_arch=opts.gpu_arch)
+    if target.family != "cpu":
+        name = f"slim.qdq.{target.name}.so"
+        dbuild, _ = build_onnx(qdq_model, target=target, path=ctx.path(name))
+        ctx.files[f"slim_qdq_{target.name}"] = {"path": name, "bytes": dbuild.library_bytes,
+                                                "weights": record.storage}
+        section["device_build"] = {
+            "target": target.name, "tvm_target": dbuild.target, "library_bytes": dbuild.library_bytes,
+            "build_s": round(dbuild.build_s, 3), "path": name,
+            "check": f"not run here: built for {target.name}; the host build above runs the same graph",
+        }
+    return section

@@ -12,13 +12,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from rwdeploy.errors import ToolchainError
 from rwdeploy.io import atomic_file
+
+if TYPE_CHECKING:
+    from rwdeploy.runtime.targets import Target
 
 
 @dataclass
@@ -33,16 +36,12 @@ class TvmBuild:
                 "target": self.target}
 
 
-def host_target() -> dict[str, Any]:
-    import tvm
+def build_onnx(model: onnx.ModelProto, target: Target | None = None, path: str | os.PathLike | None = None):
+    """Import `model` into Relax, build it for `target` (a registry entry; default: this host's
+    `cpu`), export the library (with the target's cross compiler).
 
-    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
-
-
-def build_onnx(model: onnx.ModelProto, target: dict[str, Any] | None = None, path: str | os.PathLike | None = None):
-    """Import `model` into Relax, build it for `target` (default: this host), export the library.
-
-    Returns (TvmBuild, run) where run(x: np.ndarray) -> np.ndarray calls the built module.
+    Returns (TvmBuild, run): run(x: np.ndarray) -> np.ndarray calls the built module, for a
+    target that runs in this process (the cpu family); None for arm and gpu builds.
     """
     try:
         import tvm
@@ -50,21 +49,39 @@ def build_onnx(model: onnx.ModelProto, target: dict[str, Any] | None = None, pat
         from tvm.relax.frontend.onnx import from_onnx
     except ImportError as err:
         raise ToolchainError(f"TVM is not importable ({err})", hint="install apache-tvm as in pyproject.toml") from None
-    target = target or host_target()
+    from rwdeploy.runtime.targets import get_target
+    from rwdeploy.runtime.tvm_build import _cuda_module
+
+    tgt = target or get_target("cpu")
+    tgt.require("build")
+    tvm_target = tgt.tvm()
     t0 = time.perf_counter()
     mod = from_onnx(model, keep_params_in_input=False)
-    executable = tvm.compile(mod, target=tvm.target.Target(target))
+    if tgt.family == "gpu":
+        with tvm_target:  # the nvcc callback reads the arch from Target.current()
+            executable = tvm.compile(mod, target=tvm_target)
+        if _cuda_module(executable) is None:
+            raise ToolchainError(f"target {tgt.name!r}: the quantized build has no CUDA module")
+    else:
+        executable = tvm.compile(mod, target=tvm_target)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="rwdeploy-tvm-") as tmp:
         lib = Path(tmp) / "lib.so"
-        executable.export_library(str(lib))
+        fcompile = tgt.fcompile()
+        if fcompile is None:
+            executable.export_library(str(lib))
+        else:
+            executable.export_library(str(lib), fcompile=fcompile)
         size = lib.stat().st_size
         if path is not None:
             with atomic_file(path) as out:
                 out.write_bytes(lib.read_bytes())
+    build = TvmBuild(str(path) if path is not None else None, size, seconds, tgt.tvm_target)
+    if tgt.family != "cpu":
+        return build, None
     vm = relax.VirtualMachine(executable, tvm.cpu())
 
     def run(x: np.ndarray) -> np.ndarray:
         return vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
-    return TvmBuild(str(path) if path is not None else None, size, seconds, target), run
+    return build, run
