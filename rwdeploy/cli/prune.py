@@ -37,7 +37,10 @@ def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, 
     if adv:
         if "adversarial" not in extra and adversarial is None:
             raise OptionError("--pgd-eps/--pgd-steps need --adversarial pgd")
-        extra["adversarial"] = {**(extra.get("adversarial") or {}), **adv}
+        merged = {**(extra.get("adversarial") or {}), **adv}
+        if eps is not None and "step" not in (extra.get("adversarial") or {}):
+            merged["step"] = eps / 4  # the default ratio (2/255 for 8/255) unless the recipe sets a step
+        extra["adversarial"] = merged
     quant = {k: v for k, v in {"bits": int(bits) if bits else None, "per_channel": per_channel,
                                 "epochs": epochs}.items() if v is not None}
     if quant:
@@ -80,7 +83,7 @@ def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, 
 @click.option("--debug-masks", is_flag=True, default=None, help="Check after every retraining step that pruned weights stay exactly zero.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--adversarial", type=click.Choice(["pgd"]), help="Adversarial training in every phase (PGD-Linf on [0, 1] pixels).")
-@click.option("--pgd-eps", type=float, help="PGD budget in pixels (default 8/255).")
+@click.option("--pgd-eps", type=float, help="PGD budget in pixels (default 8/255); the step follows as eps/4 unless the recipe sets it.")
 @click.option("--pgd-steps", type=int, help="PGD steps in training (default 10; evaluation adds a 50-step attack).")
 @click.option("--quantize", type=click.Choice(["8", "4"]), help="Quantize weights to 8 or 4 bits after pruning (QAT with masks).")
 @click.option("--per-channel", is_flag=True, default=None, help="Quantization scale per output channel instead of per layer.")
