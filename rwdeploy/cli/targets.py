@@ -23,4 +23,4 @@ def command(as_json: bool) -> None:
         for r in t.requirements:
             mark = "ok" if r.present() else "MISSING"
             fix = "" if r.present() else f" -> {r.install}"
-            click.echo(f"{'':14s}   {mark:7s} {r.needed_for:5s} {r.name}{fix}")
+            click.echo(f"{'':14s}   {mark:7s} {r.needed_for:8s} {r.name}{fix}")
