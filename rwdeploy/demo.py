@@ -84,8 +84,8 @@ def run_demo(out_dir: str | Path = "rwdeploy-demo", console: Console | None = No
 
     console.print("[bold]rwdeploy demo[/] 2/2: compile for cpu (remove zero channels, verify, export, measure)")
     compiled = compile_model(load_model(ckpt), CompileOptions(out=out / "lenet5-cpu", target="cpu", measure=measure))
-    from rwdeploy.cli.compile import _summary
+    from rwdeploy.cli.compile import summary_table
 
-    console.print(_summary(compiled.report, compiled.out))
+    console.print(summary_table(compiled.report, compiled.out))
     console.print(f"report: {compiled.out / REPORT_MD}")
     return compiled.out

@@ -53,7 +53,7 @@ class _StageProgress:
                                         f"[dim]({time.perf_counter() - self.started:.1f} s)[/dim]")
 
 
-def _summary(report: dict[str, Any], out: Path) -> Table:
+def summary_table(report: dict[str, Any], out: Path) -> Table:
     model, files = report.get("model", {}), report.get("files", {})
     table = Table(title=f"rwdeploy compile -> {out}/", show_header=True, header_style="bold")
     table.add_column("")
@@ -146,7 +146,7 @@ def command(model: str, arch: str | None, input_shape: str | None, trust_pickle:
                   console=err_console, transient=True) as progress:
         result = compile_model(loaded, options, progress=_StageProgress(progress))
     console = make_console()
-    console.print(_summary(result.report, result.out))
+    console.print(summary_table(result.report, result.out))
     for name, section in result.report.get("targets", {}).items():
         for note in section.get("notes", []):
             console.print(f"{name}: {note}")
