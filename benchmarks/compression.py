@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     ap.add_argument("--lam", type=float, help="override lambda")
     ap.add_argument("--rho", type=float, help="override ADMM rho")
+    ap.add_argument("--prune-epochs", type=int, help="override the prune-phase epochs of every method")
+    ap.add_argument("--retrain-epochs", type=int, help="override the masked-retraining epochs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (worker processes)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
@@ -206,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 study.lam = args.lam
             if args.rho is not None:
                 study.rho = args.rho
+            if args.prune_epochs is not None:
+                study.prune_epochs = args.prune_epochs
+            if args.retrain_epochs is not None:
+                study.retrain_epochs = args.retrain_epochs
             seeds = args.seeds or DEFAULT_SEEDS[name]
             with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                      initargs=(args.threads,)) as pool:
