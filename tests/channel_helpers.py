@@ -1,7 +1,6 @@
 """Shared helpers of the channel-removal tests: make a model 'filter pruned', count work."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -67,13 +66,3 @@ def conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
         for h in handles:
             h.remove()
     return total
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The test networks are tiny: one intra-op thread avoids thread hand-off costs that
-    dominate on a shared 2-core machine. Restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,3 +22,14 @@ def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 600) -> 
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny test networks: one intra-op thread avoids thread hand-off costs that dominate on a
+    shared 2-core machine. Restored afterwards for other test modules. Opt in per module with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nets
-from channel_helpers import randomize_norms, zero_filters, one_torch_thread  # noqa: F401 (autouse fixture)
+from channel_helpers import randomize_norms, zero_filters
 from rwdeploy import models
 from rwdeploy.passes.channel_constants import ConvGeometry, border_kernel
 from rwdeploy.passes.channel_groups import analyze_channel_groups
@@ -24,6 +24,8 @@ from rwdeploy.passes.trace import trace_model
 from rwdeploy.passes.verify import verify_equivalence
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RTOL = 1e-4
 

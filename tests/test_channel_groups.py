@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from channel_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 import nets
 import nets_families
 from rwdeploy import models
 from rwdeploy.passes.channel_groups import ChannelGroup, analyze_channel_groups
 from rwdeploy.passes.trace import trace_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def analysis_of(ctor, shape):

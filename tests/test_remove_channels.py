@@ -10,13 +10,15 @@ from torch import fx, nn
 
 import nets
 import nets_families
-from channel_helpers import conv_linear_macs, randomize_norms, zero_filters, one_torch_thread  # noqa: F401 (autouse fixture)
+from channel_helpers import conv_linear_macs, randomize_norms, zero_filters
 from rwdeploy import models
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
 from rwdeploy.passes.verify import first_diverging_node, verify_equivalence
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RTOL = 1e-4
 

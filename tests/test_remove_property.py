@@ -2,18 +2,21 @@
 (and sometimes zeroed input columns), stay exact after remove_zero_channels."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from channel_helpers import randomize_norms, zero_filters, one_torch_thread  # noqa: F401 (autouse fixture)
+from channel_helpers import randomize_norms, zero_filters
 from nets import channel_shuffle
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
 from rwdeploy.passes.verify import first_diverging_node, verify_equivalence
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
         nn.LeakyReLU, nn.ELU, nn.Identity]

@@ -12,13 +12,7 @@ from rwdeploy.train import Masker, build_prune_targets, hard_prune, parse_scheme
 from rwdeploy.train.pipeline import channel_analysis  # noqa: E402
 from rwdeploy.train.prune import LayerRule  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _layers(report):

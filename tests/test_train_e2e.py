@@ -11,13 +11,7 @@ from rwdeploy.cli import main
 from rwdeploy.io import load_model
 from rwdeploy.train import Recipe, TrainHooks, run_pruning
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _recipe(method: str = "reweighted", scheme: str = "irregular", rate: float = 0.8, data: str = "synthetic",
