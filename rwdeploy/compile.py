@@ -1,25 +1,17 @@
 """The compile pipeline: a loaded model in, one folder of verified, measured artifacts out.
 
-The pipeline is a list of stages run in order over one `CompileContext` (rwdeploy/context.py):
+Stages run in order over one `CompileContext` (rwdeploy/context.py): trace -> analyze -> remove
+zero channels -> verify -> [pack sparse] -> export .pt2, ONNX -> ONNX Runtime check ->
+[quantized ONNX] -> measure -> [target steps: TVM build, measurement here or on a device] -> report.
+A stage is a function `stage(ctx) -> None` that reads what earlier stages left in the context and
+adds its own results. A model-transforming stage is one `SLIM_STAGES` entry (with a `when=` on
+the options); a target is one `TARGET_STAGES[name]` entry (the CLI's `--target` choices).
 
-    trace -> analyze -> remove zero channels -> verify -> [pack sparse] -> export .pt2
-          -> export ONNX -> ONNX Runtime check -> [quantized ONNX] -> measure latency
-          -> [target steps: TVM build, measure in process or on a device] -> report
-
-Each stage is a plain function `stage(ctx) -> None` that reads what earlier stages left in the
-context and adds its own results. Extending the pipeline is one entry:
-
-* a model-transforming stage (e.g. sparse packing) goes into `SLIM_STAGES` after
-  `remove_zero_channels`, with a `when=` predicate on the options;
-* a target adds its build/measure stages as one `TARGET_STAGES[name]` entry; the CLI's
-  `--target` choices are that registry's keys (`onnx`: none, the slim model without TVM).
-
-Everything is written into a temporary folder that is renamed to `options.out` at the end. A
-failure before the target steps (a failed verification above all) leaves nothing behind. A
-failed target step (TVM cannot import or build the model, a missing cross compiler, an
-unreachable device) does not discard what was verified: the folder still gets slim.pt2,
-slim.onnx and the report, which records the failure (`CompileResult.target_failure`; the CLI
-exits with status 4).
+Everything is written into a temporary folder, renamed to `options.out` at the end. A failure
+before the target steps (a failed verification above all) leaves nothing behind; a failed target
+step (TVM cannot import or build the model, a missing cross compiler, an unreachable device)
+keeps the verified slim.pt2, slim.onnx and the report, which records it (`result.target_failure`;
+the CLI exits with status 4).
 """
 from __future__ import annotations
 
@@ -113,15 +105,8 @@ def stage_verify(ctx: CompileContext) -> None:
     opts = ctx.options
     result = verify_equivalence(ctx.original, ctx.slim, ctx.probe_inputs, rtol=opts.tolerance,
                                 record=ctx.records.get("remove_zero_channels"))
-    section = {
-        "probe_inputs": [list(x.shape) for x in ctx.probe_inputs],
-        "tolerance_rel": opts.tolerance,
-        "max_abs": float(result.max_abs),
-        "max_rel": float(result.max_rel),
-        "passed": bool(result.passed),
-        "first_diverging_node": result.first_diverging_node,
-    }
-    ctx.sections["verification"] = section
+    ctx.sections["verification"] = {**result.to_dict(), "probe_inputs": [list(x.shape) for x in ctx.probe_inputs],
+                                    "tolerance_rel": opts.tolerance}
     if not result.passed:
         where = result.first_diverging_node or "the output"
         raise VerificationError(
@@ -221,11 +206,8 @@ def stage_report(ctx: CompileContext) -> None:
     after = layer_stats(slim, ctx.example_input)
     t_before, t_after = totals(ctx.original, before), totals(slim, after)
     ctx.sections["model"] = {
-        "source": loaded.source,
-        "path": str(loaded.path) if loaded.path else None,
-        "arch": loaded.arch,
-        "input_shape": list(loaded.input_shape),
-        "masks": len(loaded.masks),
+        "source": loaded.source, "path": str(loaded.path) if loaded.path else None, "arch": loaded.arch,
+        "input_shape": list(loaded.input_shape), "masks": len(loaded.masks),
         "params": {"original": t_before.params, "slim": t_after.params},
         "macs": {"original": t_before.macs, "slim": t_after.macs},
     }
@@ -241,13 +223,8 @@ def stage_report(ctx: CompileContext) -> None:
     if ctx.target_failure is not None:
         ctx.sections["target_failure"] = ctx.target_failure.to_dict()
     ctx.sections["compile"] = {
-        "target": opts.target,
-        "tolerance_rel": opts.tolerance,
-        "batches": list(ctx.batches),
-        "threads": opts.threads,
-        "runs": opts.runs,
-        "warmup": opts.warmup,
-        "measured": opts.measure,
+        "target": opts.target, "tolerance_rel": opts.tolerance, "batches": list(ctx.batches),
+        "threads": opts.threads, "runs": opts.runs, "warmup": opts.warmup, "measured": opts.measure,
         "stage_seconds": dict(ctx.stage_seconds),
     }
     ctx.sections["environment"] = {**environment(), "loadavg": list(os.getloadavg())}

@@ -204,11 +204,6 @@ class CompileResult:
     report: dict[str, Any]
     target_failure: TargetFailure | None = None
 
-    @property
-    def files(self) -> dict[str, Path]:
-        return {role: self.out / info["path"] for role, info in self.report.get("files", {}).items()
-                if not info.get("external")}
-
 
 class Progress(Protocol):
     def __call__(self, stage: Stage, index: int, total: int, state: str) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, NamedTuple, Union
 
 from rwdeploy.io import atomic_file
 
@@ -127,24 +126,21 @@ def speedups(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # The view: what a reader sees, rendered as markdown (report.md) or on a terminal (the CLI)
 
 
-@dataclass(frozen=True)
-class Heading:
+# The blocks of a view, which markdown() and the CLI's terminal renderer know how to draw.
+class Heading(NamedTuple):
     text: str
     level: int = 2
 
 
-@dataclass(frozen=True)
-class Paragraph:
+class Paragraph(NamedTuple):
     text: str
 
 
-@dataclass(frozen=True)
-class Bullets:
+class Bullets(NamedTuple):
     items: list[str]
 
 
-@dataclass(frozen=True)
-class Table:
+class Table(NamedTuple):
     header: list[str]
     rows: list[list[str]]
 

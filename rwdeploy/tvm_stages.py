@@ -1,18 +1,11 @@
-"""The compile pipeline's TVM stages: build `model.<target>.so`, measure it where it runs.
+"""The compile pipeline's TVM stages (target steps: a failure keeps the verified slim model).
 
-`target_stages(name)` is what `rwdeploy.compile.TARGET_STAGES[name]` holds for every entry of
-the target registry; all are target steps (a failure keeps the verified slim model):
-
-* `tvm_build`: builds the original and the slim model for the target at every measured batch
-  size; the slim build at the first batch size is shipped as `model.<target>.so` (and the
-  original as `original.<target>.so`, for on-device comparisons). The report's `targets`
-  section gets build times, artifact sizes, device modules and kernel schedule counts.
-* `tvm_measure` (targets that run in this process: cpu, gpu): each output checked against the
-  torch model (`verify.compare`, --tolerance), then original and slim timed in alternation:
-  latency rows `runtime="tvm"` beside ONNX Runtime's. Without a GPU the gpu measurement is
-  skipped and the report says so.
-* targets measured on a device over RPC (arm and its presets) append their device stages
-  from `DEVICE_STAGES[family]`.
+`target_stages(name)` is `rwdeploy.compile.TARGET_STAGES[name]` for every registry target:
+`tvm_build` (original and slim at every measured batch size; the first batch's builds ship as
+`model.<target>.so` and `original.<target>.so`), then `tvm_measure` where the target runs in this
+process (cpu, gpu: outputs checked with `verify.compare`, original and slim timed in
+alternation; skipped with a note without a GPU), or `DEVICE_STAGES[family]` (arm: over TVM RPC,
+else on the emulated aarch64 device).
 """
 from __future__ import annotations
 

@@ -1,17 +1,12 @@
-"""The compile stages for quantized checkpoints: QDQ ONNX, and TVM builds with integer weights.
+"""The compile stages for checkpoints quantized by `rwdeploy prune --quantize`
+(`metadata["quantization"]`, a `QuantSpec`); for other checkpoints they do nothing.
 
-A checkpoint written by `rwdeploy prune --quantize` carries `metadata["quantization"]` (a
-`QuantSpec`). For such a checkpoint, after the slim model is verified and exported,
-
-* `stage_export_quantized` writes `slim.qdq.onnx` (integer weights behind DequantizeLinear),
-  checks ONNX Runtime's output against the slim torch model on every probe input, and reports
-  sizes: the float and QDQ files and the counted storage (dense float32, dense b-bit, sparse
-  b-bit). Its latency is measured beside original and slim (`rwdeploy.compile.stage_measure_ort`);
-* `stage_tvm_quantized` (a target step of every TVM target) builds the same graph with TVM for
-  this host (`slim.qdq.tvm.so`, int8 constants in the library) and checks its output too; for an
-  arm/gpu --target also `slim.qdq.<target>.so`.
-
-For other checkpoints both do nothing.
+`stage_export_quantized` writes `slim.qdq.onnx` (integer weights behind DequantizeLinear),
+checked in ONNX Runtime against the slim torch model on every probe, and reports the counted
+storage (its latency is measured beside original and slim by `compile.stage_measure_ort`).
+`stage_tvm_quantized` (a target step of every TVM target) builds that graph with TVM for this
+host (`slim.qdq.tvm.so`, int8 constants, checked too) and, for an arm/gpu --target, for it
+(`slim.qdq.<target>.so`, not runnable here).
 """
 from __future__ import annotations
 
