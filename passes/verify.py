@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import fx, nn
+
+if TYPE_CHECKING:
+    from rwdeploy.passes.remove_zero_channels import RemovalRecord
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class VerificationResult:
 
 
 def verify_equivalence(original: nn.Module, slim: nn.Module, probe_inputs: Iterable[Any], *,
-                       rtol: float = 1e-4, record: Any = None) -> VerificationResult:
+                       rtol: float = 1e-4, record: RemovalRecord | None = None) -> VerificationResult:
     """Run both models on every probe; `record` (a RemovalRecord) helps locate a divergence."""
     total, probes, worst_args, worst_rel = Closeness(tolerance=rtol), 0, None, -1.0
     with torch.no_grad():
@@ -145,7 +148,7 @@ def _values(model: nn.Module, args: tuple) -> tuple[fx.GraphModule, dict[str, An
 
 
 def first_diverging_node(original: nn.Module, slim: nn.Module, args: tuple, *, rtol: float = 1e-4,
-                         record: Any = None) -> str | None:
+                         record: RemovalRecord | None = None) -> str | None:
     """Name of the first node whose slim value differs from the original's on kept channels.
 
     Intermediate values are compared like outputs (`compare`), ignoring differences below 1e-6
@@ -156,8 +159,8 @@ def first_diverging_node(original: nn.Module, slim: nn.Module, args: tuple, *, r
         _, got = _values(slim, args)
     except Exception:  # noqa: BLE001 - a model fx cannot trace simply has no per-node report
         return None
-    kept = getattr(record, "kept_indices", {}) or {}
-    aliases = getattr(record, "aliases", {}) or {}
+    kept = record.kept_indices if record is not None else {}
+    aliases = record.aliases if record is not None else {}
     for node in gm.graph.nodes:
         r = ref.get(node.name)
         g = got.get(aliases.get(node.name, node.name))
