@@ -8,6 +8,7 @@ and bundles classes that touch the same tensors into groups.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +103,18 @@ def record_values(gm: fx.GraphModule, example_input: Any) -> dict[str, Any]:
     return rec.values
 
 
-def analyze_channel_groups(gm: fx.GraphModule, example_input: Any) -> ChannelAnalysis:
-    """Channel dependency groups of `gm` (evaluated at `example_input`)."""
+STRICT_ENV = "RWDEPLOY_STRICT_ANALYSIS"
+
+
+def analyze_channel_groups(gm: fx.GraphModule, example_input: Any, *, strict: bool | None = None) -> ChannelAnalysis:
+    """Channel dependency groups of `gm` (evaluated at `example_input`).
+
+    A rule that raises pins what its op touches, so a model is never broken by an op the
+    rules get wrong; `strict` re-raises instead (a rule error is a bug to see, not a pin).
+    `strict=None` reads the environment variable RWDEPLOY_STRICT_ANALYSIS=1 (the tests set it).
+    """
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV) == "1"
     st = AnalysisState(gm, record_values(gm, example_input))
     for node in gm.graph.nodes:
         kind = classify(node, st)
@@ -111,6 +122,8 @@ def analyze_channel_groups(gm: fx.GraphModule, example_input: Any) -> ChannelAna
         try:
             st.maps[node.name] = RULES[kind](st, node)
         except Exception as exc:  # noqa: BLE001 - a rule that fails keeps channels, never crashes
+            if strict:
+                raise
             st.kinds[node.name] = "opaque"
             st.maps[node.name] = rule_opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
     _pin_shared(st, gm)
