@@ -2,9 +2,10 @@
 
 A *group* is a set of coupled channels: removing channel `c` of a group means removing, in
 every slice of the group, the indices `slice.indices[c]` along `slice.dim` of the state_dict
-tensor `slice.tensor`. The analysis walks the graph once with the op rules of
-`channel_rules` (shape propagation gives every value's shape), unions coupled channel classes,
-and bundles classes that touch the same tensors into groups.
+tensor `slice.tensor`. The analysis walks the graph once, applying to each node the rule of
+its op spec (`passes/ops`; recorded output shapes give every value's shape), unions coupled
+channel classes, and bundles classes that touch the same tensors into groups. What it
+returns, `ChannelAnalysis`, is plain data: the removal pass reads nothing else.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from rwdeploy.passes.channel_rules import RULES, classify, rule_opaque
-from rwdeploy.passes.channel_state import AnalysisState, summarize
+from rwdeploy.passes.channel_state import AnalysisState, SliceRecord, summarize
+from rwdeploy.passes.ops import classify
+from rwdeploy.passes.ops.common import opaque
 
 
 @dataclass
@@ -59,9 +61,34 @@ class ChannelGroup:
 
 @dataclass
 class ChannelAnalysis:
+    """What the analysis found, as data. Class ids are the roots of coupled classes, as in
+    `ChannelGroup.classes`; a class map (see `channel_state`) has one id per position, CONST
+    (-1) where the value does not depend on the input.
+
+    groups            the channel groups (the public result, `to_dict()`)
+    values            node -> its output at the example input (TensorMeta, tuples, ints, sizes)
+    ops               node -> the name of the op spec that analysed it (`ops.SPECS`)
+    class_maps        node -> the class map of its output (tuples for tuple outputs)
+    fold_sites        nodes whose weights read channels: removed channels' constants fold there
+    equal_removal     per grouped convolution, per conv group its classes: every conv group
+                      loses the same number
+    keep_one          (node, dim, start, stop): those indices of the node's value keep a channel
+                      (a split piece, a selected index)
+    attribute_slices  slices of get_attr tensors cut along with an elementwise op (layer scale)
+    provenance        node -> (state_dict key, per dim the key's dim or None): constants
+                      computed from a parameter in forward()
+    """
+
     groups: list[ChannelGroup]
-    state: AnalysisState = field(repr=False)
-    roots: torch.Tensor = field(repr=False)  # class id -> root class id
+    values: dict[str, Any] = field(repr=False)
+    ops: dict[str, str] = field(repr=False)
+    class_maps: dict[str, Any] = field(repr=False)
+    fold_sites: list[str] = field(repr=False)
+    equal_removal: list[list[torch.Tensor]] = field(repr=False)
+    keep_one: list[tuple[str, int, int, int]] = field(repr=False)
+    attribute_slices: list[SliceRecord] = field(repr=False)
+    provenance: dict[str, tuple[str, tuple[int | None, ...]]] = field(repr=False)
+    num_classes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,10 +96,6 @@ class ChannelAnalysis:
             "removable_groups": sum(g.removable for g in self.groups),
             "pinned_groups": sum(not g.removable for g in self.groups),
         }
-
-    def root_map(self, node_name: str) -> Any:
-        """The class map of a node's output with every class replaced by its root."""
-        return _resolve(self.state.maps.get(node_name), self.roots)
 
 
 def _resolve(m: Any, roots: torch.Tensor) -> Any:
@@ -117,18 +140,30 @@ def analyze_channel_groups(gm: fx.GraphModule, example_input: Any, *, strict: bo
         strict = os.environ.get(STRICT_ENV) == "1"
     st = AnalysisState(gm, record_values(gm, example_input))
     for node in gm.graph.nodes:
-        kind = classify(node, st)
-        st.kinds[node.name] = kind
+        spec = classify(node, st)
+        st.ops[node.name] = spec.name
         try:
-            st.maps[node.name] = RULES[kind](st, node)
+            st.maps[node.name] = spec.rule(st, node)
         except Exception as exc:  # noqa: BLE001 - a rule that fails keeps channels, never crashes
             if strict:
                 raise
-            st.kinds[node.name] = "opaque"
-            st.maps[node.name] = rule_opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
+            st.ops[node.name] = "opaque"
+            st.maps[node.name] = opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
     _pin_shared(st, gm)
     roots = st.uf.roots()
-    return ChannelAnalysis(_build_groups(st, roots), st, roots)
+    return ChannelAnalysis(
+        groups=_build_groups(st, roots),
+        values=st.values,
+        ops=st.ops,
+        class_maps={name: _resolve(m, roots) for name, m in st.maps.items()},
+        fold_sites=list(st.fold_sites),
+        equal_removal=[[_resolve(ids, roots) for ids in per_group] for per_group in st.uniform],
+        keep_one=list(st.presence),
+        attribute_slices=[SliceRecord(s.key, s.dim, s.role, s.index, _resolve(s.cls, roots), s.span)
+                          for s in st.slices if s.key in st.attr_followers],
+        provenance=dict(st.provenance),
+        num_classes=len(roots),
+    )
 
 
 def _pin_shared(st: AnalysisState, gm: fx.GraphModule) -> None:

@@ -247,9 +247,11 @@ def stage_verify(ctx: CompileContext) -> None:
 def stage_pack_sparse(ctx: CompileContext) -> None:
     """Pack sparse layers as CSR/BSR where that measures faster (`--sparse`); checked on the probes."""
     from rwdeploy.passes.pack_sparse import pack_sparse
+    from rwdeploy.sparse.timing import HostLayerTimer
 
-    opts = ctx.options
-    result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target)
+    opts = ctx.options  # the pass never measures: this stage gives it the target's layer timer
+    result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target,
+                         timer=HostLayerTimer(opts.target))
     worst = 0.0
     for x in ctx.probe_inputs:
         worst = max(worst, max_errors(ctx.slim(x), result.gm(x))[1])
