@@ -42,13 +42,13 @@ class Layers(nn.Module):
         self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.bn, self.act = nn.BatchNorm2d(8), nn.PReLU(8)
         self.dw = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8)
-        self.gn = nn.GroupNorm(4, 16)
+        self.gn, self.inorm = nn.GroupNorm(4, 16), nn.InstanceNorm2d(16, affine=True)
         self.up = nn.ConvTranspose2d(16, 6, 2, stride=2)
         self.fc = nn.Linear(6, 5)
 
     def forward(self, x):
         x = self.act(self.bn(self.conv(x)))
-        x = self.up(self.gn(self.dw(x)))
+        x = self.up(self.inorm(self.gn(self.dw(x))))
         return self.fc(x.mean((2, 3)))
 
 
@@ -77,7 +77,7 @@ def test_layer_views_read_module_and_aten_forms_alike():
     randomize_norms(model)
     module_views, aten_views = (_views(gm) for gm in _graphs(model, torch.randn(1, 3, 8, 8)))
     assert sorted(module_views) == sorted(aten_views) == sorted(
-        f"{name}.weight" for name in ("conv", "bn", "act", "dw", "gn", "up", "fc"))
+        f"{name}.weight" for name in ("conv", "bn", "act", "dw", "gn", "inorm", "up", "fc"))
     g = torch.Generator().manual_seed(1)
     for key, mv in module_views.items():
         av, module = aten_views[key], model.get_submodule(key.removesuffix(".weight"))
@@ -110,6 +110,7 @@ CUTS = {  # weight key -> (kept input channels, kept output channels)
     "act.weight": (_kept(8, [2, 5]),) * 2,
     "dw.weight": (_kept(8, [2, 5]), _kept(16, [4, 5, 10, 11])),  # channel c feeds outputs 2c, 2c+1
     "gn.weight": (_kept(16, [4, 5, 6, 7]),) * 2,  # a whole group
+    "inorm.weight": (_kept(16, [3]),) * 2,
     "up.weight": (_kept(16, [3, 9]), _kept(6, [0])),
     "fc.weight": (_kept(6, [0]), _kept(5, [4])),
 }

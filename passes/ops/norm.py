@@ -1,6 +1,6 @@
-"""Normalisations: batch norm, group norm (nn, F, aten), layer norm.
+"""Normalisations: batch norm, instance norm, group norm (nn, F, aten), layer norm.
 
-Batch norm treats each channel on its own: their per-channel tensors follow the
+Batch and instance norm treat each channel on its own: their per-channel tensors follow the
 channel. Group norm's statistics are per group of channels, so a group goes or stays whole.
 Layer norm normalises over the trailing dims: over channels it couples them all (removing
 one would change the others' statistics), so it pins them.
@@ -45,6 +45,21 @@ class BatchNormView(ChannelNormView):
         if _aten(node):
             return ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"), {}
         return ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"), {}
+
+
+class InstanceNormView(ChannelNormView):
+    generic_type = "InstanceNorm"
+
+    @classmethod
+    def arguments(cls, node: fx.Node) -> tuple[tuple[str, ...], dict[str, Any]]:
+        if _aten(node):
+            names = ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps")
+        else:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+        return names, {"use_input_stats": True}
+
+    def updates_statistics(self) -> bool:
+        return "running_mean" in self.tensors and bool(self.setting("use_input_stats", self.setting("training")))
 
 
 class GroupNormView(ChannelNormView):
@@ -113,6 +128,9 @@ register(
     OpSpec("batch_norm", Match(modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), functions=(F.batch_norm,),
                                aten=("batch_norm",)), per_channel_rule(BatchNormView, "batch norm"),
            layer=BatchNormView),
+    OpSpec("instance_norm", Match(modules=(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+                                  functions=(F.instance_norm,), aten=("instance_norm",)),
+           per_channel_rule(InstanceNormView, "instance norm"), layer=InstanceNormView),
     OpSpec("group_norm", Match(modules=(nn.GroupNorm,), functions=(F.group_norm,), aten=("group_norm",)),
            per_channel_rule(GroupNormView, "group norm"), layer=GroupNormView),
     OpSpec("layer_norm", Match(modules=(nn.LayerNorm,), functions=(F.layer_norm,), aten=("layer_norm",)),

@@ -1,6 +1,8 @@
 """Pooling, padding and resizing: per channel, over the trailing spatial dims.
 
-Channels pass through unchanged as long as they do not sit on a spatial dim.
+Channels pass through unchanged as long as they do not sit on a spatial dim. Max pooling that
+also returns indices (`aten.adaptive_max_pool2d` always does) gives both outputs the input's
+classes: an index is per channel too.
 """
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ def spatial_rule(rank: Callable[[AnalysisState, fx.Node, int], int]) -> Callable
     def rule(st: AnalysisState, node: fx.Node) -> Any:
         got = single_input(st, node)
         out = st.values[node.name]
-        if got is None or not isinstance(out, TensorMeta) or len(out.shape) != got[1].dim():
+        outs = out if isinstance(out, tuple) else (out,)
+        if got is None or not all(isinstance(o, TensorMeta) and len(o.shape) == got[1].dim() for o in outs):
             return opaque(st, node, "pooling/padding with an unexpected signature")
         x, m = got
         if any(d >= m.dim() - rank(st, node, len(st.shape(x))) for d in varying_dims(m)):
             return opaque(st, node, "pooling/padding over a dim that carries channels")
         for a in node.all_input_nodes[1:]:
             st.pin(st.maps.get(a.name), f"{op_name(node)}: extra tensor argument")
-        return m
+        return tuple(m for _ in outs) if isinstance(out, tuple) else m
     return rule
 
 
@@ -50,7 +53,8 @@ register(
         functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
                    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d),
-        aten=("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+        aten=("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+              "adaptive_max_pool2d", "adaptive_max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
               "max_pool1d", "max_pool2d", "max_pool3d")), spatial_rule(_rank_from_name)),
     OpSpec("resize", Match(modules=(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
                            functions=(F.interpolate,), aten=("upsample_nearest2d", "upsample_bilinear2d")),
