@@ -61,33 +61,19 @@ class ChannelGroup:
 
 @dataclass
 class ChannelAnalysis:
-    """What the analysis found, as data. Class ids are the roots of coupled classes, as in
-    `ChannelGroup.classes`; a class map (see `channel_state`) has one id per position, CONST
-    (-1) where the value does not depend on the input.
-
-    groups            the channel groups (the public result, `to_dict()`)
-    values            node -> its output at the example input (TensorMeta, tuples, ints, sizes)
-    ops               node -> the name of the op spec that analysed it (`ops.SPECS`)
-    class_maps        node -> the class map of its output (tuples for tuple outputs)
-    fold_sites        nodes whose weights read channels: removed channels' constants fold there
-    equal_removal     per grouped convolution, per conv group its classes: every conv group
-                      loses the same number
-    keep_one          (node, dim, start, stop): those indices of the node's value keep a channel
-                      (a split piece, a selected index)
-    attribute_slices  slices of get_attr tensors cut along with an elementwise op (layer scale)
-    provenance        node -> (state_dict key, per dim the key's dim or None): constants
-                      computed from a parameter in forward()
-    """
+    """What the analysis found, as plain data: all the removal pass reads (docs/ARCHITECTURE.md).
+    Class ids are roots of coupled classes, as in `ChannelGroup.classes`; a class map (see
+    `channel_state`) holds one per position, CONST (-1) where a value has no channel."""
 
     groups: list[ChannelGroup]
-    values: dict[str, Any] = field(repr=False)
-    ops: dict[str, str] = field(repr=False)
-    class_maps: dict[str, Any] = field(repr=False)
-    fold_sites: list[str] = field(repr=False)
-    equal_removal: list[list[torch.Tensor]] = field(repr=False)
-    keep_one: list[tuple[str, int, int, int]] = field(repr=False)
-    attribute_slices: list[SliceRecord] = field(repr=False)
-    provenance: dict[str, tuple[str, tuple[int | None, ...]]] = field(repr=False)
+    values: dict[str, Any] = field(repr=False)  # node -> its output at the example input (TensorMeta, ...)
+    ops: dict[str, str] = field(repr=False)  # node -> the name of its op spec (`ops.SPECS`)
+    class_maps: dict[str, Any] = field(repr=False)  # node -> class map(s) of its output
+    fold_sites: list[str] = field(repr=False)  # nodes whose weights read channels
+    equal_removal: list[list[torch.Tensor]] = field(repr=False)  # grouped convs: classes per conv group
+    keep_one: list[tuple[str, int, int, int]] = field(repr=False)  # (node, dim, start, stop) keeps a channel
+    attribute_slices: list[SliceRecord] = field(repr=False)  # get_attr tensors cut with an elementwise op
+    provenance: dict[str, tuple[str, tuple[int | None, ...]]] = field(repr=False)  # see ops/graph.py
     num_classes: int = 0
 
     def to_dict(self) -> dict[str, Any]:

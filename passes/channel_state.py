@@ -141,7 +141,7 @@ class AnalysisState:
         self.key_users: dict[str, set[str]] = defaultdict(set)
         self.fold_sites: list[str] = []  # nodes whose weights read channels (constants fold here)
         self.attr_followers: set[str] = set()  # get_attr tensors sliced along with an elementwise op
-        self.provenance: dict[str, tuple[str, tuple[int | None, ...]]] = {}  # see channel_provenance
+        self.provenance: dict[str, tuple[str, tuple[int | None, ...]]] = {}  # see ops/graph.py
 
     # -- reading the graph -------------------------------------------------------------
     def shape(self, arg: fx.Node) -> tuple[int, ...]:

@@ -21,15 +21,11 @@ def op_name(node: fx.Node) -> str:
 
 def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     """Argument `name`, passed at position `i` or by keyword."""
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def bound_args(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
-    out = dict(zip(names, node.args))
-    out.update(node.kwargs)
-    return out
+    return {**dict(zip(names, node.args)), **node.kwargs}
 
 
 def with_args(node: fx.Node, names: tuple[str, ...], **values: Any) -> tuple[tuple, dict[str, Any]]:
@@ -49,17 +45,11 @@ def set_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -> Non
 
 
 def state_tensor(gm: nn.Module, a: Any) -> torch.Tensor | None:
-    """The state_dict parameter or buffer a get_attr node reads, else None."""
-    if not isinstance(a, fx.Node) or a.op != "get_attr":
+    """The parameter or buffer of `gm`'s state_dict a get_attr node reads, else None."""
+    if not isinstance(a, fx.Node) or a.op != "get_attr" or a.target not in gm.state_dict():
         return None
-    try:
-        t = gm.get_parameter(a.target)
-    except AttributeError:
-        try:
-            t = gm.get_buffer(a.target)
-        except AttributeError:
-            return None
-    return t if a.target in gm.state_dict() else None
+    owner, _, attr = a.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def opaque(st: AnalysisState, node: fx.Node, why: str = "not understood by the channel analysis") -> Any:

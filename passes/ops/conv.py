@@ -97,59 +97,37 @@ class ConvView(LayerView):
 
 def rule_conv(st: AnalysisState, node: fx.Node) -> Any:
     view, m, why = read_layer(st, node, ConvView, "convolution")
-    if why:
-        return opaque(st, node, why)
-    if not isinstance(view.groups, int):
-        return opaque(st, node)
+    if why or not isinstance(view.groups, int):
+        return opaque(st, node, why or "convolution with computed groups")
     if m.dim() != view.spatial + 2 or any(d != 1 for d in varying_dims(m)):
         return opaque(st, node, "convolution input whose channels are not on dim 1")
-    if view.transposed:
-        if view.groups != 1:
-            return opaque(st, node, "transposed convolution with groups")
-        return _transposed_classes(st, node, m, view)
-    return _conv_classes(st, node, m, view)
-
-
-def _conv_classes(st: AnalysisState, node: fx.Node, m: torch.Tensor, view: ConvView) -> Any:
+    if view.transposed and view.groups != 1:
+        return opaque(st, node, "transposed convolution with groups")
     cin, cout, g = view.in_channels, view.out_channels, view.groups
     weight, bias = view.tensors["weight"], view.tensors.get("bias")
-    vec = along(m, 1, cin)
-    ones = [1] * view.spatial
+    vec, ones = along(m, 1, cin), [1] * view.spatial
     if g == cin and g > 1:  # depthwise (with channel multiplier k): output c*k.. follows input c
         out = vec.repeat_interleave(cout // cin)
         for key in (weight, bias):
             if key is not None:
                 st.add_slice(key, 0, torch.arange(cout), out, "follower", node.name)
         return compress(out.reshape(1, cout, *ones))
-    index = torch.arange(cin)
-    span = None
-    if g > 1:
+    index, span = torch.arange(cin), None
+    if g > 1:  # a grouped conv reads input c in the rows of c's group only
         per_in, per_out = cin // g, cout // g
-        group = index // per_in
-        index = index % per_in
+        group, index = index // per_in, index % per_in
         span = torch.stack([group * per_out, (group + 1) * per_out], 1)
-    st.add_slice(weight, 1, index, vec, "consumer", node.name, span)
+        st.uniform.append(list(vec.reshape(g, -1)))
+    w_out, w_in = view.weight_dims
+    st.add_slice(weight, w_in, index, vec, "consumer", node.name, span)
     st.fold_sites.append(node.name)
     out = st.fresh(cout)
-    st.add_slice(weight, 0, torch.arange(cout), out, "producer", node.name)
+    st.add_slice(weight, w_out, torch.arange(cout), out, "producer", node.name)
     if bias is not None:
         st.add_slice(bias, 0, torch.arange(cout), out, "follower", node.name)
     if g > 1:
-        st.uniform.append(list(vec.reshape(g, -1)))
         st.uniform.append(list(out.reshape(g, -1)))
     return out.reshape(1, cout, *ones)
-
-
-def _transposed_classes(st: AnalysisState, node: fx.Node, m: torch.Tensor, view: ConvView) -> Any:
-    """Weight [Cin, Cout, k...]: dim 0 reads the input channels, dim 1 produces the output."""
-    cin, cout, weight, bias = view.in_channels, view.out_channels, view.tensors["weight"], view.tensors.get("bias")
-    st.add_slice(weight, 0, torch.arange(cin), along(m, 1, cin), "consumer", node.name)
-    st.fold_sites.append(node.name)
-    out = st.fresh(cout)
-    st.add_slice(weight, 1, torch.arange(cout), out, "producer", node.name)
-    if bias is not None:
-        st.add_slice(bias, 0, torch.arange(cout), out, "follower", node.name)
-    return out.reshape(1, cout, *([1] * view.spatial))
 
 
 register(OpSpec("conv", Match(

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from rwdeploy.passes import channel_provenance as provenance
 from rwdeploy.passes.channel_state import CONST, AnalysisState, TensorMeta, along, compress
 from rwdeploy.passes.ops.common import aligned, channels_on_dim1, op_name, opaque, single_input
+from rwdeploy.passes.ops.graph import provenance_of
 from rwdeploy.passes.ops.layer import LayerView, read_layer
 from rwdeploy.passes.ops.spec import Match, OpSpec, register
 
@@ -91,7 +91,7 @@ def _constant_operand(st: AnalysisState, node: fx.Node, arg: fx.Node, mine: torc
             and bool(((mine == CONST) & (other >= 0)).any())]
     if not dims:
         return
-    prov = provenance.provenance_of(st, arg)
+    prov = provenance_of(st, arg)
     offset = ndim - len(prov[1]) if prov is not None else 0
     if prov is None or any(d < offset or prov[1][d - offset] is None for d in dims):
         st.pin(other, f"{op_name(node)}: operand {arg.name} is computed in forward() (or shared) "

@@ -17,7 +17,7 @@ from torch import fx
 from rwdeploy.passes.channel_state import AnalysisState
 from rwdeploy.passes.ops.common import arg
 from rwdeploy.passes.ops.shape import rule_shape
-from rwdeploy.passes.ops.spec import ChannelArgs, Match, OpSpec, Shape, base_name, register
+from rwdeploy.passes.ops.spec import ChannelArgs, Match, OpSpec, Shape, register
 
 
 def _kept(sel: Any, x: fx.Node, shape: Shape, dim: int) -> torch.Tensor | None:
@@ -30,29 +30,42 @@ def _count(mask: torch.Tensor, stop: int) -> int:
     return int(mask[:stop].sum())
 
 
-class Slice(ChannelArgs):
-    """aten.slice(x, dim, start, end, step)."""
+class Range(ChannelArgs):
+    """One range [lo, hi) along `dim`: aten.slice(x, dim, start, end, step), narrow(x, dim,
+    start, length), select(x, dim, index). It must keep a channel; its bounds become counts of
+    kept channels."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # "slice" | "narrow" | "select"
+
+    def _range(self, node: fx.Node, shape: Shape) -> tuple[int, int, int] | None:
+        """(dim, lo, hi), None when the bounds are not literal or the step is not 1."""
+        dim = arg(node, 1, "dim", 0) % len(shape)
+        if self.kind == "slice":
+            lo, hi, _ = slice(arg(node, 2, "start"), arg(node, 3, "end")).indices(shape[dim])
+            return (dim, lo, hi) if arg(node, 4, "step", 1) == 1 else None
+        if not all(isinstance(v, int) for v in node.args[1:]):
+            return None
+        lo = arg(node, 2, "start" if self.kind == "narrow" else "index") % shape[dim]
+        return dim, lo, lo + (arg(node, 3, "length", 1) if self.kind == "narrow" else 1)
 
     def record(self, st: AnalysisState, node: fx.Node, x: fx.Node, m: torch.Tensor, shape: Shape) -> bool:
-        dim = arg(node, 1, "dim", 0) % len(shape)
-        if m.shape[dim] == 1:
+        if m.shape[arg(node, 1, "dim", 0) % len(shape)] == 1:
             return True
-        if arg(node, 4, "step", 1) != 1:
-            return False
-        lo, hi, _ = slice(arg(node, 2, "start"), arg(node, 3, "end")).indices(shape[dim])
-        if hi > lo:
-            st.presence.append((x.name, dim, lo, hi))
-        return True
+        got = self._range(node, shape)
+        if got is not None and got[2] > got[1]:
+            st.presence.append((x.name, *got))
+        return got is not None
 
     def rewrite(self, node: fx.Node, sel: Any, x: fx.Node, shape: Shape) -> bool:
-        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        dim = arg(node, 1, "dim", 0)
         keep = _kept(sel, x, shape, dim)
         if keep is None:
             return False
-        start = node.args[2] if len(node.args) > 2 else None
-        end = node.args[3] if len(node.args) > 3 else None
-        lo, hi, _ = slice(start, end).indices(shape[dim])
-        node.args = (x, dim, _count(keep, lo), _count(keep, hi))
+        _, lo, hi = self._range(node, shape)
+        lo, hi = _count(keep, lo), _count(keep, hi)
+        new = {"slice": (lo, hi), "narrow": (lo, hi - lo), "select": (lo,)}[self.kind]
+        node.args, node.kwargs = (x, dim, *new), {}
         return True
 
 
@@ -86,33 +99,6 @@ class Split(ChannelArgs):
             start += piece.shape[dim]
         node.op, node.target = "call_function", torch.split
         node.args, node.kwargs = (x, sizes), {"dim": dim}
-        return True
-
-
-class Narrow(ChannelArgs):
-    """narrow(x, dim, start, length) / select(x, dim, index)."""
-
-    def record(self, st: AnalysisState, node: fx.Node, x: fx.Node, m: torch.Tensor, shape: Shape) -> bool:
-        dim = arg(node, 1, "dim") % len(shape)
-        if m.shape[dim] == 1:
-            return True
-        if not all(isinstance(v, int) for v in node.args[1:]):
-            return False
-        select = base_name(node) == "select"
-        start = arg(node, 2, "index" if select else "start") % shape[dim]
-        length = 1 if select else arg(node, 3, "length", 1)
-        st.presence.append((x.name, dim, start, start + length))
-        return True
-
-    def rewrite(self, node: fx.Node, sel: Any, x: fx.Node, shape: Shape) -> bool:
-        keep = _kept(sel, x, shape, node.args[1])
-        if keep is None:
-            return False
-        start = node.args[2] % shape[node.args[1] % len(shape)]
-        if base_name(node) == "select":
-            node.args = (x, node.args[1], _count(keep, start))
-        else:
-            node.args = (x, node.args[1], _count(keep, start), int(keep[start:start + node.args[3]].sum()))
         return True
 
 
@@ -185,13 +171,15 @@ class Index(ChannelArgs):
 
 
 register(
-    OpSpec("slice", Match(aten=("slice",)), rule_shape, Slice()),
+    OpSpec("slice", Match(aten=("slice",)), rule_shape, Range("slice")),
     OpSpec("split", Match(functions=(torch.split,), methods=("split",), aten=("split", "split_with_sizes")),
            rule_shape, Split()),
     OpSpec("chunk", Match(functions=(torch.chunk,), methods=("chunk",), aten=("chunk",)), rule_shape, Split()),
     OpSpec("unbind", Match(functions=(torch.unbind,), methods=("unbind",), aten=("unbind",)), rule_shape,
            Split(unbind=True)),
-    OpSpec("narrow", Match(functions=(torch.narrow,), methods=("narrow",), aten=("narrow",)), rule_shape, Narrow()),
-    OpSpec("select", Match(functions=(torch.select,), methods=("select",), aten=("select",)), rule_shape, Narrow()),
+    OpSpec("narrow", Match(functions=(torch.narrow,), methods=("narrow",), aten=("narrow",)), rule_shape,
+           Range("narrow")),
+    OpSpec("select", Match(functions=(torch.select,), methods=("select",), aten=("select",)), rule_shape,
+           Range("select")),
     OpSpec("getitem", Match(functions=(operator.getitem,)), rule_shape, Index()),
 )

@@ -132,7 +132,10 @@ class LayerView:
 
     roles: tuple[str, ...] = ("weight", "bias")  # tensors the layer may have, by role
     required: tuple[str, ...] = ("weight",)
-    call_args: tuple[str, ...] = ("input", "weight", "bias")  # argument names of the call forms
+    # argument names of the call forms ({"torch": ..., "aten": ...} where their orders differ),
+    # and the settings a call implies without naming them
+    call_args: tuple[str, ...] | dict[str, tuple[str, ...]] = ("input", "weight", "bias")
+    implied: dict[str, Any] = {}
     kernel = False  # a weight matrix/kernel mixing input channels into output channels
     in_dim = out_dim = 1  # the channel dim of the input and of the output
     weight_dims = (0, 1)  # the weight's output-channel and input-channel dims (kernels)
@@ -147,7 +150,9 @@ class LayerView:
     @classmethod
     def arguments(cls, node: fx.Node) -> tuple[tuple[str, ...], dict[str, Any]]:
         """A call's argument names, and the settings its op implies (e.g. `transposed`)."""
-        return cls.call_args, {}
+        if isinstance(cls.call_args, dict):
+            return cls.call_args["aten" if isinstance(node.target, torch._ops.OpOverload) else "torch"], cls.implied
+        return cls.call_args, cls.implied
 
     @classmethod
     def of(cls, gm: nn.Module, node: fx.Node) -> LayerView | None:

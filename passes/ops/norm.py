@@ -20,12 +20,11 @@ from rwdeploy.passes.ops.spec import Match, OpSpec, register
 
 
 class ChannelNormView(LayerView):
-    """A norm with per-channel tensors; keep_in == keep_out."""
+    """A norm whose tensors are per channel: keep_in == keep_out."""
 
-    roles = ("weight", "bias", "running_mean", "running_var")
-    required = ()
+    roles, required = ("weight", "bias", "running_mean", "running_var"), ()
     count = "num_features"  # the module attribute holding the channel count
-    statistics = "channel"  # statistics per "channel", or per "group" of channels
+    statistics = "channel"  # its statistics are per "channel", or per "group" of channels
 
     def shrink(self, keep_in: torch.Tensor, keep_out: torch.Tensor) -> None:
         for role in self.tensors:
@@ -39,35 +38,23 @@ class ChannelNormView(LayerView):
 
 class BatchNormView(ChannelNormView):
     generic_type = "BatchNorm"
-
-    @classmethod
-    def arguments(cls, node: fx.Node) -> tuple[tuple[str, ...], dict[str, Any]]:
-        if _aten(node):
-            return ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"), {}
-        return ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"), {}
+    call_args = {"torch": ("input", "running_mean", "running_var", "weight", "bias", "training"),
+                 "aten": ("input", "weight", "bias", "running_mean", "running_var", "training")}
 
 
 class InstanceNormView(ChannelNormView):
     generic_type = "InstanceNorm"
-
-    @classmethod
-    def arguments(cls, node: fx.Node) -> tuple[tuple[str, ...], dict[str, Any]]:
-        if _aten(node):
-            names = ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps")
-        else:
-            names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
-        return names, {"use_input_stats": True}
+    call_args = {"torch": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats"),
+                 "aten": ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats")}
+    implied = {"use_input_stats": True}
 
     def updates_statistics(self) -> bool:
         return "running_mean" in self.tensors and bool(self.setting("use_input_stats", self.setting("training")))
 
 
 class GroupNormView(ChannelNormView):
-    roles = ("weight", "bias")
-    call_args = ("input", "num_groups", "weight", "bias", "eps")
-    count = "num_channels"
-    statistics = "group"
-    generic_type = "GroupNorm"
+    roles, count, statistics, generic_type = ("weight", "bias"), "num_channels", "group", "GroupNorm"
+    call_args = ("input", "num_groups", "weight", "bias")
 
     def updates_statistics(self) -> bool:
         return False
@@ -76,10 +63,6 @@ class GroupNormView(ChannelNormView):
         per = len(keep_in) // self.setting("num_groups")
         super().shrink(keep_in, keep_out)
         self.form.set("num_groups", int(keep_in.sum()) // per)
-
-
-def _aten(node: fx.Node) -> bool:
-    return isinstance(node.target, torch._ops.OpOverload)
 
 
 def per_channel_rule(layer: type[ChannelNormView], noun: str) -> Any:

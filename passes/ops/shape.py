@@ -38,10 +38,9 @@ def rule_shape(st: AnalysisState, node: fx.Node) -> Any:
         return opaque(st, node, "shape op the analysis could not follow")
     if not _matches(result, st.values[node.name]):
         return opaque(st, node, "shape op the analysis could not follow")
-    channel_args = SPECS[st.ops[node.name]].channel_args
-    x = node.args[0] if node.args else None
+    channel_args, x = SPECS[st.ops[node.name]].channel_args, node.args[0] if node.args else None
     m = st.maps.get(x.name) if isinstance(x, fx.Node) else None
-    if channel_args is not None and isinstance(m, torch.Tensor) and not channel_args.record(st, node, x, m, st.shape(x)):
+    if channel_args and isinstance(m, torch.Tensor) and not channel_args.record(st, node, x, m, st.shape(x)):
         return opaque(st, node, "indexing along channels in a way the pass cannot rewrite")
     return _compress_all(result)
 
