@@ -214,3 +214,42 @@ def test_removal_reads_masks_from_the_context():
     plain = RemoveZeroChannels()(gm, PassContext(x)).gm
     masked = RemoveZeroChannels()(gm, PassContext(x, masks={"a.0.weight": mask})).gm
     assert masked.get_submodule("a.0").out_channels < plain.get_submodule("a.0").out_channels
+
+
+class ConvForms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.up, self.c = nn.ConvTranspose2d(8, 6, 2, stride=2), nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.up(F.relu(self.b(F.relu(self.a(x)))))))
+
+
+def test_core_aten_convolution_is_one_more_form_of_the_conv_spec():
+    """After run_decompositions every convolution (plain, grouped, transposed) is
+    aten.convolution; the conv spec's view reads it like the module."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    program = torch.export.export(ConvForms().eval(), (x,)).run_decompositions().module()
+    gm = fx.GraphModule(program, program.graph)
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
+    assert len(convs) == 4 and [layer_view(gm, n).transposed for n in convs] == [False, False, True, False]
+    analysis = analyze_channel_groups(gm, x)
+    assert sum(g.removable for g in analysis.groups) == 3
+    assert zero_filters(gm, analysis, 0.5) > 0
+    res = RemoveZeroChannels(analysis)(gm, PassContext(x))
+    assert res.record.params_after < res.record.params_before
+    for p in (x, torch.randn(1, 3, 8, 8)):  # the original graph's output, run independently
+        torch.testing.assert_close(res.gm(p), gm(p), rtol=1e-4, atol=1e-5)
+
+
+def test_the_compile_timer_loads_tvm_only_when_it_measures():
+    import subprocess
+    import sys
+
+    code = ("import sys; from rwdeploy.passes.pack_sparse import pack_sparse; "
+            "from rwdeploy.sparse.timing import HostLayerTimer; t = HostLayerTimer('arm'); "
+            "print('tvm' in sys.modules, t.where)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "None"]
