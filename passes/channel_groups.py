@@ -2,12 +2,14 @@
 
 A *group* is a set of coupled channels: removing channel `c` of a group means removing, in
 every slice of the group, the indices `slice.indices[c]` along `slice.dim` of the state_dict
-tensor `slice.tensor`. The analysis walks the graph once with the op rules of
-`channel_rules` (shape propagation gives every value's shape), unions coupled channel classes,
-and bundles classes that touch the same tensors into groups.
+tensor `slice.tensor`. The analysis walks the graph once, applying to each node the rule of
+its op spec (`passes/ops`; recorded output shapes give every value's shape), unions coupled
+channel classes, and bundles classes that touch the same tensors into groups. What it
+returns, `ChannelAnalysis`, is plain data: the removal pass reads nothing else.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +17,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from rwdeploy.passes.channel_rules import RULES, classify, rule_opaque
-from rwdeploy.passes.channel_state import AnalysisState, summarize
+from rwdeploy.passes.channel_state import AnalysisState, SliceRecord, summarize
+from rwdeploy.passes.ops import classify
+from rwdeploy.passes.ops.common import opaque
 
 
 @dataclass
@@ -58,9 +61,20 @@ class ChannelGroup:
 
 @dataclass
 class ChannelAnalysis:
+    """What the analysis found, as plain data: all the removal pass reads (docs/ARCHITECTURE.md).
+    Class ids are roots of coupled classes, as in `ChannelGroup.classes`; a class map (see
+    `channel_state`) holds one per position, CONST (-1) where a value has no channel."""
+
     groups: list[ChannelGroup]
-    state: AnalysisState = field(repr=False)
-    roots: torch.Tensor = field(repr=False)  # class id -> root class id
+    values: dict[str, Any] = field(repr=False)  # node -> its output at the example input (TensorMeta, ...)
+    ops: dict[str, str] = field(repr=False)  # node -> the name of its op spec (`ops.SPECS`)
+    class_maps: dict[str, Any] = field(repr=False)  # node -> class map(s) of its output
+    fold_sites: list[str] = field(repr=False)  # nodes whose weights read channels
+    equal_removal: list[list[torch.Tensor]] = field(repr=False)  # grouped convs: classes per conv group
+    keep_one: list[tuple[str, int, int, int]] = field(repr=False)  # (node, dim, start, stop) keeps a channel
+    attribute_slices: list[SliceRecord] = field(repr=False)  # get_attr tensors cut with an elementwise op
+    provenance: dict[str, tuple[str, tuple[int | None, ...]]] = field(repr=False)  # see ops/graph.py
+    num_classes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,10 +82,6 @@ class ChannelAnalysis:
             "removable_groups": sum(g.removable for g in self.groups),
             "pinned_groups": sum(not g.removable for g in self.groups),
         }
-
-    def root_map(self, node_name: str) -> Any:
-        """The class map of a node's output with every class replaced by its root."""
-        return _resolve(self.state.maps.get(node_name), self.roots)
 
 
 def _resolve(m: Any, roots: torch.Tensor) -> Any:
@@ -102,20 +112,44 @@ def record_values(gm: fx.GraphModule, example_input: Any) -> dict[str, Any]:
     return rec.values
 
 
-def analyze_channel_groups(gm: fx.GraphModule, example_input: Any) -> ChannelAnalysis:
-    """Channel dependency groups of `gm` (evaluated at `example_input`)."""
+STRICT_ENV = "RWDEPLOY_STRICT_ANALYSIS"
+
+
+def analyze_channel_groups(gm: fx.GraphModule, example_input: Any, *, strict: bool | None = None) -> ChannelAnalysis:
+    """Channel dependency groups of `gm` (evaluated at `example_input`).
+
+    A rule that raises pins what its op touches, so a model is never broken by an op the
+    rules get wrong; `strict` re-raises instead (a rule error is a bug to see, not a pin).
+    `strict=None` reads the environment variable RWDEPLOY_STRICT_ANALYSIS=1 (the tests set it).
+    """
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV) == "1"
     st = AnalysisState(gm, record_values(gm, example_input))
     for node in gm.graph.nodes:
-        kind = classify(node, st)
-        st.kinds[node.name] = kind
+        spec = classify(node, st)
+        st.ops[node.name] = spec.name
         try:
-            st.maps[node.name] = RULES[kind](st, node)
+            st.maps[node.name] = spec.rule(st, node)
         except Exception as exc:  # noqa: BLE001 - a rule that fails keeps channels, never crashes
-            st.kinds[node.name] = "opaque"
-            st.maps[node.name] = rule_opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
+            if strict:
+                raise
+            st.ops[node.name] = "opaque"
+            st.maps[node.name] = opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
     _pin_shared(st, gm)
     roots = st.uf.roots()
-    return ChannelAnalysis(_build_groups(st, roots), st, roots)
+    return ChannelAnalysis(
+        groups=_build_groups(st, roots),
+        values=st.values,
+        ops=st.ops,
+        class_maps={name: _resolve(m, roots) for name, m in st.maps.items()},
+        fold_sites=list(st.fold_sites),
+        equal_removal=[[_resolve(ids, roots) for ids in per_group] for per_group in st.uniform],
+        keep_one=list(st.presence),
+        attribute_slices=[SliceRecord(s.key, s.dim, s.role, s.index, _resolve(s.cls, roots), s.span)
+                          for s in st.slices if s.key in st.attr_followers],
+        provenance=dict(st.provenance),
+        num_classes=len(roots),
+    )
 
 
 def _pin_shared(st: AnalysisState, gm: fx.GraphModule) -> None:

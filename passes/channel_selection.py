@@ -62,11 +62,9 @@ class Selection:
         self._refresh()
 
     def _refresh(self) -> None:
-        n = len(self.analysis.roots)
-        removed_root = torch.zeros(n + 1, dtype=torch.bool)
+        self._removed_class = torch.zeros(self.analysis.num_classes, dtype=torch.bool)
         if self.removed:
-            removed_root[torch.tensor(sorted(self.removed))] = True
-        self._removed_class = removed_root[self.analysis.roots] if n else removed_root[:0]
+            self._removed_class[torch.tensor(sorted(self.removed))] = True
         self._cache: dict[str, Any] = {}
 
     def kept(self, m: torch.Tensor) -> torch.Tensor:
@@ -77,7 +75,7 @@ class Selection:
 
     def node_kept(self, name: str) -> Any:
         if name not in self._cache:
-            m = self.analysis.state.maps.get(name)
+            m = self.analysis.class_maps.get(name)
             self._cache[name] = self.kept(m) if isinstance(m, torch.Tensor) else None
         return self._cache[name]
 
@@ -92,8 +90,7 @@ class Selection:
         return k.movedim(dim, 0).reshape(k.shape[dim], -1).any(1)
 
     def roots_where(self, m: torch.Tensor, mask: torch.Tensor) -> set[int]:
-        ids = m[mask & (m >= 0)]
-        return set(self.analysis.roots[ids].tolist()) & self.removed
+        return set(m[mask & (m >= 0)].tolist()) & self.removed
 
     def give_back(self, roots: set[int]) -> bool:
         if not roots:
@@ -106,18 +103,17 @@ class Selection:
 def select(analysis: ChannelAnalysis, removed: set[int]) -> Selection:
     """Shrink `removed` until every structural constraint holds."""
     sel = Selection(analysis, removed)
-    st = analysis.state
     for _ in range(100):
         changed = False
-        for per_group in st.uniform:
+        for per_group in analysis.equal_removal:
             changed |= _uniform(sel, per_group)
-        for name, dim, lo, hi in st.presence:
-            m = st.maps[name]
+        for name, dim, lo, hi in analysis.keep_one:
+            m = analysis.class_maps[name]
             region = m.narrow(dim, lo, hi - lo) if m.shape[dim] > 1 else m
             k = sel.kept(region)
             if not k.any():
                 changed |= sel.give_back({min(sel.roots_where(region, ~k))})
-        for name, m in st.maps.items():
+        for m in analysis.class_maps.values():
             for t in _tensor_maps(m):
                 changed |= _whole_rows(sel, t)
         if not changed:
@@ -139,7 +135,7 @@ def _uniform(sel: Selection, per_group: list[torch.Tensor]) -> bool:
     extra: set[int] = set()
     for ids, pos in zip(per_group, removed_pos):
         if len(pos) > cap:
-            extra |= set(sel.analysis.roots[ids[pos[cap:]]].tolist())
+            extra |= set(ids[pos[cap:]].tolist())
     return sel.give_back(extra & sel.removed)
 
 

@@ -1,33 +1,37 @@
 """Pass: store sparse Linear / Conv2d layers as CSR or BSR where that is measured to be faster.
 
 For each layer the candidates are dense, CSR and the block shapes that tile its weight
-(`rwdeploy.sparse.BLOCK_SHAPES`). In mode "auto" every candidate is timed on the target by
-a *timer* (a measurer from `rwdeploy.runtime`, injected so that this pass itself never
-measures), as the kernels the target's compiled artifact runs (for `cpu`: rwdeploy's TIR
-dense and sparse kernels in TVM). The fastest wins, and a packed format is kept only when it
-beats dense by more than `noise` (relative), so packing never makes a layer slower. Timings a
-timer reports under "ref:..." (torch's eager dense layer) are recorded for comparison only. Modes "csr" and
-"bsr" force the format on every layer at least `min_sparsity` sparse (bsr: the block shape
-that stores the fewest values). The record keeps each layer's sparsity, the choice, the
-reason and every measured alternative.
+(`rwdeploy.sparse.BLOCK_SHAPES`). In mode "auto" every candidate is timed by the measurer the
+caller puts in the PassContext (the compile pipeline gives `rwdeploy.sparse.timing.HostLayerTimer`:
+the kernels the target's compiled artifact runs, for `cpu` rwdeploy's TIR dense and sparse kernels
+in TVM); this pass itself never measures. The fastest wins, and a packed format is kept only when
+it beats dense by more than `noise` (relative), so packing never makes a layer slower. Timings a
+timer reports under "ref:..." (torch's eager dense layer) are recorded for comparison only. Modes
+"csr" and "bsr" force the format on every layer at least `min_sparsity` sparse (bsr: the block
+shape that stores the fewest values). The record keeps each layer's sparsity, the choice, the
+reason and every measured alternative. Layers are read through their LayerView (`passes/ops`).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rwdeploy.errors import OptionError
-from rwdeploy.passes.result import PassResult
+from rwdeploy.passes.ops import LayerView, layer_view
+from rwdeploy.passes.ops.conv import ConvView
+from rwdeploy.passes.ops.linear import LinearView
+from rwdeploy.passes.protocol import PassContext, PassResult
 from rwdeploy.sparse import BLOCK_SHAPES, CSR, CsrConv2d, CsrLinear, pack, sparsity
 from rwdeploy.sparse.formats import SparseMatrix, fits_block
 
 MODES = ("auto", "off", "csr", "bsr")
-# name -> {alternative: {"median_ms": ...}}; alternatives are "dense", formats, and "ref:*"
+# (name, layer, input shape, {format: matrix}) per layer -> name -> {alternative: {"median_ms": ...}};
+# alternatives are "dense", formats, and "ref:*". A timer may say where it measured (`.where`).
 Timer = Callable[[Sequence[tuple[str, nn.Module, Sequence[int], dict]]], dict[str, dict[str, dict]]]
 
 
@@ -72,24 +76,21 @@ class PackRecord:
                 "layers": [l.to_dict() for l in self.layers], "notes": list(self.notes)}
 
 
-_FUNCTIONAL = {torch.nn.functional.linear, torch.nn.functional.conv2d, torch.ops.aten.linear.default,
-               torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
-
-
-def _packable(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
+def _packable(view: LayerView | None) -> bool:
+    if isinstance(view, LinearView):
         return True
-    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str))
+    return (isinstance(view, ConvView) and view.spatial == 2 and not view.transposed
+            and view.setting("padding_mode", "zeros") == "zeros" and not isinstance(view.setting("padding"), str))
 
 
-def _candidates(layer: nn.Module) -> dict[str, SparseMatrix]:
-    w = layer.weight.detach()
+def _candidates(view: LayerView) -> dict[str, SparseMatrix]:
+    w = view.weight.detach()
     w2 = w.reshape(w.shape[0], -1)
     out = {"csr": pack(w2, CSR)}
-    rows_per_group = w.shape[0] // (layer.groups if isinstance(layer, nn.Conv2d) else 1)
+    conv = isinstance(view, ConvView)
+    rows_per_group = w.shape[0] // (view.groups if conv else 1)
     for br, bc in BLOCK_SHAPES:
-        if isinstance(layer, nn.Conv2d) and (bc != 1 or rows_per_group % br):
+        if conv and (bc != 1 or rows_per_group % br):
             continue   # conv kernels block output channels only, within one group
         if fits_block(tuple(w2.shape), (br, bc)):
             m = pack(w2, (br, bc))
@@ -97,11 +98,11 @@ def _candidates(layer: nn.Module) -> dict[str, SparseMatrix]:
     return out
 
 
-def _packed_module(layer: nn.Module, m: SparseMatrix) -> nn.Module:
-    if isinstance(layer, nn.Linear):
-        return CsrLinear(m, layer.bias)
-    return CsrConv2d(m, tuple(layer.weight.shape), layer.bias, layer.stride, layer.padding,
-                     layer.dilation, layer.groups)
+def _packed_module(view: LayerView, m: SparseMatrix) -> nn.Module:
+    if isinstance(view, LinearView):
+        return CsrLinear(m, view.bias)
+    return CsrConv2d(m, tuple(view.weight.shape), view.bias, view.setting("stride"), view.setting("padding"),
+                     view.setting("dilation"), view.groups)
 
 
 def _replace(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
@@ -120,80 +121,78 @@ def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
     return "dense", f"{best} within noise of dense ({med[best]:.4g} vs {med['dense']:.4g} ms)"
 
 
-def default_timer(target: str) -> tuple[Timer, str]:
-    """The measurer for a target name and a note on where it measures."""
-    from rwdeploy.runtime import tvm_sparse
-
-    cpu = tvm_sparse.host_target()
-    where = f"host {cpu.attrs.get('mcpu', 'cpu')} via TVM, {tvm_sparse.threads()} threads"
-    if target != "cpu":
-        where += f" (proxy: target {target!r} is not measurable here; pass timer= to measure it)"
-    return (lambda layers: tvm_sparse.measure_layer_formats(layers, cpu)), where
-
-
-def pack_sparse(gm: fx.GraphModule, example_input: torch.Tensor, *, mode: str = "auto",
-                target: str = "cpu", min_sparsity: float = 0.5, noise: float = 0.05,
-                timer: Timer | None = None) -> PassResult[PackRecord]:
+@dataclass
+class PackSparse:
     """Replace sparse nn.Linear / nn.Conv2d submodules by CsrLinear / CsrConv2d (see module doc)."""
-    if mode not in MODES:
-        raise OptionError(f"--sparse {mode!r} is not a sparse packing mode",
-                          hint=f"use one of {', '.join(MODES)}")
-    new = copy.deepcopy(gm)
-    record = PackRecord(mode, target, None, int(example_input.shape[0]), noise)
-    if mode == "off":
-        return PassResult(new, record)
-    ShapeProp(new).propagate(example_input)
-    sites: list[tuple[str, nn.Module, list[int]]] = []
-    seen: set[str] = set()
-    for node in new.graph.nodes:
-        if node.op != "call_module" or node.target in seen:
-            continue
-        layer = new.get_submodule(node.target)
-        meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
-        if _packable(layer) and meta is not None:
+
+    mode: str = "auto"
+    target: str = "cpu"
+    min_sparsity: float = 0.5
+    noise: float = 0.05
+    name: ClassVar[str] = "pack_sparse"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult[PackRecord]:
+        if self.mode not in MODES:
+            raise OptionError(f"--sparse {self.mode!r} is not a sparse packing mode",
+                              hint=f"use one of {', '.join(MODES)}")
+        new = copy.deepcopy(gm)
+        record = PackRecord(self.mode, self.target, None, int(ctx.example_input.shape[0]), self.noise)
+        if self.mode == "off":
+            return PassResult(new, record)
+        ShapeProp(new).propagate(ctx.example_input)
+        pending, seen = [], set()
+        for node in new.graph.nodes:
+            view = layer_view(new, node)
+            meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+            if node.op == "call_function" and _packable(view):  # weights are not submodules we can swap
+                record.notes.append(node.name)
+            if node.op != "call_module" or node.target in seen or not _packable(view) or meta is None:
+                continue
             seen.add(node.target)
-            sites.append((node.target, layer, list(meta.shape)))
+            w = view.weight.detach()
+            entry = LayerPacking(node.target, "linear" if isinstance(view, LinearView) else "conv2d",
+                                 list(w.shape), sparsity(w), "dense", "", w.numel() * 4, w.numel() * 4)
+            record.layers.append(entry)
+            if entry.sparsity < self.min_sparsity:
+                entry.reason = f"sparsity {entry.sparsity:.3f} below min_sparsity {self.min_sparsity}"
+            else:
+                pending.append((entry, view, list(meta.shape), _candidates(view)))
+        if record.notes:
+            record.notes = [f"not packed (functional conv/linear calls, not modules): {', '.join(record.notes)}"]
+        self._choose_formats(new, pending, ctx.measurer, record)
+        for entry, view, _, cands in pending:
+            if entry.chosen != "dense":
+                m = cands[entry.chosen]
+                entry.packed_bytes = m.nbytes()
+                _replace(new, entry.name, _packed_module(view, m))
+        new.recompile()
+        return PassResult(new, record)
 
-    functional = [n.name for n in new.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL]
-    if functional:   # a torch.export-style graph: weights are not submodules we can swap
-        record.notes.append(f"not packed (functional conv/linear calls, not modules): {', '.join(functional)}")
-    pending = []
-    for name, layer, shape in sites:
-        w = layer.weight.detach()
-        entry = LayerPacking(name, "linear" if isinstance(layer, nn.Linear) else "conv2d",
-                             list(w.shape), sparsity(w), "dense", "", w.numel() * 4, w.numel() * 4)
-        record.layers.append(entry)
-        if entry.sparsity < min_sparsity:
-            entry.reason = f"sparsity {entry.sparsity:.3f} below min_sparsity {min_sparsity}"
-            continue
-        pending.append((entry, layer, shape, _candidates(layer)))
-
-    if mode == "auto" and pending:
-        if timer is None:
-            timer, record.measured_on = default_timer(target)
-        else:
-            record.measured_on = "caller-supplied timer"
-        measured = timer([(e.name, layer, shape, cands) for e, layer, shape, cands in pending])
-        for entry, layer, _, cands in pending:
-            times = measured[entry.name]
-            entry.measured_ms = {alt: round(v["median_ms"], 6) for alt, v in times.items()
-                                 if not alt.startswith("ref:")}
-            entry.reference_ms = {alt[4:]: round(v["median_ms"], 6) for alt, v in times.items()
-                                  if alt.startswith("ref:")}
-            entry.chosen, entry.reason = _choose(times, noise)
-    else:
+    def _choose_formats(self, gm: fx.GraphModule, pending: list, timer: Timer | None, record: PackRecord) -> None:
+        if self.mode == "auto" and pending:
+            if timer is None:
+                raise ValueError("pack_sparse mode 'auto' chooses by measurement: put a measurer in the "
+                                 "PassContext (e.g. rwdeploy.sparse.timing.HostLayerTimer(target))")
+            measured = timer([(e.name, gm.get_submodule(e.name), shape, cands) for e, _, shape, cands in pending])
+            record.measured_on = getattr(timer, "where", None) or "caller-supplied timer"
+            for entry, _, _, cands in pending:
+                times = measured[entry.name]
+                entry.measured_ms = {alt: round(v["median_ms"], 6) for alt, v in times.items()
+                                     if not alt.startswith("ref:")}
+                entry.reference_ms = {alt[4:]: round(v["median_ms"], 6) for alt, v in times.items()
+                                      if alt.startswith("ref:")}
+                entry.chosen, entry.reason = _choose(times, self.noise)
+            return
         for entry, _, _, cands in pending:
-            if mode == "csr":
+            if self.mode == "csr":
                 entry.chosen = "csr"
             else:
                 blocks = {f: m for f, m in cands.items() if f != "csr"}
                 entry.chosen = min(blocks, key=lambda f: blocks[f].nnz) if blocks else "csr"
-            entry.reason = f"forced by mode {mode!r}"
+            entry.reason = f"forced by mode {self.mode!r}"
 
-    for entry, layer, _, cands in pending:
-        if entry.chosen != "dense":
-            m = cands[entry.chosen]
-            entry.packed_bytes = m.nbytes()
-            _replace(new, entry.name, _packed_module(layer, m))
-    new.recompile()
-    return PassResult(new, record)
+
+def pack_sparse(gm: fx.GraphModule, example_input: torch.Tensor, *, mode: str = "auto", target: str = "cpu",
+                min_sparsity: float = 0.5, noise: float = 0.05, timer: Timer | None = None) -> PassResult[PackRecord]:
+    """`PackSparse(...)` on a context holding `example_input` and `timer` (the measurer)."""
+    return PackSparse(mode, target, min_sparsity, noise)(gm, PassContext(example_input, measurer=timer))

@@ -187,3 +187,29 @@ def test_a_module_called_twice_keeps_its_channels():
     assert len(groups) == 3  # the first call's input, its output (= second input), the second output
     assert all(any("shared.weight is used by 2 ops" in r for r in g.pinned) for g in groups)
     assert group_with(a, "b.0.weight", "producer").removable
+
+
+def test_affine_instance_norm_follows_its_channels_in_every_form():
+    a = analysis_of(*nets.TEST_NETS["instance_norm"])
+    for producer, norm, n in (("a.weight", "in1", 8), ("b.weight", "in2", 8)):  # modules
+        g = group_with(a, producer, "producer")
+        assert g.removable and g.size == n
+        tensors = ("weight", "bias") + (("running_mean", "running_var") if norm == "in2" else ())
+        for name in tensors:
+            assert slice_of(g, f"{norm}.{name}", "follower").indices == [[c] for c in range(n)]
+    g = group_with(a, "c.weight", "producer")  # F.instance_norm(x, weight=gamma, bias=beta)
+    assert g.removable and slice_of(g, "gamma", "follower").indices == [[c] for c in range(6)]
+
+
+def test_exported_adaptive_max_pool_passes_channels_through():
+    """aten.adaptive_max_pool2d returns (values, indices): both keep the input's channels."""
+    torch.manual_seed(0)
+    ctor, shape = nets.TEST_NETS["adaptive_max_pool"]
+    x = torch.randn(shape)
+    program = torch.export.export(ctor().eval(), (x,)).module()
+    gm = torch.fx.GraphModule(program, program.graph)
+    assert any(getattr(n.target, "__name__", "") == "adaptive_max_pool2d.default" for n in gm.graph.nodes)
+    a = analyze_channel_groups(gm, x)
+    for producer, consumer in (("a.0.weight", "b.0.weight"), ("b.0.weight", "out.weight")):
+        g = group_with(a, producer, "producer")
+        assert g.removable and slice_of(g, consumer, "consumer").indices == [[c] for c in range(8)]

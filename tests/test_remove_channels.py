@@ -163,6 +163,7 @@ def test_untraceable_model_falls_back_to_torch_export_and_is_slimmed():
 
 
 @pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
+                                  "net:instance_norm", "net:adaptive_max_pool",
                                   "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net", "family:swin"])
 def test_exported_programs_are_slimmed_exactly(case):
     """A .pt2 program's graph holds aten ops with parameters read through get_attr."""

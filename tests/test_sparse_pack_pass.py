@@ -9,6 +9,7 @@ from torch import nn
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.pack_sparse import _choose, pack_sparse
 from rwdeploy.sparse import CsrConv2d, CsrLinear
+from rwdeploy.sparse.timing import HostLayerTimer
 
 
 def _sparsify(layer, frac, seed):
@@ -89,7 +90,7 @@ def test_selector_never_picks_a_slower_format(sparse_times, dense, reference, no
 
 def test_auto_with_real_measurements_is_consistent():
     gm = _gm()
-    res = pack_sparse(gm, X)              # default timer: TVM kernels + torch on this machine
+    res = pack_sparse(gm, X, timer=HostLayerTimer())   # compile's timer: TVM kernels + torch here
     for layer in res.record.layers[:2]:
         med = layer.measured_ms
         assert {"dense", "csr"} <= set(med) and "dense_torch" in layer.reference_ms
@@ -108,6 +109,13 @@ def test_forced_modes(mode):
     assert all(c.startswith(mode) for c in chosen[:2])
     assert res.record.measured_on is None
     torch.testing.assert_close(res.gm(X), gm(X), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_chooses_only_with_a_measurer_it_is_given():
+    with pytest.raises(ValueError, match="measurer"):
+        pack_sparse(_gm(), X)             # the pass never measures by itself
+    res = pack_sparse(_gm(), X, timer=fake_timer({"dense": 2.0, "csr": 0.5}))
+    assert res.record.measured_on == "caller-supplied timer"
 
 
 def test_off_and_bad_mode():
