@@ -65,13 +65,14 @@ class Sequence:
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult[SequenceRecord]:
         from rwdeploy.errors import VerificationError
-        from rwdeploy.passes.verify import verify_equivalence
+        from rwdeploy.passes.verify import ChannelMap, verify_equivalence
 
         records: dict[str, Record] = {}
         for p in self.passes:
             result = p(gm, ctx)
             if self.check and ctx.probe_inputs:
-                v = verify_equivalence(gm, result.gm, ctx.probe_inputs, rtol=ctx.tolerance, record=result.record)
+                where = result.record if isinstance(result.record, ChannelMap) else None  # locates a divergence
+                v = verify_equivalence(gm, result.gm, ctx.probe_inputs, rtol=ctx.tolerance, record=where)
                 if not v.passed:
                     raise VerificationError(f"pass {p.name} changed the model: max relative error {v.max_rel:.3g} "
                                             f"> tolerance {ctx.tolerance:g} (first diverging at "

@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-if TYPE_CHECKING:
-    from rwdeploy.passes.remove_zero_channels import RemovalRecord
+
+
+@runtime_checkable
+class ChannelMap(Protocol):
+    """What locating a divergence needs from a pass's record (e.g. `RemovalRecord`): per node,
+    the kept indices along each dim, and which node now carries a node's value. Structural, so
+    that verification does not depend on the passes it checks."""
+
+    kept_indices: dict[str, dict[int, list[int]]]
+    aliases: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ class VerificationResult:
 
 
 def verify_equivalence(original: nn.Module, slim: nn.Module, probe_inputs: Iterable[Any], *,
-                       rtol: float = 1e-4, record: RemovalRecord | None = None) -> VerificationResult:
+                       rtol: float = 1e-4, record: ChannelMap | None = None) -> VerificationResult:
     """Run both models on every probe; `record` (a RemovalRecord) helps locate a divergence."""
     total, probes, worst_args, worst_rel = Closeness(tolerance=rtol), 0, None, -1.0
     with torch.no_grad():
@@ -148,7 +156,7 @@ def _values(model: nn.Module, args: tuple) -> tuple[fx.GraphModule, dict[str, An
 
 
 def first_diverging_node(original: nn.Module, slim: nn.Module, args: tuple, *, rtol: float = 1e-4,
-                         record: RemovalRecord | None = None) -> str | None:
+                         record: ChannelMap | None = None) -> str | None:
     """Name of the first node whose slim value differs from the original's on kept channels.
 
     Intermediate values are compared like outputs (`compare`), ignoring differences below 1e-6

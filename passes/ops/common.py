@@ -89,3 +89,13 @@ def channels_on_dim1(m: torch.Tensor) -> bool:
 def aligned(m: torch.Tensor, ndim: int) -> torch.Tensor:
     """The map with leading size-1 dims, as broadcasting sees it at rank `ndim`."""
     return m.reshape((1,) * (ndim - m.dim()) + tuple(m.shape))
+
+
+def base_name(node: fx.Node) -> str:
+    """'conv2d' for aten.conv2d.default, F.conv2d and .conv2d(); the op's plain name."""
+    t = node.target
+    if node.op == "call_method":
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__.lstrip("_")
+    return getattr(t, "__name__", "")

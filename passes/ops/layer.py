@@ -18,8 +18,7 @@ import torch
 from torch import fx, nn
 
 from rwdeploy.passes.channel_state import AnalysisState
-from rwdeploy.passes.ops.common import bound_args, input_map, set_arg, state_tensor, with_args
-from rwdeploy.passes.ops.spec import base_name
+from rwdeploy.passes.ops.common import base_name, bound_args, input_map, set_arg, state_tensor, with_args
 
 
 def keep(t: torch.Tensor, dim: int, mask: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 from torch import fx, nn
 
 from rwdeploy.passes.channel_state import CONST, AnalysisState, has_tensor
+from rwdeploy.passes.ops.common import base_name  # noqa: F401  (re-exported for the family files)
 
 if TYPE_CHECKING:
-    from rwdeploy.passes.channel_selection import Selection
     from rwdeploy.passes.ops.layer import LayerView
 
 Rule = Callable[[AnalysisState, fx.Node], Any]
@@ -43,7 +43,7 @@ class ChannelArgs:
     def record(self, st: AnalysisState, node: fx.Node, x: fx.Node, m: torch.Tensor, shape: Shape) -> bool:
         return True
 
-    def rewrite(self, node: fx.Node, sel: Selection, x: fx.Node, shape: Shape) -> bool:
+    def rewrite(self, node: fx.Node, sel: Any, x: fx.Node, shape: Shape) -> bool:
         return False
 
 
@@ -80,16 +80,6 @@ def register(*specs: OpSpec) -> None:
             raise ValueError(f"{key!r} is claimed by op specs {table[key].name!r} and {spec.name!r}")
     for table, key, spec in claims:
         table[key] = spec
-
-
-def base_name(node: fx.Node) -> str:
-    """'conv2d' for aten.conv2d.default, F.conv2d and .conv2d(); the op's plain name."""
-    t = node.target
-    if node.op == "call_method":
-        return t
-    if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__.lstrip("_")
-    return getattr(t, "__name__", "")
 
 
 def module_spec(mod: nn.Module) -> OpSpec | None:
