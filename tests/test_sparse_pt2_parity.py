@@ -268,3 +268,63 @@ class Mixed(nn.Module):
 def test_layer_stats_of_a_mixed_graph_list_both_layers_in_order():
     stats = layer_stats(module_graph(Mixed().eval()), torch.randn(1, 3, 6, 6))
     assert [(s.type, s.macs) for s in stats] == [("Conv2d", 4 * 16 * 27), ("Linear", 5 * 64)]
+
+
+# --------------------------------------------------------------------------- the CLI on a .pt2
+
+@pytest.fixture(scope="module")
+def sparse_mlp_pt2(tmp_path_factory):
+    """The issue's network: a 95%-sparse 4096 -> 1024 -> 1024 MLP (and its 10-class head), saved
+    as a torch.export program at batch 1."""
+    torch.manual_seed(5)
+    model = sparsify(Mlp((4096, 1024, 1024, 10)), 0.95)
+    path = tmp_path_factory.mktemp("pt2") / "mlp.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 4096),)), str(path))
+    return model, path
+
+
+def _sparse_kernels(library) -> set[str]:
+    """The rwdeploy sparse TIR kernels a built TVM library calls."""
+    import re
+
+    from tvm import relax, runtime
+
+    return set(re.findall(r"rw_linear_sparse_\w+", relax.VMExecutable(runtime.load_module(str(library))).as_text()))
+
+
+@pytest.mark.parametrize("mode", ["csr", "auto"])
+def test_cli_packs_the_sparse_mlp_pt2(mode, sparse_mlp_pt2, tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from rwdeploy.cli import main
+
+    model, path = sparse_mlp_pt2
+    out = tmp_path / "out"
+    assert main(["compile", str(path), "--out", str(out), "--sparse", mode, "--target", "cpu",
+                 "--no-measure", "--batch", "1"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    sparse = report["sparse"]
+    assert [(l["name"], l["form"]) for l in sparse["layers"]] == [("fc1", "call"), ("fc2", "call"), ("fc3", "call")]
+    if mode == "csr":
+        assert [l["chosen"] for l in sparse["layers"]] == ["csr", "csr", "dense"]
+    else:  # the choice follows the measurements: a packed format only where it measured faster
+        for layer in sparse["layers"][:2]:
+            med = layer["measured_ms"]
+            best = min(med, key=med.get)
+            assert layer["chosen"] == (best if med[best] < med["dense"] * (1 - sparse["noise"]) else "dense")
+    if sparse["packed_layers"]:
+        files = report["files"]
+        assert files["slim_onnx"]["bytes"] <= files["original_onnx"]["bytes"] / 5
+        # the slim TVM build runs one rwdeploy sparse kernel per packed layer (CSR and BSR alike)
+        assert report["targets"]["cpu"]["builds"][-1]["path"] == "model.cpu.so"
+        assert len(_sparse_kernels(out / "model.cpu.so")) == sparse["packed_layers"]
+    # ONNX Runtime's output of the slim file against the dense torch model, on a fresh input
+    x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = model(x).numpy()
+    sess = ort.InferenceSession(str(out / "slim.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
