@@ -41,19 +41,22 @@ class Mlp(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """Strided, padded, dilated and grouped 2-D convolutions, then a linear head."""
+    """Strided, padded, dilated and grouped 2-D convolutions, one with every setting at its
+    default (a .pt2 call then names none), then a linear head."""
 
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
         self.c2 = nn.Conv2d(16, 32, 3, padding=2, dilation=2, groups=4, bias=False)
         self.c3 = nn.Conv2d(32, 32, (1, 3), stride=(1, 2), padding=(0, 1), groups=2)
-        self.fc = nn.Linear(32 * 8 * 4, 8)
+        self.c4 = nn.Conv2d(32, 24, 1)
+        self.fc = nn.Linear(24 * 8 * 4, 8)
 
     def forward(self, x):
         x = torch.relu(self.c1(x))
         x = torch.relu(self.c2(x))
-        return self.fc(torch.relu(self.c3(x)).flatten(1))
+        x = torch.relu(self.c3(x))
+        return self.fc(torch.relu(self.c4(x)).flatten(1))
 
 
 class FunctionalConvNet(nn.Module):
@@ -61,7 +64,7 @@ class FunctionalConvNet(nn.Module):
 
     def __init__(self, net: ConvNet):
         super().__init__()
-        for name in ("c1", "c2", "c3", "fc"):
+        for name in ("c1", "c2", "c3", "c4", "fc"):
             layer = getattr(net, name)
             self.register_parameter(f"{name}_w", layer.weight)
             self.register_parameter(f"{name}_b", layer.bias)
@@ -70,6 +73,7 @@ class FunctionalConvNet(nn.Module):
         x = torch.relu(F.conv2d(x, self.c1_w, self.c1_b, 2, 1))
         x = torch.relu(F.conv2d(x, self.c2_w, None, stride=1, padding=2, dilation=2, groups=4))
         x = torch.relu(F.conv2d(x, self.c3_w, self.c3_b, [1, 2], [0, 1], 1, 2))
+        x = torch.relu(F.conv2d(x, self.c4_w, self.c4_b))
         return F.linear(x.flatten(1), self.fc_w, self.fc_b)
 
 
@@ -150,7 +154,7 @@ def test_conv_net_packs_alike_in_every_form(form, tmp_path):
     model = sparsify(ConvNet(), 0.85)
     x = torch.randn(2, 3, 16, 16)
     modules = pack_sparse(module_graph(model), x, mode="csr")
-    assert [l.chosen for l in modules.record.layers] == ["csr", "csr", "csr", "dense"]
+    assert [l.chosen for l in modules.record.layers] == ["csr", "csr", "csr", "csr", "dense"]
     if form == "functional":
         gm = module_graph(FunctionalConvNet(model))
         expected = "<built-in method conv2d"
@@ -163,7 +167,8 @@ def test_conv_net_packs_alike_in_every_form(form, tmp_path):
     assert_matches_dense(packed.gm, model, 3 * torch.randn(1, 3, 16, 16))
     if form == "functional":  # parameters at the root: layers are named by their weights, packed beside them
         assert [(l.name, l.module) for l in packed.record.layers] == [
-            ("c1_w", "c1_w_packed"), ("c2_w", "c2_w_packed"), ("c3_w", "c3_w_packed"), ("fc_w", None)]
+            ("c1_w", "c1_w_packed"), ("c2_w", "c2_w_packed"), ("c3_w", "c3_w_packed"), ("c4_w", "c4_w_packed"),
+            ("fc_w", None)]
         assert "c1_w" not in packed.gm.state_dict() and "fc_w" in packed.gm.state_dict()
         assert_same_packing(modules, packed)
     elif form == "aten.conv2d":  # a .pt2 keeps the modules' names: the packed modules are where they are there
@@ -201,12 +206,12 @@ def test_auto_mode_measures_a_call_as_the_layer_it_is(tmp_path):
 
     modules = pack_sparse(module_graph(model), x, timer=timer_for("module"))
     aten = pack_sparse(pt2_graph(model, x, tmp_path / "conv.pt2"), x, timer=timer_for("call"))
-    assert set(seen["call"]) == set(seen["module"]) == {"c1", "c2", "c3"}
+    assert set(seen["call"]) == set(seen["module"]) == {"c1", "c2", "c3", "c4"}
     for name, (kind, shape, settings, y, formats) in seen["module"].items():
         c_kind, c_shape, c_settings, c_y, c_formats = seen["call"][name]
         assert (c_kind, c_shape, c_settings, c_formats) == (kind, shape, settings, formats)
         torch.testing.assert_close(c_y, y, rtol=1e-6, atol=1e-6)
-    assert [l.chosen for l in aten.record.layers] == ["csr", "csr", "csr", "dense"]
+    assert [l.chosen for l in aten.record.layers] == ["csr", "csr", "csr", "csr", "dense"]
     assert_same_packing(modules, aten)
 
 
@@ -247,7 +252,7 @@ def test_layer_stats_read_calls_and_modules_alike(tmp_path):
     by_module = layer_stats(module_graph(model), x)
     by_aten = layer_stats(pt2_graph(model, x, tmp_path / "conv.pt2"), x)
     by_function = layer_stats(module_graph(FunctionalConvNet(model)), x)
-    assert [s.name for s in by_module] == ["c1", "c2", "c3", "fc"]
+    assert [s.name for s in by_module] == ["c1", "c2", "c3", "c4", "fc"]
     assert [s.to_dict() for s in by_aten] == [s.to_dict() for s in by_module]
     strip = lambda s: {**s.to_dict(), "name": None}  # noqa: E731  (functional layers are named by their weights)
     assert [strip(s) for s in by_function] == [strip(s) for s in by_module]
