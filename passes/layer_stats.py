@@ -1,8 +1,9 @@
 """Per-layer statistics of a network at an input shape: params, MACs and zeros.
 
 An analysis: it reads a model and returns data. Layers are the convolutions and linear layers,
-read through their op spec's LayerView (`passes/ops`): the modules, or, in a graph without
-leaf modules such as a loaded `.pt2`, the function / ATen calls reading their weights.
+read through their op spec's LayerView (`passes/ops`): the modules and, in a GraphModule, the
+function / ATen calls reading their weights (a loaded `.pt2`; an `F.linear(x, self.w)` beside
+module layers), in the order they run.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from rwdeploy import models
 from rwdeploy.cli import main
 from rwdeploy.errors import ModelFileError
 from rwdeploy.io import Checkpoint, load_model, save_checkpoint
-from rwdeploy.quant import QuantSpec, quantize_model
-from rwdeploy.quant.program import QUANT_FILE, save_quantized_program
+from rwdeploy.quant import QuantSpec, quantize_model, save_quantized_program
+from rwdeploy.quant.program import QUANT_FILE
 
 SHAPE = (1, 1, 28, 28)
 
