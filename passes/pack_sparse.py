@@ -23,8 +23,8 @@ left dense and named in the notes.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -259,8 +259,8 @@ class PackSparse:
             view = layer_view(new, node) if node.op in ("call_module", "call_function") else None
             inp = view.input if view is not None else None
             meta = inp.meta.get("tensor_meta") if isinstance(inp, fx.Node) else None
-            if not _packable(view) or meta is None:
-                continue
+            if not _packable(view) or meta is None or (isinstance(view, ConvView) and len(meta.shape) != 4):
+                continue   # (the packed conv takes batched NCHW input only)
             if node.op == "call_module":
                 if node.target in seen:
                     continue

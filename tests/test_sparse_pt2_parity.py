@@ -333,3 +333,22 @@ def test_cli_packs_the_sparse_mlp_pt2(mode, sparse_mlp_pt2, tmp_path, capsys):
     sess = ort.InferenceSession(str(out / "slim.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_unbatched_conv_call_is_left_dense():
+    """F.conv2d takes an unbatched (C, H, W) input; the packed conv does not: it stays dense."""
+    w = torch.randn(8, 3, 3, 3)
+    w[torch.rand(w.shape) < 0.9] = 0
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(w)
+
+        def forward(self, x):
+            return F.conv2d(x[0], self.w, padding=1)
+
+    x = torch.randn(1, 3, 6, 6)
+    res = pack_sparse(module_graph(Unbatched().eval()), x, mode="csr")
+    assert res.record.layers == [] and "w" in res.gm.state_dict()
+    torch.testing.assert_close(res.gm(x), F.conv2d(x[0], w, padding=1))
