@@ -1,8 +1,9 @@
 """Per-layer statistics of a network at an input shape: params, MACs and zeros.
 
 An analysis: it reads a model and returns data. Layers are the convolutions and linear layers,
-read through their op spec's LayerView (`passes/ops`): the modules, or, in a graph without
-leaf modules such as a loaded `.pt2`, the function / ATen calls reading their weights.
+read through their op spec's LayerView (`passes/ops`): the modules and, in a GraphModule, the
+function / ATen calls reading their weights (a loaded `.pt2`; an `F.linear(x, self.w)` beside
+module layers), in the order they run.
 """
 from __future__ import annotations
 
@@ -63,36 +64,31 @@ def _stats(view: LayerView, inp: torch.Tensor | None, out: torch.Tensor) -> Laye
                       zero_filters, zero_in, int(w.shape[0]), int(w.shape[1]) if w.dim() >= 2 else 1)
 
 
-def _with_hooks(model: nn.Module, example_input: torch.Tensor) -> list[LayerStats]:
-    found: list[LayerStats] = []
-    handles = []
-
+def _hook_modules(model: nn.Module, found: list[LayerStats]) -> list[Any]:
+    """Forward hooks that append each conv / linear submodule's stats to `found` when it runs."""
     def hook_for(view: LayerView):
         def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
             found.append(_stats(view, inp, out))
         return hook
 
+    handles = []
     for name, mod in model.named_modules():
         view = module_layer_view(model, name, mod)
         if view is not None and view.kernel:
             handles.append(mod.register_forward_hook(hook_for(view)))
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
+    return handles
 
 
 class _CallCollector(fx.Interpreter):
-    """Collects conv/linear calls in a graph whose weights are attributes (e.g. a .pt2).
-    A call on constants only (a folded border kernel) is a constant, not a layer."""
+    """Runs a graph, appending the stats of its conv/linear calls whose weights are attributes
+    (a .pt2, an `F.linear(x, self.w)`) to `found`; submodule layers append theirs through their
+    hooks as they run, so `found` is in execution order. A call on constants only (a folded
+    border kernel) is a constant, not a layer."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, found: list[LayerStats]) -> None:
         super().__init__(gm)
-        self.found: list[LayerStats] = []
+        self.found = found
         self.live: set[fx.Node] = set()  # nodes that depend on the model's input
 
     def run_node(self, n: fx.Node) -> Any:
@@ -107,17 +103,22 @@ class _CallCollector(fx.Interpreter):
 
 
 def layer_stats(model: nn.Module, example_input: torch.Tensor) -> list[LayerStats]:
-    """Statistics for every convolution and linear layer, in execution order.
+    """Statistics for every convolution and linear layer, module or call, in execution order.
 
     A layer called twice is listed twice (its MACs count twice, as they are spent twice).
     """
-    stats = _with_hooks(model, example_input)
-    if not stats and isinstance(model, fx.GraphModule):
-        collector = _CallCollector(model)
+    found: list[LayerStats] = []
+    handles = _hook_modules(model, found)
+    try:
         with torch.no_grad():
-            collector.run(example_input)
-        stats = collector.found
-    return stats
+            if isinstance(model, fx.GraphModule):
+                _CallCollector(model, found).run(example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def totals(model: nn.Module, stats: list[LayerStats]) -> Totals:

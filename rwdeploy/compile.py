@@ -31,6 +31,7 @@ from rwdeploy.io import LoadedModel, atomic_dir
 from rwdeploy.passes.layer_stats import layer_stats, totals
 from rwdeploy.passes.verify import compare_on
 from rwdeploy.quant.compile_stage import stage_export_quantized, stage_tvm_quantized
+from rwdeploy.quant.program import quant_extra_files
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import LatencyRow, time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -136,7 +137,8 @@ def stage_pack_sparse(ctx: CompileContext) -> None:
 
 
 def stage_export_pt2(ctx: CompileContext) -> None:
-    """The slim model as a `torch.export` program, batch dimension dynamic where possible."""
+    """The slim model as a `torch.export` program, batch dimension dynamic where possible (with
+    the quantization spec of a quantized model, `rwdeploy.quant.program`)."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     # An example of batch 1 would specialise the batch dimension to 1; probe with 2.
     example = torch.cat([ctx.example_input, ctx.example_input])[:2]
@@ -153,7 +155,9 @@ def stage_export_pt2(ctx: CompileContext) -> None:
             raise ExportError(f"torch.export of the slim model failed ({type(err).__name__}: {first})",
                               hint="please report it with the model; nothing was written") from None
         dynamic = False
-    torch.export.save(program, str(ctx.path(SLIM_PT2)))
+    # a quantized model's spec travels with it (its weights stay on the grid)
+    torch.export.save(program, str(ctx.path(SLIM_PT2)),
+                      extra_files=quant_extra_files(ctx.loaded.metadata.get("quantization"), program))
     ctx.files["slim_pt2"] = {"path": SLIM_PT2, "bytes": ctx.path(SLIM_PT2).stat().st_size,
                              "dynamic_batch": dynamic}
 

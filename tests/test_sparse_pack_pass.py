@@ -125,9 +125,14 @@ def test_off_and_bad_mode():
         pack_sparse(_gm(), X, mode="fast")
 
 
-def test_functional_graph_is_reported_not_packed():
-    ep_module = torch.export.export(Small().eval(), (X,)).module()
+def test_functional_graph_is_packed_like_the_module_graph():
+    """An ATen graph (a loaded .pt2) packs the same layers; tests/test_sparse_pt2_parity.py
+    compares the arrays."""
+    model = Small().eval()
+    ep_module = torch.export.export(model, (X,)).module()
     gm = torch.fx.GraphModule(ep_module, ep_module.graph)
     res = pack_sparse(gm, X, mode="csr")
-    assert res.record.layers == []
-    assert res.record.notes and "functional" in res.record.notes[0]
+    assert [(l.name, l.chosen, l.form) for l in res.record.layers] == [
+        ("conv", "csr", "call"), ("fc", "csr", "call"), ("head", "dense", "call")]
+    assert isinstance(res.gm.conv, CsrConv2d) and isinstance(res.gm.fc, CsrLinear) and not res.record.notes
+    torch.testing.assert_close(res.gm(X), model(X), rtol=1e-5, atol=1e-5)
