@@ -307,13 +307,24 @@ def failing_op(message: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _program_input_shape(program: torch.export.ExportedProgram, fallback: tuple[int, ...]) -> tuple[int, ...]:
+    """The input shape the program accepts, at batch 1 where its batch is dynamic."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in user_inputs and isinstance(val, torch.Tensor):
+            return tuple(d if isinstance(d, int) else 1 for d in val.shape)
+    return fallback
+
+
 def tvm_builds(slim_pt2: Path, input_shape: tuple[int, ...], targets: tuple[str, ...]) -> dict[str, Any]:
     """Build the shipped slim program for each target; each failure is recorded on its own."""
     import rwdeploy.sparse  # noqa: F401 - custom ops a packed program may hold
     from rwdeploy.runtime import tvm_build
 
-    module = torch.export.load(str(slim_pt2)).module()
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    program = torch.export.load(str(slim_pt2))
+    module = program.module()
+    x = torch.randn(_program_input_shape(program, input_shape), generator=torch.Generator().manual_seed(0))
     out: dict[str, Any] = {}
     for target in targets:
         t0 = time.perf_counter()
@@ -335,8 +346,9 @@ def tvm_builds(slim_pt2: Path, input_shape: tuple[int, ...], targets: tuple[str,
 
 
 def run_case(spec: ModelSpec, size_name: str, form: str, *, tvm: tuple[str, ...] = (),
-             workdir: Path | None = None) -> dict[str, Any]:
-    """Everything the suite records about one (model, size, form)."""
+             workdir: Path | None = None, account: bool = True) -> dict[str, Any]:
+    """Everything the suite records about one (model, size, form). `account=False` skips the
+    second channel analysis that accounts for each zeroed filter (pins, removed vs kept)."""
     size = spec.size(size_name)
     record: dict[str, Any] = {"model": spec.name, "arch": spec.arch, "family": spec.family,
                               "form": form, "size": size_name, "input_shape": [1, spec.channels, size, size],
@@ -367,16 +379,18 @@ def run_case(spec: ModelSpec, size_name: str, form: str, *, tvm: tuple[str, ...]
         report = compiled.pop("report", None)
         record.update(compiled)
 
-        t0 = time.perf_counter()
-        try:
-            traced, analysis = analyse(path, input_shape, form)
-            record["traced"] = traced.to_dict()
-            record["pins"] = pins_summary(analysis)
-            record["filters"] = filter_accounting(prepared, analysis, report.get("channels") if report else None,
-                                                  traced.gm.state_dict())
-        except Exception as err:  # noqa: BLE001
-            record["analysis_error"] = one_line(err)
-        seconds["analyse"] = time.perf_counter() - t0
+        if account:
+            t0 = time.perf_counter()
+            try:
+                traced, analysis = analyse(path, input_shape, form)
+                record["traced"] = traced.to_dict()
+                record["pins"] = pins_summary(analysis)
+                record["filters"] = filter_accounting(prepared, analysis,
+                                                      report.get("channels") if report else None,
+                                                      traced.gm.state_dict())
+            except Exception as err:  # noqa: BLE001
+                record["analysis_error"] = one_line(err)
+            seconds["analyse"] = time.perf_counter() - t0
 
         if report is not None:
             _from_report(record, report)
@@ -410,3 +424,6 @@ def _from_report(record: dict[str, Any], report: dict[str, Any]) -> None:
     ver = report.get("verification", {})
     record["verification"] = {"max_rel": ver.get("max_rel"), "onnxruntime": ver.get("onnxruntime")}
     record["trace_report"] = report.get("trace")
+    files = report.get("files", {})
+    record["dynamic_batch"] = {role: files.get(role, {}).get("dynamic_batch") for role in ("slim_pt2", "slim_onnx")}
+    record["compile_input_shape"] = model.get("input_shape")

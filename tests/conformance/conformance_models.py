@@ -159,13 +159,19 @@ hardcorenas_a                     nas-mobile      32    224
 tinynet_e                         nas-mobile      32    106     
 tinynet_d                         nas-mobile      32    152     
 repvgg_a0                         repvgg          32    224     img
+repvgg_a0                         repvgg          32    224     img deploy
 repvgg_a1                         repvgg          32    224     img
 repvgg_b0                         repvgg          32    224     img
+repvgg_b0                         repvgg          32    224     img deploy
 mobileone_s0                      mobileone       32    224     img
+mobileone_s0                      mobileone       32    224     img deploy
 mobileone_s1                      mobileone       32    224     img
+mobileone_s1                      mobileone       32    224     img deploy
 repvit_m0_9                       repvit          32    224     img
 repvit_m1                         repvit          32    224     img
+repvit_m1                         repvit          32    224     img deploy
 repghostnet_050                   repghost        32    224     
+repghostnet_050                   repghost        32    224     deploy
 repghostnet_100                   repghost        32    224     
 hgnet_tiny                        hgnet           32    224     
 hgnetv2_b0                        hgnet           32    224     
@@ -192,6 +198,7 @@ mobilevit_xxs                     mobilevit       32    256     img
 mobilevit_xs                      mobilevit       32    256     img
 mobilevitv2_050                   mobilevit       32    256     img
 fastvit_t8                        fastvit         32    256     
+fastvit_t8                        fastvit         32    256     deploy
 fastvit_t12                       fastvit         32    256     
 fastvit_sa12                      fastvit         32    256     
 fastvit_mci0                      fastvit         32    256     

@@ -176,7 +176,7 @@ def save_pt2(prepared: PreparedModel, path: Path) -> bool:
     module = prepared.module
     with torch.no_grad():
         try:
-            batch = torch.export.Dim("batch", min=1, max=1024)
+            batch = torch.export.Dim("batch")
             program = torch.export.export(module, (prepared.example_input(batch=2),),
                                           dynamic_shapes=({0: batch},))
             dynamic = True

@@ -38,6 +38,9 @@ def install() -> None:
 def import_timm() -> Any:
     """`import timm`, with the schemas defined first."""
     install()
-    import timm
-
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(f"the conformance suite needs timm ({err}): run `bash scripts/setup.sh test` "
+                          "(or pip install -e '.[test]')") from err
     return timm
