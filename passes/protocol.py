@@ -65,13 +65,16 @@ class Sequence:
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult[SequenceRecord]:
         from rwdeploy.errors import VerificationError
+        from rwdeploy.passes.remove_zero_channels import RemovalRecord
         from rwdeploy.passes.verify import verify_equivalence
 
         records: dict[str, Record] = {}
         for p in self.passes:
             result = p(gm, ctx)
             if self.check and ctx.probe_inputs:
-                v = verify_equivalence(gm, result.gm, ctx.probe_inputs, rtol=ctx.tolerance, record=result.record)
+                # a removal record says which channels remain, to locate a divergence node by node
+                located = result.record if isinstance(result.record, RemovalRecord) else None
+                v = verify_equivalence(gm, result.gm, ctx.probe_inputs, rtol=ctx.tolerance, record=located)
                 if not v.passed:
                     raise VerificationError(f"pass {p.name} changed the model: max relative error {v.max_rel:.3g} "
                                             f"> tolerance {ctx.tolerance:g} (first diverging at "

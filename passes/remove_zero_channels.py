@@ -20,11 +20,14 @@ from torch import fx
 
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_constants import CONV_FUNCTIONS, BorderKernel, border_kernel
+from rwdeploy.passes.channel_folding import fold_computed_weights
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
 from rwdeploy.passes.channel_selection import Selection, candidates, select
 from rwdeploy.passes.channel_state import TensorMeta
 from rwdeploy.passes.ops import SPECS, LayerView
 from rwdeploy.passes.ops.common import tensor_arg
+from rwdeploy.passes.ops.graph import resize_constant, resizes
+from rwdeploy.passes.ops.shape import freeze_size_read
 from rwdeploy.passes.ops.layer import get_tensor, keep, replace_tensor
 from rwdeploy.passes.protocol import PassContext, PassResult
 
@@ -54,6 +57,8 @@ class RemovalRecord:
     kept_indices: dict[str, dict[int, list[int]]] = field(default_factory=dict, repr=False)
     # node name -> the node that now carries its value (a constant map added after it)
     aliases: dict[str, str] = field(default_factory=dict, repr=False)
+    # layer node -> the parameter its weight, computed from parameters in forward(), became
+    folded_weights: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +67,7 @@ class RemovalRecord:
             "layers": [layer.to_dict() for layer in self.layers],
             "removed_groups": self.removed_groups,
             "pinned_groups": self.pinned_groups,
+            "folded_weights": self.folded_weights,
         }
 
 
@@ -96,7 +102,12 @@ class RemoveZeroChannels:
             apply_masks(work, ctx.masks)
         if analysis is None or ctx.masks:
             analysis = analyze_channel_groups(work, ctx.example_input, strict=ctx.strict)
-        return PassResult(work, _remove(work, ctx.example_input, analysis))
+        params_before = sum(p.numel() for p in work.parameters())
+        if analysis.folded_weights:  # the analysis read these weights folded: fold them here too
+            folded = fold_computed_weights(work, ctx.example_input)
+            if folded != analysis.folded_weights:
+                raise ValueError("the channel analysis was made for another graph (its folded weights differ)")
+        return PassResult(work, _remove(work, ctx.example_input, analysis, params_before))
 
 
 def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: ChannelAnalysis | None = None,
@@ -106,9 +117,10 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: Ch
     return RemoveZeroChannels(analysis)(gm, PassContext(example_input, masks=masks))
 
 
-def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis) -> RemovalRecord:
-    """Remove the zero channels of `work` in place; the record of what changed."""
-    params_before = sum(p.numel() for p in work.parameters())
+def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
+            params_before: int) -> RemovalRecord:
+    """Remove the zero channels of `work` in place; the record of what changed (`params_before`:
+    of the model as given, before computed weights were folded)."""
     found = candidates(analysis, work.state_dict())
     sel = select(analysis, set(found))
 
@@ -130,6 +142,7 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis)
             if channel_args is not None and x is not None:
                 channel_args.rewrite(node, sel, x, analysis.values[x.name].shape)
     attr_keep = _shrink_attributes(work, analysis, sel)
+    _resize_constants(work, analysis, attr_keep)
     aliases = _add_constant_maps(work, folds, analysis.values)
     work.graph.lint()
     work.recompile()
@@ -143,6 +156,7 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis)
         params_after=sum(p.numel() for p in work.parameters()),
         kept_indices=_kept_indices(analysis, sel, attr_keep),
         aliases=aliases,
+        folded_weights=dict(analysis.folded_weights),
     )
 
 
@@ -241,6 +255,23 @@ def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis,
         if not mask.all():
             replace_tensor(gm, key, keep(get_tensor(gm, key), dim, mask))
     return {k: m for k, m in kept.items() if not m.all()}
+
+
+def _resize_constants(gm: fx.GraphModule, analysis: ChannelAnalysis,
+                      attr_keep: dict[tuple[str, int], torch.Tensor]) -> None:
+    """Values computed from a cut parameter: views / expands that name its size literally get
+    the kept size; reads of their size keep answering the original one (as for activations)."""
+    for node in list(gm.graph.nodes):
+        if node.name not in analysis.provenance:
+            continue
+        key, dims = analysis.provenance[node.name]
+        counts = {j: int(attr_keep[(key, p)].sum()) for j, p in enumerate(dims) if (key, p) in attr_keep}
+        if not counts:
+            continue
+        if resizes(node):
+            resize_constant(node, counts)
+        for user in list(node.users):
+            freeze_size_read(user, node, analysis.values[node.name].shape, sorted(counts))
 
 
 def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],

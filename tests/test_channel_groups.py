@@ -82,13 +82,18 @@ def test_flatten_into_linear_is_channel_times_spatial():
     assert slice_of(g, "fc1.weight", "consumer").indices == [list(range(c * 16, c * 16 + 16)) for c in range(8)]
 
 
-def test_depthwise_follows_and_grouped_conv_reads_within_its_group():
+def test_depthwise_rows_produce_a_segment_of_their_input_channel_and_grouped_conv_reads_within_its_group():
     a = analysis_of(*nets.TEST_NETS["grouped_depthwise"])
     g = group_with(a, "grouped.0.weight", "producer")
-    assert slice_of(g, "dw.0.weight", "follower").indices == [[c] for c in range(16)]
-    # the depthwise output (same group as its input) feeds dw2 with channel multiplier 2
-    g_dw = group_with(a, "dw2.weight", "follower")
-    assert slice_of(g_dw, "dw2.weight", "follower").indices == [[2 * c, 2 * c + 1] for c in range(16)]
+    # the depthwise output goes with its input (one group channel) but its rows produce it
+    assert slice_of(g, "dw.0.weight", "producer").indices == [[c] for c in range(16)]
+    g_dw = group_with(a, "dw2.weight", "producer")
+    assert g_dw is g and slice_of(g, "dw2.weight", "producer").indices == [[2 * c, 2 * c + 1] for c in range(16)]
+    # segments of channel c: grouped conv output -> dw -> dw2 (multiplier 2), each fed by a link
+    parts = a.segments[g.classes[3]]
+    assert len(parts) == 3 and sorted(len(p.links) for p in parts) == [0, 1, 1]
+    assert sorted(rows[2] for p in parts for _, rows in p.links) == [[3], [6, 7]]
+    assert [p.producers[0][:3] for p in parts if not p.links] == [("grouped.0.weight", 0, [3])]
     stem = group_with(a, "stem.0.weight", "producer")
     read = slice_of(stem, "grouped.0.weight", "consumer")
     assert read.indices == [[c % 4] for c in range(16)]

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from rwdeploy.passes.channel_state import AnalysisState
-from rwdeploy.passes.ops.common import bound_args, input_map, set_arg, state_tensor, with_args
+from rwdeploy.passes.ops.common import bound_args, input_map, set_arg, state_tensor, value_users, with_args
 from rwdeploy.passes.ops.spec import base_name
 
 
@@ -98,7 +98,7 @@ class CallForm:
         return {r: a.target for r, a in given.items()}
 
     def exclusive(self, keys: dict[str, str]) -> bool:
-        return all(len(self.args[r].users) == 1 for r in keys)
+        return all(len(value_users(self.args[r])) == 1 for r in keys)
 
     def get(self, setting: str, default: Any = None) -> Any:
         return self.args.get(setting, self.implied.get(setting, default))
