@@ -222,17 +222,39 @@ def _segments(st: AnalysisState, roots: torch.Tensor, segment_roots: torch.Tenso
 
 
 def _pin_shared(st: AnalysisState, gm: fx.GraphModule) -> None:
-    """A tensor read by several ops (a module called twice, a parameter read twice) is kept:
-    cutting it for one use would break the other."""
+    """A tensor read by several ops: when they are all calls of one layer (a module called
+    twice, a parameter read by two convolutions: CoaT's shared position encodings), every
+    call reads channel i of the tensor as the same channel, so their classes are joined
+    index by index (cutting index i then holds for every call). Otherwise it is kept: cutting
+    it for one use would break the other."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     reads = Counter()
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             reads[n.target] += len(value_users(n))
+    by_key: dict[str, list[SliceRecord]] = defaultdict(list)
     for s in st.slices:
-        uses = max(len(st.key_users[s.key]), calls[s.key.rpartition(".")[0]], reads[s.key])
-        if uses > 1:
+        by_key[s.key].append(s)
+    for key, records in by_key.items():
+        users = st.key_users[key]
+        uses = max(len(users), calls[key.rpartition(".")[0]], reads[key])
+        if uses <= 1:
+            continue
+        if uses == len(users) and len({st.ops[u] for u in users}) == 1 and st.layer_users >= users:
+            _join_calls(st, records)
+            continue
+        for s in records:
             st.pin(s.cls, f"{s.key} is used by {uses} ops")
+
+
+def _join_calls(st: AnalysisState, records: list[SliceRecord]) -> None:
+    """Join, index by index, the classes the calls of one shared layer give a tensor's slices."""
+    first: dict[tuple[int, str, int], int] = {}  # (dim, role, index) -> class seen first
+    for s in records:
+        for i, c in zip(s.index.tolist(), s.cls.tolist()):
+            if c >= 0:
+                seen = first.setdefault((s.dim, s.role, i), c)
+                st.uf.union(seen, c)
 
 
 def _build_groups(st: AnalysisState, roots: torch.Tensor) -> list[ChannelGroup]:

@@ -155,6 +155,7 @@ class AnalysisState:
         self.attr_followers: set[str] = set()  # get_attr tensors sliced along with an elementwise op
         self.provenance: dict[str, tuple[str, tuple[int | None, ...]]] = {}  # see ops/graph.py
         self.links: list[Link] = []  # depthwise convs: classes joined after the walk (segments)
+        self.layer_users: set[str] = set()  # layer nodes that recorded their tensors' slices
 
     # -- reading the graph -------------------------------------------------------------
     def shape(self, arg: fx.Node) -> tuple[int, ...]:
