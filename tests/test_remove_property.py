@@ -3,7 +3,7 @@
 filter without its input), stay exact after remove_zero_channels.
 
 Besides the CNN blocks, the generator draws the patterns the timm conformance suite exposed:
-fused attention over the positions (SDPA), global response norm (norm, mean over channels,
+GhostNet's depthwise features concatenated to their input, fused attention over the positions (SDPA), global response norm (norm, mean over channels,
 addcmul), an affine by addcmul, normalize, an expand_as gate, BatchNorm over flattened values
 back by reshape_as, a weight-standardised conv, one conv called twice, a class token
 concatenated to the positions, a Linear mixing positions, a channels-last pad.
@@ -34,7 +34,7 @@ ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.SiLU, nn.Si
 KINDS = ["conv", "depthwise", "grouped", "residual", "concat", "split", "se", "pool", "shuffle",
          "groupnorm", "prelu", "scale", "mlp_last", "upsample",
          # patterns of the conformance suite
-         "sdpa", "grn", "affine", "normalize", "gate_expand_as", "bn_reshape_as", "std_conv", "shared", "cls_token",
+         "ghost", "sdpa", "grn", "affine", "normalize", "gate_expand_as", "bn_reshape_as", "std_conv", "shared", "cls_token",
          "token_linear", "pad_last"]
 
 
@@ -51,7 +51,7 @@ class Block(nn.Module):
             kind = self.kind = "depthwise"
         if kind not in ("conv", "grouped", "concat", "std_conv"):
             width = cin
-        self.cout = width
+        self.cout = 2 * cin if kind == "ghost" else width
         if kind == "conv":
             self.f = nn.Sequential(nn.Conv2d(cin, width, k, padding=k // 2, bias=bias), nn.BatchNorm2d(width), a())
         elif kind == "depthwise":
@@ -85,6 +85,8 @@ class Block(nn.Module):
             self.gamma = nn.Parameter(torch.rand(cin) + 0.5)
         elif kind == "upsample":
             self.f = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cin, cin, 3, 2, 1, bias=bias))
+        elif kind == "ghost":  # depthwise features of x, concatenated to x itself
+            self.f = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=bias), nn.BatchNorm2d(cin), a())
         elif kind == "sdpa":  # heads of width 2 over the positions, residual
             self.qkv, self.proj = nn.Linear(cin, 3 * cin, bias=bias), nn.Linear(cin, cin)
         elif kind == "grn":
@@ -165,6 +167,7 @@ def _cls_token(blk: Block, x: torch.Tensor) -> torch.Tensor:
 
 
 SUITE_FORWARD = {
+    "ghost": lambda blk, x: torch.cat([x, blk.f(x)], 1),
     "sdpa": _sdpa,
     "grn": _grn,
     "affine": lambda blk, x: torch.addcmul(blk.beta.view(1, -1, 1, 1), blk.alpha.view(1, -1, 1, 1), x),
