@@ -78,7 +78,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("extra arguments", "layer with extra arguments"),
     ("groups or", "transposed conv with groups/output_size"),
 )
-_OP_IN_REASON = re.compile(r"^\S+ \(([^)]*)\):")
+_OP_IN_REASON = re.compile(r"^\S+ \((.+?)\): ")  # "<node> (<op>): ...", op may be ".norm()"
 
 
 def pin_category(reason: str) -> str:
@@ -87,7 +87,10 @@ def pin_category(reason: str) -> str:
         if pattern in reason:
             if category in ("unknown op", "analysis error"):
                 op = _OP_IN_REASON.match(reason)
-                return f"{category}: {op.group(1).lstrip('.').rstrip('()') if op else '?'}"
+                name = op.group(1) if op else "?"
+                if name.startswith(".") and name.endswith("()"):  # a method: ".norm()"
+                    name = name[1:-2]
+                return f"{category}: {name.split('.')[0]}"  # "addcmul.default" -> "addcmul"
             return category
     why = reason.split(": ", 1)[-1]
     return f"other: {why[:80]}"
@@ -220,12 +223,16 @@ def analyse(path: Path, input_shape: tuple[int, ...], form: str) -> tuple[Any, A
 
 
 def pins_summary(analysis: Any) -> dict[str, Any]:
+    """Pinned groups by category, and by raw reason (so that categories can be redrawn)."""
     by_category: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
     for g in analysis.groups:
         for cat in {pin_category(r) for r in g.pinned}:
             by_category[cat] += 1
+        by_reason.update({r[:MAX_ERROR_CHARS] for r in g.pinned})
     return {"groups": len(analysis.groups), "pinned_groups": sum(bool(g.pinned) for g in analysis.groups),
-            "pinned_groups_by_category": dict(sorted(by_category.items()))}
+            "pinned_groups_by_category": dict(sorted(by_category.items())),
+            "pinned_groups_by_reason": dict(by_reason.most_common())}
 
 
 def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str, Any] | None,
@@ -248,6 +255,7 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
             gid in by_id and sorted({s.tensor for s in by_id[gid].slices}) == entry["tensors"]
             for entry in channels.get("removed", []) for gid in [entry["id"]])
     kept_why: Counter[str] = Counter()
+    kept_reasons: Counter[str] = Counter()  # raw pin reasons of the kept filters
     n_removed = n_kept = 0
     for layer, rows in prepared.zeroed.items():
         key = f"{layer}.weight"
@@ -265,6 +273,7 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
             if g.pinned:
                 for cat in sorted({pin_category(reason) for reason in g.pinned}):
                     kept_why[f"pinned: {cat}"] += 1
+                kept_reasons.update({reason[:MAX_ERROR_CHARS] for reason in g.pinned})
             elif not _producers_zero(g, c, state_dict):
                 kept_why["coupled channels not all zero"] += 1
             elif removed is None or not consistent:
@@ -273,7 +282,8 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
                 kept_why["given back (structural constraint)"] += 1
     return {"zeroed": prepared.zeroed_filters, "zeroed_layers": len(prepared.zeroed),
             "layers": prepared.layers, "removed": n_removed if removed is not None and consistent else None,
-            "kept": n_kept, "kept_why": dict(sorted(kept_why.items())), "report_consistent": consistent}
+            "kept": n_kept, "kept_why": dict(sorted(kept_why.items())),
+            "kept_pin_reasons": dict(kept_reasons.most_common()), "report_consistent": consistent}
 
 
 def _producers_zero(group: Any, c: int, state_dict: dict[str, torch.Tensor]) -> bool:
