@@ -273,6 +273,34 @@ def cause_of(r: dict[str, Any]) -> str | None:
     return None
 
 
+def _normalise(category: str) -> str:
+    """'unknown op: addcmul.default' -> 'unknown op: addcmul' (ATen overloads and functional
+    forms of one op count as one), also inside 'pinned: ...' keys."""
+    head, sep, op = category.rpartition("unknown op: ")
+    return f"{head}{sep}{op.split('.')[0]}" if sep else category
+
+
+def pin_categories(r: dict[str, Any]) -> dict[str, int]:
+    """Pinned groups of a record by category, redrawn from the raw reasons when recorded."""
+    from conformance_check import pin_category
+
+    pins = r.get("pins") or {}
+    raw = pins.get("pinned_groups_by_reason")
+    if raw is None:
+        out: Counter[str] = Counter()
+        for cat, n in (pins.get("pinned_groups_by_category") or {}).items():
+            out[_normalise(cat)] += n
+        return dict(out)
+    # groups per category cannot be recounted from reason counts (a group has several reasons):
+    # the recorded counts are used, the raw reasons only add categories the record lacks
+    out = Counter({_normalise(c): n for c, n in (pins.get("pinned_groups_by_category") or {}).items()})
+    for reason, n in raw.items():
+        cat = _normalise(pin_category(reason))
+        if cat not in out:
+            out[cat] = n
+    return dict(out)
+
+
 def _pct(n: int, d: int) -> str:
     return f"{n}/{d} ({100.0 * n / d:.1f}%)" if d else "0/0"
 
@@ -286,9 +314,17 @@ def summarize(records: dict[str, dict[str, Any]], specs: list[ModelSpec], size: 
     for f in FORMS:
         rs = [by_form[f][n] for n in done]
         traced = Counter((r.get("traced") or {}).get("method", "not traced") for r in rs)
-        kept = Counter()
+        kept: Counter[str] = Counter()
+        pins: dict[str, Counter[str]] = defaultdict(Counter)  # category -> models, groups, kept filters
         for r in rs:
-            kept.update((r.get("filters") or {}).get("kept_why", {}))
+            for why, count in ((r.get("filters") or {}).get("kept_why") or {}).items():
+                why = _normalise(why)
+                kept[why] += count
+                if why.startswith("pinned: "):
+                    pins[why[len("pinned: "):]]["kept_filters"] += count
+            for cat, groups in pin_categories(r).items():
+                pins[cat]["models"] += 1
+                pins[cat]["groups"] += groups
         s[f] = {
             "traced": dict(traced),
             "compiled": sum(bool(r.get("compiled")) for r in rs),
@@ -296,13 +332,14 @@ def summarize(records: dict[str, dict[str, Any]], specs: list[ModelSpec], size: 
             "zeroed_filters": sum((r.get("filters") or {}).get("zeroed", 0) for r in rs),
             "removed_filters": sum((r.get("filters") or {}).get("removed") or 0 for r in rs),
             "kept_why": dict(kept.most_common()),
+            "pin_categories": {c: dict(v) for c, v in sorted(pins.items(), key=lambda kv: -kv[1]["models"])},
             "slim_onnx_larger": sorted(r["model"] for r in rs if (r.get("onnx_weights") or {}).get("slim_larger")),
         }
     s["exact_both"] = sum(all(by_form[f][n].get("exact") for f in FORMS) for n in done)
     unknown: dict[str, list[str]] = defaultdict(list)
     for n in done:
         for f in FORMS:
-            for cat in ((by_form[f][n].get("pins") or {}).get("pinned_groups_by_category") or {}):
+            for cat in pin_categories(by_form[f][n]):
                 if cat.startswith("unknown op") and n not in unknown[cat]:
                     unknown[cat].append(n)
     s["unknown_op_models"] = sorted({m for v in unknown.values() for m in v})

@@ -239,9 +239,12 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
                       state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Every zeroed filter: removed by the compile, or kept and why (counted by category)."""
     owner: dict[tuple[str, int], tuple[Any, int]] = {}  # (tensor, row) -> (group, channel)
+    followers: set[str] = set()  # tensors sliced along with a channel they pass through (depthwise)
     for g in analysis.groups:
-        for s in g.slices_with("producer"):
-            if s.dim != 0:
+        for s in g.slices:
+            if s.role == "follower" and s.dim == 0:
+                followers.add(s.tensor)
+            if s.role != "producer" or s.dim != 0:
                 continue
             for c, rows in enumerate(s.indices):
                 for r in rows:
@@ -256,13 +259,16 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
             for entry in channels.get("removed", []) for gid in [entry["id"]])
     kept_why: Counter[str] = Counter()
     kept_reasons: Counter[str] = Counter()  # raw pin reasons of the kept filters
+    no_group: Counter[str] = Counter()  # layers whose zeroed filters no group produces
     n_removed = n_kept = 0
     for layer, rows in prepared.zeroed.items():
         key = f"{layer}.weight"
         for r in rows:
             hit = owner.get((key, r))
             if hit is None:
-                kept_why["in no channel group"] += 1
+                why = "depthwise filter (follows its input channel)" if key in followers else "in no channel group"
+                kept_why[why] += 1
+                no_group[f"{layer} ({why.split()[0]})"] += 1
                 n_kept += 1
                 continue
             g, c = hit
@@ -283,7 +289,8 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
     return {"zeroed": prepared.zeroed_filters, "zeroed_layers": len(prepared.zeroed),
             "layers": prepared.layers, "removed": n_removed if removed is not None and consistent else None,
             "kept": n_kept, "kept_why": dict(sorted(kept_why.items())),
-            "kept_pin_reasons": dict(kept_reasons.most_common()), "report_consistent": consistent}
+            "kept_pin_reasons": dict(kept_reasons.most_common()),
+            "no_producer_group_layers": dict(no_group.most_common(8)), "report_consistent": consistent}
 
 
 def _producers_zero(group: Any, c: int, state_dict: dict[str, torch.Tensor]) -> bool:
@@ -437,3 +444,5 @@ def _from_report(record: dict[str, Any], report: dict[str, Any]) -> None:
     files = report.get("files", {})
     record["dynamic_batch"] = {role: files.get(role, {}).get("dynamic_batch") for role in ("slim_pt2", "slim_onnx")}
     record["compile_input_shape"] = model.get("input_shape")
+    record["compile_stage_seconds"] = {k: round(v, 2) for k, v in
+                                       (report.get("compile", {}).get("stage_seconds") or {}).items()}
