@@ -557,13 +557,27 @@ def write_results(records: dict[str, dict[str, Any]], specs: list[ModelSpec], ar
             "suite": {"models": len(SUITE), "families": len({s.family for s in SUITE})}}
     known = {s.name for s in SUITE}
     doc = {**meta, "summaries": summaries,
-           "records": [records[k] for k in sorted(records) if records[k].get("model") in known]}
+           "records": [_compact(records[k]) for k in sorted(records) if records[k].get("model") in known]}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "conformance.json") as tmp:
         tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     with atomic_file(out / "conformance.md") as tmp:
         tmp.write_text(render(summaries, records, list(SUITE), meta))
     return summaries
+
+
+def _compact(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as committed: raw reason lists cut to the most frequent (see top_reasons)."""
+    from conformance_check import RAW_REASONS_KEPT, top_reasons
+
+    out = dict(record)
+    for section, key in (("pins", "pinned_groups_by_reason"), ("filters", "kept_pin_reasons")):
+        raw = (out.get(section) or {}).get(key)
+        if raw and len(raw) > RAW_REASONS_KEPT + 1:
+            out[section] = {**out[section], key: top_reasons(Counter(raw))}
+    if out.get("compiled"):
+        out.pop("traceback_tail", None)
+    return out
 
 
 def print_summary(summaries: list[dict[str, Any]]) -> None:

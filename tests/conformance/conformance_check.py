@@ -81,6 +81,18 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
 _OP_IN_REASON = re.compile(r"^\S+ \((.+?)\): ")  # "<node> (<op>): ...", op may be ".norm()"
 
 
+RAW_REASONS_KEPT = 12  # distinct raw reasons a record keeps (node names make many distinct)
+
+
+def top_reasons(counts: Counter[str]) -> dict[str, int]:
+    """The most frequent raw reasons, plus how many other distinct ones there were."""
+    top = dict(counts.most_common(RAW_REASONS_KEPT))
+    rest = len(counts) - len(top)
+    if rest > 0:
+        top[f"({rest} more distinct reasons)"] = sum(counts.values()) - sum(top.values())
+    return top
+
+
 def pin_category(reason: str) -> str:
     """'unknown op: <op>' for an op the analysis does not know, else the kind of reason."""
     for pattern, category in _CATEGORIES:
@@ -232,7 +244,7 @@ def pins_summary(analysis: Any) -> dict[str, Any]:
         by_reason.update({r[:MAX_ERROR_CHARS] for r in g.pinned})
     return {"groups": len(analysis.groups), "pinned_groups": sum(bool(g.pinned) for g in analysis.groups),
             "pinned_groups_by_category": dict(sorted(by_category.items())),
-            "pinned_groups_by_reason": dict(by_reason.most_common())}
+            "pinned_groups_by_reason": top_reasons(by_reason)}
 
 
 def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str, Any] | None,
@@ -289,7 +301,7 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
     return {"zeroed": prepared.zeroed_filters, "zeroed_layers": len(prepared.zeroed),
             "layers": prepared.layers, "removed": n_removed if removed is not None and consistent else None,
             "kept": n_kept, "kept_why": dict(sorted(kept_why.items())),
-            "kept_pin_reasons": dict(kept_reasons.most_common()),
+            "kept_pin_reasons": top_reasons(kept_reasons),
             "no_producer_group_layers": dict(no_group.most_common(8)), "report_consistent": consistent}
 
 
