@@ -315,7 +315,9 @@ def summarize(records: dict[str, dict[str, Any]], specs: list[ModelSpec], size: 
         rs = [by_form[f][n] for n in done]
         traced = Counter((r.get("traced") or {}).get("method", "not traced") for r in rs)
         kept: Counter[str] = Counter()
-        pins: dict[str, Counter[str]] = defaultdict(Counter)  # category -> models, groups, kept filters
+        # category -> models with it, pinned groups, zeroed filters it kept, example models
+        pins: dict[str, dict[str, Any]] = defaultdict(lambda: {"models": 0, "groups": 0, "kept_filters": 0,
+                                                               "examples": []})
         for r in rs:
             for why, count in ((r.get("filters") or {}).get("kept_why") or {}).items():
                 why = _normalise(why)
@@ -325,6 +327,7 @@ def summarize(records: dict[str, dict[str, Any]], specs: list[ModelSpec], size: 
             for cat, groups in pin_categories(r).items():
                 pins[cat]["models"] += 1
                 pins[cat]["groups"] += groups
+                pins[cat]["examples"].append(r["model"])
         s[f] = {
             "traced": dict(traced),
             "compiled": sum(bool(r.get("compiled")) for r in rs),
@@ -332,7 +335,7 @@ def summarize(records: dict[str, dict[str, Any]], specs: list[ModelSpec], size: 
             "zeroed_filters": sum((r.get("filters") or {}).get("zeroed", 0) for r in rs),
             "removed_filters": sum((r.get("filters") or {}).get("removed") or 0 for r in rs),
             "kept_why": dict(kept.most_common()),
-            "pin_categories": {c: dict(v) for c, v in sorted(pins.items(), key=lambda kv: -kv[1]["models"])},
+            "pin_categories": {c: v for c, v in sorted(pins.items(), key=lambda kv: -kv[1]["models"])},
             "slim_onnx_larger": sorted(r["model"] for r in rs if (r.get("onnx_weights") or {}).get("slim_larger")),
         }
     s["exact_both"] = sum(all(by_form[f][n].get("exact") for f in FORMS) for n in done)
@@ -482,6 +485,20 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
     reasons = list(dict.fromkeys([*s["pt2"]["kept_why"], *s["pickle"]["kept_why"]]))
     for reason in reasons:
         out.append(f"| {reason} | {s['pt2']['kept_why'].get(reason, 0)} | {s['pickle']['kept_why'].get(reason, 0)} |")
+    out.append("")
+    out += [f"### Pin reasons by category ({s['size']} side)", "",
+            "Groups the channel analysis keeps whole, by the category of their reason (`model input`/`model "
+            "output` pins are by design); models = models with at least one such group.", "",
+            "| category | models (pt2 / pickle) | pinned groups (pt2 / pickle) | zeroed filters kept (pt2 / pickle) | e.g. |",
+            "|---|---|---|---|---|"]
+    cats = list(dict.fromkeys([*s["pt2"]["pin_categories"], *s["pickle"]["pin_categories"]]))
+    for cat in cats:
+        a = s["pt2"]["pin_categories"].get(cat, {})
+        b = s["pickle"]["pin_categories"].get(cat, {})
+        examples = list(dict.fromkeys([*a.get("examples", []), *b.get("examples", [])]))
+        more = f" (+{len(examples) - 4})" if len(examples) > 4 else ""
+        out.append(f"| {cat} | {a.get('models', 0)} / {b.get('models', 0)} | {a.get('groups', 0)} / {b.get('groups', 0)} | "
+                   f"{a.get('kept_filters', 0)} / {b.get('kept_filters', 0)} | {', '.join(examples[:4])}{more} |")
     out.append("")
     if s["causes"]:
         out += [f"### Failures by cause ({s['size']} side)", "", "| cause | cases | models |", "|---|---|---|"]
