@@ -273,6 +273,34 @@ def cause_of(r: dict[str, Any]) -> str | None:
     return None
 
 
+def _normalise(category: str) -> str:
+    """'unknown op: addcmul.default' -> 'unknown op: addcmul' (ATen overloads and functional
+    forms of one op count as one), also inside 'pinned: ...' keys."""
+    head, sep, op = category.rpartition("unknown op: ")
+    return f"{head}{sep}{op.split('.')[0]}" if sep else category
+
+
+def pin_categories(r: dict[str, Any]) -> dict[str, int]:
+    """Pinned groups of a record by category, redrawn from the raw reasons when recorded."""
+    from conformance_check import pin_category
+
+    pins = r.get("pins") or {}
+    raw = pins.get("pinned_groups_by_reason")
+    if raw is None:
+        out: Counter[str] = Counter()
+        for cat, n in (pins.get("pinned_groups_by_category") or {}).items():
+            out[_normalise(cat)] += n
+        return dict(out)
+    # groups per category cannot be recounted from reason counts (a group has several reasons):
+    # the recorded counts are used, the raw reasons only add categories the record lacks
+    out = Counter({_normalise(c): n for c, n in (pins.get("pinned_groups_by_category") or {}).items()})
+    for reason, n in raw.items():
+        cat = _normalise(pin_category(reason))
+        if cat not in out:
+            out[cat] = n
+    return dict(out)
+
+
 def _pct(n: int, d: int) -> str:
     return f"{n}/{d} ({100.0 * n / d:.1f}%)" if d else "0/0"
 
@@ -286,9 +314,20 @@ def summarize(records: dict[str, dict[str, Any]], specs: list[ModelSpec], size: 
     for f in FORMS:
         rs = [by_form[f][n] for n in done]
         traced = Counter((r.get("traced") or {}).get("method", "not traced") for r in rs)
-        kept = Counter()
+        kept: Counter[str] = Counter()
+        # category -> models with it, pinned groups, zeroed filters it kept, example models
+        pins: dict[str, dict[str, Any]] = defaultdict(lambda: {"models": 0, "groups": 0, "kept_filters": 0,
+                                                               "examples": []})
         for r in rs:
-            kept.update((r.get("filters") or {}).get("kept_why", {}))
+            for why, count in ((r.get("filters") or {}).get("kept_why") or {}).items():
+                why = _normalise(why)
+                kept[why] += count
+                if why.startswith("pinned: "):
+                    pins[why[len("pinned: "):]]["kept_filters"] += count
+            for cat, groups in pin_categories(r).items():
+                pins[cat]["models"] += 1
+                pins[cat]["groups"] += groups
+                pins[cat]["examples"].append(r["model"])
         s[f] = {
             "traced": dict(traced),
             "compiled": sum(bool(r.get("compiled")) for r in rs),
@@ -296,13 +335,14 @@ def summarize(records: dict[str, dict[str, Any]], specs: list[ModelSpec], size: 
             "zeroed_filters": sum((r.get("filters") or {}).get("zeroed", 0) for r in rs),
             "removed_filters": sum((r.get("filters") or {}).get("removed") or 0 for r in rs),
             "kept_why": dict(kept.most_common()),
+            "pin_categories": {c: v for c, v in sorted(pins.items(), key=lambda kv: -kv[1]["models"])},
             "slim_onnx_larger": sorted(r["model"] for r in rs if (r.get("onnx_weights") or {}).get("slim_larger")),
         }
     s["exact_both"] = sum(all(by_form[f][n].get("exact") for f in FORMS) for n in done)
     unknown: dict[str, list[str]] = defaultdict(list)
     for n in done:
         for f in FORMS:
-            for cat in ((by_form[f][n].get("pins") or {}).get("pinned_groups_by_category") or {}):
+            for cat in pin_categories(by_form[f][n]):
                 if cat.startswith("unknown op") and n not in unknown[cat]:
                     unknown[cat].append(n)
     s["unknown_op_models"] = sorted({m for v in unknown.values() for m in v})
@@ -423,8 +463,6 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
     out.append(f"| exact in both forms | {_pct(s['exact_both'], n)} | | >= {EXACT_TARGET:.0%} |")
     trace = lambda f: ", ".join(f"{k} {v}" for k, v in sorted(s[f]["traced"].items()))  # noqa: E731
     out.append(f"| traced by | {trace('pt2')} | {trace('pickle')} | |")
-    for f in FORMS:
-        pass
     z = {f: s[f]["zeroed_filters"] for f in FORMS}
     out.append(f"| zeroed filters removed | {_pct(s['pt2']['removed_filters'], z['pt2'])} | "
                f"{_pct(s['pickle']['removed_filters'], z['pickle'])} | |")
@@ -447,6 +485,20 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
     reasons = list(dict.fromkeys([*s["pt2"]["kept_why"], *s["pickle"]["kept_why"]]))
     for reason in reasons:
         out.append(f"| {reason} | {s['pt2']['kept_why'].get(reason, 0)} | {s['pickle']['kept_why'].get(reason, 0)} |")
+    out.append("")
+    out += [f"### Pin reasons by category ({s['size']} side)", "",
+            "Groups the channel analysis keeps whole, by the category of their reason (`model input`/`model "
+            "output` pins are by design); models = models with at least one such group.", "",
+            "| category | models (pt2 / pickle) | pinned groups (pt2 / pickle) | zeroed filters kept (pt2 / pickle) | e.g. |",
+            "|---|---|---|---|---|"]
+    cats = list(dict.fromkeys([*s["pt2"]["pin_categories"], *s["pickle"]["pin_categories"]]))
+    for cat in cats:
+        a = s["pt2"]["pin_categories"].get(cat, {})
+        b = s["pickle"]["pin_categories"].get(cat, {})
+        examples = list(dict.fromkeys([*a.get("examples", []), *b.get("examples", [])]))
+        more = f" (+{len(examples) - 4})" if len(examples) > 4 else ""
+        out.append(f"| {cat} | {a.get('models', 0)} / {b.get('models', 0)} | {a.get('groups', 0)} / {b.get('groups', 0)} | "
+                   f"{a.get('kept_filters', 0)} / {b.get('kept_filters', 0)} | {', '.join(examples[:4])}{more} |")
     out.append("")
     if s["causes"]:
         out += [f"### Failures by cause ({s['size']} side)", "", "| cause | cases | models |", "|---|---|---|"]
@@ -522,13 +574,27 @@ def write_results(records: dict[str, dict[str, Any]], specs: list[ModelSpec], ar
             "suite": {"models": len(SUITE), "families": len({s.family for s in SUITE})}}
     known = {s.name for s in SUITE}
     doc = {**meta, "summaries": summaries,
-           "records": [records[k] for k in sorted(records) if records[k].get("model") in known]}
+           "records": [_compact(records[k]) for k in sorted(records) if records[k].get("model") in known]}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "conformance.json") as tmp:
         tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     with atomic_file(out / "conformance.md") as tmp:
         tmp.write_text(render(summaries, records, list(SUITE), meta))
     return summaries
+
+
+def _compact(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as committed: raw reason lists cut to the most frequent (see top_reasons)."""
+    from conformance_check import RAW_REASONS_KEPT, top_reasons
+
+    out = dict(record)
+    for section, key in (("pins", "pinned_groups_by_reason"), ("filters", "kept_pin_reasons")):
+        raw = (out.get(section) or {}).get(key)
+        if raw and len(raw) > RAW_REASONS_KEPT + 1:
+            out[section] = {**out[section], key: top_reasons(Counter(raw))}
+    if out.get("compiled"):
+        out.pop("traceback_tail", None)
+    return out
 
 
 def print_summary(summaries: list[dict[str, Any]]) -> None:
@@ -597,7 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_exact:
         cases += [Case(s.name, size, f) for size in sizes for s in specs for f in forms]
     if tvm:
-        tvm_specs = stratified(specs, args.tvm_sample) if args.tvm_sample else specs
+        tvm_specs = specs
+        if args.tvm_sample:  # sample among models whose slim model exists (the pt2 form compiled)
+            known = load_records(args.cache)
+            compiled = [s for s in specs if (known.get(Case(s.name, "small", TVM_FORM).key) or {}).get("compiled")]
+            tvm_specs = stratified(compiled or specs, args.tvm_sample)
         cases += [Case(s.name, size, "tvm") for size in sizes for s in tvm_specs]
 
     if not args.report_only:
@@ -620,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(todo)}] {case.key} {r['wall_s']:.0f}s {verdict}"[:400], flush=True)
 
     records = load_records(args.cache)
-    summaries = write_results(records, list(SUITE) if not (args.models or args.families) else list(SUITE), argv, args.out)
+    summaries = write_results(records, list(SUITE), argv, args.out)  # the table always covers the whole suite
     print_summary(summaries)
     print(f"\nwrote {args.out / 'conformance.json'} and {args.out / 'conformance.md'}")
     return 0

@@ -78,7 +78,19 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("extra arguments", "layer with extra arguments"),
     ("groups or", "transposed conv with groups/output_size"),
 )
-_OP_IN_REASON = re.compile(r"^\S+ \(([^)]*)\):")
+_OP_IN_REASON = re.compile(r"^\S+ \((.+?)\): ")  # "<node> (<op>): ...", op may be ".norm()"
+
+
+RAW_REASONS_KEPT = 12  # distinct raw reasons a record keeps (node names make many distinct)
+
+
+def top_reasons(counts: Counter[str]) -> dict[str, int]:
+    """The most frequent raw reasons, plus how many other distinct ones there were."""
+    top = dict(counts.most_common(RAW_REASONS_KEPT))
+    rest = len(counts) - len(top)
+    if rest > 0:
+        top[f"({rest} more distinct reasons)"] = sum(counts.values()) - sum(top.values())
+    return top
 
 
 def pin_category(reason: str) -> str:
@@ -87,7 +99,10 @@ def pin_category(reason: str) -> str:
         if pattern in reason:
             if category in ("unknown op", "analysis error"):
                 op = _OP_IN_REASON.match(reason)
-                return f"{category}: {op.group(1).lstrip('.').rstrip('()') if op else '?'}"
+                name = op.group(1) if op else "?"
+                if name.startswith(".") and name.endswith("()"):  # a method: ".norm()"
+                    name = name[1:-2]
+                return f"{category}: {name.split('.')[0]}"  # "addcmul.default" -> "addcmul"
             return category
     why = reason.split(": ", 1)[-1]
     return f"other: {why[:80]}"
@@ -220,21 +235,28 @@ def analyse(path: Path, input_shape: tuple[int, ...], form: str) -> tuple[Any, A
 
 
 def pins_summary(analysis: Any) -> dict[str, Any]:
+    """Pinned groups by category, and by raw reason (so that categories can be redrawn)."""
     by_category: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
     for g in analysis.groups:
         for cat in {pin_category(r) for r in g.pinned}:
             by_category[cat] += 1
+        by_reason.update({r[:MAX_ERROR_CHARS] for r in g.pinned})
     return {"groups": len(analysis.groups), "pinned_groups": sum(bool(g.pinned) for g in analysis.groups),
-            "pinned_groups_by_category": dict(sorted(by_category.items()))}
+            "pinned_groups_by_category": dict(sorted(by_category.items())),
+            "pinned_groups_by_reason": top_reasons(by_reason)}
 
 
 def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str, Any] | None,
                       state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Every zeroed filter: removed by the compile, or kept and why (counted by category)."""
     owner: dict[tuple[str, int], tuple[Any, int]] = {}  # (tensor, row) -> (group, channel)
+    followers: set[str] = set()  # tensors sliced along with a channel they pass through (depthwise)
     for g in analysis.groups:
-        for s in g.slices_with("producer"):
-            if s.dim != 0:
+        for s in g.slices:
+            if s.role == "follower" and s.dim == 0:
+                followers.add(s.tensor)
+            if s.role != "producer" or s.dim != 0:
                 continue
             for c, rows in enumerate(s.indices):
                 for r in rows:
@@ -248,13 +270,17 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
             gid in by_id and sorted({s.tensor for s in by_id[gid].slices}) == entry["tensors"]
             for entry in channels.get("removed", []) for gid in [entry["id"]])
     kept_why: Counter[str] = Counter()
+    kept_reasons: Counter[str] = Counter()  # raw pin reasons of the kept filters
+    no_group: Counter[str] = Counter()  # layers whose zeroed filters no group produces
     n_removed = n_kept = 0
     for layer, rows in prepared.zeroed.items():
         key = f"{layer}.weight"
         for r in rows:
             hit = owner.get((key, r))
             if hit is None:
-                kept_why["in no channel group"] += 1
+                why = "depthwise filter (follows its input channel)" if key in followers else "in no channel group"
+                kept_why[why] += 1
+                no_group[f"{layer} ({why.split()[0]})"] += 1
                 n_kept += 1
                 continue
             g, c = hit
@@ -265,6 +291,7 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
             if g.pinned:
                 for cat in sorted({pin_category(reason) for reason in g.pinned}):
                     kept_why[f"pinned: {cat}"] += 1
+                kept_reasons.update({reason[:MAX_ERROR_CHARS] for reason in g.pinned})
             elif not _producers_zero(g, c, state_dict):
                 kept_why["coupled channels not all zero"] += 1
             elif removed is None or not consistent:
@@ -273,7 +300,9 @@ def filter_accounting(prepared: PreparedModel, analysis: Any, channels: dict[str
                 kept_why["given back (structural constraint)"] += 1
     return {"zeroed": prepared.zeroed_filters, "zeroed_layers": len(prepared.zeroed),
             "layers": prepared.layers, "removed": n_removed if removed is not None and consistent else None,
-            "kept": n_kept, "kept_why": dict(sorted(kept_why.items())), "report_consistent": consistent}
+            "kept": n_kept, "kept_why": dict(sorted(kept_why.items())),
+            "kept_pin_reasons": top_reasons(kept_reasons),
+            "no_producer_group_layers": dict(no_group.most_common(8)), "report_consistent": consistent}
 
 
 def _producers_zero(group: Any, c: int, state_dict: dict[str, torch.Tensor]) -> bool:
@@ -427,3 +456,5 @@ def _from_report(record: dict[str, Any], report: dict[str, Any]) -> None:
     files = report.get("files", {})
     record["dynamic_batch"] = {role: files.get(role, {}).get("dynamic_batch") for role in ("slim_pt2", "slim_onnx")}
     record["compile_input_shape"] = model.get("input_shape")
+    record["compile_stage_seconds"] = {k: round(v, 2) for k, v in
+                                       (report.get("compile", {}).get("stage_seconds") or {}).items()}

@@ -22,6 +22,33 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # name -> None (passes in both forms) or {form: precise failure} (strict xfail in that form).
 SUBSET: dict[str, dict[str, str] | None] = {
     "resnet10t": None,
+    "regnetx_002": None,
+    "dla46_c": None,
+    "cs3darknet_s": None,
+    "ese_vovnet19b_slim_dw": None,
+    "mobilenetv1_100": None,
+    "mobilenetv2_035": None,
+    "mobilenetv3_small_050": None,
+    "mobilenetv4_conv_small_035": None,
+    "lcnet_050": None,
+    "tf_efficientnet_lite0": None,
+    "mobileone_s0@deploy": None,
+    "convnext_atto": None,
+    "convnextv2_atto": None,
+    "inception_next_atto": None,
+    "poolformerv2_s12": None,
+    "edgenext_xx_small": None,
+    "mobilevit_xxs": {"pt2": "verify: RuntimeError: shape '[256, 2, 2, 2]' is invalid for input of size 4096 - "
+                             "the slim .pt2 graph's unfold reshape keeps B*C*h computed at the example batch "
+                             "(channel_rewrite of reshape sizes in ATen graphs)"},
+    "fastvit_t8": None,
+    "vit_tiny_patch16_224": None,
+    "pit_ti_224": None,
+    "levit_128s": None,
+    "mixer_s32_224": None,
+    "gmlp_ti16_224": None,
+    "resmlp_12_224": None,
+    "nf_regnet_b0": None,
 }
 FORMS = ("pt2", "pickle")
 
