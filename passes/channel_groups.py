@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from rwdeploy.passes.channel_folding import folded_copy
 from rwdeploy.passes.channel_state import AnalysisState, SliceRecord, summarize
 from rwdeploy.passes.ops import classify
-from rwdeploy.passes.ops.common import opaque
+from rwdeploy.passes.ops.common import opaque, value_users
 
 
 @dataclass
@@ -59,6 +60,24 @@ class ChannelGroup:
                 "slices": [s.to_dict() for s in self.slices]}
 
 
+SliceRef = tuple[str, int, list[int], "tuple[int, int] | None"]  # (tensor, dim, indices, row span)
+
+
+@dataclass
+class Segment:
+    """A part of one group channel whose value is the sum of its producers: a channel that
+    passes through a depthwise convolution has a segment before it and one after (the conv's
+    rows produce the second from the first, `links`). Slices are (tensor, dim, indices, span)."""
+
+    producers: list[SliceRef]
+    consumers: list[SliceRef]
+    links: list[tuple[int, SliceRef]]  # (index of the source segment, the depthwise rows reading it)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"producers": [list(p[:3]) for p in self.producers], "consumers": [list(c[:3]) for c in self.consumers],
+                "links": [[i, list(rows[:3])] for i, rows in self.links]}
+
+
 @dataclass
 class ChannelAnalysis:
     """What the analysis found, as plain data: all the removal pass reads (docs/ARCHITECTURE.md).
@@ -74,6 +93,12 @@ class ChannelAnalysis:
     keep_one: list[tuple[str, int, int, int]] = field(repr=False)  # (node, dim, start, stop) keeps a channel
     attribute_slices: list[SliceRecord] = field(repr=False)  # get_attr tensors cut with an elementwise op
     provenance: dict[str, tuple[str, tuple[int | None, ...]]] = field(repr=False)  # see ops/graph.py
+    # group channels that pass through depthwise convs (class id -> its segments); the others
+    # are one segment: all of a group channel's producers, all of its consumers
+    segments: dict[int, list[Segment]] = field(default_factory=dict, repr=False)
+    # layer node -> parameter its computed weight was folded into (`channel_folding`): the
+    # analysis read a folded copy of the graph; the removal pass folds its copy the same way
+    folded_weights: dict[str, str] = field(default_factory=dict, repr=False)
     num_classes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +141,8 @@ STRICT_ENV = "RWDEPLOY_STRICT_ANALYSIS"
 
 
 def analyze_channel_groups(gm: fx.GraphModule, example_input: Any, *, strict: bool | None = None) -> ChannelAnalysis:
-    """Channel dependency groups of `gm` (evaluated at `example_input`).
+    """Channel dependency groups of `gm` (evaluated at `example_input`). Layer weights
+    computed from parameters are read as folded parameters (`channel_folding`).
 
     A rule that raises pins what its op touches, so a model is never broken by an op the
     rules get wrong; `strict` re-raises instead (a rule error is a bug to see, not a pin).
@@ -124,6 +150,7 @@ def analyze_channel_groups(gm: fx.GraphModule, example_input: Any, *, strict: bo
     """
     if strict is None:
         strict = os.environ.get(STRICT_ENV) == "1"
+    gm, folded = folded_copy(gm, example_input)
     st = AnalysisState(gm, record_values(gm, example_input))
     for node in gm.graph.nodes:
         spec = classify(node, st)
@@ -136,6 +163,9 @@ def analyze_channel_groups(gm: fx.GraphModule, example_input: Any, *, strict: bo
             st.ops[node.name] = "opaque"
             st.maps[node.name] = opaque(st, node, f"analysis failed ({type(exc).__name__}: {exc})")
     _pin_shared(st, gm)
+    segment_roots = st.uf.roots()  # classes joined by everything but depthwise links
+    for link in st.links:
+        st.uf.union_pairs(link.source, link.target)
     roots = st.uf.roots()
     return ChannelAnalysis(
         groups=_build_groups(st, roots),
@@ -148,22 +178,83 @@ def analyze_channel_groups(gm: fx.GraphModule, example_input: Any, *, strict: bo
         attribute_slices=[SliceRecord(s.key, s.dim, s.role, s.index, _resolve(s.cls, roots), s.span)
                           for s in st.slices if s.key in st.attr_followers],
         provenance=dict(st.provenance),
+        segments=_segments(st, roots, segment_roots),
+        folded_weights=folded,
         num_classes=len(roots),
     )
 
 
+def _segments(st: AnalysisState, roots: torch.Tensor, segment_roots: torch.Tensor) -> dict[int, list[Segment]]:
+    """The segments of every group channel a depthwise link joined (see `Segment`)."""
+    linked = {int(roots[c]) for link in st.links for c in link.target.tolist()}
+    if not linked:
+        return {}
+    parts: dict[int, dict[int, Segment]] = defaultdict(dict)  # root -> segment root -> segment
+
+    def segment(cls: int) -> Segment:
+        return parts[int(roots[cls])].setdefault(int(segment_roots[cls]), Segment([], [], []))
+
+    link_keys = {link.key for link in st.links}
+    for s in st.slices:
+        if s.role == "follower" or (s.role == "producer" and s.key in link_keys):
+            continue  # a depthwise conv's rows are the link's, not a producer of the segment
+        for pos in (s.cls >= 0).nonzero().flatten().tolist():
+            cls = int(s.cls[pos])
+            if int(roots[cls]) in linked:
+                span = tuple(s.span[pos].tolist()) if s.span is not None else None
+                part = segment(cls)
+                (part.producers if s.role == "producer" else part.consumers).append(
+                    (s.key, s.dim, [int(s.index[pos])], span))
+    edges = []
+    for link in st.links:
+        for src, dst, rows in zip(link.source.tolist(), link.target.tolist(), link.rows):
+            segment(dst)
+            if src >= 0:
+                segment(src)
+            edges.append((src, dst, (link.key, 0, rows, None)))
+    order = {root: sorted(by_segment) for root, by_segment in parts.items()}
+    out = {root: [parts[root][seg] for seg in order[root]] for root in parts}
+    for src, dst, rows in edges:  # a constant input (-1): the outputs are constant anyway
+        root = int(roots[dst])
+        source = order[root].index(int(segment_roots[src])) if src >= 0 else -1
+        out[root][order[root].index(int(segment_roots[dst]))].links.append((source, rows))
+    return out
+
+
 def _pin_shared(st: AnalysisState, gm: fx.GraphModule) -> None:
-    """A tensor read by several ops (a module called twice, a parameter read twice) is kept:
-    cutting it for one use would break the other."""
+    """A tensor read by several ops: when they are all calls of one layer (a module called
+    twice, a parameter read by two convolutions: CoaT's shared position encodings), every
+    call reads channel i of the tensor as the same channel, so their classes are joined
+    index by index (cutting index i then holds for every call). Otherwise it is kept: cutting
+    it for one use would break the other."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     reads = Counter()
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            reads[n.target] += len(n.users)
+            reads[n.target] += len(value_users(n))
+    by_key: dict[str, list[SliceRecord]] = defaultdict(list)
     for s in st.slices:
-        uses = max(len(st.key_users[s.key]), calls[s.key.rpartition(".")[0]], reads[s.key])
-        if uses > 1:
+        by_key[s.key].append(s)
+    for key, records in by_key.items():
+        users = st.key_users[key]
+        uses = max(len(users), calls[key.rpartition(".")[0]], reads[key])
+        if uses <= 1:
+            continue
+        if uses == len(users) and len({st.ops[u] for u in users}) == 1 and st.layer_users >= users:
+            _join_calls(st, records)
+            continue
+        for s in records:
             st.pin(s.cls, f"{s.key} is used by {uses} ops")
+
+
+def _join_calls(st: AnalysisState, records: list[SliceRecord]) -> None:
+    """Join, index by index, the classes the calls of one shared layer give a tensor's slices."""
+    first: dict[tuple[int, str, int], int] = {}  # (dim, role, index) -> class seen first
+    for s in records:
+        for i, c in zip(s.index.tolist(), s.cls.tolist()):
+            if c >= 0:
+                seen = first.setdefault((s.dim, s.role, i), c)
+                st.uf.union(seen, c)
 
 
 def _build_groups(st: AnalysisState, roots: torch.Tensor) -> list[ChannelGroup]:

@@ -2,6 +2,9 @@
 
 A class is a candidate when its group is not pinned and every producer slice is zero (its
 value is a constant that gets folded), or every consumer slice is zero (nobody reads it).
+A channel that passes through depthwise convs is judged segment by segment (`Segment`): each
+part must be constant (its producers zero, and each depthwise link's rows zero or its source
+constant) or read by nothing.
 Candidates are then given back until every structural constraint holds: grouped convs lose
 the same number of channels in each conv group, every split piece / selected index keeps a
 channel, no tensor loses all channels, and values whose channels span several dims (channel
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rwdeploy.passes.channel_groups import ChannelAnalysis, ChannelSlice
+from rwdeploy.passes.channel_groups import ChannelAnalysis, ChannelSlice, Segment, SliceRef
 from rwdeploy.passes.channel_state import varying_dims
 
 
@@ -38,7 +41,8 @@ def _all_zero(slices: list[ChannelSlice], state_dict: dict[str, torch.Tensor], s
 
 
 def candidates(analysis: ChannelAnalysis, state_dict: dict[str, torch.Tensor]) -> dict[int, str]:
-    """Removable classes (root id -> why: "zero producers" or "zero consumers")."""
+    """Removable classes (root id -> why: "zero producers", "zero consumers", or "zero
+    depthwise rows" for a channel whose depthwise outputs are constant and its input unread)."""
     out: dict[int, str] = {}
     for g in analysis.groups:
         if g.pinned:
@@ -46,11 +50,46 @@ def candidates(analysis: ChannelAnalysis, state_dict: dict[str, torch.Tensor]) -
         produced = _all_zero(g.slices_with("producer"), state_dict, g.size)
         read = _all_zero(g.slices_with("consumer"), state_dict, g.size)
         for c, root in enumerate(g.classes):
-            if produced[c]:
+            if root in analysis.segments:
+                why = _segments_removable(analysis.segments[root], state_dict)
+                if why:
+                    out[root] = why
+            elif produced[c]:
                 out[root] = "zero producers"
             elif read[c]:
                 out[root] = "zero consumers"
     return out
+
+
+def _zero(ref: SliceRef, state_dict: dict[str, torch.Tensor]) -> bool:
+    key, dim, idx, span = ref
+    t = state_dict[key].detach()
+    if span is not None:
+        t = t.narrow(0, span[0], span[1] - span[0])
+    return not bool(t.index_select(dim, torch.tensor(idx, dtype=torch.long)).any())
+
+
+def _segments_removable(parts: list[Segment], state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Why a channel made of segments can go (None: it cannot): every segment is constant or
+    unread. Constant: its producers are zero and each depthwise link into it has zero rows or
+    a constant source (the largest such set: a link may loop back into its own segment)."""
+    unread = [all(_zero(c, state_dict) for c in p.consumers) for p in parts]
+    own = [all(_zero(r, state_dict) for r in p.producers) and bool(p.producers or p.links) for p in parts]
+    rows = [[_zero(r, state_dict) for _, r in p.links] for p in parts]
+    constant = list(own)
+    changed = True
+    while changed:
+        changed = False
+        for i, p in enumerate(parts):
+            if constant[i] and not all(z or src < 0 or constant[src] for (src, _), z in zip(p.links, rows[i])):
+                constant[i], changed = False, True
+    if all(constant):
+        return "zero producers"
+    if all(unread):
+        return "zero consumers"
+    if all(c or u for c, u in zip(constant, unread)):
+        return "zero depthwise rows"
+    return None
 
 
 class Selection:

@@ -113,6 +113,18 @@ def along(m: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 @dataclass
+class Link:
+    """A depthwise convolution passes input channel `source[c]` to its output channel
+    `target[c]` through weight rows `rows[c]` of `key`. Both must go together, but the output
+    is constant (so removable) when those rows are zero, whatever its input carries."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    key: str
+    rows: list[list[int]]
+
+
+@dataclass
 class SliceRecord:
     """Positions `index` along `dim` of state_dict tensor `key` belong to classes `cls`."""
 
@@ -142,6 +154,8 @@ class AnalysisState:
         self.fold_sites: list[str] = []  # nodes whose weights read channels (constants fold here)
         self.attr_followers: set[str] = set()  # get_attr tensors sliced along with an elementwise op
         self.provenance: dict[str, tuple[str, tuple[int | None, ...]]] = {}  # see ops/graph.py
+        self.links: list[Link] = []  # depthwise convs: classes joined after the walk (segments)
+        self.layer_users: set[str] = set()  # layer nodes that recorded their tensors' slices
 
     # -- reading the graph -------------------------------------------------------------
     def shape(self, arg: fx.Node) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,11 +21,14 @@ from torch import fx
 
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_constants import CONV_FUNCTIONS, BorderKernel, border_kernel
+from rwdeploy.passes.channel_folding import fold_computed_weights
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
 from rwdeploy.passes.channel_selection import Selection, candidates, select
 from rwdeploy.passes.channel_state import TensorMeta
 from rwdeploy.passes.ops import SPECS, LayerView
 from rwdeploy.passes.ops.common import tensor_arg
+from rwdeploy.passes.ops.graph import resize_constant, resizes
+from rwdeploy.passes.ops.shape import freeze_size_read
 from rwdeploy.passes.ops.layer import get_tensor, keep, replace_tensor
 from rwdeploy.passes.protocol import PassContext, PassResult
 
@@ -54,6 +58,8 @@ class RemovalRecord:
     kept_indices: dict[str, dict[int, list[int]]] = field(default_factory=dict, repr=False)
     # node name -> the node that now carries its value (a constant map added after it)
     aliases: dict[str, str] = field(default_factory=dict, repr=False)
+    # layer node -> the parameter its weight, computed from parameters in forward(), became
+    folded_weights: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +68,7 @@ class RemovalRecord:
             "layers": [layer.to_dict() for layer in self.layers],
             "removed_groups": self.removed_groups,
             "pinned_groups": self.pinned_groups,
+            "folded_weights": self.folded_weights,
         }
 
 
@@ -96,7 +103,12 @@ class RemoveZeroChannels:
             apply_masks(work, ctx.masks)
         if analysis is None or ctx.masks:
             analysis = analyze_channel_groups(work, ctx.example_input, strict=ctx.strict)
-        return PassResult(work, _remove(work, ctx.example_input, analysis))
+        params_before = sum(p.numel() for p in work.parameters())
+        if analysis.folded_weights:  # the analysis read these weights folded: fold them here too
+            folded = fold_computed_weights(work, ctx.example_input)
+            if folded != analysis.folded_weights:
+                raise ValueError("the channel analysis was made for another graph (its folded weights differ)")
+        return PassResult(work, _remove(work, ctx.example_input, analysis, params_before))
 
 
 def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: ChannelAnalysis | None = None,
@@ -106,11 +118,13 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: Ch
     return RemoveZeroChannels(analysis)(gm, PassContext(example_input, masks=masks))
 
 
-def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis) -> RemovalRecord:
-    """Remove the zero channels of `work` in place; the record of what changed."""
-    params_before = sum(p.numel() for p in work.parameters())
+def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
+            params_before: int) -> RemovalRecord:
+    """Remove the zero channels of `work` in place; the record of what changed (`params_before`:
+    of the model as given, before computed weights were folded)."""
     found = candidates(analysis, work.state_dict())
     sel = select(analysis, set(found))
+    storage = {key: t.data_ptr() for key, t in work.state_dict(keep_vars=True).items()}
 
     views = {n.name: view for n in work.graph.nodes if (view := _layer(work, n, analysis)) is not None}
     sites = [views[name] for name in analysis.fold_sites if name in views]
@@ -119,9 +133,16 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis)
              if v.node.name in captured}
 
     layers: list[LayerChange] = []
+    shared = _shared_layers(views)
+    cut: set[tuple[str, ...]] = set()  # a layer called several times is cut once
     for node in list(work.graph.nodes):
         if node.name in views:
-            change = _shrink(views[node.name], sel, analysis.values, folds.get(node.name))
+            view, fold = views[node.name], folds.get(node.name)
+            if node.name in shared and fold is not None and fold[0] == "bias":
+                fold = folds[node.name] = _per_call(fold[1], view, analysis.values[node.name])
+            tensors = tuple(sorted(view.tensors.values()))
+            change = _shrink(view, sel, analysis.values, fold, cut_tensors=tensors not in cut)
+            cut.add(tensors)
             if change is not None:
                 layers.append(change)
         elif node.name in analysis.ops:
@@ -130,7 +151,9 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis)
             if channel_args is not None and x is not None:
                 channel_args.rewrite(node, sel, x, analysis.values[x.name].shape)
     attr_keep = _shrink_attributes(work, analysis, sel)
+    _resize_constants(work, analysis, attr_keep)
     aliases = _add_constant_maps(work, folds, analysis.values)
+    _drop_stale_aliases(work, storage)
     work.graph.lint()
     work.recompile()
 
@@ -143,6 +166,7 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis)
         params_after=sum(p.numel() for p in work.parameters()),
         kept_indices=_kept_indices(analysis, sel, attr_keep),
         aliases=aliases,
+        folded_weights=dict(analysis.folded_weights),
     )
 
 
@@ -207,14 +231,32 @@ def _contribution(view: LayerView, x_gone: torch.Tensor, sel: Selection) -> tupl
     return ("constant map", c)
 
 
-def _shrink(view: LayerView, sel: Selection, values: dict[str, Any], fold: tuple | None) -> LayerChange | None:
+def _shared_layers(views: dict[str, LayerView]) -> set[str]:
+    """Nodes of layers whose tensors other nodes read too (one layer called several times)."""
+    readers: dict[str, set[str]] = {}
+    for name, view in views.items():
+        for key in view.tensors.values():
+            readers.setdefault(key, set()).add(name)
+    return {name for names in readers.values() if len(names) > 1 for name in names}
+
+
+def _per_call(vec: torch.Tensor, view: LayerView, out: TensorMeta) -> tuple:
+    """A bias fold of one call of a shared layer: added after that call, not into the bias
+    every call reads (a constant map that broadcasts over the other dims)."""
+    shape = [1] * len(out.shape)
+    shape[view.out_dim % len(shape)] = vec.numel()
+    return ("constant map", vec.reshape(shape))
+
+
+def _shrink(view: LayerView, sel: Selection, values: dict[str, Any], fold: tuple | None, *,
+            cut_tensors: bool = True) -> LayerChange | None:
     x, node = view.input, view.node
     keep_in = sel.present(x.name, view.in_dim, values[x.name].shape[view.in_dim])
     keep_out = sel.present(node.name, view.out_dim, values[node.name].shape[view.out_dim])
     if keep_in.all() and keep_out.all() and fold is None:
         return None
     before = view.shapes()
-    if not (keep_in.all() and keep_out.all()):
+    if cut_tensors and not (keep_in.all() and keep_out.all()):
         view.shrink(keep_in, keep_out)
     if fold is not None and fold[0] == "bias":
         view.fold_bias(fold[1])
@@ -241,6 +283,39 @@ def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis,
         if not mask.all():
             replace_tensor(gm, key, keep(get_tensor(gm, key), dim, mask))
     return {k: m for k, m in kept.items() if not m.all()}
+
+
+def _resize_constants(gm: fx.GraphModule, analysis: ChannelAnalysis,
+                      attr_keep: dict[tuple[str, int], torch.Tensor]) -> None:
+    """Values computed from a cut parameter: views / expands that name its size literally get
+    the kept size; reads of their size keep answering the original one (as for activations)."""
+    for node in list(gm.graph.nodes):
+        if node.name not in analysis.provenance:
+            continue
+        key, dims = analysis.provenance[node.name]
+        counts = {j: int(attr_keep[(key, p)].sum()) for j, p in enumerate(dims) if (key, p) in attr_keep}
+        if not counts:
+            continue
+        if resizes(node):
+            resize_constant(node, counts)
+        for user in list(node.users):
+            freeze_size_read(user, node, analysis.values[node.name].shape, sorted(counts))
+
+
+def _drop_stale_aliases(gm: fx.GraphModule, storage: dict[str, int]) -> None:
+    """A .pt2 program names a module used in several places once per place: the graph reads
+    one name, the others stay as aliases nothing reads. After the read one was cut, an alias
+    would keep the full tensor in the slim files: aliases nothing reads are dropped."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    shared = {ptr for ptr, n in Counter(storage.values()).items() if n > 1 and ptr}
+    for key, t in list(gm.state_dict(keep_vars=True).items()):
+        if storage.get(key) in shared and key not in read and not any(key.startswith(f"{m}.") for m in called):
+            owner, _, attr = key.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],

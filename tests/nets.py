@@ -90,6 +90,21 @@ class Shuffle(nn.Module):
         return self.c(channel_shuffle(torch.cat([self.a(x), self.b(x)], 1), 2))
 
 
+class Ghost(nn.Module):
+    """GhostNet's module: primary features, cheap depthwise features of them, both kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.primary = cbr(8, 8, 1)
+        self.cheap = cbr(8, 8, 3, groups=8)
+        self.out = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.primary(self.stem(x))
+        return self.out(torch.cat([y, self.cheap(y)], 1))
+
+
 class FlattenLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -192,7 +207,7 @@ class UnknownOp(nn.Module):
 
 
 class SharedConv(nn.Module):
-    """One conv applied twice (weight sharing): its channels must stay."""
+    """One conv applied twice (weight sharing): channel i is one channel at both calls."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -277,4 +292,5 @@ TEST_NETS = {
     "shared_conv": (SharedConv, (1, 3, 16, 16)),
     "instance_norm": (InstanceNorms, (1, 3, 8, 8)),
     "adaptive_max_pool": (AdaptiveMaxPool, (1, 3, 16, 16)),
+    "ghost": (Ghost, (1, 3, 16, 16)),
 }

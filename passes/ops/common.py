@@ -13,10 +13,27 @@ def op_name(node: fx.Node) -> str:
     """A short human name of the op a node runs (for pin reasons and records)."""
     if node.op == "call_module":
         return f"{node.target} ({type(node.graph.owning_module.get_submodule(node.target)).__name__})"
-    if node.op == "call_method":
-        return f"{node.name} (.{node.target}())"
+    if node.op == "call_method":  # no parentheses inside: readers split "<node> (<op>): <why>"
+        return f"{node.name} (.{node.target})"
     name = getattr(node.target, "__name__", str(node.target))
     return f"{node.name} ({name})"
+
+
+_METADATA = {"shape", "device", "dtype", "ndim", "is_cuda", "requires_grad"}
+
+
+def reads_metadata_only(user: fx.Node) -> bool:
+    """`t.shape`, `t.size(...)`, `t.dim()`, `t.device`, aten.sym_size(t, d): no values read."""
+    if user.op == "call_function" and user.target is getattr:
+        return len(user.args) > 1 and user.args[1] in _METADATA
+    if user.op == "call_method":
+        return user.target in ("size", "dim")
+    return user.op == "call_function" and base_name(user) in ("sym_size", "sym_numel", "sym_stride")
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that read its values (not only its shape, dtype or device)."""
+    return [u for u in node.users if not reads_metadata_only(u)]
 
 
 def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:

@@ -4,8 +4,10 @@ aten.conv* / conv_transpose* / convolution.
 A convolution reads its input channels through weight dim 1 (transposed: dim 0) and makes
 fresh output channels on weight dim 0 (transposed: dim 1). A grouped convolution reads within
 its group (consumer slices with a row span) and loses the same number of channels in every
-group; a depthwise one passes input channel c to its outputs c*k..c*k+k-1, whose weights
-then follow c instead of reading it.
+group. A depthwise one passes input channel c to its outputs c*k..c*k+k-1 alone: they are a
+new *segment* of c's channel (`channel_state.Link`), produced by their weight rows. Input
+and outputs go together, but zero rows make the outputs constant whatever the input holds,
+so the channel goes when its input is read by nothing else (`channel_selection.candidates`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rwdeploy.passes.channel_constants import ConvGeometry
-from rwdeploy.passes.channel_state import AnalysisState, along, compress, varying_dims
+from rwdeploy.passes.channel_state import AnalysisState, Link, along, varying_dims
 from rwdeploy.passes.ops.common import opaque
 from rwdeploy.passes.ops.layer import LayerView, keep, read_layer, replace_tensor
 from rwdeploy.passes.ops.spec import Match, OpSpec, base_name, register
@@ -106,12 +108,15 @@ def rule_conv(st: AnalysisState, node: fx.Node) -> Any:
     cin, cout, g = view.in_channels, view.out_channels, view.groups
     weight, bias = view.tensors["weight"], view.tensors.get("bias")
     vec, ones = along(m, 1, cin), [1] * view.spatial
-    if g == cin and g > 1:  # depthwise (with channel multiplier k): output c*k.. follows input c
-        out = vec.repeat_interleave(cout // cin)
-        for key in (weight, bias):
-            if key is not None:
-                st.add_slice(key, 0, torch.arange(cout), out, "follower", node.name)
-        return compress(out.reshape(1, cout, *ones))
+    if g == cin and g > 1:  # depthwise (with channel multiplier k): outputs c*k.. read input c only
+        k = cout // cin
+        fresh = st.fresh(cin)  # the output channel is a new segment of input channel c (see Link)
+        out = fresh.repeat_interleave(k)
+        st.add_slice(weight, 0, torch.arange(cout), out, "producer", node.name)
+        if bias is not None:
+            st.add_slice(bias, 0, torch.arange(cout), out, "follower", node.name)
+        st.links.append(Link(vec, fresh, weight, [list(range(c * k, c * k + k)) for c in range(cin)]))
+        return out.reshape(1, cout, *ones)
     index, span = torch.arange(cin), None
     if g > 1:  # a grouped conv reads input c in the rows of c's group only
         per_in, per_out = cin // g, cout // g

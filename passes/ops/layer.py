@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from rwdeploy.passes.channel_state import AnalysisState
-from rwdeploy.passes.ops.common import base_name, bound_args, input_map, set_arg, state_tensor, with_args
+from rwdeploy.passes.ops.common import base_name, bound_args, input_map, set_arg, state_tensor, value_users, with_args
 
 
 def keep(t: torch.Tensor, dim: int, mask: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,10 @@ class CallForm:
         return {r: a.target for r, a in given.items()}
 
     def exclusive(self, keys: dict[str, str]) -> bool:
-        return all(len(self.args[r].users) == 1 for r in keys)
+        """Its tensors are read by calls of this op only (the channel analysis joins the
+        channels of several such calls: `channel_groups._join_shared`)."""
+        return all(all(u.op == self.node.op and u.target == self.node.target for u in value_users(self.args[r]))
+                   for r in keys)
 
     def get(self, setting: str, default: Any = None) -> Any:
         return self.args.get(setting, self.implied.get(setting, default))
@@ -144,7 +147,7 @@ class LayerView:
                  tensors: dict[str, str]) -> None:
         self.gm, self.node, self.form, self.tensors = gm, node, form, tensors
         self.name, self.input = form.name, form.input
-        self.exclusive = form.exclusive(tensors)  # called on its input alone / tensors read by it alone
+        self.exclusive = form.exclusive(tensors)  # called on its input alone / tensors read by this op only
 
     @classmethod
     def arguments(cls, node: fx.Node) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -230,6 +233,7 @@ def read_layer(st: AnalysisState, node: fx.Node, cls: type[LayerView],
     view = cls.of(st.gm, node)
     m = input_map(st, view.input) if view is not None and view.exclusive else None
     if m is not None:
+        st.layer_users.add(node.name)
         return view, m, None
     if view is not None and view.exclusive:
         return view, None, f"{noun} input is not a tensor"

@@ -3,6 +3,9 @@
 A linear layer reads channels on its input's last dim through weight dim 1 and makes fresh
 output channels on weight dim 0. Its input may be a flattened conv activation: then one
 input channel is a run of columns (channel x spatial size), which the class map already says.
+A linear layer over a dim that carries no channels (token mixing in MLP-Mixer, ResMLP, gMLP:
+tokens on the last dim, channels on another) acts on each channel alone: the channels pass
+through, and its rows are token positions, not channels.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ class LinearView(LayerView):
 
 
 def channel_vector(st: AnalysisState, m: torch.Tensor, dim: int, size: int) -> torch.Tensor | None:
-    """The class of each index along `dim`, when the other dims do not change it.
+    """The class of each index along `dim`. Where other dims hold several classes at one
+    index (tokens of two producers concatenated: PiT's class token made by a Linear, its
+    patch tokens by a conv) the layer reads them as one channel: they are unified.
 
     Positions holding a constant (a class token concatenated in front of the tokens) may
     share an index with a class only when that class is pinned: a kept channel keeps them.
@@ -49,7 +54,8 @@ def channel_vector(st: AnalysisState, m: torch.Tensor, dim: int, size: int) -> t
     for col in cols:
         ids = col.unique()
         known = ids[ids >= 0]
-        if len(known) > 1 or (len(known) == 1 and len(ids) > 1 and not st.is_pinned(int(known[0]))):
+        st.uf.union_all(known)
+        if len(known) and len(ids) > len(known) and not st.is_pinned(st.uf.find(int(known[0]))):
             return None
         vec.append(int(known[0]) if len(known) else CONST)
     return along(torch.tensor(vec, dtype=torch.long), 0, size)
@@ -61,6 +67,8 @@ def rule_linear(st: AnalysisState, node: fx.Node) -> Any:
         return opaque(st, node, why or "linear layer whose weight is not a matrix")
     fout, fin = view.weight.shape
     last = m.dim() - 1
+    if m.shape[last] == 1 and varying_dims(m):  # channels elsewhere, tokens mixed: per channel
+        return m
     vec = channel_vector(st, m, last, fin)
     if vec is None:
         return opaque(st, node, "linear input whose channels are not on the last dim")

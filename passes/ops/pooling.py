@@ -16,8 +16,9 @@ from rwdeploy.passes.ops.common import arg, op_name, opaque, single_input
 from rwdeploy.passes.ops.spec import Match, OpSpec, base_name, register
 
 
-def spatial_rule(rank: Callable[[AnalysisState, fx.Node, int], int]) -> Callable[[AnalysisState, fx.Node], Any]:
-    """The rule of an op over the last `rank(state, node, input rank)` dims."""
+def spatial_rule(rank: Callable[[AnalysisState, fx.Node, int], int | set[int]]) -> Callable[[AnalysisState, fx.Node], Any]:
+    """The rule of an op over the last `rank(state, node, input rank)` dims (or over the dims,
+    counted from the end as -1, -2, ..., of the set it returns)."""
 
     def rule(st: AnalysisState, node: fx.Node) -> Any:
         got = single_input(st, node)
@@ -26,7 +27,9 @@ def spatial_rule(rank: Callable[[AnalysisState, fx.Node, int], int]) -> Callable
         if got is None or not all(isinstance(o, TensorMeta) and len(o.shape) == got[1].dim() for o in outs):
             return opaque(st, node, "pooling/padding with an unexpected signature")
         x, m = got
-        if any(d >= m.dim() - rank(st, node, len(st.shape(x))) for d in varying_dims(m)):
+        over = rank(st, node, len(st.shape(x)))
+        over = over if isinstance(over, set) else set(range(-over, 0))
+        if any(d - m.dim() in over for d in varying_dims(m)):
             return opaque(st, node, "pooling/padding over a dim that carries channels")
         for a in node.all_input_nodes[1:]:
             st.pin(st.maps.get(a.name), f"{op_name(node)}: extra tensor argument")
@@ -40,9 +43,12 @@ def _rank_from_name(st: AnalysisState, node: fx.Node, ndim: int) -> int:
     return next((k for k in (1, 2, 3) if name.endswith(f"{k}d")), ndim - 2)
 
 
-def _rank_of_padding(st: AnalysisState, node: fx.Node, ndim: int) -> int:
+def _padded_dims(st: AnalysisState, node: fx.Node, ndim: int) -> set[int]:
+    """The dims (from the end) a pad widens: pairs (before, after) from the last dim back;
+    a (0, 0) pair leaves its dim alone (Swin pads H and W of a channels-last value)."""
     pad = st.module(node).padding if node.op == "call_module" else arg(node, 1, "pad")
-    return len(pad) // 2
+    pad = (pad,) * (2 * (ndim - 2)) if isinstance(pad, int) else tuple(pad)
+    return {-(i // 2) - 1 for i in range(0, len(pad), 2) if tuple(pad[i:i + 2]) != (0, 0)}
 
 
 register(
@@ -61,5 +67,5 @@ register(
            spatial_rule(_rank_from_name)),
     OpSpec("pad", Match(modules=(nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
                                  nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d),
-                        functions=(F.pad,), aten=("pad", "constant_pad_nd")), spatial_rule(_rank_of_padding)),
+                        functions=(F.pad,), aten=("pad", "constant_pad_nd")), spatial_rule(_padded_dims)),
 )

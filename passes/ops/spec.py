@@ -110,11 +110,13 @@ def classify(node: fx.Node, st: AnalysisState) -> OpSpec:
             return SPECS["opaque"]
         return SPECS["shape_value"]  # sizes, dims, ints: reading shapes never couples channels
     tensor_inputs = [a for a in node.all_input_nodes if has_tensor(st.values.get(a.name))]
-    if tensor_inputs and all(_is_const(st.maps.get(a.name)) for a in tensor_inputs) and node.op != "call_module":
+    spec = matching(node, st.gm)
+    if tensor_inputs and all(_is_const(st.maps.get(a.name)) for a in tensor_inputs) and node.op != "call_module" \
+            and (spec is None or spec.layer is None):  # a layer on constants still makes channels
         return SPECS["constant"]
     if node.op == "call_module" and type(st.module(node)).__name__ == "GuardsFn" and not has_tensor(meta):
         return SPECS["shape_value"]  # torch.export's input-shape guards: they read shapes only
-    return matching(node, st.gm) or SPECS["opaque"]
+    return spec or SPECS["opaque"]
 
 
 def _is_const(m: Any) -> bool:
