@@ -236,7 +236,6 @@ def run_layer_rows(args, threads: int, tmp: Path) -> list[dict]:
 def _stock_sparse_onnx(w) -> bytes:
     """y = x @ W.T computed per call by stock ops: Gather(x, col) * values, ScatterElements(add)."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = w.detach().numpy()
