@@ -25,15 +25,6 @@ from rwdeploy.runtime.rpc import Device, RemoteMeasurement, measure_remote_all
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class ArmVariant:
-    """One built library to measure: `variant` is original | slim | packed."""
-
-    variant: str
-    library: Path
-    reference_output: np.ndarray
-
-
 @dataclass
 class ArmResult:
     variant: str
@@ -86,7 +77,7 @@ def arm_device(
 
 
 def measure_arm(
-    variants: list[ArmVariant],
+    variants: dict[str, tuple[Path, np.ndarray]],
     example_input: np.ndarray,
     *,
     target: str = "arm",
@@ -94,30 +85,23 @@ def measure_arm(
     tracker: str | None = None,
     key: str | None = None,
     tolerance: float = 1e-4,
-    count_instructions: bool | None = None,
     repeat: int = 15,
     progress: Progress = lambda _: None,
 ) -> list[ArmResult]:
-    """Measure every variant (timed in alternation, outputs checked to `tolerance`); instruction
-    counts by default only on the emulated device.
-
-    `count_instructions=True` also counts them when a real device is given (the emulator must
-    be provisioned for that; it is what runs the counting).
-    """
+    """Measure every variant (variant -> (built library, reference output); timed in
+    alternation, outputs checked to `tolerance`); on the emulated device, instruction counts too."""
     x = np.ascontiguousarray(example_input, dtype=np.float32)
     results = []
     with arm_device(rpc, tracker, key, progress=progress) as (device, threads):
-        count = device.emulated if count_instructions is None else count_instructions
-        progress(f"{target}: running {', '.join(v.library.name for v in variants)} on {device.label}"
+        progress(f"{target}: running {', '.join(lib.name for lib, _ in variants.values())} on {device.label}"
                  f"{' (emulated)' if device.emulated else ''}")
-        measured = measure_remote_all({v.variant: (v.library, v.reference_output) for v in variants}, x, device,
-                                      tolerance=tolerance, repeat=repeat)
-        for v in variants:
+        measured = measure_remote_all(variants, x, device, tolerance=tolerance, repeat=repeat)
+        for variant, (library, _) in variants.items():
             insns = None
-            if count:
-                progress(f"{target}/{v.variant}: counting aarch64 instructions per inference (qemu plugin)")
-                insns = arm_emulator.count_instructions(v.library, x)
-            results.append(ArmResult(v.variant, target, int(x.shape[0]), threads, measured[v.variant], insns))
+            if device.emulated:
+                progress(f"{target}/{variant}: counting aarch64 instructions per inference (qemu plugin)")
+                insns = arm_emulator.count_instructions(library, x)
+            results.append(ArmResult(variant, target, int(x.shape[0]), threads, measured[variant], insns))
     return results
 
 

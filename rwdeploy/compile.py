@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from rwdeploy import report as report_mod
 from rwdeploy.context import (COMPILE_TARGETS, ONNX_TARGET, CompileContext, CompileOptions, CompileResult,
-                              Progress, Stage, TargetFailure)
+                              Progress, Stage, TargetFailure, measuring, require_close)
 from rwdeploy.errors import ExportError, OptionError, VerificationError
 from rwdeploy.io import LoadedModel, atomic_dir
 from rwdeploy.passes.layer_stats import layer_stats, totals
@@ -33,7 +33,7 @@ from rwdeploy.passes.verify import compare_on
 from rwdeploy.quant.compile_stage import stage_export_quantized, stage_tvm_quantized
 from rwdeploy.quant.program import quant_extra_files
 from rwdeploy.runtime.environment import environment
-from rwdeploy.runtime.latency import LatencyRow, time_interleaved
+from rwdeploy.runtime.latency import LatencyRow
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
 from rwdeploy.runtime.targets import TARGETS
@@ -43,9 +43,7 @@ __all__ = ["COMPILE_TARGETS", "CompileContext", "CompileOptions", "CompileResult
            "Stage", "TARGET_STAGES", "compile_model", "pipeline", "probe_inputs"]
 
 SLIM_PT2 = "slim.pt2"
-SLIM_ONNX = "slim.onnx"
-ORIGINAL_ONNX = "original.onnx"
-ONNX_FILES = {"original": ORIGINAL_ONNX, "slim": SLIM_ONNX}  # variant -> file
+ONNX_FILES = {"original": "original.onnx", "slim": "slim.onnx"}  # variant -> file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +106,11 @@ def stage_verify(ctx: CompileContext) -> None:
                                 record=ctx.records.get("remove_zero_channels"))
     ctx.sections["verification"] = {**result.to_dict(), "probe_inputs": [list(x.shape) for x in ctx.probe_inputs],
                                     "tolerance_rel": opts.tolerance}
-    if not result.passed:
-        where = result.first_diverging_node or "the output"
-        raise VerificationError(
-            f"slim model differs from the original: max relative error {result.max_rel:.3g} > "
-            f"tolerance {opts.tolerance:g}, first diverging at node {where!r}; nothing was written",
-            hint="this is a bug in channel removal for that layer, please report it "
-                 "(or raise --tolerance if the difference is acceptable)",
-        )
+    where = result.first_diverging_node or "the output"
+    require_close(result, opts.tolerance, "slim model differs from the original",
+                  tail=f", first diverging at node {where!r}; nothing was written",
+                  hint="this is a bug in channel removal for that layer, please report it "
+                       "(or raise --tolerance if the difference is acceptable)")
 
 
 def stage_pack_sparse(ctx: CompileContext) -> None:
@@ -127,10 +122,8 @@ def stage_pack_sparse(ctx: CompileContext) -> None:
     result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target,
                          timer=HostLayerTimer(opts.target))
     check = compare_on(ctx.slim, result.gm, ctx.probe_inputs, tolerance=opts.tolerance)
-    if not check.passed:
-        raise VerificationError(f"packed model differs from the slim model: max relative error {check.max_rel:.3g} "
-                                f"> tolerance {opts.tolerance:g}; nothing was written",
-                                hint="compile with --sparse off, and please report it")
+    require_close(check, opts.tolerance, "packed model differs from the slim model",
+                  hint="compile with --sparse off, and please report it")
     ctx.unpacked, ctx.slim = ctx.slim, result.gm
     ctx.records["pack_sparse"] = result.record
     ctx.sections["sparse"] = {**result.record.to_dict(), "max_rel_vs_slim": check.max_rel}
@@ -179,12 +172,8 @@ def stage_ort_check(ctx: CompileContext) -> None:
         runner = OrtRunner(ctx.path(ONNX_FILES[variant]), threads=ctx.options.threads)
         check = compare_on(module, lambda x: runner.run(x.numpy()), ctx.probe_inputs, tolerance=tolerance)
         section[variant] = check.to_dict()
-        if not check.passed:
-            raise VerificationError(
-                f"ONNX Runtime output of {ONNX_FILES[variant]} differs from the {variant} torch model: max "
-                f"relative error {check.max_rel:.3g} > tolerance {tolerance:g}; nothing was written",
-                hint="an exporter or runtime problem; please report it with the model",
-            )
+        require_close(check, tolerance, f"ONNX Runtime output of {ONNX_FILES[variant]} differs from the {variant} "
+                      "torch model", hint="an exporter or runtime problem; please report it with the model")
     ctx.sections.setdefault("verification", {})["onnxruntime"] = section
 
 
@@ -198,9 +187,7 @@ def stage_measure_ort(ctx: CompileContext) -> None:
     runners = {variant: OrtRunner(ctx.path(name), threads=opts.threads) for variant, name in files.items()}
     for batch in ctx.batches:
         x = ctx.loaded.example_input(batch=batch, seed=opts.seed).numpy()
-        stats = time_interleaved({v: r.bind(x) for v, r in runners.items()}, warmup=opts.warmup,
-                                 min_runs=opts.runs, max_runs=max(opts.runs, 1000),
-                                 min_time_s=opts.min_time_s)
+        stats = opts.time({v: r.bind(x) for v, r in runners.items()})
         ctx.latency.extend(LatencyRow("onnxruntime", opts.target, variant, batch, opts.threads, st,
                                       provider="CPUExecutionProvider") for variant, st in stats.items())
 
@@ -239,10 +226,6 @@ def stage_report(ctx: CompileContext) -> None:
     ctx.sections = document
 
 
-def _measuring(options: CompileOptions) -> bool:
-    return options.measure
-
-
 def _packing(options: CompileOptions) -> bool:
     """`--sparse auto` packs where TVM's sparse kernels measure faster than its dense ones; with
     `--target onnx` there are none (ONNX Runtime runs packed layers dense), so only a forced
@@ -260,9 +243,9 @@ SLIM_STAGES: tuple[Stage, ...] = (
     Stage("export_pt2", "Export slim .pt2", stage_export_pt2),
     Stage("export_onnx", "Export ONNX (original, slim)", stage_export_onnx),
     Stage("ort_check", "Check ONNX Runtime output", stage_ort_check),
-    # does nothing unless the checkpoint was quantized by `rwdeploy prune --quantize`
+    # runs for checkpoints quantized by `rwdeploy prune --quantize` alone (QUANTIZED_STAGES)
     Stage("export_quantized", "Export quantized weights (QDQ ONNX)", stage_export_quantized),
-    Stage("measure_ort", "Measure ONNX Runtime latency", stage_measure_ort, _measuring),
+    Stage("measure_ort", "Measure ONNX Runtime latency", stage_measure_ort, measuring),
 )
 
 # Per target: the stages it adds after the common ones. Every entry of the target registry
@@ -274,15 +257,16 @@ TARGET_STAGES: dict[str, tuple[Stage, ...]] = {ONNX_TARGET: (), **{name: target_
 QUANTIZED_TVM_STAGES: tuple[Stage, ...] = (
     Stage("tvm_quantized", "Build quantized TVM modules", stage_tvm_quantized, target_step=True),
 )
+QUANTIZED_STAGES = frozenset({"export_quantized", *(s.name for s in QUANTIZED_TVM_STAGES)})
 
 REPORT_STAGES: tuple[Stage, ...] = (Stage("report", "Write report", stage_report),)
 
 
-def pipeline(options: CompileOptions) -> list[Stage]:
-    """The stages `options` runs, in order."""
-    quantized = QUANTIZED_TVM_STAGES if options.target in TARGETS else ()
-    stages = (*SLIM_STAGES, *TARGET_STAGES[options.target], *quantized, *REPORT_STAGES)
-    return [s for s in stages if s.when(options)]
+def pipeline(options: CompileOptions, quantized: bool = False) -> list[Stage]:
+    """The stages `options` runs, in order; `QUANTIZED_STAGES` only for a `quantized` checkpoint."""
+    tvm_quantized = QUANTIZED_TVM_STAGES if options.target in TARGETS else ()
+    stages = (*SLIM_STAGES, *TARGET_STAGES[options.target], *tvm_quantized, *REPORT_STAGES)
+    return [s for s in stages if s.when(options) and (quantized or s.name not in QUANTIZED_STAGES)]
 
 
 def probe_inputs(loaded: LoadedModel, options: CompileOptions, batch_size: int | None = None) -> list[torch.Tensor]:
@@ -299,7 +283,7 @@ def compile_model(loaded: LoadedModel, options: CompileOptions, progress: Progre
     verified ones and the report only, when a target step failed: see `result.target_failure`)."""
     options.validate()
     _check_out(Path(options.out))
-    stages = pipeline(options)
+    stages = pipeline(options, quantized=bool(loaded.metadata.get("quantization")))
     torch.manual_seed(options.seed)
     np.random.seed(options.seed)
     with atomic_dir(options.out) as workdir:

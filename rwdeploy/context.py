@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import fx, nn
 
-from rwdeploy.errors import OptionError, RwdeployError, TvmImportError
+from rwdeploy.errors import OptionError, RwdeployError, TvmImportError, VerificationError
 from rwdeploy.io import LoadedModel
 from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
-from rwdeploy.runtime.latency import LatencyRow
+from rwdeploy.runtime.latency import LatencyRow, LatencyStats, time_interleaved
 from rwdeploy.runtime.rpc import parse_address
-from rwdeploy.runtime.targets import TARGETS, get_target
+from rwdeploy.runtime.targets import TARGETS, Target, get_target
 from rwdeploy.runtime.tvm_build import TvmArtifact, check_tuning_options
 
 if TYPE_CHECKING:
@@ -93,10 +93,18 @@ class CompileOptions:
                 raise OptionError("--gpu-arch/--tune/--tuning-db configure a TVM build; --target onnx builds none")
             return
         try:
-            target = get_target(self.target, gpu_arch=self.gpu_arch, threads=self.threads, rpc=self.rpc)
+            target = self.tvm_target()
         except ImportError:  # no usable TVM: the build stage reports it as a failed target step
             return
         check_tuning_options(target, self.tune, self.tuning_db)
+
+    def tvm_target(self) -> Target:
+        return get_target(self.target, gpu_arch=self.gpu_arch, threads=self.threads, rpc=self.rpc)
+
+    def time(self, calls: dict[str, Callable[[], Any]]) -> dict[str, LatencyStats]:
+        """Time `calls` in alternation (`runtime.latency.time_interleaved`) as the options say."""
+        return time_interleaved(calls, warmup=self.warmup, min_runs=self.runs, max_runs=max(self.runs, 1000),
+                                min_time_s=self.min_time_s)
 
     @property
     def target_family(self) -> str | None:
@@ -185,8 +193,16 @@ class CompileContext:
         return self.unpacked if self.unpacked is not None else self.slim
 
 
-def _always(options: CompileOptions) -> bool:
-    return True
+def require_close(check: Any, tolerance: float, what: str, hint: str, tail: str = "; nothing was written") -> None:
+    """The pipeline's one failed-check error: `check` (a `verify.Closeness` or `VerificationResult`)
+    passed, or a VerificationError "<what>: max relative error ... > tolerance ...<tail>"."""
+    if not check.passed:
+        raise VerificationError(f"{what}: max relative error {check.max_rel:.3g} > tolerance {tolerance:g}{tail}",
+                                hint=hint)
+
+
+def measuring(options: CompileOptions) -> bool:
+    return options.measure
 
 
 @dataclass(frozen=True)
@@ -194,7 +210,7 @@ class Stage:
     name: str
     title: str  # shown in the progress display
     run: Callable[[CompileContext], None]
-    when: Callable[[CompileOptions], bool] = _always
+    when: Callable[[CompileOptions], bool] = lambda options: True
     target_step: bool = False  # a failure keeps the verified artifacts (TargetFailure) instead of all-or-nothing
 
 
@@ -205,6 +221,6 @@ class CompileResult:
     target_failure: TargetFailure | None = None
 
 
-class Progress(Protocol):
-    def __call__(self, stage: Stage, index: int, total: int, state: str) -> None:
-        """`state` is "start", "done" or "failed" (a target step; the pipeline goes on to the report)."""
+# progress(stage, index, total, state); state "start", "done" or "failed" (a target step: the
+# pipeline goes on to the report)
+Progress = Callable[[Stage, int, int, str], None]

@@ -45,7 +45,7 @@ def write_report(document: dict[str, Any], folder: Path) -> tuple[Path, Path]:
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    if isinstance(obj, (set, tuple)):
+    if isinstance(obj, set):  # (json writes tuples itself)
         return list(obj)
     if isinstance(obj, Path):
         return str(obj)
@@ -64,28 +64,18 @@ def layer_rows(before: Iterable[Any], after: Iterable[Any]) -> list[dict[str, An
     `before`/`after` are `LayerStats` of the original and the slim model. A layer missing from
     the slim model (removed outright) has `after` fields of None.
     """
-    slim = {}
+    slim: dict[str, Any] = {}
     for s in after:
         slim.setdefault(s.name, s)
-    rows, seen = [], set()
-    for s in before:
-        if s.name in seen:  # a layer called twice is one row
-            continue
-        seen.add(s.name)
+    rows: dict[str, dict[str, Any]] = {}
+    for s in before:  # a layer called twice is one row
         a = slim.get(s.name)
-        rows.append({
-            "name": s.name,
-            "type": s.type,
-            "shape_before": list(s.weight_shape),
-            "shape_after": list(a.weight_shape) if a else None,
-            "params_before": s.params,
-            "params_after": a.params if a else 0,
-            "macs_before": s.macs,
-            "macs_after": a.macs if a else 0,
-            "zero_fraction_before": s.zero_fraction,
-            "zero_fraction_after": a.zero_fraction if a else None,
-        })
-    return rows
+        rows.setdefault(s.name, {
+            "name": s.name, "type": s.type, "shape_before": list(s.weight_shape),
+            "shape_after": list(a.weight_shape) if a else None, "params_before": s.params,
+            "params_after": a.params if a else 0, "macs_before": s.macs, "macs_after": a.macs if a else 0,
+            "zero_fraction_before": s.zero_fraction, "zero_fraction_after": a.zero_fraction if a else None})
+    return list(rows.values())
 
 
 def channels_section(analysis: Any, record: Any) -> dict[str, Any]:
@@ -225,10 +215,13 @@ def _failure_view(f: dict[str, Any]) -> list[Block]:
                      f"what to do: {f['hint']}"])]
 
 
+def _entries(d: dict[str, Any], leave_out: str = "") -> list[Block]:
+    return [Bullets([f"{k}: {v}" for k, v in d.items() if k != leave_out])]
+
+
 def _compile_view(c: dict[str, Any]) -> list[Block]:
-    settings = [f"{k}: {v}" for k, v in c.items() if k != "stage_seconds"]
     seconds = [[stage, f"{s:.2f}"] for stage, s in c.get("stage_seconds", {}).items()]
-    return [Bullets(settings), *([Table(["stage", "seconds"], seconds)] if seconds else [])]
+    return [*_entries(c, "stage_seconds"), *([Table(["stage", "seconds"], seconds)] if seconds else [])]
 
 
 def _layers_view(layers: list[dict[str, Any]]) -> list[Block]:
@@ -356,7 +349,7 @@ def _other_view(value: Any) -> list[Block]:
 SECTION_VIEWS: dict[str, tuple[str, Callable[[Any], list[Block]]]] = {
     "target_failure": ("Target step failed", _failure_view),
     "compile": ("Settings", _compile_view),
-    "trace": ("Trace", lambda t: [Bullets([f"{k}: {v}" for k, v in t.items()])]),
+    "trace": ("Trace", _entries),
     "layers": ("Layers", _layers_view),
     "channels": ("Channel groups", _channels_view),
     "sparse": ("Sparse packing", _sparse_view),
@@ -365,7 +358,7 @@ SECTION_VIEWS: dict[str, tuple[str, Callable[[Any], list[Block]]]] = {
     "files": ("Files", _files_view),
     "latency": ("Latency", _latency_view),
     "targets": ("Targets", _targets_view),
-    "environment": ("Environment", lambda env: [Bullets([f"{k}: {v}" for k, v in env.items()])]),
+    "environment": ("Environment", _entries),
 }
 
 

@@ -4,34 +4,28 @@
 `tvm_build` (original and slim at every measured batch size; the first batch's builds ship as
 `model.<target>.so` and `original.<target>.so`), then `tvm_measure` where the target runs in this
 process (cpu, gpu: outputs checked with `verify.compare`, original and slim timed in
-alternation; skipped with a note without a GPU), or `DEVICE_STAGES[family]` (arm: over TVM RPC,
-else on the emulated aarch64 device).
+alternation; skipped with a note without a GPU), or `arm_measure` (arm: over TVM RPC, else on
+the emulated aarch64 device).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-
-from rwdeploy.context import CompileContext, CompileOptions, Stage
-from rwdeploy.errors import VerificationError
+from rwdeploy.context import CompileContext, Stage, measuring, require_close
 from rwdeploy.passes.verify import compare
 from rwdeploy.runtime import tvm_build
-from rwdeploy.runtime.arm_measure import ArmVariant, instruction_section, measure_arm
-from rwdeploy.runtime.latency import LatencyRow, time_interleaved
-from rwdeploy.runtime.targets import RUNS_LOCAL, TARGETS, Target, get_target
+from rwdeploy.runtime.arm_measure import instruction_section, measure_arm
+from rwdeploy.runtime.latency import LatencyRow
+from rwdeploy.runtime.targets import RUNS_LOCAL, TARGETS
 
 SLIM_SO = "model.{target}.so"
 ORIGINAL_SO = "original.{target}.so"
 
 
-def _target(opts: CompileOptions) -> Target:
-    return get_target(opts.target, gpu_arch=opts.gpu_arch, threads=opts.threads, rpc=opts.rpc)
-
-
 def stage_tvm_build(ctx: CompileContext) -> None:
     opts = ctx.options
-    target = _target(opts)
+    target = opts.tvm_target()
     batches = ctx.batches or (1,)
     section = {"target": target.to_dict(), "builds": [], "notes": list(target.notes)}
     ctx.sections.setdefault("targets", {})[target.name] = section
@@ -53,7 +47,7 @@ def stage_tvm_build(ctx: CompileContext) -> None:
 
 def stage_tvm_measure(ctx: CompileContext) -> None:
     opts = ctx.options
-    target = _target(opts)
+    target = opts.tvm_target()
     section = ctx.sections["targets"][target.name]
     if not target.check("run"):
         missing = ", ".join(r.name for r in target.missing("run"))
@@ -66,13 +60,11 @@ def stage_tvm_measure(ctx: CompileContext) -> None:
         for variant, module in ctx.variants().items():
             runs[variant], output = tvm_build.bind_local(ctx.tvm_artifacts[(variant, batch)], x)
             checks[variant] = compare(module(x), output, tolerance=opts.tolerance)
-            if not checks[variant].passed:
-                raise VerificationError(
-                    f"TVM output of the {variant} model (target {target.name}, batch {batch}) differs from torch: "
-                    f"max relative error {checks[variant].max_rel:.3g} > tolerance {opts.tolerance:g}",
-                    hint="a TVM build problem; compile with --target onnx to skip TVM, and report it")
-        stats = time_interleaved(runs, warmup=opts.warmup, min_runs=opts.runs, max_runs=max(opts.runs, 1000),
-                                 min_time_s=opts.min_time_s)
+            require_close(checks[variant], opts.tolerance, tail="",
+                          what=f"TVM output of the {variant} model (target {target.name}, batch {batch}) differs "
+                               "from torch", hint="a TVM build problem; compile with --target onnx to skip TVM, "
+                                                  "and report it")
+        stats = opts.time(runs)
         ctx.latency.extend(LatencyRow("tvm", target.name, variant, batch, target.threads or opts.threads, st,
                                       max_abs_err=checks[variant].max_abs, max_rel_err=checks[variant].max_rel)
                            for variant, st in stats.items())
@@ -93,11 +85,11 @@ def stage_arm_measure(ctx: CompileContext) -> None:
     section = ctx.sections["targets"][opts.target]
     notes = section["notes"]
     shipped = {variant: (batch, art) for (variant, batch), art in ctx.tvm_artifacts.items() if art.path is not None}
-    variants = []
+    variants = {}  # variant -> (library, its torch model's output)
     for variant, module in ctx.variants().items():
         batch, art = shipped[variant]
         x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
-        variants.append(ArmVariant(variant, Path(art.path), module(x).detach().numpy()))
+        variants[variant] = (Path(art.path), module(x).detach().numpy())
     results = measure_arm(variants, x.numpy(), target=opts.target, rpc=opts.rpc, tracker=opts.tracker,
                           key=opts.key, tolerance=opts.tolerance, repeat=max(5, min(opts.runs, 30)),
                           progress=_emulator_messages)
@@ -116,23 +108,16 @@ def stage_arm_measure(ctx: CompileContext) -> None:
     ctx.latency.extend(r.latency_row() for r in results)
 
 
-def _measuring(options: CompileOptions) -> bool:
-    return options.measure
-
-
-# family -> the stages measuring on a device. arm: over TVM RPC (--rpc / --tracker --key), else
-# on the emulated aarch64 device.
-DEVICE_STAGES: dict[str, tuple[Stage, ...]] = {
-    "arm": (Stage("arm_measure", "Measure on the arm device (emulated without --rpc)", stage_arm_measure,
-                  _measuring, target_step=True),),
-}
-
-
 def target_stages(name: str) -> tuple[Stage, ...]:
-    """The stages for registry target `name`."""
+    """The stages for registry target `name`: build, then measure here (a target that runs in
+    this process) or on the device (arm: over TVM RPC, --rpc / --tracker --key, else on the
+    emulated aarch64 device)."""
     entry = TARGETS[name]
     stages = [Stage("tvm_build", f"Build TVM module for {name}", stage_tvm_build, target_step=True)]
     if entry.runs_on == RUNS_LOCAL:
-        stages.append(Stage("tvm_measure", f"Measure TVM latency on {name}", stage_tvm_measure, _measuring,
+        stages.append(Stage("tvm_measure", f"Measure TVM latency on {name}", stage_tvm_measure, measuring,
                             target_step=True))
-    return (*stages, *DEVICE_STAGES.get(entry.family, ()))
+    if entry.family == "arm":
+        stages.append(Stage("arm_measure", "Measure on the arm device (emulated without --rpc)", stage_arm_measure,
+                            measuring, target_step=True))
+    return tuple(stages)

@@ -15,7 +15,8 @@ from rwdeploy.cli.common import load_from_cli, model_options
 from rwdeploy.compile import TARGET_STAGES, CompileOptions, Stage, compile_model, pipeline
 from rwdeploy.console import make_console
 from rwdeploy.errors import OptionError, TargetStepError
-from rwdeploy.report import REPORT_MD, Block, Bullets, Heading, Table, summary
+from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
+from rwdeploy.report import REPORT_MD, Bullets, Heading, Table, summary
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -56,12 +57,12 @@ class _StageProgress:
                                     f"[dim]({time.perf_counter() - self.started:.1f} s)[/dim]")
 
 
-def _rich(blocks: list[Block], title: str) -> Group:
-    """The report view's blocks on a terminal (the first table carries `title`)."""
+def summary_table(report: dict[str, Any], out: Path) -> Group:
+    """The report's summary (`rwdeploy.report.summary`) on a terminal, titled by the output folder."""
     parts: list[Any] = []
-    for b in blocks:
+    for b in summary(report):
         if isinstance(b, Table):
-            table = RichTable(title=None if parts else title, header_style="bold")
+            table = RichTable(title=None if parts else f"rwdeploy compile -> {out}/", header_style="bold")
             for i, name in enumerate(b.header):
                 table.add_column(name, justify="left" if i == 0 else "right")
             for row in b.rows:
@@ -72,11 +73,6 @@ def _rich(blocks: list[Block], title: str) -> Group:
         else:
             parts.extend(Text(line) for line in (b.items if isinstance(b, Bullets) else [b.text]))
     return Group(*parts)
-
-
-def summary_table(report: dict[str, Any], out: Path) -> Group:
-    """The report's summary (`rwdeploy.report.summary`) for the terminal."""
-    return _rich(summary(report), title=f"rwdeploy compile -> {out}/")
 
 
 @click.command("compile")
@@ -95,7 +91,7 @@ def summary_table(report: dict[str, Any], out: Path) -> Group:
 @click.option("--runs", default=50, show_default=True, type=int,
               help="Timed runs at least per measurement (more while --min-time has not passed).")
 @click.option("--warmup", default=10, show_default=True, type=int, help="Untimed runs before timing.")
-@click.option("--min-time", "min_time", default=0.5, show_default=True, type=float,
+@click.option("--min-time", "min_time_s", default=0.5, show_default=True, type=float,
               help="Seconds of timed runs at least per measurement.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement.")
 @click.option("--gpu-arch", "gpu_arch", default=None, metavar="sm_XY",
@@ -104,24 +100,21 @@ def summary_table(report: dict[str, Any], out: Path) -> Group:
               help="MetaSchedule trials for the TVM cpu/arm build (needs --tuning-db).")
 @click.option("--tuning-db", "tuning_db", default=None, type=click.Path(path_type=Path),
               help="Folder of MetaSchedule records, reused across runs (applied when present).")
-@click.option("--sparse", default="auto", show_default=True, type=click.Choice(["auto", "off", "csr", "bsr"]),
+@click.option("--sparse", default="auto", show_default=True, type=click.Choice(SPARSE_MODES),
               help="Store sparse Conv/Linear layers as CSR/BSR: auto = per layer where measured faster.")
 @click.option("--rpc", default=None, metavar="HOST:PORT",
               help="arm targets: measure on this device's TVM RPC server (default: the emulated aarch64 device).")
 @click.option("--tracker", default=None, metavar="HOST:PORT", help="arm targets: get the device from this TVM RPC tracker.")
 @click.option("--key", default=None, help="Device key for --tracker.")
-def command(model: str, arch: str | None, input_shape: str | None, trust_pickle: bool, target: str,
-            out: Path | None, tolerance: float, batch: str, threads: int, runs: int, warmup: int,
-            min_time: float, no_measure: bool, gpu_arch: str | None, tune: int,
-            tuning_db: Path | None, sparse: str, rpc: str | None, tracker: str | None, key: str | None) -> None:
+def command(model: str, arch: str | None, input_shape: str | None, trust_pickle: bool, out: Path | None,
+            batch: str, no_measure: bool, **settings: Any) -> None:
     """Remove zero channels from MODEL, verify, export .pt2 + ONNX + TVM module, measure, report."""
-    options = CompileOptions(out=out or default_out(model), target=target, tolerance=tolerance,
-                             batches=parse_batches(batch), threads=threads, runs=runs, warmup=warmup,
-                             min_time_s=min_time, measure=not no_measure, gpu_arch=gpu_arch,
-                             tune=tune, tuning_db=tuning_db, sparse=sparse, rpc=rpc, tracker=tracker, key=key)
+    # every other option is the CompileOptions field of its name
+    options = CompileOptions(out=out or default_out(model), batches=parse_batches(batch), measure=not no_measure,
+                             **settings)
     options.validate()  # bad options fail before the (slow) model load
-    if any(st.name == "arm_measure" for st in pipeline(options)) and not (rpc or tracker):
-        click.echo(f"rwdeploy: no --rpc given: measuring --target {target} on the emulated aarch64 device "
+    if any(st.name == "arm_measure" for st in pipeline(options)) and not (options.rpc or options.tracker):
+        click.echo(f"rwdeploy: no --rpc given: measuring --target {options.target} on the emulated aarch64 device "
                    "(qemu-user on this machine); its latency is emulated, not ARM latency, and comes with "
                    "aarch64 instructions per inference", err=True)
     loaded = load_from_cli(model, arch, input_shape, trust_pickle)

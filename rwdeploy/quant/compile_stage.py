@@ -1,5 +1,5 @@
 """The compile stages for checkpoints quantized by `rwdeploy prune --quantize`
-(`metadata["quantization"]`, a `QuantSpec`); for other checkpoints they do nothing.
+(`metadata["quantization"]`, a `QuantSpec`); the pipeline runs them for those alone.
 
 `stage_export_quantized` writes `slim.qdq.onnx` (integer weights behind DequantizeLinear),
 checked in ONNX Runtime against the slim torch model on every probe, and reports the counted
@@ -10,12 +10,11 @@ host (`slim.qdq.tvm.so`, int8 constants, checked too) and, for an arm/gpu --targ
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from rwdeploy.context import CompileContext, QuantizedSlim
-from rwdeploy.errors import VerificationError
+from rwdeploy.context import CompileContext, QuantizedSlim, require_close
 from rwdeploy.passes.verify import Closeness, compare_on
 from rwdeploy.quant.export import export_float_onnx, write_qdq_onnx
 from rwdeploy.quant.onnx_qdq import to_qdq
@@ -29,28 +28,17 @@ QDQ_ONNX = "slim.qdq.onnx"
 QDQ_TVM = "slim.qdq.tvm.so"
 
 
-def quant_spec(metadata: dict[str, Any] | None) -> QuantSpec | None:
-    q = (metadata or {}).get("quantization")
-    return QuantSpec.from_dict(q) if q else None
-
-
 def _check(ctx: CompileContext, name: str, runtime: str, run: Callable[[np.ndarray], np.ndarray]) -> Closeness:
     """`run` (a runtime's inference of file `name`) against the dense slim torch model, on the probes."""
     tolerance = ctx.options.tolerance
     check = compare_on(ctx.dense_slim, lambda x: run(x.numpy()), ctx.probe_inputs, tolerance=tolerance)
-    if not check.passed:
-        raise VerificationError(
-            f"{runtime} output of {name} differs from the quantized slim torch model: max relative error "
-            f"{check.max_rel:.3g} > tolerance {tolerance:g}; nothing was written",
-            hint="an exporter or runtime problem with quantized weights; please report it with the model")
+    require_close(check, tolerance, f"{runtime} output of {name} differs from the quantized slim torch model",
+                  hint="an exporter or runtime problem with quantized weights; please report it with the model")
     return check
 
 
 def stage_export_quantized(ctx: CompileContext) -> None:
-    spec = quant_spec(ctx.loaded.metadata)
-    if spec is None:
-        return
-    opts = ctx.options
+    spec, opts = QuantSpec.from_dict(ctx.loaded.metadata["quantization"]), ctx.options
     # The dense slim model: sparse packing (when it ran) replaced weights by CSR/BSR arrays.
     ctx.quantized = QuantizedSlim(spec, export_float_onnx(ctx.dense_slim, ctx.example_input, opts.opset))
     info = write_qdq_onnx(ctx.quantized.float_onnx, ctx.path(QDQ_ONNX), bits=spec.bits, per_channel=spec.per_channel)
@@ -68,8 +56,7 @@ def stage_tvm_quantized(ctx: CompileContext) -> None:
     """TVM builds of the slim graph with float and with int8-stored weights: for this host (run
     and checked here), and for the compile's --target when that is arm or gpu (built with the
     target's toolchain; it cannot run on this machine, so it is not checked here)."""
-    if ctx.quantized is None:
-        return
+    assert ctx.quantized is not None, "runs after stage_export_quantized"
     spec, float_model = ctx.quantized.spec, ctx.quantized.float_onnx
     qdq_model, record = to_qdq(float_model, spec.bits, per_channel=spec.per_channel, int4_storage=False)
     qbuild, qrun = build_onnx(qdq_model, path=ctx.path(QDQ_TVM))
