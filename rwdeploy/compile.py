@@ -46,10 +46,6 @@ SLIM_PT2 = "slim.pt2"
 ONNX_FILES = {"original": "original.onnx", "slim": "slim.onnx"}  # variant -> file
 
 
-# ---------------------------------------------------------------------------------------------
-# Stages
-
-
 def _plain(module: nn.Module) -> nn.Module:
     """A module loaded from a `.pt2` (`ExportedProgram.module()`) refuses train()/eval(); the
     same graph over the same parameters as a plain GraphModule behaves like any module."""

@@ -75,7 +75,8 @@ class CompileOptions:
         self._validate_tvm()
 
     def _validate_device(self) -> None:
-        if (self.rpc or self.tracker or self.key) and self.target_family != "arm":
+        arm = self.target in TARGETS and TARGETS[self.target].family == "arm"
+        if (self.rpc or self.tracker or self.key) and not arm:
             raise OptionError(f"--rpc/--tracker/--key measure on a device; --target {self.target} runs here",
                               hint="use them with an arm target (arm, rpi4, rpi5, graviton2, android-arm64)")
         if self.rpc and self.tracker:
@@ -105,11 +106,6 @@ class CompileOptions:
         """Time `calls` in alternation (`runtime.latency.time_interleaved`) as the options say."""
         return time_interleaved(calls, warmup=self.warmup, min_runs=self.runs, max_runs=max(self.runs, 1000),
                                 min_time_s=self.min_time_s)
-
-    @property
-    def target_family(self) -> str | None:
-        """"cpu" | "arm" | "gpu" for a TVM target, None for --target onnx."""
-        return TARGETS[self.target].family if self.target in TARGETS else None
 
 
 @dataclass(frozen=True)

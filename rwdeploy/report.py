@@ -18,9 +18,6 @@ from rwdeploy.io import atomic_file
 SCHEMA = "rwdeploy.report/1"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-# Order of the sections in the JSON document (unknown sections follow, sorted).
-SECTION_ORDER = ("model", "target_failure", "compile", "trace", "layers", "channels", "sparse", "verification",
-                 "quantization", "files", "latency", "targets", "environment")
 VARIANT_ORDER = ("original", "slim", "quantized")
 
 
@@ -52,10 +49,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
         return obj.tolist()
     return str(obj)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building sections
 
 
 def layer_rows(before: Iterable[Any], after: Iterable[Any]) -> list[dict[str, Any]]:
@@ -112,11 +105,8 @@ def speedups(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# The view: what a reader sees, rendered as markdown (report.md) or on a terminal (the CLI)
-
-
-# The blocks of a view, which markdown() and the CLI's terminal renderer know how to draw.
+# The blocks of the view (what a reader sees), which markdown() (report.md) and the CLI's
+# terminal renderer know how to draw.
 class Heading(NamedTuple):
     text: str
     level: int = 2
@@ -345,7 +335,7 @@ def _other_view(value: Any) -> list[Block]:
     return [Bullets([f"{k}: {json.dumps(v, default=_json_default)}" for k, v in items])]
 
 
-# section -> (heading, view); the heading of the summary is the report's own
+# section -> (heading, view), in the document's order (the summary's heading is the report's own)
 SECTION_VIEWS: dict[str, tuple[str, Callable[[Any], list[Block]]]] = {
     "target_failure": ("Target step failed", _failure_view),
     "compile": ("Settings", _compile_view),
@@ -360,6 +350,8 @@ SECTION_VIEWS: dict[str, tuple[str, Callable[[Any], list[Block]]]] = {
     "targets": ("Targets", _targets_view),
     "environment": ("Environment", _entries),
 }
+# Order of the sections in the JSON document (unknown sections follow, sorted).
+SECTION_ORDER = ("model", *SECTION_VIEWS)
 
 
 def view(doc: dict[str, Any]) -> list[Block]:

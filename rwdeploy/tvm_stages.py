@@ -109,9 +109,7 @@ def stage_arm_measure(ctx: CompileContext) -> None:
 
 
 def target_stages(name: str) -> tuple[Stage, ...]:
-    """The stages for registry target `name`: build, then measure here (a target that runs in
-    this process) or on the device (arm: over TVM RPC, --rpc / --tracker --key, else on the
-    emulated aarch64 device)."""
+    """The stages for registry target `name` (see the module docstring)."""
     entry = TARGETS[name]
     stages = [Stage("tvm_build", f"Build TVM module for {name}", stage_tvm_build, target_step=True)]
     if entry.runs_on == RUNS_LOCAL:
