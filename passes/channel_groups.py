@@ -21,6 +21,7 @@ from rwdeploy.passes.channel_folding import folded_copy
 from rwdeploy.passes.channel_state import AnalysisState, SliceRecord, summarize
 from rwdeploy.passes.ops import classify
 from rwdeploy.passes.ops.common import opaque, value_users
+from rwdeploy.passes.trace import node_values
 
 
 @dataclass
@@ -117,24 +118,9 @@ def _resolve(m: Any, roots: torch.Tensor) -> Any:
     return None
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        self.values[n.name] = summarize(out)
-        return out
-
-
 def record_values(gm: fx.GraphModule, example_input: Any) -> dict[str, Any]:
     """Run the graph once; keep every node's output shape (and small non-tensor values)."""
-    rec = _Recorder(gm)
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    with torch.no_grad():
-        rec.run(*inputs)
-    return rec.values
+    return node_values(gm, example_input if isinstance(example_input, tuple) else (example_input,), summarize)
 
 
 STRICT_ENV = "RWDEPLOY_STRICT_ANALYSIS"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rwdeploy.passes.channel_groups import ChannelAnalysis, ChannelSlice, Segment, SliceRef
-from rwdeploy.passes.channel_state import varying_dims
+from rwdeploy.passes.channel_state import tensors_in, varying_dims
 
 
 def zero_channels(t: torch.Tensor, s: ChannelSlice) -> list[bool]:
@@ -153,19 +153,11 @@ def select(analysis: ChannelAnalysis, removed: set[int]) -> Selection:
             if not k.any():
                 changed |= sel.give_back({min(sel.roots_where(region, ~k))})
         for m in analysis.class_maps.values():
-            for t in _tensor_maps(m):
+            for t in tensors_in(m):
                 changed |= _whole_rows(sel, t)
         if not changed:
             return sel
     raise RuntimeError("channel selection did not converge")  # a bug, not a user error
-
-
-def _tensor_maps(m: Any):
-    if isinstance(m, torch.Tensor):
-        yield m
-    elif isinstance(m, (tuple, list)):
-        for x in m:
-            yield from _tensor_maps(x)
 
 
 def _uniform(sel: Selection, per_group: list[torch.Tensor]) -> bool:

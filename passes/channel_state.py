@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -181,7 +181,7 @@ class AnalysisState:
         return self.uf.make(n)
 
     def pin(self, m: Any, reason: str) -> None:
-        for t in _tensors(m):
+        for t in tensors_in(m):
             for c in t[t >= 0].unique().tolist():
                 self.pins[c].add(reason)
 
@@ -201,9 +201,10 @@ class AnalysisState:
         self.slices.append(SliceRecord(key, dim, role, index.long(), cls.long(), span))
 
 
-def _tensors(m: Any):
+def tensors_in(m: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a class map: itself, or those nested in tuples/lists."""
     if isinstance(m, torch.Tensor):
         yield m
     elif isinstance(m, (tuple, list)):
         for x in m:
-            yield from _tensors(x)
+            yield from tensors_in(x)

@@ -2,11 +2,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
 from rwdeploy.errors import ModelFileError
+
+
+class _NodeValues(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, keep: Callable[[Any], Any]) -> None:
+        super().__init__(gm)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = self.keep(out)
+        return out
+
+
+def node_values(gm: fx.GraphModule, inputs: tuple, keep: Callable[[Any], Any] = lambda v: v) -> dict[str, Any]:
+    """Node name -> `keep(its output)`, from one run of `gm` on `inputs` (without autograd)."""
+    interpreter = _NodeValues(gm, keep)
+    with torch.no_grad():
+        interpreter.run(*inputs)
+    return interpreter.values
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from rwdeploy.passes.trace import node_values
 
 
 @runtime_checkable
@@ -136,23 +137,9 @@ def verify_equivalence(original: nn.Module, slim: nn.Module, probe_inputs: Itera
     return VerificationResult(total.max_abs, total.max_rel, total.passed, first, probes, rtol)
 
 
-class _AllValues(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        self.values[n.name] = out
-        return out
-
-
 def _values(model: nn.Module, args: tuple) -> tuple[fx.GraphModule, dict[str, Any]]:
     gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
-    rec = _AllValues(gm)
-    with torch.no_grad():
-        rec.run(*args)
-    return gm, rec.values
+    return gm, node_values(gm, args)
 
 
 def first_diverging_node(original: nn.Module, slim: nn.Module, args: tuple, *, rtol: float = 1e-4,
