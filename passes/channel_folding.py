@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from rwdeploy.passes.ops.common import state_tensor, value_users
 from rwdeploy.passes.ops.spec import matching
+from rwdeploy.passes.trace import node_values
 
 PREFIX = "_rw_folded_"
 
@@ -65,31 +66,17 @@ def computed_weights(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, str]]:
     return found
 
 
-class _Capture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
-        self.wanted, self.found = wanted, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.found[n.name] = out.detach().clone()
-        return out
-
-
 def fold_computed_weights(gm: fx.GraphModule, example_input: Any) -> dict[str, str]:
     """Replace, in place, every layer weight computed from parameters by a parameter of its
     value (see the module doc). Returns layer node -> the new state_dict key."""
     found = computed_weights(gm)
     if not found:
         return {}
-    cap = _Capture(gm, {w.name for w, _ in found.values()})
-    with torch.no_grad():
-        cap.run(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+    values = node_values(gm, example_input, lambda t: t.detach().clone(), {w.name for w, _ in found.values()})
     keys: dict[str, str] = {}
     by_name = {n.name: n for n in gm.graph.nodes}
     for layer_name, (weight, _) in found.items():
-        layer, value = by_name[layer_name], cap.found[weight.name]
+        layer, value = by_name[layer_name], values[weight.name]
         key = _own_source(gm, weight, value) or f"{PREFIX}{layer_name}"
         owner, _, attr = key.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm

@@ -120,7 +120,7 @@ def _resolve(m: Any, roots: torch.Tensor) -> Any:
 
 def record_values(gm: fx.GraphModule, example_input: Any) -> dict[str, Any]:
     """Run the graph once; keep every node's output shape (and small non-tensor values)."""
-    return node_values(gm, example_input if isinstance(example_input, tuple) else (example_input,), summarize)
+    return node_values(gm, example_input, summarize)
 
 
 STRICT_ENV = "RWDEPLOY_STRICT_ANALYSIS"

@@ -11,21 +11,24 @@ from rwdeploy.errors import ModelFileError
 
 
 class _NodeValues(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, keep: Callable[[Any], Any]) -> None:
+    def __init__(self, gm: fx.GraphModule, keep: Callable[[Any], Any], names: set[str] | None) -> None:
         super().__init__(gm)
-        self.keep, self.values = keep, {}
+        self.keep, self.names, self.values = keep, names, {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        self.values[n.name] = self.keep(out)
+        if self.names is None or n.name in self.names:
+            self.values[n.name] = self.keep(out)
         return out
 
 
-def node_values(gm: fx.GraphModule, inputs: tuple, keep: Callable[[Any], Any] = lambda v: v) -> dict[str, Any]:
-    """Node name -> `keep(its output)`, from one run of `gm` on `inputs` (without autograd)."""
-    interpreter = _NodeValues(gm, keep)
+def node_values(gm: fx.GraphModule, inputs: Any, keep: Callable[[Any], Any] = lambda v: v,
+                names: set[str] | None = None) -> dict[str, Any]:
+    """Node name -> `keep(its output)` for every node (or those in `names`), from one run of `gm`
+    on `inputs` (a tensor or a tuple of inputs), without autograd."""
+    interpreter = _NodeValues(gm, keep, names)
     with torch.no_grad():
-        interpreter.run(*inputs)
+        interpreter.run(*(inputs if isinstance(inputs, tuple) else (inputs,)))
     return interpreter.values
 
 

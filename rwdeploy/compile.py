@@ -29,7 +29,6 @@ from rwdeploy.context import (COMPILE_TARGETS, ONNX_TARGET, CompileContext, Comp
 from rwdeploy.errors import ExportError, OptionError, VerificationError
 from rwdeploy.io import LoadedModel, atomic_dir
 from rwdeploy.passes.layer_stats import layer_stats, totals
-from rwdeploy.passes.verify import compare_on
 from rwdeploy.quant.compile_stage import stage_export_quantized, stage_tvm_quantized
 from rwdeploy.quant.program import quant_extra_files
 from rwdeploy.runtime.environment import environment
@@ -117,9 +116,8 @@ def stage_pack_sparse(ctx: CompileContext) -> None:
     opts = ctx.options  # the pass never measures: this stage gives it the target's layer timer
     result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target,
                          timer=HostLayerTimer(opts.target))
-    check = compare_on(ctx.slim, result.gm, ctx.probe_inputs, tolerance=opts.tolerance)
-    require_close(check, opts.tolerance, "packed model differs from the slim model",
-                  hint="compile with --sparse off, and please report it")
+    check = ctx.check(ctx.slim, result.gm, "packed model differs from the slim model",
+                      hint="compile with --sparse off, and please report it")
     ctx.unpacked, ctx.slim = ctx.slim, result.gm
     ctx.records["pack_sparse"] = result.record
     ctx.sections["sparse"] = {**result.record.to_dict(), "max_rel_vs_slim": check.max_rel}
@@ -162,14 +160,14 @@ def stage_export_onnx(ctx: CompileContext) -> None:
 
 def stage_ort_check(ctx: CompileContext) -> None:
     """ONNX Runtime's output of each exported file against its torch module, on every probe."""
-    tolerance = ctx.options.tolerance
-    section: dict[str, object] = {"runtime": "onnxruntime", "tolerance_rel": tolerance}
+    section: dict[str, object] = {"runtime": "onnxruntime", "tolerance_rel": ctx.options.tolerance}
     for variant, module in ctx.variants().items():
-        runner = OrtRunner(ctx.path(ONNX_FILES[variant]), threads=ctx.options.threads)
-        check = compare_on(module, lambda x: runner.run(x.numpy()), ctx.probe_inputs, tolerance=tolerance)
+        name = ONNX_FILES[variant]
+        runner = OrtRunner(ctx.path(name), threads=ctx.options.threads)
+        check = ctx.check(module, lambda x: runner.run(x.numpy()),
+                          f"ONNX Runtime output of {name} differs from the {variant} torch model",
+                          hint="an exporter or runtime problem; please report it with the model")
         section[variant] = check.to_dict()
-        require_close(check, tolerance, f"ONNX Runtime output of {ONNX_FILES[variant]} differs from the {variant} "
-                      "torch model", hint="an exporter or runtime problem; please report it with the model")
     ctx.sections.setdefault("verification", {})["onnxruntime"] = section
 
 

@@ -16,6 +16,7 @@ from torch import fx, nn
 from rwdeploy.errors import OptionError, RwdeployError, TvmImportError, VerificationError
 from rwdeploy.io import LoadedModel
 from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
+from rwdeploy.passes.verify import Closeness, compare_on
 from rwdeploy.runtime.latency import LatencyRow, LatencyStats, time_interleaved
 from rwdeploy.runtime.rpc import parse_address
 from rwdeploy.runtime.targets import TARGETS, Target, get_target
@@ -181,6 +182,13 @@ class CompileContext:
         """The models every runtime compares: the original and the slim (maybe packed) one."""
         assert self.original is not None and self.slim is not None, "runs after remove_zero_channels"
         return {"original": self.original, "slim": self.slim}
+
+    def check(self, reference: Callable[[Any], Any], candidate: Callable[[Any], Any], what: str,
+              hint: str) -> Closeness:
+        """`candidate` against `reference` on the probe inputs, to --tolerance (else `require_close`'s error)."""
+        check = compare_on(reference, candidate, self.probe_inputs, tolerance=self.options.tolerance)
+        require_close(check, self.options.tolerance, what, hint)
+        return check
 
     @property
     def dense_slim(self) -> nn.Module:

@@ -10,12 +10,7 @@ host (`slim.qdq.tvm.so`, int8 constants, checked too) and, for an arm/gpu --targ
 """
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
-
-from rwdeploy.context import CompileContext, QuantizedSlim, require_close
-from rwdeploy.passes.verify import Closeness, compare_on
+from rwdeploy.context import CompileContext, QuantizedSlim
 from rwdeploy.quant.export import export_float_onnx, write_qdq_onnx
 from rwdeploy.quant.onnx_qdq import to_qdq
 from rwdeploy.quant.qat import QuantSpec
@@ -26,15 +21,9 @@ from rwdeploy.runtime.targets import get_target
 
 QDQ_ONNX = "slim.qdq.onnx"
 QDQ_TVM = "slim.qdq.tvm.so"
-
-
-def _check(ctx: CompileContext, name: str, runtime: str, run: Callable[[np.ndarray], np.ndarray]) -> Closeness:
-    """`run` (a runtime's inference of file `name`) against the dense slim torch model, on the probes."""
-    tolerance = ctx.options.tolerance
-    check = compare_on(ctx.dense_slim, lambda x: run(x.numpy()), ctx.probe_inputs, tolerance=tolerance)
-    require_close(check, tolerance, f"{runtime} output of {name} differs from the quantized slim torch model",
-                  hint="an exporter or runtime problem with quantized weights; please report it with the model")
-    return check
+# a runtime's output of a quantized file, checked against the dense slim torch model
+DIFFERS = "{runtime} output of {name} differs from the quantized slim torch model"
+HINT = "an exporter or runtime problem with quantized weights; please report it with the model"
 
 
 def stage_export_quantized(ctx: CompileContext) -> None:
@@ -42,7 +31,9 @@ def stage_export_quantized(ctx: CompileContext) -> None:
     # The dense slim model: sparse packing (when it ran) replaced weights by CSR/BSR arrays.
     ctx.quantized = QuantizedSlim(spec, export_float_onnx(ctx.dense_slim, ctx.example_input, opts.opset))
     info = write_qdq_onnx(ctx.quantized.float_onnx, ctx.path(QDQ_ONNX), bits=spec.bits, per_channel=spec.per_channel)
-    check = _check(ctx, QDQ_ONNX, "ONNX Runtime", OrtRunner(ctx.path(QDQ_ONNX), threads=opts.threads).run)
+    runner = OrtRunner(ctx.path(QDQ_ONNX), threads=opts.threads)
+    check = ctx.check(ctx.dense_slim, lambda x: runner.run(x.numpy()),
+                      DIFFERS.format(runtime="ONNX Runtime", name=QDQ_ONNX), HINT)
     ctx.sections["quantization"] = {
         "bits": spec.bits, "per_channel": spec.per_channel, "scales": "power of two (fixed point)",
         "onnx": {**info.record.to_dict(), "check": check.to_dict()},
@@ -61,7 +52,7 @@ def stage_tvm_quantized(ctx: CompileContext) -> None:
     qdq_model, record = to_qdq(float_model, spec.bits, per_channel=spec.per_channel, int4_storage=False)
     qbuild, qrun = build_onnx(qdq_model, path=ctx.path(QDQ_TVM))
     fbuild, _ = build_onnx(float_model)
-    check = _check(ctx, QDQ_TVM, "TVM", qrun)
+    check = ctx.check(ctx.dense_slim, lambda x: qrun(x.numpy()), DIFFERS.format(runtime="TVM", name=QDQ_TVM), HINT)
     ctx.files["slim_qdq_tvm"] = {"path": QDQ_TVM, "bytes": qbuild.library_bytes, "weights": record.storage}
     section = {"target": qbuild.target, "weights": record.storage, "library_bytes": qbuild.library_bytes,
                "float_library_bytes": fbuild.library_bytes, "build_s": round(qbuild.build_s, 3),
