@@ -1,4 +1,4 @@
-"""Measuring the `arm` targets' libraries: on a device over TVM RPC, or on the emulated one.
+"""The device the `arm` targets' libraries are measured on: over TVM RPC, or the emulated one.
 
 With `--rpc HOST:PORT` (or `--tracker HOST:PORT --key KEY`) the built libraries run on that
 device. Without either, they run on the emulated aarch64 device (`arm_emulator`), and every
@@ -12,40 +12,12 @@ and left running. The compile stage that uses this is `rwdeploy.tvm_stages.stage
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
+from typing import Callable, Iterator
 
 from rwdeploy.runtime import arm_emulator
-from rwdeploy.runtime.latency import LatencyRow
-from rwdeploy.runtime.rpc import Device, RemoteMeasurement, measure_remote_all
+from rwdeploy.runtime.rpc import Device
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class ArmResult:
-    variant: str
-    target: str
-    batch: int
-    threads: int | None
-    measurement: RemoteMeasurement
-    instructions: arm_emulator.InstructionCount | None
-
-    def latency_row(self) -> LatencyRow:
-        """A row of the report's `latency` section."""
-        m = self.measurement
-        return LatencyRow("tvm", self.target, self.variant, self.batch, self.threads, m.latency,
-                          emulated=m.emulated, device=m.device, max_abs_err=m.max_abs_err, max_rel_err=m.max_rel_err)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"variant": self.variant, "target": self.target, "batch": self.batch,
-                               "threads": self.threads, **self.measurement.to_dict()}
-        if self.instructions is not None:
-            out["instructions"] = self.instructions.to_dict()
-        return out
 
 
 @contextlib.contextmanager
@@ -75,41 +47,3 @@ def arm_device(
             progress("stopped the emulated device (start it with `rwdeploy device arm-emulator start` "
                      "to keep it between runs)")
 
-
-def measure_arm(
-    variants: dict[str, tuple[Path, np.ndarray]],
-    example_input: np.ndarray,
-    *,
-    target: str = "arm",
-    rpc: str | None = None,
-    tracker: str | None = None,
-    key: str | None = None,
-    tolerance: float = 1e-4,
-    repeat: int = 15,
-    progress: Progress = lambda _: None,
-) -> list[ArmResult]:
-    """Measure every variant (variant -> (built library, reference output); timed in
-    alternation, outputs checked to `tolerance`); on the emulated device, instruction counts too."""
-    x = np.ascontiguousarray(example_input, dtype=np.float32)
-    results = []
-    with arm_device(rpc, tracker, key, progress=progress) as (device, threads):
-        progress(f"{target}: running {', '.join(lib.name for lib, _ in variants.values())} on {device.label}"
-                 f"{' (emulated)' if device.emulated else ''}")
-        measured = measure_remote_all(variants, x, device, tolerance=tolerance, repeat=repeat)
-        for variant, (library, _) in variants.items():
-            insns = None
-            if device.emulated:
-                progress(f"{target}/{variant}: counting aarch64 instructions per inference (qemu plugin)")
-                insns = arm_emulator.count_instructions(library, x)
-            results.append(ArmResult(variant, target, int(x.shape[0]), threads, measured[variant], insns))
-    return results
-
-
-def instruction_section(results: list[ArmResult]) -> dict[str, Any]:
-    """The `instructions` entry of the report's `targets` section: per variant, and ratios."""
-    by_variant = {r.variant: r.instructions.to_dict() for r in results if r.instructions is not None}
-    out: dict[str, Any] = {"per_variant": by_variant}
-    base = by_variant.get("original", {}).get("insns_per_inference")
-    if base:
-        out["relative_to_original"] = {k: v["insns_per_inference"] / base for k, v in by_variant.items()}
-    return out

@@ -12,11 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from rwdeploy.context import CompileContext, Stage, measuring, require_close
 from rwdeploy.passes.verify import compare
-from rwdeploy.runtime import tvm_build
-from rwdeploy.runtime.arm_measure import instruction_section, measure_arm
+from rwdeploy.runtime import arm_emulator, tvm_build
+from rwdeploy.runtime.arm_measure import arm_device
 from rwdeploy.runtime.latency import LatencyRow
+from rwdeploy.runtime.rpc import measure_remote_all
 from rwdeploy.runtime.targets import RUNS_LOCAL, TARGETS
 
 SLIM_SO = "model.{target}.so"
@@ -90,22 +93,36 @@ def stage_arm_measure(ctx: CompileContext) -> None:
         batch, art = shipped[variant]
         x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
         variants[variant] = (Path(art.path), module(x).detach().numpy())
-    results = measure_arm(variants, x.numpy(), target=opts.target, rpc=opts.rpc, tracker=opts.tracker,
-                          key=opts.key, tolerance=opts.tolerance, repeat=max(5, min(opts.runs, 30)),
-                          progress=_emulator_messages)
-    m = results[0].measurement
+    x_np = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    with arm_device(opts.rpc, opts.tracker, opts.key, progress=_emulator_messages) as (device, threads):
+        # timed in alternation, each output checked against its torch model (verify.compare)
+        measured = measure_remote_all(variants, x_np, device, tolerance=opts.tolerance,
+                                      repeat=max(5, min(opts.runs, 30)))
+        # emulated latency is not ARM latency; instructions per inference reproduce across machines
+        counts = {v: arm_emulator.count_instructions(lib, x_np).to_dict() for v, (lib, _) in variants.items()
+                  if device.emulated}
+    m = measured[next(iter(variants))]
     section["device"] = {"address": m.device, "emulated": m.emulated}
     if m.emulated:
         notes.append("measured on the emulated aarch64 device (no --rpc given): qemu-user on this machine, "
                      "so latency is emulated, not ARM latency; compare variants by aarch64 instructions per "
                      "inference")
-    section["measurements"] = {r.variant: r.to_dict() for r in results}
-    if any(r.instructions is not None for r in results):
-        section["instructions"] = instruction_section(results)
-        for variant, c in section["instructions"]["per_variant"].items():
+    section["measurements"] = {v: {"variant": v, "target": opts.target, "batch": batch, "threads": threads,
+                                   **measured[v].to_dict(), **({"instructions": counts[v]} if v in counts else {})}
+                               for v in variants}
+    if counts:
+        section["instructions"] = {"per_variant": counts}
+        base = counts.get("original", {}).get("insns_per_inference")
+        if base:
+            section["instructions"]["relative_to_original"] = {v: c["insns_per_inference"] / base
+                                                               for v, c in counts.items()}
+        for variant, c in counts.items():
             notes.append(f"{variant}: {c['insns_per_inference']:,} aarch64 instructions per inference "
                          f"(two measurements differ by {max(c['samples']) - min(c['samples']):,})")
-    ctx.latency.extend(r.latency_row() for r in results)
+    for v in variants:
+        r = measured[v]
+        ctx.latency.append(LatencyRow("tvm", opts.target, v, batch, threads, r.latency, emulated=r.emulated,
+                                      device=r.device, max_abs_err=r.max_abs_err, max_rel_err=r.max_rel_err))
 
 
 def target_stages(name: str) -> tuple[Stage, ...]:
