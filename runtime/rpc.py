@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from rwdeploy.errors import OptionError, ToolchainError, VerificationError
+from rwdeploy.errors import OptionError, ToolchainError, VerificationError, last_line
 from rwdeploy.passes.verify import Closeness, compare
 from rwdeploy.runtime.latency import LatencyStats
 
@@ -155,10 +155,7 @@ def _within(seconds: float, who: str, what: str, call: Callable[[], Any]) -> Any
 
 
 def _error_line(err: BaseException) -> str:
-    text = str(err).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # TVM errors end with the actual message; tracebacks come first.
-    return lines[-1] if lines else type(err).__name__
+    return last_line(err) or type(err).__name__
 
 
 @dataclass

@@ -119,7 +119,6 @@ def stage_pack_sparse(ctx: CompileContext) -> None:
     check = ctx.check(ctx.slim, result.gm, "packed model differs from the slim model",
                       hint="compile with --sparse off, and please report it")
     ctx.unpacked, ctx.slim = ctx.slim, result.gm
-    ctx.records["pack_sparse"] = result.record
     ctx.sections["sparse"] = {**result.record.to_dict(), "max_rel_vs_slim": check.max_rel}
 
 
@@ -276,6 +275,7 @@ def compile_model(loaded: LoadedModel, options: CompileOptions, progress: Progre
     """Run the pipeline for `loaded`; `options.out` then holds the artifacts and reports (the
     verified ones and the report only, when a target step failed: see `result.target_failure`)."""
     options.validate()
+    progress = progress or (lambda *event: None)
     _check_out(Path(options.out))
     stages = pipeline(options, quantized=bool(loaded.metadata.get("quantization")))
     torch.manual_seed(options.seed)
@@ -287,8 +287,7 @@ def compile_model(loaded: LoadedModel, options: CompileOptions, progress: Progre
         for index, stage in enumerate(stages):
             if stage.target_step and ctx.target_failure is not None:
                 continue  # a later target step builds on the one that failed
-            if progress:
-                progress(stage, index, len(stages), "start")
+            progress(stage, index, len(stages), "start")
             files_before = set(ctx.files)
             if stage.target_step and verified_files is None:
                 verified_files = files_before
@@ -304,9 +303,8 @@ def compile_model(loaded: LoadedModel, options: CompileOptions, progress: Progre
                 _drop_files(ctx, set(ctx.files) - (verified_files if isinstance(err, VerificationError) else files_before))
                 ctx.target_failure = TargetFailure.from_error(stage, options.target, err)
             ctx.stage_seconds[stage.name] = time.perf_counter() - t0
-            if progress:
-                failed = ctx.target_failure is not None and ctx.target_failure.stage == stage.name
-                progress(stage, index, len(stages), "failed" if failed else "done")
+            failed = ctx.target_failure is not None and ctx.target_failure.stage == stage.name
+            progress(stage, index, len(stages), "failed" if failed else "done")
     return CompileResult(Path(options.out), ctx.sections, ctx.target_failure)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import fx, nn
 
-from rwdeploy.errors import OptionError, RwdeployError, TvmImportError, VerificationError
+from rwdeploy.errors import OptionError, RwdeployError, TvmImportError, VerificationError, last_line
 from rwdeploy.io import LoadedModel
 from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
 from rwdeploy.passes.verify import Closeness, compare_on
@@ -135,9 +135,8 @@ class TargetFailure:
     def from_error(cls, stage: Stage, target: str, err: BaseException) -> TargetFailure:
         if isinstance(err, RwdeployError):
             error, hint = " ".join(err.message.split()), err.hint
-        else:  # a TVM/LLVM error: its message is the last line, after a C++ traceback
-            lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-            error, hint = f"{type(err).__name__}: {lines[-1] if lines else ''}", None
+        else:
+            error, hint = f"{type(err).__name__}: {last_line(err)}", None
         node = err.node if isinstance(err, TvmImportError) else None
         return cls(stage.name, stage.title, target, error,
                    hint or "compile with --target onnx to skip TVM, and please report it (with --debug)", node, err)

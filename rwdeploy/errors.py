@@ -27,6 +27,12 @@ class RwdeployError(Exception):
         return " ".join(text.split())
 
 
+def last_line(err: BaseException) -> str:
+    """The message of a TVM/LLVM error: its last non-empty line, after any C++ traceback ('' if none)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
 class ModelFileError(RwdeployError):
     """The model file is missing, unreadable, of an unknown format, or unsafe to load."""
 

@@ -42,10 +42,8 @@ def write_report(document: dict[str, Any], folder: Path) -> tuple[Path, Path]:
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    if isinstance(obj, set):  # (json writes tuples itself)
+    if isinstance(obj, set):  # (json writes tuples itself; a Path is its str)
         return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
     if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
         return obj.tolist()
     return str(obj)
