@@ -250,7 +250,7 @@ TARGET_STAGES: dict[str, tuple[Stage, ...]] = {ONNX_TARGET: (), **{name: target_
 QUANTIZED_TVM_STAGES: tuple[Stage, ...] = (
     Stage("tvm_quantized", "Build quantized TVM modules", stage_tvm_quantized, target_step=True),
 )
-QUANTIZED_STAGES = frozenset({"export_quantized", *(s.name for s in QUANTIZED_TVM_STAGES)})
+QUANTIZED_STAGES = frozenset({"export_quantized", "tvm_quantized"})
 
 REPORT_STAGES: tuple[Stage, ...] = (Stage("report", "Write report", stage_report),)
 

@@ -16,7 +16,7 @@ from rwdeploy.compile import TARGET_STAGES, CompileOptions, Stage, compile_model
 from rwdeploy.console import make_console
 from rwdeploy.errors import OptionError, TargetStepError
 from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
-from rwdeploy.report import REPORT_MD, Bullets, Heading, Table, summary
+from rwdeploy.report import REPORT_MD, Bullets, Table, summary
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -68,9 +68,7 @@ def summary_table(report: dict[str, Any], out: Path) -> Group:
             for row in b.rows:
                 table.add_row(*(Text(cell) for cell in row))
             parts.append(table)
-        elif isinstance(b, Heading):
-            parts.append(Text(b.text, style="bold"))
-        else:
+        else:  # the summary has no headings
             parts.extend(Text(line) for line in (b.items if isinstance(b, Bullets) else [b.text]))
     return Group(*parts)
 
