@@ -27,6 +27,9 @@ from dataclasses import astuple, dataclass
 
 from tvm.script import tirx as T
 
+from rwdeploy.runtime.tvm_conv_kernels import ConvSpec, conv_kernel  # noqa: F401  (re-exported)
+from rwdeploy.runtime.tvm_conv_kernels import scratch_shape as conv_scratch_shape
+
 ROWS_PER_TASK = 16   # output rows per parallel task (linear)
 GATHER_LANES = 8     # CSR row dot product: lanes of the gathered accumulator (8 measured best)
 DENSE_LANES = 16     # dense row dot product accumulator lanes
@@ -50,34 +53,6 @@ class LinearSpec:
         return f"rw_linear_{self.fmt}_{_digest(self)}"
 
 
-@dataclass(frozen=True)
-class ConvSpec:
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-    fmt: str
-    nnz_blocks: int = 0
-    block: tuple[int, int] = (1, 1)
-    index_dtype: str = "int32"
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return tuple(
-            (s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, k, st, p, d in zip((self.height, self.width), self.kernel, self.stride,
-                                      self.padding, self.dilation))
-
-    def name(self) -> str:
-        return f"rw_conv2d_{self.fmt}_{_digest(self)}"
-
-
 def _digest(spec) -> str:
     return hashlib.sha1(repr(astuple(spec)).encode()).hexdigest()[:12]
 
@@ -98,12 +73,9 @@ def kernel_for(spec: LinearSpec | ConvSpec):
         else:
             raise ValueError(f"no linear kernel for block {spec.block}")
     else:
-        if spec.fmt == "dense":
-            f = _conv(spec, dense=True)
-        elif spec.block[1] == 1:
-            f = _conv(spec, dense=False)
-        else:
+        if spec.block[1] != 1:
             raise ValueError(f"no conv kernel for block {spec.block}")
+        f = conv_kernel(spec)
     return f.with_attr("global_symbol", spec.name())
 
 
@@ -118,8 +90,8 @@ def scratch_shapes(spec: LinearSpec | ConvSpec) -> list[tuple[int, ...]]:
                     (_linear_tasks(spec.out_features // br, br), 2, br, spec.batch)]
         lanes = GATHER_LANES if (br, bc) == (1, 1) else max(br, bc)
         return [(_linear_tasks(spec.out_features // br, br), lanes)]
-    g = _conv_geometry(spec)
-    return [(spec.batch * spec.in_channels * g["PLANE"],), (spec.batch, spec.out_channels, g["P"])]
+    shape = conv_scratch_shape(spec)
+    return [] if shape is None else [shape]
 
 
 # ----------------------------------------------------------------------------- linear
@@ -283,95 +255,4 @@ def _bsr_linear_rows(s: LinearSpec):
                             acc[t, r] = acc[t, r] + vals[k, r, 0] * x[0, T.Cast("int32", col[k])]
                     for r in T.vectorized(BR):
                         y[0, (t * RB + i) * BR + r] = acc[t, r]
-    return f
-
-
-# ----------------------------------------------------------------------------- conv2d
-
-def _conv_geometry(s: ConvSpec) -> dict[str, int]:
-    H, W = s.height, s.width
-    KH, KW = s.kernel
-    PH, PW = s.padding
-    OH, OW = s.out_hw
-    HP, WP = H + 2 * PH, W + 2 * PW
-    wide = s.stride == (1, 1)
-    row = WP if wide else OW
-    # each padded plane, flattened, gets KW * dilation spare zeros: the last wide row reads past
-    # the plane's end by up to (KW - 1) * dilation elements
-    return {"HP": HP, "WP": WP, "PLANE": HP * WP + KW * s.dilation[1], "ROW": row,
-            "P": OH * row, "WIDE": int(wide)}
-
-
-def _conv(s: ConvSpec, dense: bool):
-    """Direct convolution on a zero-padded copy of x, one output-channel block per task.
-
-    For every stored weight (o, ci, ky, kx), channel o's output plane gets v * (ci's input
-    plane shifted by (ky, kx)): long vector FMAs on a plane that stays in L1. Stride 1 runs
-    on "wide" rows: the accumulator is (OH, WP) so the shifted input is one contiguous run of
-    the padded plane (flattened); the WP - OW extra columns are dropped at the end. Sparse
-    and dense share the loop nest (dense walks a CSR holding every weight: the index load is
-    amortised over a whole plane). BR output channels of a row block share each index.
-    """
-    B, C, H, W, O = s.batch, s.in_channels, s.height, s.width, s.out_channels
-    KH, KW = s.kernel
-    SH, SW = s.stride
-    PH, PW = s.padding
-    DH, DW = s.dilation
-    G = s.groups
-    CG, OG = C // G, O // G
-    OH, OW = s.out_hw
-    geo = _conv_geometry(s)
-    WP, PLANE, ROW, P, wide = geo["WP"], geo["PLANE"], geo["ROW"], geo["P"], geo["WIDE"]
-    KK = KH * KW
-    KCOL = CG * KK
-    BR = 1 if dense else s.block[0]
-    if OG % BR:
-        raise ValueError(f"block of {BR} output channels crosses a group of {OG}")
-    NB = O // BR
-    NNZ, IDX = (O * KCOL, s.index_dtype) if dense else (s.nnz_blocks, s.index_dtype)
-    # planes up to 64 floats are one vector expression (LLVM keeps it in registers across the
-    # weights of a row); longer ones go in 16-lane chunks plus one shorter vector tail
-    V = 16
-    PV = 0 if P <= 64 else (P - 1) // V * V   # the tail keeps 1..16 lanes (never 0)
-
-    @T.prim_func
-    def f(x: T.Buffer((B, C, H, W), "float32"), vals: T.Buffer((NNZ, BR, 1), "float32"),
-          col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((O,), "float32"), xp: T.Buffer((B * C * PLANE,), "float32"),
-          yw: T.Buffer((B, O, P), "float32"), y: T.Buffer((B, O, OH, OW), "float32")):
-        T.func_attr({"tir.noalias": True})
-        for bc in T.parallel(B * C):
-            for q in range(PLANE):
-                xp[bc * PLANE + q] = T.if_then_else(
-                    q // WP >= PH and q // WP < PH + H and q % WP >= PW and q % WP < PW + W,
-                    x[bc // C, bc % C, T.min(q // WP - PH, H - 1), q % WP - PW], T.float32(0))
-        for bo in T.parallel(B * NB):
-            for r in range(BR):
-                for p in T.vectorized(P):
-                    yw[bo // NB, bo % NB * BR + r, p] = bias[bo % NB * BR + r]
-            for k in range(rp[bo % NB], rp[bo % NB + 1]):
-                # T.bind is a true let; a plain assignment would be a 1-element local buffer
-                c = T.bind(T.Cast("int32", col[k]))
-                src = T.bind((bo // NB * C + bo % NB * BR // OG * CG + T.truncdiv(c, KK)) * PLANE
-                             + T.truncdiv(T.truncmod(c, KK), KW) * DH * WP + T.truncmod(c, KW) * DW)
-                if wide == 1:
-                    for r in range(BR):
-                        for pc in range(PV // V):
-                            for j in T.vectorized(V):
-                                yw[bo // NB, bo % NB * BR + r, pc * V + j] = yw[
-                                    bo // NB, bo % NB * BR + r, pc * V + j] + vals[k, r, 0] * xp[src + pc * V + j]
-                        for p in T.vectorized(P - PV):
-                            yw[bo // NB, bo % NB * BR + r, PV + p] = yw[bo // NB, bo % NB * BR + r, PV + p] \
-                                + vals[k, r, 0] * xp[src + PV + p]
-                else:
-                    for r in range(BR):
-                        for oh in range(OH):
-                            for ow in T.vectorized(OW):
-                                yw[bo // NB, bo % NB * BR + r, oh * OW + ow] = yw[
-                                    bo // NB, bo % NB * BR + r, oh * OW + ow] + vals[k, r, 0] * xp[
-                                    src + oh * SH * WP + ow * SW]
-            for r in range(BR):
-                for oh in range(OH):
-                    for ow in T.vectorized(OW):
-                        y[bo // NB, bo % NB * BR + r, oh, ow] = yw[bo // NB, bo % NB * BR + r, oh * ROW + ow]
     return f

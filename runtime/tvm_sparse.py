@@ -1,12 +1,20 @@
-"""rwdeploy's sparse custom ops in TVM Relax: converters to `call_tir` kernels, and their timing.
+"""rwdeploy's sparse custom ops in TVM Relax: converters to `call_tir` kernels, fused epilogues.
 
 `import_exported_program(ep)` wraps `tvm.relax.frontend.torch.from_exported_program` with a
-`custom_convert_map` that turns every `rwdeploy::sparse_linear` / `rwdeploy::sparse_conv2d`
-node into a `relax.call_tir` of a TIR kernel specialised to the layer (`runtime.tvm_kernels`).
-The kernels are plain TIR, so the module builds for any LLVM target (x86, aarch64).
+`custom_convert_map` (`convert_map()`) that turns every `rwdeploy::sparse_linear` /
+`rwdeploy::sparse_conv2d` node into a `relax.call_tir` of a TIR kernel specialised to the layer
+(`runtime.tvm_kernels`, `runtime.tvm_conv_kernels`). The kernels are plain TIR, so the module
+builds for any LLVM target (x86, aarch64).
 
-`time_candidates` builds many kernels into one library and times each on this machine: the
-measurement the `pack_sparse` selector decides from.
+Fusion. A conv whose only user is a ReLU / ReLU6 (hardtanh, clamp) or a same-shape add is not
+emitted when it is converted: its call is kept aside, and the user's converter emits one call
+with the activation (and the add's other operand as a residual input) applied in the kernel's
+epilogue. conv -> add -> relu (a ResNet block) becomes one kernel. Anything else falls back to
+TVM's own converters, after the pending conv is emitted.
+
+The weight arrays are graph inputs while converters run (bound as constants afterwards), so
+everything derived from them - each stored weight's input offset - is emitted as Relax
+arithmetic that the build folds into constants (FoldConstant).
 
 Threads: TVM's pool is sized from TVM_NUM_THREADS when it starts (default: half the cores on
 x86), so this module sets it to every core unless the caller already chose.
@@ -17,15 +25,20 @@ import os
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Callable, Sequence  # noqa: E402
+import math  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
+from torch import fx  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from rwdeploy.runtime.tvm_kernels import ConvSpec, LinearSpec, kernel_for, scratch_shapes  # noqa: E402
+from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
+    ConvGeometry, ConvSpec, conv_geometry, conv_kernel, residual_shape, scale_shape, scratch_shape,
+    slot_offsets_numpy, slot_origins, transform_for)
+from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
 OPAQUE = 8  # relax op pattern kOpaque: never fuse our hand-scheduled kernels with neighbours
@@ -48,15 +61,18 @@ def _dtype(expr: relax.Expr) -> str:
     return str(expr.ty.dtype)
 
 
-def _prim(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec) -> relax.GlobalVar:
+def _scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     # hand-scheduled: Relax must not fuse it, schedulers (dlight, MetaSchedule, tvm_schedule) skip it
-    func = kernel_for(spec).with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
-    return bb.add_func(func, spec.name())
+    return func.with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
 
 
-def _call(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec, args: list[relax.Expr],
+def _prim(bb: relax.BlockBuilder, spec: LinearSpec) -> relax.GlobalVar:
+    return bb.add_func(_scheduled(kernel_for(spec)), spec.name())
+
+
+def _call(bb: relax.BlockBuilder, spec: LinearSpec, args: list[relax.Expr],
           out_shape: tuple[int, ...]) -> relax.Var:
-    """call_tir of the spec's kernel; its scratch outputs are allocated by Relax and dropped."""
+    """call_tir of a linear kernel; its scratch outputs are allocated by Relax and dropped."""
     outs = [relax.TensorType(sh, "float32") for sh in scratch_shapes(spec)]
     outs.append(relax.TensorType(out_shape, "float32"))
     res = bb.emit(relax.call_tir(_prim(bb, spec), args, outs))
@@ -67,8 +83,181 @@ def _bias(bias: relax.Expr | None, n: int) -> relax.Expr:
     return relax.const(np.zeros(n, np.float32)) if bias is None else bias
 
 
+# ----------------------------------------------------------------------------- conv emission
+
+@dataclass(frozen=True)
+class ConvCall:
+    """Everything one conv kernel call needs; `spec` carries the fused epilogue."""
+
+    spec: ConvSpec
+    x: relax.Expr
+    values: relax.Expr
+    offsets: relax.Expr
+    indptr: relax.Expr
+    bias: relax.Expr
+    scale: relax.Expr | None = None      # per-row float32 scales of int8 values
+    residual: relax.Expr | None = None
+
+
+def _int32(v: int) -> relax.Expr:
+    return relax.const(v, "int32")
+
+
+def offsets_expr(g: ConvGeometry, columns: relax.Expr) -> relax.Expr:
+    """Relax arithmetic for `slot_offsets_numpy` (folded to a constant at build time)."""
+    op = relax.op
+    col = op.astype(columns, "int32")
+    KH, KW = g.kernel
+    DH, DW = g.dilation
+    SH, SW = g.step
+    ci = op.floor_divide(col, _int32(KH * KW))
+    tap = op.floor_mod(col, _int32(KH * KW))
+    dy = op.multiply(op.floor_divide(tap, _int32(KW)), _int32(DH))
+    dx = op.multiply(op.floor_mod(tap, _int32(KW)), _int32(DW))
+    if g.layout == "shift":
+        slot = op.add(op.add(op.multiply(ci, _int32(SH * SW)), op.multiply(op.floor_mod(dy, _int32(SH)), _int32(SW))),
+                      op.floor_mod(dx, _int32(SW)))
+        within = op.add(op.multiply(op.floor_divide(dy, _int32(SH)), _int32(g.row)), op.floor_divide(dx, _int32(SW)))
+        return op.add(op.multiply(slot, _int32(g.plane)), within)
+    if g.layout == "im2col":
+        return op.multiply(col, _int32(g.plane))
+    return op.multiply(ci, _int32(g.plane))
+
+
+def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
+    """Emit the layout transform (if any) and the conv kernel; returns y (B, O, OH, OW)."""
+    s = call.spec
+    g = conv_geometry(s)
+    B, C, H, W = s.batch, s.in_channels, s.height, s.width
+    out = relax.TensorType((B, s.out_channels, *s.out_hw), "float32")
+    scale = call.scale if call.scale is not None else relax.const(np.ones(scale_shape(s), np.float32))
+    residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
+    weights = [call.values, call.offsets, call.indptr, scale, call.bias, residual]
+    kernel = bb.add_func(_scheduled(conv_kernel(s)), s.name())
+    origins = relax.const(slot_origins(g, np))
+    if s.groups > 1:
+        outs = [relax.TensorType(scratch_shape(s), "float32"), out]
+        res = bb.emit(relax.call_tir(kernel, [call.x, *weights, origins], outs))
+        return bb.emit(relax.TupleGetItem(res, 1))
+    if g.layout == "direct":
+        xt = bb.emit(relax.op.reshape(call.x, (B, C, H * W)))
+    else:
+        transform = bb.add_func(_scheduled(transform_for(s)), s.transform_name())
+        xt = bb.emit(relax.call_tir(transform, [call.x, origins], relax.TensorType((B, g.slots, g.plane), "float32")))
+    return bb.emit(relax.call_tir(kernel, [xt, *weights], out))
+
+
+def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ...], values: relax.Expr,
+              columns: relax.Expr | np.ndarray, indptr: relax.Expr, bias: relax.Expr | None,
+              stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+              block: tuple[int, int], fmt: str, scale: relax.Expr | None = None) -> ConvCall:
+    """The ConvCall of a conv whose weight is the CSR/BSR (values, columns, indptr)."""
+    b, c, h, w = _shape(x)
+    o, _, kh, kw = weight_shape
+    nnzb = _shape(values)[0]
+    vdtype = _dtype(values)
+    spec = ConvSpec(b, c, h, w, o, (kh, kw), tuple(stride), tuple(padding), tuple(dilation), int(groups),
+                    fmt, nnzb, tuple(block), "int32", values="int8" if vdtype == "int8" else "float32")
+    g = conv_geometry(spec)
+    if nnzb == 0:   # an all-zero weight: one explicit zero, every row empty
+        values = relax.const(np.zeros((1, block[0], 1), vdtype))
+        offsets = relax.const(np.zeros(1, np.int32))
+        indptr = relax.const(np.zeros(o // block[0] + 1, np.int32))
+    elif isinstance(columns, np.ndarray):
+        offsets = relax.const(slot_offsets_numpy(g, columns, np))
+    else:
+        offsets = bb.emit(offsets_expr(g, columns))
+    return ConvCall(spec, x, values, offsets, indptr, _bias(bias, o), scale)
+
+
+# ----------------------------------------------------------------------------- fusion
+
+_FUSE_TARGETS = {"relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default",
+                 "clamp.default", "add.Tensor"}
+
+
+def _pending(importer: Any) -> dict[fx.Node, ConvCall]:
+    """Conv calls not emitted yet, waiting for their only user to fuse into them."""
+    return importer.__dict__.setdefault("_rwdeploy_pending_convs", {})
+
+
+def _defaults(importer: Any) -> dict[str, Callable]:
+    """TVM's own converters, for whatever is not fused."""
+    if "_rwdeploy_default_converters" not in importer.__dict__:
+        importer.__dict__["_rwdeploy_default_converters"] = importer.create_convert_map()
+    return importer.__dict__["_rwdeploy_default_converters"]
+
+
+def _finish_conv(node: fx.Node, importer: Any, call: ConvCall) -> relax.Expr:
+    """Emit the conv now, or keep it pending when its only user may fuse into it."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target.__name__ in _FUSE_TARGETS:
+        _pending(importer)[node] = call
+        return relax.op.null_value()   # read by nobody: the user's converter takes the pending call
+    return emit_conv(importer.block_builder, call)
+
+
+def _materialize(importer: Any, arg: Any) -> None:
+    """Emit a pending conv that is about to be read as an ordinary value."""
+    if isinstance(arg, fx.Node) and arg in _pending(importer):
+        importer.env[arg] = emit_conv(importer.block_builder, _pending(importer).pop(arg))
+
+
+def _fallback(node: fx.Node, importer: Any) -> relax.Expr:
+    for arg in node.args:
+        _materialize(importer, arg)
+    return _defaults(importer)[node.target.__name__](node)
+
+
+def _convert_activation(node: fx.Node, importer: Any) -> relax.Expr:
+    src = node.args[0]
+    call = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+    name = node.target.__name__
+    if call is None or call.spec.act != "none":
+        return _fallback(node, importer)
+    if name.startswith("relu"):
+        spec = replace(call.spec, act="relu")
+    else:
+        args = list(node.args[1:]) + [None] * 2
+        lo = node.kwargs.get("min_val" if name.startswith("hardtanh") else "min", args[0])
+        hi = node.kwargs.get("max_val" if name.startswith("hardtanh") else "max", args[1])
+        if name.startswith("hardtanh"):
+            lo = -1.0 if lo is None else lo
+            hi = 1.0 if hi is None else hi
+        if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+            return _fallback(node, importer)
+        lo = -math.inf if lo is None else float(lo)
+        hi = math.inf if hi is None else float(hi)
+        spec = replace(call.spec, act="relu") if (lo, hi) == (0.0, math.inf) else \
+            replace(call.spec, act="clip", clip=(lo, hi))
+    del _pending(importer)[src]
+    return _finish_conv(node, importer, replace(call, spec=spec))
+
+
+def _convert_add(node: fx.Node, importer: Any) -> relax.Expr:
+    a, b = node.args[:2]
+    if node.kwargs.get("alpha", 1) == 1 and a is not b:
+        for src, other in ((a, b), (b, a)):
+            call = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+            if call is None or call.spec.act != "none" or call.spec.residual or not isinstance(other, fx.Node):
+                continue
+            _materialize(importer, other)
+            residual = importer.env[other]
+            out_shape = [call.spec.batch, call.spec.out_channels, *call.spec.out_hw]
+            ty = getattr(residual, "ty", None)
+            if not isinstance(ty, relax.TensorType) or str(ty.dtype) != "float32" or \
+                    [int(v) for v in ty.shape] != out_shape:
+                continue
+            del _pending(importer)[src]
+            fused = replace(call, spec=replace(call.spec, residual=True), residual=residual)
+            return _finish_conv(node, importer, fused)
+    return _fallback(node, importer)
+
+
+# ----------------------------------------------------------------------------- converters
+
 def _convert_sparse_linear(node, importer) -> relax.Var:
-    x, vals, idx, ptr, bias, n_out, n_in, block = importer.retrieve_args(node)
+    x, vals, idx, ptr, bias, n_out, n_in, block = importer.retrieve_args(node)[:8]
     bb: relax.BlockBuilder = importer.block_builder
     lead = _shape(x)[:-1]
     batch = int(np.prod(lead)) if lead else 1
@@ -82,18 +271,12 @@ def _convert_sparse_linear(node, importer) -> relax.Var:
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
 
-def _convert_sparse_conv2d(node, importer) -> relax.Var:
-    x, vals, idx, ptr, bias, wshape, block, stride, padding, dilation, groups = importer.retrieve_args(node)
-    bb: relax.BlockBuilder = importer.block_builder
-    b, c, h, w = _shape(x)
-    o, _, kh, kw = wshape
-    spec = ConvSpec(b, c, h, w, o, (kh, kw), tuple(stride), tuple(padding), tuple(dilation),
-                    int(groups), "sparse", _shape(vals)[0], tuple(block), _dtype(idx))
-    oh, ow = spec.out_hw
-    if spec.nnz_blocks == 0:
-        bias4 = bb.emit(relax.op.reshape(_bias(bias, o), (1, o, 1, 1)))
-        return bb.emit(relax.op.broadcast_to(bias4, (b, o, oh, ow)))
-    return _call(bb, spec, [x, vals, idx, ptr, _bias(bias, o)], (b, o, oh, ow))
+def _convert_sparse_conv2d(node, importer) -> relax.Expr:
+    args = list(importer.retrieve_args(node)) + [None]
+    x, vals, idx, ptr, bias, wshape, block, stride, padding, dilation, groups, scale = args[:12]
+    call = conv_call(importer.block_builder, x, tuple(wshape), vals, idx, ptr, bias, stride, padding,
+                     dilation, groups, tuple(block), "sparse", scale)
+    return _finish_conv(node, importer, call)
 
 
 def _convert_dense_linear(node, importer) -> relax.Var:
@@ -110,24 +293,25 @@ def _convert_dense_linear(node, importer) -> relax.Var:
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
 
-def _convert_dense_conv2d(node, importer) -> relax.Var:
-    from rwdeploy.sparse.formats import index_dtype
+def _pair(v: Any, default: int) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)):
+        return tuple(v) * (2 // len(v))
+    return (v or default,) * 2
 
+
+def _convert_dense_conv2d(node, importer) -> relax.Expr:
     args = list(importer.retrieve_args(node)) + [None] * 7
     x, w, bias, stride, padding, dilation, groups = args[:7]
-    pair = lambda v, d: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (v or d,) * 2  # noqa: E731
     bb: relax.BlockBuilder = importer.block_builder
-    b, c, h, wd = _shape(x)
     o, cg, kh, kw = _shape(w)
     kcol = cg * kh * kw
-    idx = str(index_dtype(kcol)).replace("torch.", "")
-    spec = ConvSpec(b, c, h, wd, o, (kh, kw), pair(stride, 1), pair(padding, 0), pair(dilation, 1),
-                    int(groups or 1), "dense", 0, (1, 1), idx)
     # the dense conv kernel is the sparse one walking a CSR that holds every weight
     vals = bb.emit(relax.op.reshape(w, (o * kcol, 1, 1)))
-    col = relax.const(np.tile(np.arange(kcol), o).astype(idx))
+    columns = np.tile(np.arange(kcol), o)
     ptr = relax.const((np.arange(o + 1) * kcol).astype(np.int32))
-    return _call(bb, spec, [x, vals, col, ptr, _bias(bias, o)], (b, o, *spec.out_hw))
+    call = conv_call(bb, x, (o, cg, kh, kw), vals, columns, ptr, bias, _pair(stride, 1), _pair(padding, 0),
+                     _pair(dilation, 1), int(groups or 1), (1, 1), "dense")
+    return _finish_conv(node, importer, call)
 
 
 def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
@@ -136,10 +320,13 @@ def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
     With `dense_kernels`, dense conv2d / linear also run rwdeploy's scheduled TIR kernels
     instead of the default Relax lowering, which leaves them unscheduled on CPU (~100x
     slower); the program must then be imported without decomposition, so that conv2d and
-    linear reach the converter as themselves.
+    linear reach the converter as themselves. The activation / add entries fuse into a
+    preceding conv kernel where they can and otherwise convert as TVM does.
     """
-    cmap = {"sparse_linear.default": _convert_sparse_linear,
-            "sparse_conv2d.default": _convert_sparse_conv2d}
+    cmap: dict[str, Callable] = {"sparse_linear.default": _convert_sparse_linear,
+                                 "sparse_conv2d.default": _convert_sparse_conv2d,
+                                 "add.Tensor": _convert_add}
+    cmap.update({name: _convert_activation for name in _FUSE_TARGETS if name != "add.Tensor"})
     if dense_kernels:
         cmap.update({"linear.default": _convert_dense_linear, "conv2d.default": _convert_dense_conv2d})
     return cmap
@@ -155,7 +342,9 @@ def import_exported_program(ep: torch.export.ExportedProgram, *, dense_kernels: 
     kw.setdefault("unwrap_unit_return_tuple", True)
     if dense_kernels:
         kw.setdefault("run_ep_decomposition", False)
-    return from_exported_program(ep, custom_convert_map=cmap, **kw)
+    mod = from_exported_program(ep, custom_convert_map=cmap, **kw)
+    # the weights are constants now: fold what the converters derived from them (offsets)
+    return relax.transform.FoldConstant()(mod)
 
 
 def compile_module(module: torch.nn.Module, example_input: torch.Tensor,
@@ -168,127 +357,8 @@ def compile_module(module: torch.nn.Module, example_input: torch.Tensor,
     return relax.VirtualMachine(ex, tvm.cpu())
 
 
-# ----------------------------------------------------------------------------- timing
+def measure_layer_formats(layers: Any, target: tvm.target.Target | None = None) -> dict[str, dict[str, dict]]:
+    """`pack_sparse`'s host timer; see `runtime.layer_formats.measure_layer_formats`."""
+    from rwdeploy.runtime.layer_formats import measure_layer_formats as measure
 
-@dataclass
-class Candidate:
-    """One kernel to time: its spec and the arrays it is called with (x first, y excluded)."""
-    key: str
-    spec: LinearSpec | ConvSpec
-    args: Sequence[np.ndarray]
-    out_shape: tuple[int, ...]
-
-
-def dense_as_csr(weight2d: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dense matrix as CSR arrays holding every entry (the dense conv kernel's input)."""
-    from rwdeploy.sparse.formats import index_dtype
-
-    n, k = weight2d.shape
-    vals = weight2d.detach().float().reshape(n * k, 1, 1).numpy().copy()
-    col = np.tile(np.arange(k), n).astype(str(index_dtype(k)).replace("torch.", ""))
-    ptr = (np.arange(n + 1) * k).astype(np.int32)
-    return vals, col, ptr
-
-
-def time_candidates(cands: Sequence[Candidate], target: tvm.target.Target | None = None,
-                    *, min_repeat_ms: int = 30, repeat: int = 5) -> dict[str, dict[str, float]]:
-    """Build every candidate kernel into one library (one LLVM run) and time each.
-
-    Returns key -> {"median_ms", "min_ms", "n"} from TVM's time_evaluator.
-    """
-    target = target or host_target()
-    funcs = {}
-    for c in cands:
-        funcs[c.spec.name()] = kernel_for(c.spec)
-    lib = tvm.compile(tvm.IRModule(funcs), target=target).mod
-    dev = tvm.cpu()
-    out: dict[str, dict[str, float]] = {}
-    for c in cands:
-        outs = [*scratch_shapes(c.spec), c.out_shape]
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in c.args]
-        args += [tvm.runtime.tensor(np.zeros(sh, np.float32), dev) for sh in outs]
-        ev = lib.time_evaluator(c.spec.name(), dev, number=1, repeat=repeat,
-                                min_repeat_ms=min_repeat_ms)(*args)
-        res = sorted(ev.results)
-        out[c.key] = {"median_ms": float(np.median(res)) * 1e3, "min_ms": res[0] * 1e3,
-                      "n": len(res)}
-    return out
-
-
-# ----------------------------------------------------------------------------- per-layer formats
-
-def layer_spec(layer: torch.nn.Module, in_shape: Sequence[int], fmt: str,
-               matrix=None) -> LinearSpec | ConvSpec:
-    """The kernel spec of `layer` (nn.Linear / nn.Conv2d) at input shape `in_shape`."""
-    sparse = fmt != "dense"
-    nnzb = matrix.nnz_blocks if sparse else 0
-    block = tuple(matrix.block) if sparse else (1, 1)
-    if isinstance(layer, torch.nn.Linear):
-        batch = int(np.prod(in_shape[:-1])) if len(in_shape) > 1 else 1
-        idx = str(matrix.indices.dtype).replace("torch.", "") if sparse else "int32"
-        return LinearSpec(batch, layer.out_features, layer.in_features, fmt if not sparse else "sparse",
-                          nnzb, block, idx)
-    from rwdeploy.sparse.formats import index_dtype
-
-    o, cg, kh, kw = layer.weight.shape
-    idx = str(matrix.indices.dtype if sparse else index_dtype(cg * kh * kw)).replace("torch.", "")
-    b, c, h, w = in_shape
-    return ConvSpec(b, c, h, w, o, (kh, kw), tuple(layer.stride), tuple(layer.padding),
-                    tuple(layer.dilation), layer.groups, "dense" if not sparse else "sparse",
-                    nnzb, block, idx)
-
-
-def layer_candidate(key: str, layer: torch.nn.Module, in_shape: Sequence[int], matrix) -> Candidate:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(tuple(in_shape)).astype(np.float32)
-    bias = np.zeros(layer.weight.shape[0], np.float32)
-    fmt = "dense" if matrix is None else matrix.format
-    spec = layer_spec(layer, in_shape, fmt, matrix)
-    if isinstance(spec, LinearSpec):
-        x = x.reshape(spec.batch, spec.in_features)
-        out_shape = (spec.batch, spec.out_features)
-        if matrix is None:
-            arrays = [layer.weight.detach().float().numpy()]
-        else:
-            arrays = [matrix.values.numpy(), matrix.indices.numpy(), matrix.indptr.numpy()]
-    else:
-        out_shape = (spec.batch, spec.out_channels, *spec.out_hw)
-        if matrix is None:
-            arrays = list(dense_as_csr(layer.weight.reshape(layer.weight.shape[0], -1)))
-        else:
-            arrays = [matrix.values.numpy(), matrix.indices.numpy(), matrix.indptr.numpy()]
-    return Candidate(key, spec, [x, *arrays, bias], out_shape)
-
-
-def measure_layer_formats(layers: Sequence[tuple[str, torch.nn.Module, Sequence[int], dict]],
-                          target: tvm.target.Target | None = None) -> dict[str, dict[str, dict]]:
-    """Time each layer's dense and packed forms on this machine, all in one TVM build.
-
-    `layers`: (name, nn.Linear|nn.Conv2d, input shape, {format: SparseMatrix}). The
-    alternatives are the kernels a TVM artifact can run for the layer: "dense" (rwdeploy's
-    scheduled TIR dense kernel) and each format. torch's eager dense layer (oneDNN/MKL) is
-    timed too, as a reference outside the artifact ("ref:dense_torch").
-    Returns name -> {alternative: {"median_ms", "min_ms", "n"}}.
-    """
-    from rwdeploy.runtime.latency import time_callable
-
-    cands = []
-    for name, layer, shape, packed in layers:
-        cands.append(layer_candidate(f"{name}\0dense", layer, shape, None))
-        cands += [layer_candidate(f"{name}\0{fmt}", layer, shape, m) for fmt, m in packed.items()]
-    timed = time_candidates(cands, target)
-    out: dict[str, dict[str, dict]] = {name: {} for name, *_ in layers}
-    for key, stats in timed.items():
-        name, alt = key.split("\0")
-        out[name][alt] = stats
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads())
-    try:
-        for name, layer, shape, _ in layers:
-            x = torch.randn(tuple(shape))
-            with torch.no_grad():
-                st = time_callable(lambda: layer(x), warmup=3, min_runs=10, min_time_s=0.05)
-            out[name]["ref:dense_torch"] = {"median_ms": st.median_ms, "min_ms": st.min_ms, "n": st.n}
-    finally:
-        torch.set_num_threads(prev)
-    return out
+    return measure(layers, target)
