@@ -43,6 +43,8 @@ class LayerPacking:
     packed_bytes: int               # == dense_bytes when kept dense
     measured_ms: dict[str, float] = field(default_factory=dict)   # alternative -> median ms
     reference_ms: dict[str, float] = field(default_factory=dict)  # outside the artifact
+    measured_cost: dict[str, float] = field(default_factory=dict)  # what decided, when not ms
+    cost_unit: str = "ms"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,21 +111,38 @@ def _replace(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
 
 
+def _cost(v: dict) -> float:
+    """What an alternative is compared by: a timer's "cost" (e.g. instructions), else its median ms."""
+    return v.get("cost", v["median_ms"])
+
+
 def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
-    """(chosen format, reason) from measured medians; never a format slower than another."""
-    med = {alt: v["median_ms"] for alt, v in measured.items() if not alt.startswith("ref:")}
+    """(chosen format, reason) from measured costs; never a format slower than another."""
+    alts = {alt: v for alt, v in measured.items() if not alt.startswith("ref:")}
+    med = {alt: _cost(v) for alt, v in alts.items()}
+    unit = next(iter(alts.values())).get("unit", "ms")
     best = min(med, key=med.get)
     if best == "dense":
-        return "dense", f"dense fastest ({med['dense']:.4g} ms)"
+        return "dense", f"dense fastest ({med['dense']:.4g} {unit})"
     if med[best] < med["dense"] * (1 - noise):
-        return best, f"{med['dense'] / med[best]:.2f}x faster than dense"
-    return "dense", f"{best} within noise of dense ({med[best]:.4g} vs {med['dense']:.4g} ms)"
+        return best, f"{med['dense'] / med[best]:.2f}x faster than dense ({unit})"
+    return "dense", f"{best} within noise of dense ({med[best]:.4g} vs {med['dense']:.4g} {unit})"
 
 
 def default_timer(target: str) -> tuple[Timer, str]:
-    """The measurer for a target name and a note on where it measures."""
-    from rwdeploy.runtime import tvm_sparse
+    """The measurer for a target name and a note on where it measures.
 
+    arm-family targets measure on the arm device (`runtime.arm_layer_timer`: instruction counts
+    on the emulated aarch64 device, the host only as a stated fallback); others on the host.
+    """
+    from rwdeploy.runtime import tvm_sparse
+    from rwdeploy.runtime.targets import TARGETS
+
+    if target in TARGETS and TARGETS[target].family == "arm":
+        from rwdeploy.runtime.arm_layer_timer import arm_layer_timer
+
+        timer = arm_layer_timer(target)
+        return timer, timer.where
     cpu = tvm_sparse.host_target()
     where = f"host {cpu.attrs.get('mcpu', 'cpu')} via TVM, {tvm_sparse.threads()} threads"
     if target != "cpu":
@@ -172,7 +191,7 @@ def pack_sparse(gm: fx.GraphModule, example_input: torch.Tensor, *, mode: str = 
         if timer is None:
             timer, record.measured_on = default_timer(target)
         else:
-            record.measured_on = "caller-supplied timer"
+            record.measured_on = getattr(timer, "where", "caller-supplied timer")
         measured = timer([(e.name, layer, shape, cands) for e, layer, shape, cands in pending])
         for entry, layer, _, cands in pending:
             times = measured[entry.name]
@@ -180,6 +199,10 @@ def pack_sparse(gm: fx.GraphModule, example_input: torch.Tensor, *, mode: str = 
                                  if not alt.startswith("ref:")}
             entry.reference_ms = {alt[4:]: round(v["median_ms"], 6) for alt, v in times.items()
                                   if alt.startswith("ref:")}
+            costs = {alt: v for alt, v in times.items() if not alt.startswith("ref:") and "cost" in v}
+            if costs:
+                entry.measured_cost = {alt: round(v["cost"], 6) for alt, v in costs.items()}
+                entry.cost_unit = next(iter(costs.values())).get("unit", "ms")
             entry.chosen, entry.reason = _choose(times, noise)
     else:
         for entry, _, _, cands in pending:
