@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 
 from tvm.script import tirx as T
 
@@ -308,6 +308,26 @@ def transform_for(s: ConvSpec):
     return f.with_attr("global_symbol", s.transform_name())
 
 
+def _run_macro(s: ConvSpec, n: int):
+    """write(acc, r, a, dst, d, resf, scale, bias, o): dst[d + j] = epilogue(acc[r, a + j]) for
+    j < n, as 16-float vectors plus one shorter tail (one n-wide vector of an odd width compiles
+    to shuffles and measured ~2x slower)."""
+    full, tail = n // LANES, n % LANES
+    epi = lambda v, o, rv, sc, bi: _epilogue(s, v, o, rv, sc, bi)  # noqa: E731
+    has_tail = tail > 0
+
+    @T.macro
+    def write(acc, r, a, dst, d, resf, scale, bias, o):
+        for j0 in range(full):
+            for j in T.vectorized(LANES):
+                dst[d + j0 * LANES + j] = epi(acc[r, a + j0 * LANES + j], o, resf[d + j0 * LANES + j], scale, bias)
+        if has_tail:
+            for j in T.vectorized(tail):
+                dst[d + full * LANES + j] = epi(acc[r, a + full * LANES + j], o, resf[d + full * LANES + j],
+                                                scale, bias)
+    return write
+
+
 def _tile_macros(s: ConvSpec, g: ConvGeometry):
     """accumulate(acc, src, vals, off, lo, hi, base): acc[r, :TQ] = sum over stored weights
     k in [lo, hi) of vals[k, r] * src[off[k] + base : + TQ]; store(...): the epilogue."""
@@ -341,24 +361,22 @@ def _tile_macros(s: ConvSpec, g: ConvGeometry):
                     acc[r, j] = acc[r, j] + w(vals, k, r) * src[a0 + j]
 
     if g.layout == "shift":
+        write = _run_macro(s, CW)
+
         @T.macro
         def store(acc, yf, resf, scale, bias, b, ob, oh0, cs):
             for r in range(BR):
                 for rr in range(R):
                     if oh0 + rr < OH:
-                        for j in T.vectorized(CW):
-                            yf[((b * O + ob * BR + r) * OH + oh0 + rr) * OW + cs + j] = epi(
-                                acc[r, rr * ROW + j], ob * BR + r,
-                                resf[((b * O + ob * BR + r) * OH + oh0 + rr) * OW + cs + j], scale, bias)
+                        write(acc, r, rr * ROW, yf, ((b * O + ob * BR + r) * OH + oh0 + rr) * OW + cs,
+                              resf, scale, bias, ob * BR + r)
     else:
-        EPI = min(TQ, P)
+        write = _run_macro(s, min(TQ, P))
 
         @T.macro
         def store(acc, yf, resf, scale, bias, b, ob, q0, unused):
             for r in range(BR):
-                for j in T.vectorized(EPI):
-                    yf[(b * O + ob * BR + r) * P + q0 + j] = epi(
-                        acc[r, j], ob * BR + r, resf[(b * O + ob * BR + r) * P + q0 + j], scale, bias)
+                write(acc, r, 0, yf, (b * O + ob * BR + r) * P + q0, resf, scale, bias, ob * BR + r)
     return accumulate, store
 
 
@@ -486,3 +504,86 @@ def scratch_shape(s: ConvSpec) -> tuple[int, ...] | None:
         return None
     g = conv_geometry(s)
     return (s.batch * s.groups, g.slots * g.plane)
+
+
+# ----------------------------------------------------------------------------- pointwise + depthwise
+
+def can_fuse_pointwise(pw: ConvSpec, dw: ConvSpec) -> bool:
+    """A 1x1 conv (CSR or dense, no residual) whose output feeds a depthwise conv only."""
+    return (pw.kernel == (1, 1) and pw.stride == (1, 1) and pw.padding == (0, 0) and pw.groups == 1
+            and pw.block == (1, 1) and not pw.residual and dw.groups == dw.in_channels == dw.out_channels
+            and dw.block == (1, 1) and pw.out_channels == dw.in_channels and pw.batch == dw.batch
+            and (pw.height, pw.width) == (dw.height, dw.width))
+
+
+def pointwise_geometry(pw: ConvSpec) -> ConvGeometry:
+    """The 1x1 conv read in place ("direct"), tiles no wider than the plane (no overrun)."""
+    P = pw.height * pw.width
+    g = _flat_geometry(pw, "direct", pw.in_channels)
+    return replace(g, tq=min(TILE, P), chunk=min(TILE, P), tiles=_ceil_div(P, min(TILE, P)))
+
+
+def fused_name(pw: ConvSpec, dw: ConvSpec) -> str:
+    return f"rw_conv2d_pwdw_{_digest(pw)}{_digest(dw)[:6]}"
+
+
+def fused_scratch_shapes(pw: ConvSpec, dw: ConvSpec) -> list[tuple[int, ...]]:
+    """The pointwise plane and the depthwise padded input, per (image, channel)."""
+    g = conv_geometry(dw)
+    return [(dw.batch * dw.groups, pw.height * pw.width), (dw.batch * dw.groups, g.slots * g.plane)]
+
+
+def fused_pointwise_depthwise_kernel(pw: ConvSpec, dw: ConvSpec):
+    """A depthwise conv that computes its input channel itself: task c runs row c of the 1x1
+    conv (bias, activation) into a plane, pads it into the depthwise slots and runs the
+    depthwise tiles, so the wide 1x1 output (MobileNet's expansion) never goes to memory.
+    Channels whose depthwise filter stores nothing skip the 1x1 row (their output is the bias)."""
+    if not can_fuse_pointwise(pw, dw):
+        raise ValueError("not a 1x1 conv feeding a depthwise conv")
+    g, gp = conv_geometry(dw), pointwise_geometry(pw)
+    B, CIN, H, W, G = pw.batch, pw.in_channels, pw.height, pw.width, dw.groups
+    P = H * W
+    OH, OW = dw.out_hw
+    U, PLANE, NT = g.slots, g.plane, g.tiles
+    TQ, TQP, NTP = g.tq, gp.tq, gp.tiles
+    NNZP, VTP, SCP = nnz_stored(pw), _value_type(pw), scale_shape(pw)
+    NNZ, VT, SC, RS = nnz_stored(dw), _value_type(dw), scale_shape(dw), residual_shape(dw)
+    RSN = math.prod(RS)
+    accumulate_pw, _ = _tile_macros(pw, gp)
+    accumulate, store = _tile_macros(dw, g)
+    copy = _copy_macro(g)
+    origin = lambda t: _tile_origin(dw, g, t)  # noqa: E731
+    write_pw = _run_macro(pw, TQP)
+
+    @T.prim_func
+    def f(x: T.Buffer((B, CIN, H, W), "float32"), pvals: T.Buffer((NNZP, 1, 1), VTP),
+          poff: T.Buffer((NNZP,), "int32"), prp: T.Buffer((G + 1,), "int32"),
+          pscale: T.Buffer(SCP, "float32"), pbias: T.Buffer((G,), "float32"),
+          vals: T.Buffer((NNZ, 1, 1), VT), off: T.Buffer((NNZ,), "int32"), rp: T.Buffer((G + 1,), "int32"),
+          scale: T.Buffer(SC, "float32"), bias: T.Buffer((G,), "float32"), res: T.Buffer(RS, "float32"),
+          org: T.Buffer((U, 3), "int32"), mid: T.Buffer((B * G, P), "float32"),
+          xs: T.Buffer((B * G, U * PLANE), "float32"), y: T.Buffer((B, G, OH, OW), "float32")):
+        T.func_attr({"tir.noalias": True})
+        for task in T.parallel(B * G):
+            xin = T.decl_buffer((B * CIN * P,), "float32", data=x.data)
+            midf = T.decl_buffer((B * G * P,), "float32", data=mid.data)
+            mid4 = T.decl_buffer((B * G, 1, H, W), "float32", data=mid.data)
+            xf = T.decl_buffer((B * G * U * PLANE,), "float32", data=xs.data)
+            yf = T.decl_buffer((B * G * OH * OW,), "float32", data=y.data)
+            resf = T.decl_buffer((RSN,), "float32", data=res.data)
+            accp = T.decl_buffer((1, TQP), "float32", scope="local")
+            acc = T.decl_buffer((1, TQ), "float32", scope="local")
+            b = T.bind(task // G)
+            c = T.bind(T.truncmod(task, G))
+            if rp[c] < rp[c + 1]:
+                for t in range(NTP):
+                    q0 = T.bind(T.min(t * TQP, P - TQP))
+                    accumulate_pw(accp, xin, pvals, poff, prp[c], prp[c + 1], b * CIN * P + q0)
+                    write_pw(accp, 0, 0, midf, task * P + q0, pscale, pscale, pbias, c)
+                for u in range(U):
+                    copy(mid4, org, xf, task, 0, u, (task * U + u) * PLANE)
+            for t in range(NT):
+                q0, a0, a1 = T.meta_var(origin(t))
+                accumulate(acc, xf, vals, off, rp[c], rp[c + 1], task * U * PLANE + q0)
+                store(acc, yf, resf, scale, bias, b, c, a0, a1)
+    return f.with_attr("global_symbol", fused_name(pw, dw))

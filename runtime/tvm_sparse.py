@@ -36,8 +36,9 @@ from torch import fx  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
-    ConvGeometry, ConvSpec, conv_geometry, conv_kernel, residual_shape, scale_shape, scratch_shape,
-    slot_offsets_numpy, slot_origins, transform_for)
+    ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, fused_name,
+    fused_pointwise_depthwise_kernel, fused_scratch_shapes, pointwise_geometry, residual_shape, scale_shape,
+    scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
 from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
@@ -97,6 +98,8 @@ class ConvCall:
     bias: relax.Expr
     scale: relax.Expr | None = None      # per-row float32 scales of int8 values
     residual: relax.Expr | None = None
+    columns: relax.Expr | np.ndarray | None = None   # the CSR column indices (offsets are derived)
+    producer: "ConvCall | None" = None   # a 1x1 conv computed inside this (depthwise) kernel
 
 
 def _int32(v: int) -> relax.Expr:
@@ -124,15 +127,41 @@ def offsets_expr(g: ConvGeometry, columns: relax.Expr) -> relax.Expr:
     return op.multiply(ci, _int32(g.plane))
 
 
+def _offsets(bb: relax.BlockBuilder, g: ConvGeometry, columns: relax.Expr | np.ndarray) -> relax.Expr:
+    if isinstance(columns, np.ndarray):
+        return relax.const(slot_offsets_numpy(g, columns, np))
+    return bb.emit(offsets_expr(g, columns))
+
+
+def _scale(call: ConvCall) -> relax.Expr:
+    return call.scale if call.scale is not None else relax.const(np.ones(scale_shape(call.spec), np.float32))
+
+
+def _emit_fused(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
+    """A 1x1 conv and the depthwise conv it feeds, in one kernel (see tvm_conv_kernels)."""
+    pw, s = call.producer, call.spec
+    residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
+    poff = _offsets(bb, pointwise_geometry(pw.spec), pw.columns) if pw.spec.nnz_blocks else pw.offsets
+    args = [pw.x, pw.values, poff, pw.indptr, _scale(pw), pw.bias,
+            call.values, call.offsets, call.indptr, _scale(call), call.bias, residual,
+            relax.const(slot_origins(conv_geometry(s), np))]
+    kernel = bb.add_func(_scheduled(fused_pointwise_depthwise_kernel(pw.spec, s)), fused_name(pw.spec, s))
+    outs = [relax.TensorType(sh, "float32") for sh in fused_scratch_shapes(pw.spec, s)]
+    outs.append(relax.TensorType((s.batch, s.out_channels, *s.out_hw), "float32"))
+    res = bb.emit(relax.call_tir(kernel, args, outs))
+    return bb.emit(relax.TupleGetItem(res, 2))
+
+
 def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
     """Emit the layout transform (if any) and the conv kernel; returns y (B, O, OH, OW)."""
+    if call.producer is not None:
+        return _emit_fused(bb, call)
     s = call.spec
     g = conv_geometry(s)
     B, C, H, W = s.batch, s.in_channels, s.height, s.width
     out = relax.TensorType((B, s.out_channels, *s.out_hw), "float32")
-    scale = call.scale if call.scale is not None else relax.const(np.ones(scale_shape(s), np.float32))
     residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
-    weights = [call.values, call.offsets, call.indptr, scale, call.bias, residual]
+    weights = [call.values, call.offsets, call.indptr, _scale(call), call.bias, residual]
     kernel = bb.add_func(_scheduled(conv_kernel(s)), s.name())
     origins = relax.const(slot_origins(g, np))
     if s.groups > 1:
@@ -150,9 +179,10 @@ def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
 def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ...], values: relax.Expr,
               columns: relax.Expr | np.ndarray, indptr: relax.Expr, bias: relax.Expr | None,
               stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-              block: tuple[int, int], fmt: str, scale: relax.Expr | None = None) -> ConvCall:
+              block: tuple[int, int], fmt: str, scale: relax.Expr | None = None,
+              in_shape: tuple[int, ...] | None = None) -> ConvCall:
     """The ConvCall of a conv whose weight is the CSR/BSR (values, columns, indptr)."""
-    b, c, h, w = _shape(x)
+    b, c, h, w = in_shape or _shape(x)
     o, _, kh, kw = weight_shape
     nnzb = _shape(values)[0]
     vdtype = _dtype(values)
@@ -163,17 +193,27 @@ def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ..
         values = relax.const(np.zeros((1, block[0], 1), vdtype))
         offsets = relax.const(np.zeros(1, np.int32))
         indptr = relax.const(np.zeros(o // block[0] + 1, np.int32))
-    elif isinstance(columns, np.ndarray):
-        offsets = relax.const(slot_offsets_numpy(g, columns, np))
     else:
-        offsets = bb.emit(offsets_expr(g, columns))
-    return ConvCall(spec, x, values, offsets, indptr, _bias(bias, o), scale)
+        offsets = _offsets(bb, g, columns)
+    return ConvCall(spec, x, values, offsets, indptr, _bias(bias, o), scale, columns=columns)
 
 
 # ----------------------------------------------------------------------------- fusion
 
-_FUSE_TARGETS = {"relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default",
-                 "clamp.default", "add.Tensor"}
+_ACTIVATIONS = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default", "clamp.default")
+
+
+def _fusing(converter: Callable) -> Callable:
+    """Mark a converter that takes a pending conv input (fuses it, or emits it first)."""
+    converter._rwdeploy_fuses = True
+    return converter
+
+
+def _user_fuses(importer: Any, user: fx.Node) -> bool:
+    if user.op != "call_function":
+        return False
+    converter = importer.convert_map.get(user.target.__name__)
+    return bool(getattr(converter, "_rwdeploy_fuses", False))
 
 
 def _pending(importer: Any) -> dict[fx.Node, ConvCall]:
@@ -191,7 +231,7 @@ def _defaults(importer: Any) -> dict[str, Callable]:
 def _finish_conv(node: fx.Node, importer: Any, call: ConvCall) -> relax.Expr:
     """Emit the conv now, or keep it pending when its only user may fuse into it."""
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_function" and users[0].target.__name__ in _FUSE_TARGETS:
+    if len(users) == 1 and _user_fuses(importer, users[0]):
         _pending(importer)[node] = call
         return relax.op.null_value()   # read by nobody: the user's converter takes the pending call
     return emit_conv(importer.block_builder, call)
@@ -209,6 +249,7 @@ def _fallback(node: fx.Node, importer: Any) -> relax.Expr:
     return _defaults(importer)[node.target.__name__](node)
 
 
+@_fusing
 def _convert_activation(node: fx.Node, importer: Any) -> relax.Expr:
     src = node.args[0]
     call = _pending(importer).get(src) if isinstance(src, fx.Node) else None
@@ -234,6 +275,7 @@ def _convert_activation(node: fx.Node, importer: Any) -> relax.Expr:
     return _finish_conv(node, importer, replace(call, spec=spec))
 
 
+@_fusing
 def _convert_add(node: fx.Node, importer: Any) -> relax.Expr:
     a, b = node.args[:2]
     if node.kwargs.get("alpha", 1) == 1 and a is not b:
@@ -271,12 +313,28 @@ def _convert_sparse_linear(node, importer) -> relax.Var:
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
 
+def _with_input(node: fx.Node, importer: Any, make: Callable[[relax.Expr | None, tuple[int, ...] | None], ConvCall]) -> relax.Expr:
+    """Finish a conv whose input may be a pending conv: a 1x1 conv feeding a depthwise conv is
+    computed inside the depthwise kernel; any other pending input is emitted first."""
+    src = node.args[0]
+    producer = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+    if producer is not None:
+        ps = producer.spec
+        call = make(None, (ps.batch, ps.out_channels, *ps.out_hw))
+        if can_fuse_pointwise(ps, call.spec):
+            del _pending(importer)[src]
+            return _finish_conv(node, importer, replace(call, x=producer.x, producer=producer))
+        _materialize(importer, src)
+    return _finish_conv(node, importer, make(importer.env[src], None))
+
+
+@_fusing
 def _convert_sparse_conv2d(node, importer) -> relax.Expr:
     args = list(importer.retrieve_args(node)) + [None]
-    x, vals, idx, ptr, bias, wshape, block, stride, padding, dilation, groups, scale = args[:12]
-    call = conv_call(importer.block_builder, x, tuple(wshape), vals, idx, ptr, bias, stride, padding,
-                     dilation, groups, tuple(block), "sparse", scale)
-    return _finish_conv(node, importer, call)
+    _, vals, idx, ptr, bias, wshape, block, stride, padding, dilation, groups, scale = args[:12]
+    return _with_input(node, importer, lambda x, in_shape: conv_call(
+        importer.block_builder, x, tuple(wshape), vals, idx, ptr, bias, stride, padding, dilation, groups,
+        tuple(block), "sparse", scale, in_shape))
 
 
 def _convert_dense_linear(node, importer) -> relax.Var:
@@ -299,9 +357,10 @@ def _pair(v: Any, default: int) -> tuple[int, int]:
     return (v or default,) * 2
 
 
+@_fusing
 def _convert_dense_conv2d(node, importer) -> relax.Expr:
     args = list(importer.retrieve_args(node)) + [None] * 7
-    x, w, bias, stride, padding, dilation, groups = args[:7]
+    _, w, bias, stride, padding, dilation, groups = args[:7]
     bb: relax.BlockBuilder = importer.block_builder
     o, cg, kh, kw = _shape(w)
     kcol = cg * kh * kw
@@ -309,9 +368,9 @@ def _convert_dense_conv2d(node, importer) -> relax.Expr:
     vals = bb.emit(relax.op.reshape(w, (o * kcol, 1, 1)))
     columns = np.tile(np.arange(kcol), o)
     ptr = relax.const((np.arange(o + 1) * kcol).astype(np.int32))
-    call = conv_call(bb, x, (o, cg, kh, kw), vals, columns, ptr, bias, _pair(stride, 1), _pair(padding, 0),
-                     _pair(dilation, 1), int(groups or 1), (1, 1), "dense")
-    return _finish_conv(node, importer, call)
+    return _with_input(node, importer, lambda x, in_shape: conv_call(
+        bb, x, (o, cg, kh, kw), vals, columns, ptr, bias, _pair(stride, 1), _pair(padding, 0), _pair(dilation, 1),
+        int(groups or 1), (1, 1), "dense", None, in_shape))
 
 
 def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
@@ -326,7 +385,7 @@ def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
     cmap: dict[str, Callable] = {"sparse_linear.default": _convert_sparse_linear,
                                  "sparse_conv2d.default": _convert_sparse_conv2d,
                                  "add.Tensor": _convert_add}
-    cmap.update({name: _convert_activation for name in _FUSE_TARGETS if name != "add.Tensor"})
+    cmap.update({name: _convert_activation for name in _ACTIVATIONS})
     if dense_kernels:
         cmap.update({"linear.default": _convert_dense_linear, "conv2d.default": _convert_dense_conv2d})
     return cmap
