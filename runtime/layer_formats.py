@@ -22,7 +22,6 @@ import tvm
 from tvm import relax
 
 from rwdeploy.runtime import tvm_sparse
-from rwdeploy.runtime.tvm_kernels import LinearSpec
 from rwdeploy.sparse.formats import SparseMatrix
 
 Layers = Sequence[tuple[str, torch.nn.Module, Sequence[int], dict[str, SparseMatrix]]]
@@ -60,12 +59,8 @@ def _bias(layer: torch.nn.Module) -> relax.Expr | None:
 def _emit_packed(bb: relax.BlockBuilder, c: Candidate, x: relax.Var) -> relax.Expr:
     m, layer = c.matrix, c.layer
     if isinstance(layer, torch.nn.Linear):
-        batch = int(np.prod(c.in_shape[:-1]))
-        spec = LinearSpec(batch, layer.out_features, layer.in_features, "sparse", m.nnz_blocks,
-                          tuple(m.block), str(m.indices.dtype).replace("torch.", ""))
-        bias = tvm_sparse._bias(_bias(layer), layer.out_features)
-        args = [x, _const(m.values), _const(m.indices), _const(m.indptr), bias]
-        return tvm_sparse._call(bb, spec, args, (batch, layer.out_features))
+        return tvm_sparse.sparse_linear_call(bb, x, layer.out_features, _const(m.values), _const(m.indices),
+                                             _const(m.indptr), _bias(layer), tuple(m.block))
     call = tvm_sparse.conv_call(bb, x, tuple(layer.weight.shape), _const(m.values), m.indices.numpy(),
                                 _const(m.indptr), _bias(layer), tuple(layer.stride), tuple(layer.padding),
                                 tuple(layer.dilation), layer.groups, tuple(m.block), "sparse")

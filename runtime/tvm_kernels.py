@@ -48,9 +48,28 @@ class LinearSpec:
     nnz_blocks: int = 0
     block: tuple[int, int] = (1, 1)
     index_dtype: str = "int32"
+    values: str = "float32"       # "int8": values times a per-row float32 scale
+    act: str = "none"             # fused activation: "none" | "relu"
 
     def name(self) -> str:
         return f"rw_linear_{self.fmt}_{_digest(self)}"
+
+
+def linear_scale_shape(s: LinearSpec) -> tuple[int]:
+    """The sparse linear kernels' `scale` input: per row for int8 values, else a 1-element dummy."""
+    return (s.out_features,) if s.values == "int8" else (1,)
+
+
+def _w(s: LinearSpec, vals, *idx):
+    return T.Cast("float32", vals[idx]) if s.values == "int8" else vals[idx]
+
+
+def _finish(s: LinearSpec, v, row, scale, bias):
+    """scale (int8), bias, activation of one output."""
+    if s.values == "int8":
+        v = v * scale[row]
+    v = v + bias[row]
+    return T.max(v, T.float32(0)) if s.act == "relu" else v
 
 
 def _digest(spec) -> str:
@@ -132,10 +151,12 @@ def _csr_linear_b1(s: LinearSpec):
     N, K, NNZ, L, RB, IDX = s.out_features, s.in_features, s.nnz_blocks, GATHER_LANES, ROWS_PER_TASK, s.index_dtype
     tasks = _linear_tasks(N, 1)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, 1), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, 1), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((N + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, L), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), acc: T.Buffer((tasks, L), "float32"),
           y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
@@ -147,13 +168,13 @@ def _csr_linear_b1(s: LinearSpec):
                         acc[t, j] = T.float32(0)
                     for c in range((hi - lo) // L):
                         for j in T.vectorized(L):
-                            acc[t, j] = acc[t, j] + vals[lo + c * L + j, 0, 0] * x[
+                            acc[t, j] = acc[t, j] + _w(s, vals, lo + c * L + j, 0, 0) * x[
                                 0, T.Cast("int32", col[lo + c * L + j])]
                     for k in range(lo + (hi - lo) // L * L, hi):
-                        acc[t, 0] = acc[t, 0] + vals[k, 0, 0] * x[0, T.Cast("int32", col[k])]
-                    y[0, t * RB + i] = bias[t * RB + i]
-                    for j in range(L):
-                        y[0, t * RB + i] = y[0, t * RB + i] + acc[t, j]
+                        acc[t, 0] = acc[t, 0] + _w(s, vals, k, 0, 0) * x[0, T.Cast("int32", col[k])]
+                    for j in range(1, L):
+                        acc[t, 0] = acc[t, 0] + acc[t, j]
+                    y[0, t * RB + i] = _finish(s, acc[t, 0], t * RB + i, scale, bias)
     return f
 
 
@@ -169,10 +190,12 @@ def _sparse_linear_batched(s: LinearSpec):
     tasks = _linear_tasks(NB, BR)
     kt = _ceil_div(K, 64)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, BR, BC), "float32"),
+    def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, BR, BC), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), xt: T.Buffer((K, B), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), xt: T.Buffer((K, B), "float32"),
           acc: T.Buffer((tasks, 2, BR, B), "float32"), y: T.Buffer((B, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for kc in T.parallel(kt):
@@ -191,17 +214,17 @@ def _sparse_linear_batched(s: LinearSpec):
                     for c in range((hi - lo) // 2):
                         for u, r, j in T.grid(2, BR, BC):
                             for b in T.vectorized(B):
-                                acc[t, u, r, b] = acc[t, u, r, b] + vals[lo + 2 * c + u, r, j] * xt[
+                                acc[t, u, r, b] = acc[t, u, r, b] + _w(s, vals, lo + 2 * c + u, r, j) * xt[
                                     T.Cast("int32", col[lo + 2 * c + u]) * BC + j, b]
                     for k in range(lo + (hi - lo) // 2 * 2, hi):
                         for r, j in T.grid(BR, BC):
                             for b in T.vectorized(B):
-                                acc[t, 0, r, b] = acc[t, 0, r, b] + vals[k, r, j] * xt[
+                                acc[t, 0, r, b] = acc[t, 0, r, b] + _w(s, vals, k, r, j) * xt[
                                     T.Cast("int32", col[k]) * BC + j, b]
                     for r in range(BR):
                         for b in range(B):
-                            y[b, (t * RB + i) * BR + r] = acc[t, 0, r, b] + acc[t, 1, r, b] \
-                                + bias[(t * RB + i) * BR + r]
+                            y[b, (t * RB + i) * BR + r] = _finish(
+                                s, acc[t, 0, r, b] + acc[t, 1, r, b], (t * RB + i) * BR + r, scale, bias)
     return f
 
 
@@ -211,10 +234,12 @@ def _bsr_linear_cols(s: LinearSpec):
     BC, RB = s.block[1], ROWS_PER_TASK
     tasks = _linear_tasks(N, 1)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, BC), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, BC), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((N + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, BC), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), acc: T.Buffer((tasks, BC), "float32"),
           y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
@@ -224,10 +249,10 @@ def _bsr_linear_cols(s: LinearSpec):
                         acc[t, j] = T.float32(0)
                     for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
                         for j in T.vectorized(BC):
-                            acc[t, j] = acc[t, j] + vals[k, 0, j] * x[0, T.Cast("int32", col[k]) * BC + j]
-                    y[0, t * RB + i] = bias[t * RB + i]
-                    for j in range(BC):
-                        y[0, t * RB + i] = y[0, t * RB + i] + acc[t, j]
+                            acc[t, j] = acc[t, j] + _w(s, vals, k, 0, j) * x[0, T.Cast("int32", col[k]) * BC + j]
+                    for j in range(1, BC):
+                        acc[t, 0] = acc[t, 0] + acc[t, j]
+                    y[0, t * RB + i] = _finish(s, acc[t, 0], t * RB + i, scale, bias)
     return f
 
 
@@ -239,20 +264,22 @@ def _bsr_linear_rows(s: LinearSpec):
     RB = max(1, ROWS_PER_TASK // BR)
     tasks = _linear_tasks(NB, BR)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, BR, 1), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, BR, 1), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, BR), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), acc: T.Buffer((tasks, BR), "float32"),
           y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
             for i in range(RB):
                 if t * RB + i < NB:
                     for r in T.vectorized(BR):
-                        acc[t, r] = bias[(t * RB + i) * BR + r]
+                        acc[t, r] = T.float32(0)
                     for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
                         for r in T.vectorized(BR):
-                            acc[t, r] = acc[t, r] + vals[k, r, 0] * x[0, T.Cast("int32", col[k])]
+                            acc[t, r] = acc[t, r] + _w(s, vals, k, r, 0) * x[0, T.Cast("int32", col[k])]
                     for r in T.vectorized(BR):
-                        y[0, (t * RB + i) * BR + r] = acc[t, r]
+                        y[0, (t * RB + i) * BR + r] = _finish(s, acc[t, r], (t * RB + i) * BR + r, scale, bias)
     return f

@@ -39,7 +39,7 @@ from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
     ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, fused_name,
     fused_pointwise_depthwise_kernel, fused_scratch_shapes, pointwise_geometry, residual_shape, scale_shape,
     scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
-from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, scratch_shapes  # noqa: E402
+from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
 OPAQUE = 8  # relax op pattern kOpaque: never fuse our hand-scheduled kernels with neighbours
@@ -298,18 +298,28 @@ def _convert_add(node: fx.Node, importer: Any) -> relax.Expr:
 
 # ----------------------------------------------------------------------------- converters
 
+def sparse_linear_call(bb: relax.BlockBuilder, x2: relax.Expr, n_out: int, values: relax.Expr,
+                       indices: relax.Expr, indptr: relax.Expr, bias: relax.Expr | None,
+                       block: tuple[int, int], scale: relax.Expr | None = None) -> relax.Var:
+    """y (batch, n_out) = x2 @ W.T + bias for W in CSR/BSR (int8 values with `scale`)."""
+    batch, n_in = _shape(x2)
+    nnzb = _shape(values)[0]
+    if nnzb == 0:   # an all-zero weight: y = bias
+        return bb.emit(relax.op.broadcast_to(_bias(bias, n_out), (batch, n_out)))
+    spec = LinearSpec(batch, n_out, n_in, "sparse", nnzb, tuple(block), _dtype(indices),
+                      values="int8" if _dtype(values) == "int8" else "float32")
+    scale = scale if scale is not None else relax.const(np.ones(linear_scale_shape(spec), np.float32))
+    return _call(bb, spec, [x2, values, indices, indptr, _bias(bias, n_out), scale], (batch, n_out))
+
+
 def _convert_sparse_linear(node, importer) -> relax.Var:
-    x, vals, idx, ptr, bias, n_out, n_in, block = importer.retrieve_args(node)[:8]
+    args = list(importer.retrieve_args(node)) + [None]
+    x, vals, idx, ptr, bias, n_out, n_in, block, scale = args[:9]
     bb: relax.BlockBuilder = importer.block_builder
     lead = _shape(x)[:-1]
     batch = int(np.prod(lead)) if lead else 1
     x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, (batch, n_in)))
-    nnzb = _shape(vals)[0]
-    if nnzb == 0:   # an all-zero weight: y = bias
-        y = bb.emit(relax.op.broadcast_to(_bias(bias, n_out), (batch, n_out)))
-    else:
-        spec = LinearSpec(batch, n_out, n_in, "sparse", nnzb, tuple(block), _dtype(idx))
-        y = _call(bb, spec, [x2, vals, idx, ptr, _bias(bias, n_out)], (batch, n_out))
+    y = sparse_linear_call(bb, x2, n_out, vals, idx, ptr, bias, tuple(block), scale)
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
 
