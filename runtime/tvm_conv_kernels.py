@@ -80,8 +80,9 @@ class ConvSpec:
     index_dtype: str = "int32"
     act: str = "none"                 # fused activation: "none" | "relu" | "clip"
     clip: tuple[float, float] = (0.0, 0.0)
-    residual: bool = False            # y = act(conv + bias + residual)
-    values: str = "float32"           # "int8": values times a per-row float32 scale
+    residual: bool = False            # y = act(conv * scale + bias + residual)
+    values: str = "float32"           # "int8": int8 values (always with a row scale)
+    row_scale: bool = False           # the conv is multiplied by a per-row scale (int8, folded BN)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -224,8 +225,8 @@ def slot_offsets_numpy(g: ConvGeometry, columns, np):
 
 
 def _epilogue(s: ConvSpec, v, o, residual, scale, bias):
-    """scale (int8), bias, residual, activation of one accumulated value of output channel o."""
-    if s.values == "int8":
+    """row scale (int8 / folded BN), bias, residual, activation of one value of output channel o."""
+    if has_row_scale(s):
         v = v * scale[o]
     v = v + bias[o]
     if s.residual:
@@ -396,8 +397,12 @@ def _value_type(s: ConvSpec) -> str:
     return "int8" if s.values == "int8" else "float32"
 
 
+def has_row_scale(s: ConvSpec) -> bool:
+    return s.row_scale or s.values == "int8"
+
+
 def scale_shape(s: ConvSpec) -> tuple[int]:
-    return (s.out_channels,) if s.values == "int8" else (1,)
+    return (s.out_channels,) if has_row_scale(s) else (1,)
 
 
 def residual_shape(s: ConvSpec) -> tuple[int, ...]:

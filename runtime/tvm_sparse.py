@@ -201,6 +201,7 @@ def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ..
 # ----------------------------------------------------------------------------- fusion
 
 _ACTIVATIONS = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default", "clamp.default")
+_BATCH_NORMS = ("batch_norm.default", "_native_batch_norm_legit_no_training.default")
 
 
 def _fusing(converter: Callable) -> Callable:
@@ -273,6 +274,46 @@ def _convert_activation(node: fx.Node, importer: Any) -> relax.Expr:
             replace(call.spec, act="clip", clip=(lo, hi))
     del _pending(importer)[src]
     return _finish_conv(node, importer, replace(call, spec=spec))
+
+
+def _bn_eps(node: fx.Node) -> float | None:
+    """eps of an inference batch norm node, None when it may be training."""
+    name, args = node.target.__name__, list(node.args)
+    if name.startswith("_native_batch_norm_legit_no_training"):
+        return float(args[6] if len(args) > 6 else node.kwargs.get("eps", 1e-5))
+    training = args[5] if len(args) > 5 else node.kwargs.get("training", False)
+    return None if training else float(args[7] if len(args) > 7 else node.kwargs.get("eps", 1e-5))
+
+
+@_fusing
+def _convert_batch_norm(node: fx.Node, importer: Any) -> relax.Expr:
+    """An inference batch norm after a pending conv becomes its row scale and bias:
+    (conv * s + b - mean) * k + beta with k = gamma / sqrt(var + eps)."""
+    src = node.args[0]
+    call = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+    eps = _bn_eps(node)
+    if call is None or eps is None or call.spec.act != "none" or call.spec.residual:
+        return _fallback(node, importer)
+    op, o = relax.op, call.spec.out_channels
+    env = lambda i, default: importer.env[node.args[i]] if node.args[i] is not None \
+        else relax.const(np.full(o, default, np.float32))   # noqa: E731
+    gamma, beta, mean, var = env(1, 1.0), env(2, 0.0), env(3, 0.0), env(4, 1.0)
+    bb = importer.block_builder
+    k = bb.emit(op.divide(gamma, op.sqrt(op.add(var, relax.const(eps, "float32")))))
+    scale = k if call.scale is None else bb.emit(op.multiply(call.scale, k))
+    bias = bb.emit(op.add(op.multiply(op.subtract(call.bias, mean), k), beta))
+    del _pending(importer)[src]
+    fused = replace(call, spec=replace(call.spec, row_scale=True), scale=scale, bias=bias)
+    return _finish_conv(node, importer, fused)
+
+
+@_fusing
+def _convert_getitem(node: fx.Node, importer: Any) -> relax.Expr:
+    """getitem(batch_norm, 0) of a decomposed export: a pending conv passes through."""
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src in _pending(importer) and node.args[1] == 0:
+        return _finish_conv(node, importer, _pending(importer).pop(src))
+    return _fallback(node, importer)
 
 
 @_fusing
@@ -396,6 +437,8 @@ def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
                                  "sparse_conv2d.default": _convert_sparse_conv2d,
                                  "add.Tensor": _convert_add}
     cmap.update({name: _convert_activation for name in _ACTIVATIONS})
+    cmap.update({name: _convert_batch_norm for name in _BATCH_NORMS})
+    cmap["getitem"] = _convert_getitem
     if dense_kernels:
         cmap.update({"linear.default": _convert_dense_linear, "conv2d.default": _convert_dense_conv2d})
     return cmap
