@@ -20,7 +20,7 @@ Input layouts ("slots" of PLANE floats each, `ConvGeometry.layout`):
   and never written. Tiles are R output rows (narrow layers) or 64-column chunks.
 - "im2col": one slot per (ci, ky, kx) holding exactly the OH*OW inputs that tap reads;
   no junk, chosen for small planes (7x7, 4x4, 2x2) where the padded rows would waste lanes.
-The layout is chosen per layer by `_choose_layout` (a cost model: vector work + copy).
+The layout is chosen per layer by `conv_geometry` (a cost model: vector work + copy).
 
 Grouped convs (depthwise) copy each group's padded input inside the kernel, into a per-group
 scratch region, and skip the copy for groups without any stored weight.
@@ -44,8 +44,10 @@ from tvm.script import tirx as T
 LANES = 16          # tile widths are multiples of this (one AVX-512 / four NEON registers)
 TILE = 64           # accumulator floats per block row (4 AVX-512 / 16 NEON registers)
 ACC_FLOATS = 128    # cap on accumulator floats of a BSR block row (BR x TQ)
-COPY_COST = 2.0     # vector-op cost of copying 16 floats, relative to one FMA of 16 lanes
+# cost model of `conv_geometry`, in units of one 16-lane multiply-add (measured on x86, ~2 cycles):
 STEP_COST = 1.5     # per stored weight and tile: index and value loads, address arithmetic
+COPY_COST = 0.15    # per float copied into the rearranged input by row copies (vectorised)
+COPY_COST_SMALL = 0.8   # per float when rows are <= 8 floats (one select per element)
 ACTIVATIONS = ("none", "relu", "clip")
 
 
@@ -96,6 +98,18 @@ class ConvSpec:
 
     def transform_name(self) -> str:
         return f"rw_conv2d_layout_{_digest(conv_geometry(self))}"
+
+
+def describe(s: ConvSpec) -> str:
+    """What a conv kernel computes, for reports (e.g. "conv 64->64 56x56 k3x3 s1 g1 csr nnz=1843
+    shift+relu+res")."""
+    g = conv_geometry(s)
+    fmt = "dense" if s.fmt == "dense" else ("csr" if s.block == (1, 1) else f"bsr{s.block[0]}x1")
+    epi = "".join(f"+{e}" for e, on in (("scale", has_row_scale(s)), ("res", s.residual),
+                                          (s.act if s.act != "clip" else f"clip{s.clip[1]:g}", s.act != "none")) if on)
+    return (f"conv {s.in_channels}->{s.out_channels} {s.height}x{s.width} k{s.kernel[0]}x{s.kernel[1]} "
+            f"s{s.stride[0]} g{s.groups} {fmt}{' int8' if s.values == 'int8' else ''} nnz={s.nnz_blocks} "
+            f"{g.layout}{epi}")
 
 
 def _digest(obj) -> str:
@@ -168,7 +182,7 @@ def _flat_geometry(s: ConvSpec, layout: str, slots: int) -> ConvGeometry:
 def _cost(s: ConvSpec, g: ConvGeometry) -> float:
     nnz = s.nnz_blocks if s.fmt == "sparse" else s.out_channels * s.in_channels // s.groups * s.kernel[0] * s.kernel[1]
     work = nnz * g.tiles * (g.tq * s.block[0] / LANES + STEP_COST)
-    copy = 0 if g.layout == "direct" else g.slots * g.plane / LANES * COPY_COST
+    copy = 0 if g.layout == "direct" else g.slots * g.plane * (COPY_COST_SMALL if g.row <= 8 else COPY_COST)
     return work + copy
 
 

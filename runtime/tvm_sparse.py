@@ -36,7 +36,7 @@ from torch import fx  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
-    ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, fused_name,
+    ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, describe, fused_name,
     fused_pointwise_depthwise_kernel, fused_scratch_shapes, pointwise_geometry, residual_shape, scale_shape,
     scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
 from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
@@ -62,13 +62,21 @@ def _dtype(expr: relax.Expr) -> str:
     return str(expr.ty.dtype)
 
 
-def _scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    # hand-scheduled: Relax must not fuse it, schedulers (dlight, MetaSchedule, tvm_schedule) skip it
-    return func.with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
+def _scheduled(func: tvm.tirx.PrimFunc, layer: str) -> tvm.tirx.PrimFunc:
+    # hand-scheduled: Relax must not fuse it, schedulers (dlight, MetaSchedule, tvm_schedule) skip it;
+    # "rwdeploy.layer" says what it computes (reports, profiles)
+    return func.with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True) \
+        .with_attr("rwdeploy.layer", layer)
+
+
+def _describe_linear(s: LinearSpec) -> str:
+    fmt = "dense" if s.fmt == "dense" else ("csr" if s.block == (1, 1) else f"bsr{s.block[0]}x{s.block[1]}")
+    return (f"linear {s.in_features}->{s.out_features} batch {s.batch} {fmt}"
+            f"{' int8' if s.values == 'int8' else ''} nnz={s.nnz_blocks}")
 
 
 def _prim(bb: relax.BlockBuilder, spec: LinearSpec) -> relax.GlobalVar:
-    return bb.add_func(_scheduled(kernel_for(spec)), spec.name())
+    return bb.add_func(_scheduled(kernel_for(spec), _describe_linear(spec)), spec.name())
 
 
 def _call(bb: relax.BlockBuilder, spec: LinearSpec, args: list[relax.Expr],
@@ -145,7 +153,8 @@ def _emit_fused(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
     args = [pw.x, pw.values, poff, pw.indptr, _scale(pw), pw.bias,
             call.values, call.offsets, call.indptr, _scale(call), call.bias, residual,
             relax.const(slot_origins(conv_geometry(s), np))]
-    kernel = bb.add_func(_scheduled(fused_pointwise_depthwise_kernel(pw.spec, s)), fused_name(pw.spec, s))
+    kernel = bb.add_func(_scheduled(fused_pointwise_depthwise_kernel(pw.spec, s),
+                                    f"{describe(pw.spec)}, into {describe(s)}"), fused_name(pw.spec, s))
     outs = [relax.TensorType(sh, "float32") for sh in fused_scratch_shapes(pw.spec, s)]
     outs.append(relax.TensorType((s.batch, s.out_channels, *s.out_hw), "float32"))
     res = bb.emit(relax.call_tir(kernel, args, outs))
@@ -162,7 +171,7 @@ def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
     out = relax.TensorType((B, s.out_channels, *s.out_hw), "float32")
     residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
     weights = [call.values, call.offsets, call.indptr, _scale(call), call.bias, residual]
-    kernel = bb.add_func(_scheduled(conv_kernel(s)), s.name())
+    kernel = bb.add_func(_scheduled(conv_kernel(s), describe(s)), s.name())
     origins = relax.const(slot_origins(g, np))
     if s.groups > 1:
         outs = [relax.TensorType(scratch_shape(s), "float32"), out]
@@ -171,7 +180,10 @@ def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
     if g.layout == "direct":
         xt = bb.emit(relax.op.reshape(call.x, (B, C, H * W)))
     else:
-        transform = bb.add_func(_scheduled(transform_for(s)), s.transform_name())
+        # named (and described) by its geometry: convs with the same input layout share it
+        layer = (f"{g.layout} input {C}x{H}x{W} -> {g.slots} slots of {g.plane} "
+                 f"(k{g.kernel[0]}x{g.kernel[1]} s{g.step[0]} p{g.padding[0]})")
+        transform = bb.add_func(_scheduled(transform_for(s), layer), s.transform_name())
         xt = bb.emit(relax.call_tir(transform, [call.x, origins], relax.TensorType((B, g.slots, g.plane), "float32")))
     return bb.emit(relax.call_tir(kernel, [xt, *weights], out))
 
