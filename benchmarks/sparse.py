@@ -309,7 +309,7 @@ def run_layers(args, threads: int, tmp: Path) -> list[dict]:
                         ref = layer(x).numpy()
                     formats = _candidates(layer)
                     cands = [Candidate("dense", layer, tuple(x.shape))]
-                    cands += [Candidate(f, layer, tuple(x.shape), m) for f, m in formats.items()]
+                    cands += [Candidate(f, layer, tuple(x.shape), m, i + 1) for i, (f, m) in enumerate(formats.items())]
                     vm = _vm(build_candidates(cands, tvm_sparse.host_target()))
                     xs = {c.key: tvm.runtime.tensor(
                         np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1) if c.input_shape() != tuple(x.shape)

@@ -35,10 +35,11 @@ class Candidate:
     layer: torch.nn.Module
     in_shape: tuple[int, ...]
     matrix: SparseMatrix | None = None
+    index: int = 0          # position in its list: keeps function names unique
 
     @property
     def function(self) -> str:
-        return "cand_" + "".join(ch if ch.isalnum() else "_" for ch in self.key)
+        return f"cand{self.index}_" + "".join(ch if ch.isalnum() else "_" for ch in self.key)
 
     def input_shape(self) -> tuple[int, ...]:
         """The shape the candidate function takes (NHWC for a dense conv)."""
@@ -100,10 +101,10 @@ def build_candidates(cands: Sequence[Candidate], target: tvm.target.Target) -> A
 
 
 def candidates_of(layers: Layers) -> list[Candidate]:
-    out = []
+    out: list[Candidate] = []
     for name, layer, shape, packed in layers:
-        out.append(Candidate(f"{name}\0dense", layer, tuple(shape), None))
-        out += [Candidate(f"{name}\0{fmt}", layer, tuple(shape), m) for fmt, m in packed.items()]
+        for fmt, m in [("dense", None), *packed.items()]:
+            out.append(Candidate(f"{name}\0{fmt}", layer, tuple(shape), m, len(out)))
     return out
 
 

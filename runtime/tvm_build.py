@@ -95,13 +95,18 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
 
         converters = convert_map(dense_kernels=False)
     try:
-        return from_exported_program(program, keep_params_as_input=False,
-                                     unwrap_unit_return_tuple=True,
-                                     custom_convert_map=converters or None)
+        mod = from_exported_program(program, keep_params_as_input=False,
+                                    unwrap_unit_return_tuple=True,
+                                    custom_convert_map=converters or None)
     except (AssertionError, KeyError, NotImplementedError, ValueError) as err:
         raise RwdeployError(f"TVM cannot import the model: {str(err).splitlines()[0]}",
                             hint="an op without a Relax converter; build without TVM "
                                  "(--target none) or add a converter") from None
+    if _has_rwdeploy_ops(program):  # the sparse kernels' offsets from the (now constant) weights
+        from rwdeploy.runtime.tvm_sparse import fold_weight_arithmetic
+
+        mod = fold_weight_arithmetic(mod)
+    return mod
 
 
 def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None = None) -> Any:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import lru_cache
 from dataclasses import astuple, dataclass, replace
 
 from tvm.script import tirx as T
@@ -186,6 +187,7 @@ def _cost(s: ConvSpec, g: ConvGeometry) -> float:
     return work + copy
 
 
+@lru_cache(maxsize=None)
 def conv_geometry(s: ConvSpec) -> ConvGeometry:
     """The layout and tiling of a conv (a pure function of its spec)."""
     SH, SW = s.stride
@@ -236,6 +238,43 @@ def slot_offsets_numpy(g: ConvGeometry, columns, np):
     else:
         off = ci * g.plane
     return off.astype(np.int32)
+
+
+OFFSET_LAYOUTS = {"shift": 0, "im2col": 1, "direct": 2}
+
+
+def offsets_name(index_dtype: str) -> str:
+    return f"rw_conv2d_offsets_{index_dtype}"
+
+
+def offsets_geometry(g: ConvGeometry, np) -> "np.ndarray":
+    """The int32 parameters `offsets_func` reads (one function serves every conv)."""
+    KH, KW = g.kernel
+    return np.array([OFFSET_LAYOUTS[g.layout], KH * KW, KW, g.dilation[0], g.dilation[1], g.step[0], g.step[1],
+                     g.row, g.plane], np.int32)
+
+
+@lru_cache(maxsize=None)
+def offsets_func(index_dtype: str):
+    """`slot_offsets_numpy` as a TIR function of the column indices (any number of them) and
+    `offsets_geometry`: the same function for every conv, so a build folds it once."""
+    from tvm import te, tirx
+
+    n = tirx.Var("nnz", "int64")
+    col = te.placeholder((n,), index_dtype, "columns")
+    geo = te.placeholder((9,), "int32", "geometry")
+
+    def offset(i):
+        layout, kk, kw, dh, dw, sh, sw, row, plane = (geo[j] for j in range(9))
+        c = col[i].astype("int32")
+        ci, tap = tirx.floordiv(c, kk), tirx.floormod(c, kk)
+        dy, dx = tirx.floordiv(tap, kw) * dh, tirx.floordiv(tirx.floormod(tap, kw) * dw, 1)
+        shift = ((ci * (sh * sw) + tirx.floormod(dy, sh) * sw + tirx.floormod(dx, sw)) * plane
+                 + tirx.floordiv(dy, sh) * row + tirx.floordiv(dx, sw))
+        return tirx.Select(layout == 0, shift, tirx.Select(layout == 1, c, ci) * plane)
+
+    off = te.compute((n,), offset, "offsets")
+    return te.create_prim_func([col, geo, off]).with_attr("global_symbol", offsets_name(index_dtype))
 
 
 def _epilogue(s: ConvSpec, v, o, residual, scale, bias):
@@ -303,6 +342,7 @@ def _copy_macro(g: ConvGeometry):
     return copy
 
 
+@lru_cache(maxsize=None)
 def transform_for(s: ConvSpec):
     """The input rearrangement of a groups=1 conv, or None for the "direct" layout."""
     g = conv_geometry(s)
@@ -430,6 +470,7 @@ def nnz_stored(s: ConvSpec) -> int:
     return max(1, s.nnz_blocks)   # an all-zero weight is passed as one explicit zero
 
 
+@lru_cache(maxsize=None)   # parsing TVMScript costs ~0.3 s a kernel; identical layers share it
 def conv_kernel(s: ConvSpec):
     """The conv PrimFunc (groups == 1: reads the transform's output, or x for "direct")."""
     g = conv_geometry(s)
@@ -552,6 +593,7 @@ def fused_scratch_shapes(pw: ConvSpec, dw: ConvSpec) -> list[tuple[int, ...]]:
     return [(dw.batch * dw.groups, pw.height * pw.width), (dw.batch * dw.groups, g.slots * g.plane)]
 
 
+@lru_cache(maxsize=None)
 def fused_pointwise_depthwise_kernel(pw: ConvSpec, dw: ConvSpec):
     """A depthwise conv that computes its input channel itself: task c runs row c of the 1x1
     conv (bias, activation) into a plane, pads it into the depthwise slots and runs the

@@ -23,6 +23,7 @@ for dense linear.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from dataclasses import astuple, dataclass
 
 from tvm.script import tirx as T
@@ -76,6 +77,7 @@ def _digest(spec) -> str:
     return hashlib.sha1(repr(astuple(spec)).encode()).hexdigest()[:12]
 
 
+@lru_cache(maxsize=None)   # parsing TVMScript costs ~0.3 s a kernel; identical layers share it
 def kernel_for(spec: LinearSpec | ConvSpec):
     """The TIR PrimFunc for a spec, with `global_symbol` = spec.name()."""
     if isinstance(spec, LinearSpec):

@@ -37,8 +37,8 @@ from tvm import relax  # noqa: E402
 
 from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
     ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, describe, fused_name,
-    fused_pointwise_depthwise_kernel, fused_scratch_shapes, pointwise_geometry, residual_shape, scale_shape,
-    scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
+    fused_pointwise_depthwise_kernel, fused_scratch_shapes, OFFSET_LAYOUTS, offsets_func, offsets_geometry,
+    offsets_name, pointwise_geometry, residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
 from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
@@ -110,35 +110,70 @@ class ConvCall:
     producer: "ConvCall | None" = None   # a 1x1 conv computed inside this (depthwise) kernel
 
 
-def _int32(v: int) -> relax.Expr:
-    return relax.const(v, "int32")
-
-
-def offsets_expr(g: ConvGeometry, columns: relax.Expr) -> relax.Expr:
-    """Relax arithmetic for `slot_offsets_numpy` (folded to a constant at build time)."""
-    op = relax.op
-    col = op.astype(columns, "int32")
-    KH, KW = g.kernel
-    DH, DW = g.dilation
-    SH, SW = g.step
-    ci = op.floor_divide(col, _int32(KH * KW))
-    tap = op.floor_mod(col, _int32(KH * KW))
-    dy = op.multiply(op.floor_divide(tap, _int32(KW)), _int32(DH))
-    dx = op.multiply(op.floor_mod(tap, _int32(KW)), _int32(DW))
-    if g.layout == "shift":
-        slot = op.add(op.add(op.multiply(ci, _int32(SH * SW)), op.multiply(op.floor_mod(dy, _int32(SH)), _int32(SW))),
-                      op.floor_mod(dx, _int32(SW)))
-        within = op.add(op.multiply(op.floor_divide(dy, _int32(SH)), _int32(g.row)), op.floor_divide(dx, _int32(SW)))
-        return op.add(op.multiply(slot, _int32(g.plane)), within)
-    if g.layout == "im2col":
-        return op.multiply(col, _int32(g.plane))
-    return op.multiply(ci, _int32(g.plane))
-
-
 def _offsets(bb: relax.BlockBuilder, g: ConvGeometry, columns: relax.Expr | np.ndarray) -> relax.Expr:
+    """Each stored weight's input offset: numpy for known columns, else one call of
+    `offsets_func` that the build folds into a constant (FoldConstant: the columns are
+    weights, constants once bound)."""
     if isinstance(columns, np.ndarray):
         return relax.const(slot_offsets_numpy(g, columns, np))
-    return bb.emit(offsets_expr(g, columns))
+    dtype = _dtype(columns)
+    gv = bb.add_func(offsets_func(dtype), offsets_name(dtype))
+    return bb.emit(relax.call_tir(gv, [columns, relax.const(offsets_geometry(g, np))],
+                                  relax.TensorType(_shape(columns), "int32")))
+
+
+_FOLDABLE = {"relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+             "relax.divide": np.divide, "relax.sqrt": np.sqrt}
+
+
+def _numpy_offsets(columns: np.ndarray, geometry: np.ndarray) -> np.ndarray:
+    """`offsets_func` evaluated in numpy (from its geometry array)."""
+    layout, kk, kw, dh, dw, sh, sw, row, plane = (int(v) for v in geometry)
+    c = columns.astype(np.int64)
+    ci, tap = c // kk, c % kk
+    dy, dx = tap // kw * dh, tap % kw * dw
+    if layout == OFFSET_LAYOUTS["shift"]:
+        off = (ci * sh * sw + dy % sh * sw + dx % sw) * plane + dy // sh * row + dx // sw
+    else:
+        off = (c if layout == OFFSET_LAYOUTS["im2col"] else ci) * plane
+    return off.astype(np.int32)
+
+
+def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
+    """Evaluate in numpy what the converters derived from weights, once they are constants:
+    each conv's input offsets (`offsets_func` calls) and folded batch-norm scales / biases
+    (elementwise add, subtract, multiply, divide, sqrt of constants).
+
+    TVM's FoldConstant does the same by building and running every call (~2 s each, a
+    minute and more for a MobileNet); this takes milliseconds. Run it right after import.
+    """
+    @relax.expr_functor.mutator
+    class Fold(relax.PyExprMutator):
+        def _value(self, arg: relax.Expr) -> np.ndarray | None:
+            if isinstance(arg, relax.Var):
+                arg = self.lookup_binding(arg)
+            value = getattr(arg, "value", None) if isinstance(arg, tvm.ir.expr.GenericConst) else None
+            return value.numpy() if hasattr(value, "numpy") else None
+
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            if call.op.name == "relax.call_tir" and call.args[0].name_hint.startswith("rw_conv2d_offsets_"):
+                columns, geometry = (self._value(a) for a in call.args[1].fields)
+                return call if columns is None or geometry is None else relax.const(_numpy_offsets(columns, geometry))
+            if call.op.name in _FOLDABLE:
+                values = [self._value(a) for a in call.args]
+                if all(v is not None and v.dtype == np.float32 for v in values):
+                    return relax.const(_FOLDABLE[call.op.name](*values).astype(np.float32))
+            return call
+
+    folder = Fold(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            folder.builder_.update_func(gvar, folder.visit_expr(func))
+    out = folder.builder_.finalize()
+    return relax.transform.DeadCodeElimination()(out)
 
 
 def _scale(call: ConvCall) -> relax.Expr:
@@ -212,7 +247,8 @@ def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ..
 
 # ----------------------------------------------------------------------------- fusion
 
-_ACTIVATIONS = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default", "clamp.default")
+_ACTIVATIONS = ("relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default",
+                "hardtanh_.default", "clamp.default")
 _BATCH_NORMS = ("batch_norm.default", "_native_batch_norm_legit_no_training.default")
 
 
@@ -269,7 +305,9 @@ def _convert_activation(node: fx.Node, importer: Any) -> relax.Expr:
     name = node.target.__name__
     if call is None or call.spec.act != "none":
         return _fallback(node, importer)
-    if name.startswith("relu"):
+    if name.startswith("relu6"):
+        spec = replace(call.spec, act="clip", clip=(0.0, 6.0))
+    elif name.startswith("relu"):
         spec = replace(call.spec, act="relu")
     else:
         args = list(node.args[1:]) + [None] * 2
@@ -466,9 +504,8 @@ def import_exported_program(ep: torch.export.ExportedProgram, *, dense_kernels: 
     kw.setdefault("unwrap_unit_return_tuple", True)
     if dense_kernels:
         kw.setdefault("run_ep_decomposition", False)
-    mod = from_exported_program(ep, custom_convert_map=cmap, **kw)
-    # the weights are constants now: fold what the converters derived from them (offsets)
-    return relax.transform.FoldConstant()(mod)
+    # the weights are constants now: fold what the converters derived from them
+    return fold_weight_arithmetic(from_exported_program(ep, custom_convert_map=cmap, **kw))
 
 
 def compile_module(module: torch.nn.Module, example_input: torch.Tensor,
