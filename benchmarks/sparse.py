@@ -181,6 +181,7 @@ def run_e2e(args, threads: int, tmp: Path) -> list[dict]:
     from rwdeploy.passes.pack_sparse import pack_sparse
     from rwdeploy.runtime.tvm_build import build
     from rwdeploy.runtime.tvm_profile import by_category, profile_calls
+    from rwdeploy.sparse.timing import HostLayerTimer
 
     rows = []
     for name in args.models:
@@ -193,7 +194,7 @@ def run_e2e(args, threads: int, tmp: Path) -> list[dict]:
                 with torch.no_grad():
                     ref = model(x).numpy()
                 t0 = time.perf_counter()
-                res = pack_sparse(traced, x)                  # --sparse auto, measured on this host
+                res = pack_sparse(traced, x, timer=HostLayerTimer())   # --sparse auto, measured on this host
                 pack_s = time.perf_counter() - t0
                 packed = res.gm
                 art_packed = build(packed, x, "cpu", threads=threads)
@@ -291,6 +292,7 @@ def run_layers(args, threads: int, tmp: Path) -> list[dict]:
     import torch
     import tvm
 
+    from rwdeploy.passes.ops import module_layer_view
     from rwdeploy.passes.pack_sparse import _candidates
     from rwdeploy.runtime import tvm_sparse
     from rwdeploy.runtime.layer_formats import Candidate, build_candidates
@@ -307,7 +309,7 @@ def run_layers(args, threads: int, tmp: Path) -> list[dict]:
                     layer = _layer(case, sparsity, block)
                     with torch.no_grad():
                         ref = layer(x).numpy()
-                    formats = _candidates(layer)
+                    formats = _candidates(module_layer_view(layer, "", layer))
                     cands = [Candidate("dense", layer, tuple(x.shape))]
                     cands += [Candidate(f, layer, tuple(x.shape), m, i + 1) for i, (f, m) in enumerate(formats.items())]
                     vm = _vm(build_candidates(cands, tvm_sparse.host_target()))
@@ -359,6 +361,7 @@ def run_int8(args, threads: int, tmp: Path) -> list[dict]:
     from rwdeploy.runtime.ort_runner import OrtRunner
     from rwdeploy.runtime.tvm_build import build
     from rwdeploy.sparse.quantize import quantize_packed
+    from rwdeploy.sparse.timing import HostLayerTimer
 
     rows = []
     for name in args.int8_models:
@@ -370,7 +373,7 @@ def run_int8(args, threads: int, tmp: Path) -> list[dict]:
             x = torch.randn(models.input_shape(name), generator=torch.Generator().manual_seed(2))
             with torch.no_grad():
                 ref = model(x).numpy()
-            packed = pack_sparse(traced, x).gm
+            packed = pack_sparse(traced, x, timer=HostLayerTimer()).gm
             packed8, qrec = quantize_packed(packed, per_row=True)
             vm_f = _vm(build(packed, x, "cpu", threads=threads).executable)
             vm_q = _vm(build(packed8, x, "cpu", threads=threads).executable)

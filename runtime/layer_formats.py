@@ -121,19 +121,24 @@ def time_candidates(cands: Sequence[Candidate], target: tvm.target.Target | None
                     *, min_repeat_ms: int = 30, repeat: int = 5) -> dict[str, dict[str, float]]:
     """Build every candidate (one build) and time each on this machine.
 
-    Returns key -> {"median_ms", "min_ms", "n"} from TVM's time_evaluator.
+    The candidates are timed in rounds, one sample of each per round (TVM's time_evaluator, at
+    least `min_repeat_ms` per sample), so that a shared machine's changing load affects all
+    alike. Returns key -> {"median_ms", "min_ms", "n"} over the `repeat` samples.
     """
     target = target or tvm_sparse.host_target()
     dev = tvm.cpu()
     vm = relax.VirtualMachine(build_candidates(cands, target), dev)
     rng = np.random.default_rng(0)
-    out: dict[str, dict[str, float]] = {}
+    timers = {}
     for c in cands:
         x = tvm.runtime.tensor(rng.standard_normal(c.input_shape()).astype(np.float32), dev)
-        ev = vm.time_evaluator(c.function, dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)(x)
-        res = sorted(ev.results)
-        out[c.key] = {"median_ms": float(np.median(res)) * 1e3, "min_ms": res[0] * 1e3, "n": len(res)}
-    return out
+        timers[c.key] = (vm.time_evaluator(c.function, dev, number=1, repeat=1, min_repeat_ms=min_repeat_ms), x)
+    samples: dict[str, list[float]] = {key: [] for key in timers}
+    for _ in range(repeat):
+        for key, (timer, x) in timers.items():
+            samples[key].extend(timer(x).results)
+    return {key: {"median_ms": float(np.median(res)) * 1e3, "min_ms": min(res) * 1e3, "n": len(res)}
+            for key, res in samples.items()}
 
 
 def measure_layer_formats(layers: Layers, target: tvm.target.Target | None = None) -> dict[str, dict[str, dict]]:

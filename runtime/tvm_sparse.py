@@ -508,16 +508,6 @@ def import_exported_program(ep: torch.export.ExportedProgram, *, dense_kernels: 
     return fold_weight_arithmetic(from_exported_program(ep, custom_convert_map=cmap, **kw))
 
 
-def compile_module(module: torch.nn.Module, example_input: torch.Tensor,
-                   target: tvm.target.Target | None = None) -> relax.VirtualMachine:
-    """Export, import and build a (packed) module for this machine; returns a Relax VM."""
-    ep = torch.export.export(module.eval(), (example_input,))
-    mod = import_exported_program(ep)
-    target = target or host_target()
-    ex = tvm.compile(mod, target=target)
-    return relax.VirtualMachine(ex, tvm.cpu())
-
-
 def measure_layer_formats(layers: Any, target: tvm.target.Target | None = None) -> dict[str, dict[str, dict]]:
     """`pack_sparse`'s host timer; see `runtime.layer_formats.measure_layer_formats`."""
     from rwdeploy.runtime.layer_formats import measure_layer_formats as measure

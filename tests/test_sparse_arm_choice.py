@@ -92,16 +92,18 @@ def test_without_a_device_the_host_is_a_stated_fallback(monkeypatch):
     assert all(l.measured_ms for l in res.record.layers)
 
 
-def test_default_timer_of_arm_targets_measures_on_the_device(monkeypatch):
-    from rwdeploy.passes import pack_sparse as ps
+def test_the_compile_timer_of_arm_targets_measures_on_the_device(monkeypatch):
+    from rwdeploy.sparse.timing import HostLayerTimer, layer_timer
 
     monkeypatch.setattr(arm_emulator, "is_provisioned", lambda h: True)
-    _, where = ps.default_timer("arm")
-    assert where.startswith("emulated aarch64 device")
-    _, where = ps.default_timer("rpi4")
-    assert where.startswith("emulated aarch64 device")
-    _, where = ps.default_timer("cpu")
-    assert where.startswith("host")
+    device = FakeDevice({"0": "csr", "3": "dense"})
+    monkeypatch.setattr(arm_layer_timer, "emulator_counter", lambda: device.count)
+    for target in ("arm", "rpi4"):
+        timer = layer_timer(target)
+        res = pack_sparse(torch.fx.symbolic_trace(_net()), _example(), target=target, timer=timer)
+        assert res.record.measured_on.startswith("emulated aarch64 device")
+        assert {l.name: l.chosen for l in res.record.layers} == {"0": "csr", "3": "dense"}
+    assert isinstance(layer_timer("cpu"), HostLayerTimer)
 
 
 @pytest.mark.qemu
@@ -111,9 +113,10 @@ def test_instruction_counts_on_the_emulated_device():
     conv = nn.Conv2d(16, 16, 3, padding=1)
     with torch.no_grad():
         conv.weight[torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.9] = 0
+    from rwdeploy.passes.ops import module_layer_view
     from rwdeploy.passes.pack_sparse import _candidates
 
-    cands = {k: v for k, v in _candidates(conv).items() if k == "csr"}
+    cands = {k: v for k, v in _candidates(module_layer_view(conv, "", conv)).items() if k == "csr"}
     out = arm_layer_timer.arm_layer_timer("arm")([("conv", conv, [1, 16, 10, 10], cands)])["conv"]
     assert out["csr"]["unit"] == "aarch64 instructions" and out["csr"]["emulated"]
     assert 0 < out["csr"]["insns"] < out["dense"]["insns"]
