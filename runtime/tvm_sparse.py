@@ -172,8 +172,14 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             folder.builder_.update_func(gvar, folder.visit_expr(func))
-    out = folder.builder_.finalize()
-    return relax.transform.DeadCodeElimination()(out)
+    out = relax.transform.DeadCodeElimination()(folder.builder_.finalize())
+    # an offsets kernel whose every call was folded is dead; its global symbol keeps DCE from seeing it
+    called = {gv.name_hint for f in out.functions.values() if isinstance(f, relax.Function)
+              for gv in relax.analysis.all_global_vars(f)}
+    for gvar in list(out.get_global_vars()):
+        if gvar.name_hint.startswith("rw_conv2d_offsets_") and gvar.name_hint not in called:
+            del out[gvar]
+    return out
 
 
 def _scale(call: ConvCall) -> relax.Expr:
@@ -506,10 +512,3 @@ def import_exported_program(ep: torch.export.ExportedProgram, *, dense_kernels: 
         kw.setdefault("run_ep_decomposition", False)
     # the weights are constants now: fold what the converters derived from them
     return fold_weight_arithmetic(from_exported_program(ep, custom_convert_map=cmap, **kw))
-
-
-def measure_layer_formats(layers: Any, target: tvm.target.Target | None = None) -> dict[str, dict[str, dict]]:
-    """`pack_sparse`'s host timer; see `runtime.layer_formats.measure_layer_formats`."""
-    from rwdeploy.runtime.layer_formats import measure_layer_formats as measure
-
-    return measure(layers, target)

@@ -4,7 +4,7 @@ timed as the kernels a compiled artifact runs, where that artifact will run.
 `layer_timer(target)` picks one: arm-family targets measure on the arm device
 (`runtime.arm_layer_timer`: a board over RPC, else instruction counts on the emulated aarch64
 device, the host only as a stated fallback); other targets on this host
-(`runtime.tvm_sparse.measure_layer_formats`). TVM is imported when a timer first measures, so
+(`runtime.layer_formats.measure_layer_formats`). TVM is imported when a timer first measures, so
 a model with nothing to pack never loads it; `where` is set then (the record's `measured_on`).
 """
 from __future__ import annotations
@@ -25,12 +25,13 @@ class HostLayerTimer:
 
     def __call__(self, layers: Layers) -> dict[str, dict[str, dict]]:
         from rwdeploy.runtime import tvm_sparse
+        from rwdeploy.runtime.layer_formats import measure_layer_formats
 
         cpu = tvm_sparse.host_target()
         self.where = f"host {cpu.attrs.get('mcpu', 'cpu')} via TVM, {tvm_sparse.threads()} threads"
         if self.target != "cpu":
             self.where += f" (proxy: target {self.target!r} is not measurable here; pass timer= to measure it)"
-        return tvm_sparse.measure_layer_formats(layers, cpu)
+        return measure_layer_formats(layers, cpu)
 
 
 class ArmLayerTimer:
