@@ -111,11 +111,11 @@ def stage_verify(ctx: CompileContext) -> None:
 def stage_pack_sparse(ctx: CompileContext) -> None:
     """Pack sparse layers as CSR/BSR where that measures faster (`--sparse`); checked on the probes."""
     from rwdeploy.passes.pack_sparse import pack_sparse
-    from rwdeploy.sparse.timing import HostLayerTimer
+    from rwdeploy.sparse.timing import layer_timer
 
     opts = ctx.options  # the pass never measures: this stage gives it the target's layer timer
     result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target,
-                         timer=HostLayerTimer(opts.target))
+                         timer=layer_timer(opts.target, rpc=opts.rpc, tracker=opts.tracker, key=opts.key))
     check = ctx.check(ctx.slim, result.gm, "packed model differs from the slim model",
                       hint="compile with --sparse off, and please report it")
     ctx.unpacked, ctx.slim = ctx.slim, result.gm
