@@ -36,6 +36,8 @@ DEFAULT_REVS = (
     ("ops branch", "a297de6", "the op-spec redesign alone (passes/), before its merge"),
     ("pipe branch", "80b404a", "main with the typed pipeline merged (passes/ gained verify.compare)"),
     ("redesign", "e9ef1fd", "main with both redesigns merged"),
+    ("main, later", "e97e05d", "main after later features (ops for real architectures, .pt2 packing)"),
+    ("main, merged", "0de1928", "main as last merged into this branch (sparse merge)"),
     ("now", "HEAD", "this checkout's HEAD"),
 )
 
