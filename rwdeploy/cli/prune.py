@@ -143,6 +143,5 @@ def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str
             bars.stop()
         dist.close()
     if dist.is_main and not quiet:
-        dense = "n/a" if result.dense_acc is None else f"{result.dense_acc:.4f}"
         click.echo(f"wrote {Path(out)}: {recipe_obj.method} {recipe_obj.scheme} rate {recipe_obj.rate}, "
-                   f"prunable sparsity {result.sparsity:.3f}, test accuracy {result.final_acc:.4f} (dense {dense})")
+                   f"prunable sparsity {result.sparsity:.3f}, {result.accuracy_text()}")
