@@ -104,9 +104,14 @@ class Study:
     grids: dict[str, list[float]]  # variant -> values of its knob
     ablations: list[str]
     input_shape: list[int] | None = None
+    # the longest prune phases only at the highest rates, where the methods differ (CPU budget)
+    rates_by_length: dict[int, list[float]] = field(default_factory=dict)
     lr: float = 0.05
     retrain_lr: float = 0.01
     batch_size: int = 64
+
+    def rates_at(self, length: int) -> list[float]:
+        return self.rates_by_length.get(length, self.rates)
 
     def grid(self, variant: Variant) -> list[float | None]:
         if variant.knob is None:
@@ -130,12 +135,13 @@ SCALES: dict[str, dict[str, Study]] = {
     # digits: 1,006 training / 251 validation / 540 test images; one CPU thread per run
     "digits": {
         "lenet5": Study("lenet5", "lenet5", "irregular", [0.95, 0.98, 0.99, 0.995], 0.99, [2, 6, 12, 24], 6,
-                        dense_epochs=8, retrain_epochs=4, grids=_grids("lenet5"),
+                        dense_epochs=8, retrain_epochs=4, grids=_grids("lenet5"), rates_by_length={24: [0.99, 0.995]},
                         ablations=["rw-subgradient", "rw-unbounded", "rw-squared", "rw-gradual",
                                    "magnitude-gradual", "admm-gradual"]),
         # 3x16x16 rather than 3x32x32: a quarter of the compute; digits are 8x8 at source
         "resnet20": Study("resnet20", "resnet20", "filter", [0.5, 0.7, 0.8, 0.9], 0.8, [2, 6, 12, 24], 6,
                           dense_epochs=6, retrain_epochs=3, grids=_grids("resnet20"), input_shape=[1, 3, 16, 16],
+                          rates_by_length={24: [0.8, 0.9]},
                           lr=0.1, ablations=["rw-subgradient", "rw-unbounded", "rw-squared", "rw-gradual",
                                              "rw-no-bn", "magnitude-gradual", "admm-gradual"]),
     },
@@ -324,7 +330,7 @@ def plan(study: Study, log: RunLog, work: Path, device: str, parts: set[str], le
             for vname in MAIN + ("reweighted-v0",):
                 variant = VARIANTS[vname]
                 chosen = best_settings(log, study, variant, length, work, device)
-                rates = study.rates if vname in MAIN else [study.tune_rate]
+                rates = study.rates_at(length) if vname in MAIN else [study.tune_rate]
                 for seed in SEEDS:
                     for rate in rates:
                         ensure(log, study, RunSpec(study.name, vname, "final", length, rate, seed, chosen), work, device)
@@ -467,7 +473,7 @@ def plot(study: Study, summary: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed (pip install '.[bench]'); no plots", file=sys.stderr)
         return False
-    lengths = [L for L in study.prune_lengths if summary["lengths"].get(L)]
+    lengths = [L for L in study.prune_lengths if any(d["points"] for d in summary["lengths"].get(L, {}).values())]
     if not lengths or "dense_test_mean" not in summary:
         return False
     fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.6), sharey=True, squeeze=False)
@@ -486,11 +492,56 @@ def plot(study: Study, summary: dict[str, Any], path: Path) -> bool:
         ax.set_title(f"prune phase {length} epochs")
         ax.set_xlabel("rate (fraction of groups pruned)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy % (mean ± sd, band: min-max, 3 seeds)")
+    axes[0][0].set_ylabel("test accuracy %")
+    fig.text(0.5, 0.005, "mean ± sd over 3 seeds; band: min–max", ha="center", fontsize=8)
     lo = min(100 * p["acc_min"] for L in lengths for d in summary["lengths"][L].values() for p in d["points"])
     axes[0][0].set_ylim(max(lo - 1, 0), dense + 1.5)
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{study.model} {study.scheme} pruning on digits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_budget(study: Study, summary: dict[str, Any], path: Path) -> bool:
+    """Accuracy against the CPU time a run took, one line per method through its prune-phase
+    lengths, one panel per rate: the equal-time reading of the sweep."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rates = [r for r in study.rates if any(p["rate"] == r for L in summary["lengths"].values()
+                                           for d in L.values() for p in d["points"])]
+    if not rates or "dense_test_mean" not in summary:
+        return False
+    fig, axes = plt.subplots(1, len(rates), figsize=(4 * len(rates), 3.6), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        for vname in MAIN:
+            pts = []
+            for length in study.prune_lengths:
+                data = summary["lengths"].get(length, {}).get(vname)
+                p = next((q for q in data["points"] if q["rate"] == rate), None) if data else None
+                if p is not None:
+                    pts.append((p["cpu_s"], p, length))
+            if not pts:
+                continue
+            ax.errorbar([c for c, _, _ in pts], [100 * p["acc_mean"] for _, p, _ in pts],
+                        yerr=[100 * p["acc_sd"] for _, p, _ in pts], marker="o", capsize=3, label=vname)
+            for c, p, length in pts:
+                ax.annotate(f"P{length}", (c, 100 * p["acc_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(100 * summary["dense_test_mean"], color="grey", ls="--", lw=1)
+        ax.set_title(f"rate {rate}")
+        ax.set_xlabel("CPU seconds per run (prune phase + retraining)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy % (mean ± sd, 3 seeds)")
+    for ax in axes[0]:
+        ax.set_xlim(left=0)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{study.model} {study.scheme}: accuracy against training time (P = prune-phase epochs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -572,6 +623,8 @@ def report(scale: str, studies: list[Study], log: RunLog, out_dir: Path) -> None
     for st in studies:
         if plot(st, summaries[st.name], out_dir / f"{st.name}.png"):
             summaries[st.name]["plot"] = f"{st.name}.png"
+        if plot_budget(st, summaries[st.name], out_dir / f"{st.name}_time.png"):
+            summaries[st.name]["plot_time"] = f"{st.name}_time.png"
     (out_dir / "summary.json").write_text(json.dumps({"scale": scale, "summaries": summaries,
                                                       "environment": environment()}, indent=1, default=str))
     md = markdown(scale, studies, summaries, timing_report)
