@@ -10,8 +10,8 @@
       - {match: "layer3.*", scheme: "filter:0.6+irregular:0.8"}
     exclude: null               # null: first conv + classifier; [] prunes everything
     include: []                 # force-include excluded layers
-    penalty: {lam: 1e-4, eps: 1e-3, squared: false, milestones: null, updates: 5, bounded: false, bound_tol: 0.01,
-              proximal: false}
+    penalty: {lam: 1e-2, eps: 1e-3, squared: false, milestones: null, updates: 5, bounded: true, bound_tol: 0.01,
+              proximal: true}        # lam: omit for the method's default
     admm: {rho: 1e-3, rho_factor: 1.5, rho_max: 1.0, update_every: 1}
     pretrain: {epochs: 0}
     prune:   {epochs: 10, lr: 0.05, schedule: cosine}
@@ -60,9 +60,15 @@ class PhaseConfig:
         return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
 
 
+# lambda when the recipe gives none, per method: the reweighted default comes from the study in
+# README "Reweighted pruning results" (irregular pruning; filter groups want 1-10); rw-admm keeps
+# its own scale (lambda / rho is its soft threshold).
+DEFAULT_LAMBDA = {"reweighted": 1e-2, "rw-admm": 1e-4}
+
+
 @dataclass
 class PenaltyConfig:
-    lam: float = 1e-4
+    lam: float | None = None  # None: DEFAULT_LAMBDA of the method (see lam_for)
     eps: float = 1e-3
     squared: bool = False
     # Epochs (within the prune phase) at which alpha is re-estimated; None: `updates` evenly
@@ -71,11 +77,15 @@ class PenaltyConfig:
     updates: int = 5
     # Bound the penalty by the designated constraint: only the groups the rate removes are
     # pushed, until each is below bound_tol x the mean kept-group norm (see regularizer.py).
-    bounded: bool = False
+    bounded: bool = True
     bound_tol: float = 1e-2
     # Minimise loss + penalty by a proximal step after each optimiser step (exact zeros)
     # instead of adding the penalty's subgradient to the loss.
-    proximal: bool = False
+    proximal: bool = True
+
+    def lam_for(self, method: str) -> float:
+        """The lambda a run of `method` uses: the recipe's, else the method's default."""
+        return float(self.lam) if self.lam is not None else DEFAULT_LAMBDA.get(method, DEFAULT_LAMBDA["reweighted"])
 
 
 @dataclass
@@ -144,7 +154,7 @@ class Recipe:
                 raise OptionError(f"recipe {name}.schedule {ph.schedule!r}", hint=f"use one of {', '.join(SCHEDULES)}")
             if ph.optimizer not in OPTIMIZERS:
                 raise OptionError(f"recipe {name}.optimizer {ph.optimizer!r}", hint=f"use one of {', '.join(OPTIMIZERS)}")
-        if self.penalty.lam < 0 or self.penalty.eps <= 0 or self.penalty.updates < 1 or self.penalty.bound_tol < 0:
+        if self.penalty.lam_for(self.method) < 0 or self.penalty.eps <= 0 or self.penalty.updates < 1 or self.penalty.bound_tol < 0:
             raise OptionError("recipe penalty: lam must be >= 0, eps > 0, updates >= 1, bound_tol >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise OptionError(f"recipe val_fraction {self.val_fraction}: must be in [0, 1)", hint="e.g. 0.2")
