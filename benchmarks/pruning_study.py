@@ -106,6 +106,8 @@ class Study:
     input_shape: list[int] | None = None
     # the longest prune phases only at the highest rates, where the methods differ (CPU budget)
     rates_by_length: dict[int, list[float]] = field(default_factory=dict)
+    # lengths that reuse the settings tuned at a shorter one instead of their own grid (CPU budget)
+    tuned_at: dict[int, int] = field(default_factory=dict)
     lr: float = 0.05
     retrain_lr: float = 0.01
     batch_size: int = 64
@@ -136,12 +138,13 @@ SCALES: dict[str, dict[str, Study]] = {
     "digits": {
         "lenet5": Study("lenet5", "lenet5", "irregular", [0.95, 0.98, 0.99, 0.995], 0.99, [2, 6, 12, 24], 6,
                         dense_epochs=8, retrain_epochs=4, grids=_grids("lenet5"), rates_by_length={24: [0.99, 0.995]},
+                        tuned_at={24: 12},
                         ablations=["rw-subgradient", "rw-unbounded", "rw-squared", "rw-gradual",
                                    "magnitude-gradual", "admm-gradual"]),
         # 3x16x16 rather than 3x32x32: a quarter of the compute; digits are 8x8 at source
         "resnet20": Study("resnet20", "resnet20", "filter", [0.5, 0.7, 0.8, 0.9], 0.8, [2, 6, 12, 24], 6,
                           dense_epochs=6, retrain_epochs=3, grids=_grids("resnet20"), input_shape=[1, 3, 16, 16],
-                          rates_by_length={24: [0.8, 0.9]},
+                          rates_by_length={24: [0.8, 0.9]}, tuned_at={24: 12},
                           lr=0.1, ablations=["rw-subgradient", "rw-unbounded", "rw-squared", "rw-gradual",
                                              "rw-no-bn", "magnitude-gradual", "admm-gradual"]),
     },
@@ -304,7 +307,9 @@ def tune_specs(study: Study, variant: Variant, length: int, extra: dict[str, Any
 
 def best_settings(log: RunLog, study: Study, variant: Variant, length: int, work: Path, device: str) -> dict[str, Any]:
     """Stage 1: the knob's grid at this length; stage 2 (secondary settings, tried at the
-    ablation length with the stage-1 value there) applies to every length if it wins there."""
+    ablation length with the stage-1 value there) applies to every length if it wins there.
+    A length in `study.tuned_at` takes the stage-1 value of the length it names."""
+    length = study.tuned_at.get(length, length)
     rows = [ensure(log, study, s, work, device) for s in tune_specs(study, variant, length)]
     best = max(rows, key=lambda r: r["val_acc"])  # first of equals: the grid's order
     chosen = dict(best["settings"])
