@@ -170,6 +170,7 @@ def run_layer_rows(args, threads: int, tmp: Path) -> list[dict]:
     import torch
 
     from rwdeploy.runtime import tvm_sparse
+    from rwdeploy.passes.ops import module_layer_view
     from rwdeploy.passes.pack_sparse import _candidates
 
     target = tvm_sparse.host_target()
@@ -188,7 +189,7 @@ def run_layer_rows(args, threads: int, tmp: Path) -> list[dict]:
                 with torch.no_grad():
                     ref = layer(x).numpy()
                 shape = list(x.shape)
-                formats = _candidates(layer)
+                formats = _candidates(module_layer_view(layer, "", layer))
                 cands = [tvm_sparse.layer_candidate("rw:dense", layer, shape, None)]
                 cands += [tvm_sparse.layer_candidate(f"rw:{f}", layer, shape, m) for f, m in formats.items()]
                 for c in cands:          # real input, so outputs can be checked
@@ -313,6 +314,7 @@ def run_e2e_rows(args, threads: int, tmp: Path) -> list[dict]:
     from rwdeploy import models
     from rwdeploy.passes.pack_sparse import pack_sparse
     from rwdeploy.runtime import tvm_sparse
+    from rwdeploy.sparse.timing import HostLayerTimer
 
     rows = []
     for name, batches in args.e2e:
@@ -324,7 +326,7 @@ def run_e2e_rows(args, threads: int, tmp: Path) -> list[dict]:
             shape[0] = batch
             x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
             t0 = time.perf_counter()
-            res = pack_sparse(dense, x)
+            res = pack_sparse(dense, x, timer=HostLayerTimer())
             pack_s = time.perf_counter() - t0
             packed = res.gm
             target = tvm_sparse.host_target()

@@ -38,12 +38,12 @@ import torch
 from torch import nn
 
 from rwdeploy import models
-from rwdeploy.compile import max_errors
 from rwdeploy.io import atomic_file
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.layer_stats import layer_stats, totals
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
+from rwdeploy.passes.verify import compare_on
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -121,12 +121,8 @@ def zero_smallest_filters(module: nn.Module, groups: list[Any], rate: float) -> 
 
 
 def _worst_error(reference: nn.Module, candidate: nn.Module, probes: list[torch.Tensor]) -> tuple[float, float]:
-    worst = (0.0, 0.0)
-    with torch.no_grad():
-        for x in probes:
-            a, r = max_errors(reference(x), candidate(x))
-            worst = (max(worst[0], a), max(worst[1], r))
-    return worst
+    check = compare_on(reference, candidate, probes, tolerance=0.0)  # the compile's definition of the error
+    return check.max_abs, check.max_rel
 
 
 def ours(zeroed: nn.Module, example: torch.Tensor) -> tuple[nn.Module, float]:

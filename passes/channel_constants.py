@@ -16,9 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
-
-from rwdeploy.passes.channel_rules import CONV_ARGS, bound_args
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 MAX_PATTERNS = 4  # more distinct spatial patterns than this: keep the dense map
@@ -27,7 +24,8 @@ _MATCH_TOL = 1e-10  # relative round-off allowed when matching patterns / checki
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """What a conv does besides its weight (bias excluded): enough to replay it."""
+    """What a conv does besides its weight (bias excluded): enough to replay it
+    (`ops.conv.ConvView.geometry()`)."""
     weight: torch.Tensor  # [O, C/groups, k...]
     groups: int
     stride: Any
@@ -51,23 +49,6 @@ class BorderKernel:
         g = self.geometry
         return CONV_FUNCTIONS[len(self.spatial)](self.source(), self.kernel, None, g.stride, g.padding,
                                                  g.dilation)
-
-
-def conv_geometry(gm: fx.GraphModule, node: fx.Node, kind: str) -> ConvGeometry | None:
-    """The geometry of a conv consumer (module or functional), None for other kinds or padding
-    modes other than zeros (kept as a dense map)."""
-    if kind == "conv":
-        mod = gm.get_submodule(node.target)
-        if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or mod.padding_mode != "zeros":
-            return None
-        return ConvGeometry(mod.weight.detach().double(), mod.groups, mod.stride, mod.padding, mod.dilation)
-    if kind == "fconv":
-        b = bound_args(node, CONV_ARGS)
-        if not isinstance(b.get("weight"), fx.Node):
-            return None
-        w = gm.get_parameter(b["weight"].target).detach().double()
-        return ConvGeometry(w, b.get("groups", 1), b.get("stride", 1), b.get("padding", 0), b.get("dilation", 1))
-    return None
 
 
 def spatial_patterns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -2,6 +2,9 @@
 
 A class is a candidate when its group is not pinned and every producer slice is zero (its
 value is a constant that gets folded), or every consumer slice is zero (nobody reads it).
+A channel that passes through depthwise convs is judged segment by segment (`Segment`): each
+part must be constant (its producers zero, and each depthwise link's rows zero or its source
+constant) or read by nothing.
 Candidates are then given back until every structural constraint holds: grouped convs lose
 the same number of channels in each conv group, every split piece / selected index keeps a
 channel, no tensor loses all channels, and values whose channels span several dims (channel
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rwdeploy.passes.channel_groups import ChannelAnalysis, ChannelSlice
+from rwdeploy.passes.channel_groups import ChannelAnalysis, ChannelSlice, Segment, SliceRef
 from rwdeploy.passes.channel_state import varying_dims
 
 
@@ -38,7 +41,8 @@ def _all_zero(slices: list[ChannelSlice], state_dict: dict[str, torch.Tensor], s
 
 
 def candidates(analysis: ChannelAnalysis, state_dict: dict[str, torch.Tensor]) -> dict[int, str]:
-    """Removable classes (root id -> why: "zero producers" or "zero consumers")."""
+    """Removable classes (root id -> why: "zero producers", "zero consumers", or "zero
+    depthwise rows" for a channel whose depthwise outputs are constant and its input unread)."""
     out: dict[int, str] = {}
     for g in analysis.groups:
         if g.pinned:
@@ -46,11 +50,46 @@ def candidates(analysis: ChannelAnalysis, state_dict: dict[str, torch.Tensor]) -
         produced = _all_zero(g.slices_with("producer"), state_dict, g.size)
         read = _all_zero(g.slices_with("consumer"), state_dict, g.size)
         for c, root in enumerate(g.classes):
-            if produced[c]:
+            if root in analysis.segments:
+                why = _segments_removable(analysis.segments[root], state_dict)
+                if why:
+                    out[root] = why
+            elif produced[c]:
                 out[root] = "zero producers"
             elif read[c]:
                 out[root] = "zero consumers"
     return out
+
+
+def _zero(ref: SliceRef, state_dict: dict[str, torch.Tensor]) -> bool:
+    key, dim, idx, span = ref
+    t = state_dict[key].detach()
+    if span is not None:
+        t = t.narrow(0, span[0], span[1] - span[0])
+    return not bool(t.index_select(dim, torch.tensor(idx, dtype=torch.long)).any())
+
+
+def _segments_removable(parts: list[Segment], state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Why a channel made of segments can go (None: it cannot): every segment is constant or
+    unread. Constant: its producers are zero and each depthwise link into it has zero rows or
+    a constant source (the largest such set: a link may loop back into its own segment)."""
+    unread = [all(_zero(c, state_dict) for c in p.consumers) for p in parts]
+    own = [all(_zero(r, state_dict) for r in p.producers) and bool(p.producers or p.links) for p in parts]
+    rows = [[_zero(r, state_dict) for _, r in p.links] for p in parts]
+    constant = list(own)
+    changed = True
+    while changed:
+        changed = False
+        for i, p in enumerate(parts):
+            if constant[i] and not all(z or src < 0 or constant[src] for (src, _), z in zip(p.links, rows[i])):
+                constant[i], changed = False, True
+    if all(constant):
+        return "zero producers"
+    if all(unread):
+        return "zero consumers"
+    if all(c or u for c, u in zip(constant, unread)):
+        return "zero depthwise rows"
+    return None
 
 
 class Selection:
@@ -62,11 +101,9 @@ class Selection:
         self._refresh()
 
     def _refresh(self) -> None:
-        n = len(self.analysis.roots)
-        removed_root = torch.zeros(n + 1, dtype=torch.bool)
+        self._removed_class = torch.zeros(self.analysis.num_classes, dtype=torch.bool)
         if self.removed:
-            removed_root[torch.tensor(sorted(self.removed))] = True
-        self._removed_class = removed_root[self.analysis.roots] if n else removed_root[:0]
+            self._removed_class[torch.tensor(sorted(self.removed))] = True
         self._cache: dict[str, Any] = {}
 
     def kept(self, m: torch.Tensor) -> torch.Tensor:
@@ -77,7 +114,7 @@ class Selection:
 
     def node_kept(self, name: str) -> Any:
         if name not in self._cache:
-            m = self.analysis.state.maps.get(name)
+            m = self.analysis.class_maps.get(name)
             self._cache[name] = self.kept(m) if isinstance(m, torch.Tensor) else None
         return self._cache[name]
 
@@ -92,8 +129,7 @@ class Selection:
         return k.movedim(dim, 0).reshape(k.shape[dim], -1).any(1)
 
     def roots_where(self, m: torch.Tensor, mask: torch.Tensor) -> set[int]:
-        ids = m[mask & (m >= 0)]
-        return set(self.analysis.roots[ids].tolist()) & self.removed
+        return set(m[mask & (m >= 0)].tolist()) & self.removed
 
     def give_back(self, roots: set[int]) -> bool:
         if not roots:
@@ -106,18 +142,17 @@ class Selection:
 def select(analysis: ChannelAnalysis, removed: set[int]) -> Selection:
     """Shrink `removed` until every structural constraint holds."""
     sel = Selection(analysis, removed)
-    st = analysis.state
     for _ in range(100):
         changed = False
-        for per_group in st.uniform:
+        for per_group in analysis.equal_removal:
             changed |= _uniform(sel, per_group)
-        for name, dim, lo, hi in st.presence:
-            m = st.maps[name]
+        for name, dim, lo, hi in analysis.keep_one:
+            m = analysis.class_maps[name]
             region = m.narrow(dim, lo, hi - lo) if m.shape[dim] > 1 else m
             k = sel.kept(region)
             if not k.any():
                 changed |= sel.give_back({min(sel.roots_where(region, ~k))})
-        for name, m in st.maps.items():
+        for m in analysis.class_maps.values():
             for t in _tensor_maps(m):
                 changed |= _whole_rows(sel, t)
         if not changed:
@@ -139,7 +174,7 @@ def _uniform(sel: Selection, per_group: list[torch.Tensor]) -> bool:
     extra: set[int] = set()
     for ids, pos in zip(per_group, removed_pos):
         if len(pos) > cap:
-            extra |= set(sel.analysis.roots[ids[pos[cap:]]].tolist())
+            extra |= set(ids[pos[cap:]].tolist())
     return sel.give_back(extra & sel.removed)
 
 

@@ -113,6 +113,18 @@ def along(m: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 @dataclass
+class Link:
+    """A depthwise convolution passes input channel `source[c]` to its output channel
+    `target[c]` through weight rows `rows[c]` of `key`. Both must go together, but the output
+    is constant (so removable) when those rows are zero, whatever its input carries."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    key: str
+    rows: list[list[int]]
+
+
+@dataclass
 class SliceRecord:
     """Positions `index` along `dim` of state_dict tensor `key` belong to classes `cls`."""
 
@@ -137,19 +149,15 @@ class AnalysisState:
         self.uniform: list[list[torch.Tensor]] = []  # grouped convs: equal removal per conv group
         self.presence: list[tuple[str, int, int, int]] = []  # (node, dim, start, stop) keeps >= 1
         self.maps: dict[str, Any] = {}
-        self.kinds: dict[str, str] = {}
+        self.ops: dict[str, str] = {}  # node -> name of its op spec
         self.key_users: dict[str, set[str]] = defaultdict(set)
         self.fold_sites: list[str] = []  # nodes whose weights read channels (constants fold here)
         self.attr_followers: set[str] = set()  # get_attr tensors sliced along with an elementwise op
-        self.provenance: dict[str, tuple[str, tuple[int | None, ...]]] = {}  # see channel_provenance
+        self.provenance: dict[str, tuple[str, tuple[int | None, ...]]] = {}  # see ops/graph.py
+        self.links: list[Link] = []  # depthwise convs: classes joined after the walk (segments)
+        self.layer_users: set[str] = set()  # layer nodes that recorded their tensors' slices
 
     # -- reading the graph -------------------------------------------------------------
-    def map_of(self, arg: Any) -> Any:
-        return self.maps.get(arg.name) if isinstance(arg, fx.Node) else None
-
-    def meta(self, arg: Any) -> Any:
-        return self.values.get(arg.name) if isinstance(arg, fx.Node) else arg
-
     def shape(self, arg: fx.Node) -> tuple[int, ...]:
         return self.values[arg.name].shape
 
@@ -191,15 +199,6 @@ class AnalysisState:
                   user: str, span: torch.Tensor | None = None) -> None:
         self.key_users[key].add(user)
         self.slices.append(SliceRecord(key, dim, role, index.long(), cls.long(), span))
-
-    def add_module_slices(self, node: fx.Node, names: tuple[str, ...], dim: int, cls: torch.Tensor,
-                          role: str) -> None:
-        """Slices of the module's own parameters/buffers `names` (those that exist)."""
-        mod = self.module(node)
-        for name in names:
-            t = getattr(mod, name, None)
-            if isinstance(t, torch.Tensor):
-                self.add_slice(f"{node.target}.{name}", dim, torch.arange(len(cls)), cls, role, node.name)
 
 
 def _tensors(m: Any):

@@ -1,8 +1,9 @@
 """Per-layer statistics of a network at an input shape: params, MACs and zeros.
 
-An analysis: it reads a model and returns data. Layers are the modules (or, in a graph
-without leaf modules such as a loaded `.pt2`, the aten calls) that own a weight matrix or
-kernel: convolutions and linear layers.
+An analysis: it reads a model and returns data. Layers are the convolutions and linear layers,
+read through their op spec's LayerView (`passes/ops`): the modules and, in a GraphModule, the
+function / ATen calls reading their weights (a loaded `.pt2`; an `F.linear(x, self.w)` beside
+module layers), in the order they run.
 """
 from __future__ import annotations
 
@@ -13,14 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_ATEN_CONV = {
-    torch.ops.aten.conv1d.default,
-    torch.ops.aten.conv2d.default,
-    torch.ops.aten.conv3d.default,
-    torch.ops.aten.convolution.default,
-}
-_ATEN_LINEAR = {torch.ops.aten.linear.default}
+from rwdeploy.passes.ops import LayerView, layer_view, module_layer_view
 
 
 @dataclass(frozen=True)
@@ -59,108 +53,72 @@ class Totals:
         return {**asdict(self), "zero_fraction": self.zero_fraction}
 
 
-def _zero_counts(weight: torch.Tensor, transposed: bool) -> tuple[float, int, int, int, int]:
-    w = weight.detach()
-    if transposed:  # ConvTranspose stores [in, out/groups, ...]
-        w = w.transpose(0, 1)
+def _stats(view: LayerView, inp: torch.Tensor | None, out: torch.Tensor) -> LayerStats:
+    w = view.weight.detach().movedim(view.weight_dims, (0, 1))  # [out, in, ...]
     zero = w == 0
-    flat_out = zero.reshape(w.shape[0], -1)
-    zero_filters = int(flat_out.all(dim=1).sum())
-    if w.dim() >= 2:
-        flat_in = zero.transpose(0, 1).reshape(w.shape[1], -1)
-        zero_in = int(flat_in.all(dim=1).sum())
-        cin = w.shape[1]
-    else:
-        zero_in, cin = 0, 1
+    zero_filters = int(zero.reshape(w.shape[0], -1).all(dim=1).sum())
+    zero_in = int(zero.transpose(0, 1).reshape(w.shape[1], -1).all(dim=1).sum()) if w.dim() >= 2 else 0
     frac = float(zero.float().mean()) if w.numel() else 0.0
-    return frac, zero_filters, zero_in, int(w.shape[0]), int(cin)
+    params = w.numel() + (view.bias.numel() if view.bias is not None else 0)
+    return LayerStats(view.name, view.type, tuple(view.weight.shape), int(params), view.macs(inp, out), frac,
+                      zero_filters, zero_in, int(w.shape[0]), int(w.shape[1]) if w.dim() >= 2 else 1)
 
 
-def _stats(name: str, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, macs: int,
-           transposed: bool = False) -> LayerStats:
-    frac, zf, zi, cout, cin = _zero_counts(weight, transposed)
-    params = weight.numel() + (bias.numel() if bias is not None else 0)
-    return LayerStats(name, kind, tuple(weight.shape), int(params), int(macs), frac, zf, zi, cout, cin)
-
-
-def _conv_macs(weight: torch.Tensor, out: torch.Tensor, transposed: bool, inp: torch.Tensor | None) -> int:
-    # Each output element of a (grouped) convolution sums over in/groups * kernel elements;
-    # for a transposed conv, count per input element instead (same products).
-    kernel = math.prod(weight.shape[2:])
-    if transposed and inp is not None:
-        return int(inp.numel() // inp.shape[0] * weight.shape[1] * kernel)
-    return int(out.numel() // out.shape[0] * weight.shape[1] * kernel)
-
-
-def _with_hooks(model: nn.Module, example_input: torch.Tensor) -> list[LayerStats]:
-    found: list[LayerStats] = []
-    handles = []
-
-    def hook_for(name: str, mod: nn.Module):
+def _hook_modules(model: nn.Module, found: list[LayerStats]) -> list[Any]:
+    """Forward hooks that append each conv / linear submodule's stats to `found` when it runs."""
+    def hook_for(view: LayerView):
         def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if isinstance(m, nn.Linear):
-                macs = out.numel() // out.shape[0] * m.in_features if out.dim() > 1 else m.in_features * m.out_features
-                # Leading dims beyond batch (tokens) multiply the work.
-                found.append(_stats(name, "Linear", m.weight, m.bias, macs))
-            else:
-                transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
-                found.append(_stats(name, type(m).__name__, m.weight, m.bias,
-                                    _conv_macs(m.weight, out, transposed, inp), transposed))
+            found.append(_stats(view, inp, out))
         return hook
 
+    handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _CONV_MODULES + (nn.Linear,)):
-            handles.append(mod.register_forward_hook(hook_for(name, mod)))
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
+        view = module_layer_view(model, name, mod)
+        if view is not None and view.kernel:
+            handles.append(mod.register_forward_hook(hook_for(view)))
+    return handles
 
 
-class _AtenLayerCollector(fx.Interpreter):
-    """Collects conv/linear aten calls in a graph whose weights are attributes (e.g. a .pt2)."""
+class _CallCollector(fx.Interpreter):
+    """Runs a graph, appending the stats of its conv/linear calls whose weights are attributes
+    (a .pt2, an `F.linear(x, self.w)`) to `found`; submodule layers append theirs through their
+    hooks as they run, so `found` is in execution order. A call on constants only (a folded
+    border kernel) is a constant, not a layer."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, found: list[LayerStats]) -> None:
         super().__init__(gm)
-        self.found: list[LayerStats] = []
+        self.found = found
+        self.live: set[fx.Node] = set()  # nodes that depend on the model's input
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op == "call_function" and n.target in _ATEN_CONV | _ATEN_LINEAR:
-            w_node = n.args[1]
-            if isinstance(w_node, fx.Node) and w_node.op == "get_attr":
-                weight = self.fetch_attr(w_node.target)
-                b_node = n.args[2] if len(n.args) > 2 else None
-                bias = self.fetch_attr(b_node.target) if isinstance(b_node, fx.Node) and b_node.op == "get_attr" else None
-                name = w_node.target.rsplit(".", 1)[0] if "." in w_node.target else w_node.target
-                if n.target in _ATEN_LINEAR:
-                    macs = out.numel() // out.shape[0] * weight.shape[1]
-                    self.found.append(_stats(name, "Linear", weight, bias, macs))
-                else:
-                    transposed = n.target is torch.ops.aten.convolution.default and bool(n.args[6])
-                    kind = f"Conv{weight.dim() - 2}d" if not transposed else f"ConvTranspose{weight.dim() - 2}d"
-                    inp = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
-                    self.found.append(_stats(name, kind, weight, bias,
-                                             _conv_macs(weight, out, transposed, inp), transposed))
+        if n.op == "placeholder" or any(a in self.live for a in n.all_input_nodes):
+            self.live.add(n)
+        view = layer_view(self.module, n) if n.op == "call_function" and n in self.live else None
+        if view is not None and view.kernel:
+            inp = self.env.get(view.input) if isinstance(view.input, fx.Node) else None
+            self.found.append(_stats(view, inp, out))
         return out
 
 
 def layer_stats(model: nn.Module, example_input: torch.Tensor) -> list[LayerStats]:
-    """Statistics for every convolution and linear layer, in execution order.
+    """Statistics for every convolution and linear layer, module or call, in execution order.
 
     A layer called twice is listed twice (its MACs count twice, as they are spent twice).
     """
-    stats = _with_hooks(model, example_input)
-    if not stats and isinstance(model, fx.GraphModule):
-        collector = _AtenLayerCollector(model)
+    found: list[LayerStats] = []
+    handles = _hook_modules(model, found)
+    try:
         with torch.no_grad():
-            collector.run(example_input)
-        stats = collector.found
-    return stats
+            if isinstance(model, fx.GraphModule):
+                _CallCollector(model, found).run(example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def totals(model: nn.Module, stats: list[LayerStats]) -> Totals:

@@ -1,33 +1,47 @@
 """Pass: store sparse Linear / Conv2d layers as CSR or BSR where that is measured to be faster.
 
 For each layer the candidates are dense, CSR and the block shapes that tile its weight
-(`rwdeploy.sparse.BLOCK_SHAPES`). In mode "auto" every candidate is timed on the target by
-a *timer* (a measurer from `rwdeploy.runtime`, injected so that this pass itself never
-measures), as the kernels the target's compiled artifact runs (for `cpu`: rwdeploy's TIR
-dense and sparse kernels in TVM). The fastest wins, and a packed format is kept only when it
-beats dense by more than `noise` (relative), so packing never makes a layer slower. Timings a
-timer reports under "ref:..." (torch's eager dense layer) are recorded for comparison only. Modes "csr" and
-"bsr" force the format on every layer at least `min_sparsity` sparse (bsr: the block shape
-that stores the fewest values). The record keeps each layer's sparsity, the choice, the
-reason and every measured alternative.
+(`rwdeploy.sparse.BLOCK_SHAPES`). In mode "auto" every candidate is timed by the measurer the
+caller puts in the PassContext (the compile pipeline gives `rwdeploy.sparse.timing.HostLayerTimer`:
+the kernels the target's compiled artifact runs, for `cpu` rwdeploy's TIR dense and sparse kernels
+in TVM); this pass itself never measures. The fastest wins, and a packed format is kept only when
+it beats dense by more than `noise` (relative), so packing never makes a layer slower. Timings a
+timer reports under "ref:..." (torch's eager dense layer) are recorded for comparison only. Modes
+"csr" and "bsr" force the format on every layer at least `min_sparsity` sparse (bsr: the block
+shape that stores the fewest values). The record keeps each layer's sparsity, the choice, the
+reason and every measured alternative. Layers are read through their LayerView (`passes/ops`).
+
+Both forms a layer takes in a graph are packed alike: a submodule call (`self.fc(x)`) has the
+submodule swapped; a torch function / ATen call reading get_attr tensors (`F.linear(x, self.w)`,
+`aten.conv2d(x, conv_weight, ...)` in a loaded `.pt2` program) is rewritten to a call of the same
+packed module (CsrLinear / CsrConv2d, whose forward is the `rwdeploy::sparse_*` op) and its dense
+tensors are dropped. The packed module takes the path of the module that held the weight when
+that module held nothing else (`fc1.weight` -> `fc1`, as a module graph would be packed), else a
+new path beside the weight (`w` -> `w_packed`). A call whose weight another node also reads is
+left dense and named in the notes.
 """
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rwdeploy.errors import OptionError
-from rwdeploy.passes.result import PassResult
+from rwdeploy.passes.ops import LayerView, layer_view
+from rwdeploy.passes.ops.conv import ConvView
+from rwdeploy.passes.ops.linear import LinearView
+from rwdeploy.passes.protocol import PassContext, PassResult
 from rwdeploy.sparse import BLOCK_SHAPES, CSR, CsrConv2d, CsrLinear, pack, sparsity
 from rwdeploy.sparse.formats import SparseMatrix, fits_block
 
 MODES = ("auto", "off", "csr", "bsr")
-# name -> {alternative: {"median_ms": ...}}; alternatives are "dense", formats, and "ref:*"
+# (name, layer, input shape, {format: matrix}) per layer -> name -> {alternative: {"median_ms": ...}};
+# alternatives are "dense", formats, and "ref:*". A timer may say where it measured (`.where`).
 Timer = Callable[[Sequence[tuple[str, nn.Module, Sequence[int], dict]]], dict[str, dict[str, dict]]]
 
 
@@ -43,6 +57,9 @@ class LayerPacking:
     packed_bytes: int               # == dense_bytes when kept dense
     measured_ms: dict[str, float] = field(default_factory=dict)   # alternative -> median ms
     reference_ms: dict[str, float] = field(default_factory=dict)  # outside the artifact
+    form: str = "module"            # "module" (a submodule call) | "call" (a function / ATen call)
+    op: str = ""                    # the module class, or the called function / ATen overload
+    module: str | None = None       # where the packed module is (None when kept dense)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,24 +89,43 @@ class PackRecord:
                 "layers": [l.to_dict() for l in self.layers], "notes": list(self.notes)}
 
 
-_FUNCTIONAL = {torch.nn.functional.linear, torch.nn.functional.conv2d, torch.ops.aten.linear.default,
-               torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
+def _settings_known(view: ConvView) -> bool:
+    """A call's conv settings are constants (not values computed in the graph)."""
+    values = [view.setting(k) for k in ("stride", "padding", "dilation", "groups")]
+    flat = [v for x in values for v in (x if isinstance(x, (list, tuple)) else [x])]
+    return all(v is None or isinstance(v, int) for v in flat)
 
 
-def _packable(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str))
+def _packable(view: LayerView | None) -> bool:
+    if isinstance(view, LinearView):
+        return view.weight.dim() == 2
+    return (isinstance(view, ConvView) and view.spatial == 2 and not view.transposed and _settings_known(view)
+            and view.setting("padding_mode", "zeros") == "zeros" and not isinstance(view.setting("padding"), str))
 
 
-def _candidates(layer: nn.Module) -> dict[str, SparseMatrix]:
-    w = layer.weight.detach()
+def _pair(value: Any, default: int) -> tuple[int, int]:
+    """A conv setting as (h, w): a module's tuple, or a call's int / [v] / [h, w] / absent."""
+    if value is None:
+        return (default, default)
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[-1]))
+
+
+def _conv_settings(view: ConvView) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]:
+    """(stride, padding, dilation, groups) of a 2-D convolution in either form."""
+    return (_pair(view.setting("stride"), 1), _pair(view.setting("padding"), 0),
+            _pair(view.setting("dilation"), 1), int(view.setting("groups") or 1))
+
+
+def _candidates(view: LayerView) -> dict[str, SparseMatrix]:
+    w = view.weight.detach()
     w2 = w.reshape(w.shape[0], -1)
     out = {"csr": pack(w2, CSR)}
-    rows_per_group = w.shape[0] // (layer.groups if isinstance(layer, nn.Conv2d) else 1)
+    conv = isinstance(view, ConvView)
+    rows_per_group = w.shape[0] // (view.groups if conv else 1)
     for br, bc in BLOCK_SHAPES:
-        if isinstance(layer, nn.Conv2d) and (bc != 1 or rows_per_group % br):
+        if conv and (bc != 1 or rows_per_group % br):
             continue   # conv kernels block output channels only, within one group
         if fits_block(tuple(w2.shape), (br, bc)):
             m = pack(w2, (br, bc))
@@ -97,16 +133,94 @@ def _candidates(layer: nn.Module) -> dict[str, SparseMatrix]:
     return out
 
 
-def _packed_module(layer: nn.Module, m: SparseMatrix) -> nn.Module:
-    if isinstance(layer, nn.Linear):
-        return CsrLinear(m, layer.bias)
-    return CsrConv2d(m, tuple(layer.weight.shape), layer.bias, layer.stride, layer.padding,
-                     layer.dilation, layer.groups)
+def _packed_module(view: LayerView, m: SparseMatrix) -> nn.Module:
+    if isinstance(view, LinearView):
+        return CsrLinear(m, view.bias)
+    return CsrConv2d(m, tuple(view.weight.shape), view.bias, *_conv_settings(view))
+
+
+def _dense_layer(view: LayerView) -> nn.Module:
+    """The layer as the nn.Linear / nn.Conv2d a timer measures: a module call's own module, a
+    call's tensors in a new module (sharing them, nothing copied)."""
+    if view.node is None or view.node.op == "call_module":
+        return view.form.module
+    w = view.weight.detach()
+    if isinstance(view, LinearView):
+        layer = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=view.bias is not None)
+    else:
+        stride, padding, dilation, groups = _conv_settings(view)
+        layer = nn.utils.skip_init(nn.Conv2d, w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride,
+                                   padding, dilation, groups, bias=view.bias is not None)
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    if view.bias is not None:
+        layer.bias = nn.Parameter(view.bias.detach(), requires_grad=False)
+    return layer.eval()
 
 
 def _replace(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
     parent, _, leaf = target.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+
+
+def _attr_reads(gm: fx.GraphModule) -> Counter:
+    """How many node inputs read each get_attr target (a tensor read by two calls counts 2)."""
+    return Counter(n.target for n in gm.graph.nodes if n.op == "get_attr" for _ in n.users)
+
+
+def _call_name(node: fx.Node) -> str:
+    """`aten.conv2d.default`, or `conv2d (function)` for a torch function."""
+    target = node.target
+    return str(target) if isinstance(target, torch._ops.OpOverload) else f"{getattr(target, '__name__', target)} (function)"
+
+
+def _call_layer_place(gm: fx.GraphModule, view: LayerView) -> tuple[str, str]:
+    """(name, packed path) of a call's layer: the module holding its weight, when that module
+    holds only the layer's tensors and no node reads anything else of it (`fc1.weight` -> fc1,
+    fc1); else its weight, packed beside it (`head.w` -> head.w, head.w_packed)."""
+    key = view.tensors["weight"]
+    owner, _, attr = key.rpartition(".")
+    if owner:
+        keys = set(view.tensors.values())
+        holder = gm.get_submodule(owner)
+        others = [n for n in gm.graph.nodes if n.op in ("get_attr", "call_module")
+                  and (n.target == owner or n.target.startswith(owner + ".")) and n.target not in keys]
+        held = {f"{owner}.{k}" for k, _ in (*holder.named_parameters(), *holder.named_buffers())}
+        if not others and held <= keys and not any(holder.children()):
+            return owner, owner
+    path, i = f"{key}_packed", 1
+    while _has_attr(gm, path):
+        path, i = f"{key}_packed{i}", i + 1
+    return key, path
+
+
+def _has_attr(gm: nn.Module, path: str) -> bool:
+    obj: Any = gm
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _swap_call(gm: fx.GraphModule, view: LayerView, path: str, packed: nn.Module) -> None:
+    """Rewrite a function / ATen layer call to a call of `packed` at `path`; drop its dense tensors."""
+    node, graph = view.node, gm.graph
+    reads = [a for a in node.all_input_nodes if a.op == "get_attr" and a.target in set(view.tensors.values())]
+    for key in view.tensors.values():
+        owner, _, attr = key.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, attr)
+    if _has_attr(gm, path):
+        _replace(gm, path, packed)   # the weight's holder, now empty
+    else:
+        gm.add_submodule(path, packed)
+    with graph.inserting_before(node):
+        call = graph.call_module(path, (view.input,))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    for a in reads:
+        if not a.users:
+            graph.erase_node(a)
 
 
 def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
@@ -120,80 +234,93 @@ def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
     return "dense", f"{best} within noise of dense ({med[best]:.4g} vs {med['dense']:.4g} ms)"
 
 
-def default_timer(target: str) -> tuple[Timer, str]:
-    """The measurer for a target name and a note on where it measures."""
-    from rwdeploy.runtime import tvm_sparse
+@dataclass
+class PackSparse:
+    """Replace sparse linear / 2-D conv layers, module or call, by CsrLinear / CsrConv2d (see module doc)."""
 
-    cpu = tvm_sparse.host_target()
-    where = f"host {cpu.attrs.get('mcpu', 'cpu')} via TVM, {tvm_sparse.threads()} threads"
-    if target != "cpu":
-        where += f" (proxy: target {target!r} is not measurable here; pass timer= to measure it)"
-    return (lambda layers: tvm_sparse.measure_layer_formats(layers, cpu)), where
+    mode: str = "auto"
+    target: str = "cpu"
+    min_sparsity: float = 0.5
+    noise: float = 0.05
+    name: ClassVar[str] = "pack_sparse"
 
-
-def pack_sparse(gm: fx.GraphModule, example_input: torch.Tensor, *, mode: str = "auto",
-                target: str = "cpu", min_sparsity: float = 0.5, noise: float = 0.05,
-                timer: Timer | None = None) -> PassResult[PackRecord]:
-    """Replace sparse nn.Linear / nn.Conv2d submodules by CsrLinear / CsrConv2d (see module doc)."""
-    if mode not in MODES:
-        raise OptionError(f"--sparse {mode!r} is not a sparse packing mode",
-                          hint=f"use one of {', '.join(MODES)}")
-    new = copy.deepcopy(gm)
-    record = PackRecord(mode, target, None, int(example_input.shape[0]), noise)
-    if mode == "off":
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult[PackRecord]:
+        if self.mode not in MODES:
+            raise OptionError(f"--sparse {self.mode!r} is not a sparse packing mode",
+                              hint=f"use one of {', '.join(MODES)}")
+        new = copy.deepcopy(gm)
+        record = PackRecord(self.mode, self.target, None, int(ctx.example_input.shape[0]), self.noise)
+        if self.mode == "off":
+            return PassResult(new, record)
+        ShapeProp(new).propagate(ctx.example_input)
+        pending, seen, shared, places = [], set(), [], {}
+        reads = _attr_reads(new)
+        for node in new.graph.nodes:
+            view = layer_view(new, node) if node.op in ("call_module", "call_function") else None
+            inp = view.input if view is not None else None
+            meta = inp.meta.get("tensor_meta") if isinstance(inp, fx.Node) else None
+            if not _packable(view) or meta is None or (isinstance(view, ConvView) and len(meta.shape) != 4):
+                continue   # (the packed conv takes batched NCHW input only)
+            if node.op == "call_module":
+                if node.target in seen:
+                    continue
+                seen.add(node.target)
+                name, op = node.target, type(view.form.module).__name__
+                places[name] = name
+            elif any(reads[key] != 1 for key in view.tensors.values()):
+                shared.append(node.name)   # packing it would keep the dense tensor for the other reader
+                continue
+            else:
+                name, path = _call_layer_place(new, view)
+                places[name], op = path, _call_name(node)
+            w = view.weight.detach()
+            entry = LayerPacking(name, "linear" if isinstance(view, LinearView) else "conv2d",
+                                 list(w.shape), sparsity(w), "dense", "", w.numel() * 4, w.numel() * 4,
+                                 form="module" if node.op == "call_module" else "call", op=op)
+            record.layers.append(entry)
+            if entry.sparsity < self.min_sparsity:
+                entry.reason = f"sparsity {entry.sparsity:.3f} below min_sparsity {self.min_sparsity}"
+            else:
+                pending.append((entry, view, list(meta.shape), _candidates(view)))
+        if shared:
+            record.notes.append(f"not packed (weight also read by other nodes): {', '.join(shared)}")
+        self._choose_formats(new, pending, ctx.measurer, record)
+        for entry, view, _, cands in pending:
+            if entry.chosen != "dense":
+                m = cands[entry.chosen]
+                entry.packed_bytes, entry.module = m.nbytes(), places[entry.name]
+                if view.node.op == "call_module":
+                    _replace(new, entry.module, _packed_module(view, m))
+                else:
+                    _swap_call(new, view, entry.module, _packed_module(view, m))
+        new.recompile()
         return PassResult(new, record)
-    ShapeProp(new).propagate(example_input)
-    sites: list[tuple[str, nn.Module, list[int]]] = []
-    seen: set[str] = set()
-    for node in new.graph.nodes:
-        if node.op != "call_module" or node.target in seen:
-            continue
-        layer = new.get_submodule(node.target)
-        meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
-        if _packable(layer) and meta is not None:
-            seen.add(node.target)
-            sites.append((node.target, layer, list(meta.shape)))
 
-    functional = [n.name for n in new.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL]
-    if functional:   # a torch.export-style graph: weights are not submodules we can swap
-        record.notes.append(f"not packed (functional conv/linear calls, not modules): {', '.join(functional)}")
-    pending = []
-    for name, layer, shape in sites:
-        w = layer.weight.detach()
-        entry = LayerPacking(name, "linear" if isinstance(layer, nn.Linear) else "conv2d",
-                             list(w.shape), sparsity(w), "dense", "", w.numel() * 4, w.numel() * 4)
-        record.layers.append(entry)
-        if entry.sparsity < min_sparsity:
-            entry.reason = f"sparsity {entry.sparsity:.3f} below min_sparsity {min_sparsity}"
-            continue
-        pending.append((entry, layer, shape, _candidates(layer)))
-
-    if mode == "auto" and pending:
-        if timer is None:
-            timer, record.measured_on = default_timer(target)
-        else:
-            record.measured_on = "caller-supplied timer"
-        measured = timer([(e.name, layer, shape, cands) for e, layer, shape, cands in pending])
-        for entry, layer, _, cands in pending:
-            times = measured[entry.name]
-            entry.measured_ms = {alt: round(v["median_ms"], 6) for alt, v in times.items()
-                                 if not alt.startswith("ref:")}
-            entry.reference_ms = {alt[4:]: round(v["median_ms"], 6) for alt, v in times.items()
-                                  if alt.startswith("ref:")}
-            entry.chosen, entry.reason = _choose(times, noise)
-    else:
+    def _choose_formats(self, gm: fx.GraphModule, pending: list, timer: Timer | None, record: PackRecord) -> None:
+        if self.mode == "auto" and pending:
+            if timer is None:
+                raise ValueError("pack_sparse mode 'auto' chooses by measurement: put a measurer in the "
+                                 "PassContext (e.g. rwdeploy.sparse.timing.HostLayerTimer(target))")
+            measured = timer([(e.name, _dense_layer(v), shape, cands) for e, v, shape, cands in pending])
+            record.measured_on = getattr(timer, "where", None) or "caller-supplied timer"
+            for entry, _, _, cands in pending:
+                times = measured[entry.name]
+                entry.measured_ms = {alt: round(v["median_ms"], 6) for alt, v in times.items()
+                                     if not alt.startswith("ref:")}
+                entry.reference_ms = {alt[4:]: round(v["median_ms"], 6) for alt, v in times.items()
+                                      if alt.startswith("ref:")}
+                entry.chosen, entry.reason = _choose(times, self.noise)
+            return
         for entry, _, _, cands in pending:
-            if mode == "csr":
+            if self.mode == "csr":
                 entry.chosen = "csr"
             else:
                 blocks = {f: m for f, m in cands.items() if f != "csr"}
                 entry.chosen = min(blocks, key=lambda f: blocks[f].nnz) if blocks else "csr"
-            entry.reason = f"forced by mode {mode!r}"
+            entry.reason = f"forced by mode {self.mode!r}"
 
-    for entry, layer, _, cands in pending:
-        if entry.chosen != "dense":
-            m = cands[entry.chosen]
-            entry.packed_bytes = m.nbytes()
-            _replace(new, entry.name, _packed_module(layer, m))
-    new.recompile()
-    return PassResult(new, record)
+
+def pack_sparse(gm: fx.GraphModule, example_input: torch.Tensor, *, mode: str = "auto", target: str = "cpu",
+                min_sparsity: float = 0.5, noise: float = 0.05, timer: Timer | None = None) -> PassResult[PackRecord]:
+    """`PackSparse(...)` on a context holding `example_input` and `timer` (the measurer)."""
+    return PackSparse(mode, target, min_sparsity, noise)(gm, PassContext(example_input, measurer=timer))

@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from rwdeploy.errors import OptionError
-from rwdeploy.passes.channel_constants import CONV_FUNCTIONS, BorderKernel, border_kernel, conv_geometry
+from rwdeploy.passes.channel_constants import CONV_FUNCTIONS, BorderKernel, border_kernel
+from rwdeploy.passes.channel_folding import fold_computed_weights
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
-from rwdeploy.passes.channel_rewrite import (
-    FUNCTIONAL_ARGS,
-    MODULE_SHRINKERS,
-    rewrite_args,
-    set_arg,
-    shrink_functional,
-)
-from rwdeploy.passes.channel_rules import base_name, bound_args
 from rwdeploy.passes.channel_selection import Selection, candidates, select
 from rwdeploy.passes.channel_state import TensorMeta
-from rwdeploy.passes.result import PassResult
+from rwdeploy.passes.ops import SPECS, LayerView
+from rwdeploy.passes.ops.common import tensor_arg
+from rwdeploy.passes.ops.graph import resize_constant, resizes
+from rwdeploy.passes.ops.shape import freeze_size_read
+from rwdeploy.passes.ops.layer import get_tensor, keep, replace_tensor
+from rwdeploy.passes.protocol import PassContext, PassResult
 
 
 @dataclass
@@ -60,6 +58,8 @@ class RemovalRecord:
     kept_indices: dict[str, dict[int, list[int]]] = field(default_factory=dict, repr=False)
     # node name -> the node that now carries its value (a constant map added after it)
     aliases: dict[str, str] = field(default_factory=dict, repr=False)
+    # layer node -> the parameter its weight, computed from parameters in forward(), became
+    folded_weights: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +68,7 @@ class RemovalRecord:
             "layers": [layer.to_dict() for layer in self.layers],
             "removed_groups": self.removed_groups,
             "pinned_groups": self.pinned_groups,
+            "folded_weights": self.folded_weights,
         }
 
 
@@ -87,122 +88,138 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> None:
             p.mul_(mask.to(p.dtype))
 
 
-def remove_zero_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
-                         analysis: ChannelAnalysis | None = None,
-                         masks: dict[str, torch.Tensor] | None = None) -> PassResult:
-    """A new, smaller GraphModule computing the same function; `gm` is not modified."""
-    work = copy.deepcopy(gm)
-    if masks:
-        apply_masks(work, masks)
-    if analysis is None or masks:
-        analysis = analyze_channel_groups(work, example_input)
-    params_before = sum(p.numel() for p in work.parameters())
-    state_dict = work.state_dict()
-    found = candidates(analysis, state_dict)
-    sel = select(analysis, set(found))
-    st = analysis.state
-    modules = dict(work.named_modules())
+@dataclass
+class RemoveZeroChannels:
+    """The pass (see the module doc); `analysis` of the input graph is reused when given.
+    Reads `example_input`, `masks` and `strict` from the context."""
 
-    sites = [n for n in work.graph.nodes if n.name in set(st.fold_sites)]
+    analysis: ChannelAnalysis | None = None
+    name: ClassVar[str] = "remove_zero_channels"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult[RemovalRecord]:
+        work = copy.deepcopy(gm)
+        analysis = self.analysis
+        if ctx.masks:
+            apply_masks(work, ctx.masks)
+        if analysis is None or ctx.masks:
+            analysis = analyze_channel_groups(work, ctx.example_input, strict=ctx.strict)
+        params_before = sum(p.numel() for p in work.parameters())
+        if analysis.folded_weights:  # the analysis read these weights folded: fold them here too
+            folded = fold_computed_weights(work, ctx.example_input)
+            if folded != analysis.folded_weights:
+                raise ValueError("the channel analysis was made for another graph (its folded weights differ)")
+        return PassResult(work, _remove(work, ctx.example_input, analysis, params_before))
+
+
+def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: ChannelAnalysis | None = None,
+                         masks: dict[str, torch.Tensor] | None = None) -> PassResult[RemovalRecord]:
+    """A new, smaller GraphModule computing the same function; `gm` is not modified.
+    `RemoveZeroChannels(analysis)` on a context holding `example_input` and `masks`."""
+    return RemoveZeroChannels(analysis)(gm, PassContext(example_input, masks=masks))
+
+
+def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
+            params_before: int) -> RemovalRecord:
+    """Remove the zero channels of `work` in place; the record of what changed (`params_before`:
+    of the model as given, before computed weights were folded)."""
+    found = candidates(analysis, work.state_dict())
+    sel = select(analysis, set(found))
+    storage = {key: t.data_ptr() for key, t in work.state_dict(keep_vars=True).items()}
+
+    views = {n.name: view for n in work.graph.nodes if (view := _layer(work, n, analysis)) is not None}
+    sites = [views[name] for name in analysis.fold_sites if name in views]
     captured = _capture_inputs(work, example_input, sites, sel)
-    folds = {n.name: _fold(work, n, st.kinds[n.name], captured[n.name], sel, st)
-             for n in sites if n.name in captured}
+    folds = {v.node.name: _fold(v, captured[v.node.name], sel, analysis.values) for v in sites
+             if v.node.name in captured}
 
     layers: list[LayerChange] = []
+    shared = _shared_layers(views)
+    cut: set[tuple[str, ...]] = set()  # a layer called several times is cut once
     for node in list(work.graph.nodes):
-        kind = st.kinds.get(node.name)
-        if node.op == "call_module" and kind in MODULE_SHRINKERS:
-            change = _shrink_module(node, kind, modules[node.target], sel, st.values, folds.get(node.name))
-        elif kind in FUNCTIONAL_KINDS:
-            change = _shrink_functional(work, node, kind, sel, st.values, folds.get(node.name))
-        else:
-            change = None
-            if kind is not None:
-                rewrite_args(node, kind, sel, st.values)
-        if change is not None:
-            layers.append(change)
+        if node.name in views:
+            view, fold = views[node.name], folds.get(node.name)
+            if node.name in shared and fold is not None and fold[0] == "bias":
+                fold = folds[node.name] = _per_call(fold[1], view, analysis.values[node.name])
+            tensors = tuple(sorted(view.tensors.values()))
+            change = _shrink(view, sel, analysis.values, fold, cut_tensors=tensors not in cut)
+            cut.add(tensors)
+            if change is not None:
+                layers.append(change)
+        elif node.name in analysis.ops:
+            channel_args = SPECS[analysis.ops[node.name]].channel_args
+            x = tensor_arg(node, analysis.values)
+            if channel_args is not None and x is not None:
+                channel_args.rewrite(node, sel, x, analysis.values[x.name].shape)
     attr_keep = _shrink_attributes(work, analysis, sel)
-    aliases = _add_constant_maps(work, folds, st.values)
+    _resize_constants(work, analysis, attr_keep)
+    aliases = _add_constant_maps(work, folds, analysis.values)
+    _drop_stale_aliases(work, storage)
     work.graph.lint()
     work.recompile()
 
-    record = RemovalRecord(
+    return RemovalRecord(
         layers=layers,
         removed_groups=_removed_groups(analysis, sel, found),
         pinned_groups=[{"id": g.id, "size": g.size, "tensors": sorted({s.tensor for s in g.slices}),
                         "reasons": g.pinned} for g in analysis.groups if g.pinned],
         params_before=params_before,
         params_after=sum(p.numel() for p in work.parameters()),
-        kept_indices=_kept_indices(st, sel, attr_keep),
+        kept_indices=_kept_indices(analysis, sel, attr_keep),
         aliases=aliases,
+        folded_weights=dict(analysis.folded_weights),
     )
-    return PassResult(work, record)
+
+
+def _layer(gm: fx.GraphModule, node: fx.Node, analysis: ChannelAnalysis) -> LayerView | None:
+    spec = SPECS.get(analysis.ops.get(node.name, ""))
+    return spec.layer.of(gm, node) if spec is not None and spec.layer is not None else None
 
 
 class _InputCapture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, inputs: dict[str, fx.Node]) -> None:
         super().__init__(gm)
-        self.names, self.inputs = names, {}
+        self.wanted, self.inputs = inputs, {}  # consumer name -> its input node
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.names:
-            self.inputs[n.name] = self.env[n.args[0]][0:1].detach().double()
+        if n.name in self.wanted:  # read as the consumer reads it (after any in-place op)
+            self.inputs[n.name] = self.env[self.wanted[n.name]][0:1].detach().double()
         return super().run_node(n)
 
 
-def _capture_inputs(gm: fx.GraphModule, example_input: Any, sites: list[fx.Node],
+def _capture_inputs(gm: fx.GraphModule, example_input: Any, sites: list[LayerView],
                     sel: Selection) -> dict[str, torch.Tensor]:
     """Inputs (batch item 0) of the consumers that read removed channels."""
-    names = {n.name for n in sites if not sel.node_kept(n.args[0].name).all()}
-    if not names:
+    wanted = {v.node.name: v.input for v in sites if not sel.node_kept(v.input.name).all()}
+    if not wanted:
         return {}
-    cap = _InputCapture(gm, names)
+    cap = _InputCapture(gm, wanted)
     with torch.no_grad():
         cap.run(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     return cap.inputs
 
 
-def _consumer_fn(gm: fx.GraphModule, node: fx.Node, kind: str):
-    """The consumer as a float64 function of its input, without bias."""
-    if node.op == "call_module":
-        ref = copy.deepcopy(gm.get_submodule(node.target)).double()
-        ref.bias = None
-        return ref
-    b = bound_args(node, FUNCTIONAL_ARGS[kind])
-    w = gm.get_parameter(b["weight"].target).detach().double()
-    if kind == "flinear":
-        return lambda x: F.linear(x, w)
-    if kind == "fconv_transpose":
-        convt = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
-        return lambda x: convt(x, w, None, b.get("stride", 1), b.get("padding", 0), b.get("output_padding", 0),
-                               1, b.get("dilation", 1))
-    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
-    return lambda x: conv(x, w, None, b.get("stride", 1), b.get("padding", 0), b.get("dilation", 1),
-                          b.get("groups", 1))
-
-
-def _fold(gm: fx.GraphModule, node: fx.Node, kind: str, x: torch.Tensor, sel: Selection, st) -> tuple | None:
+def _fold(view: LayerView, x: torch.Tensor, sel: Selection, values: dict[str, Any]) -> tuple | None:
     """How the removed input channels' constant is folded at this consumer:
     ("bias", vector) | ("border kernel", BorderKernel) | ("constant map", dense map) | None."""
-    keep = sel.node_kept(node.args[0].name).expand(x.shape[:1] + st.values[node.args[0].name].shape[1:])
-    x_gone = x * (~keep).to(x.dtype)
-    fold = _contribution(_consumer_fn(gm, node, kind), x_gone, node, sel, st)
-    geometry = conv_geometry(gm, node, kind) if fold is not None and fold[0] == "constant map" else None
+    keep_in = sel.node_kept(view.input.name).expand(x.shape[:1] + values[view.input.name].shape[1:])
+    x_gone = x * (~keep_in).to(x.dtype)
+    fold = _contribution(view, x_gone, sel)
+    geometry = view.geometry() if fold is not None and fold[0] == "constant map" else None
     if geometry is not None:
-        keep_out = sel.present(node.name, 1, geometry.weight.shape[0])
+        keep_out = sel.present(view.node.name, 1, geometry.weight.shape[0])
         compact = border_kernel(geometry, x_gone, keep_out, fold[1])
         if compact is not None:
             return ("border kernel", compact)
     return fold
 
 
-def _contribution(fn, x_gone: torch.Tensor, node: fx.Node, sel: Selection, st) -> tuple | None:
+def _contribution(view: LayerView, x_gone: torch.Tensor, sel: Selection) -> tuple | None:
     """What the removed input channels (`x_gone`: the input with kept channels zeroed) add to
     the consumer's output (float64), or None."""
     with torch.no_grad():
-        c = fn(x_gone)
-    out_dim = c.dim() - 1 if st.kinds[node.name] in ("linear", "flinear") else 1
-    keep_out = sel.present(node.name, out_dim, c.shape[out_dim])
+        c = view.consumer()(x_gone)
+    out_dim = view.out_dim % c.dim()
+    keep_out = sel.present(view.node.name, out_dim, c.shape[out_dim])
     c = c.index_select(out_dim, keep_out.nonzero().flatten())
     scale = float(c.abs().max()) if c.numel() else 0.0
     if scale == 0.0:
@@ -214,65 +231,37 @@ def _contribution(fn, x_gone: torch.Tensor, node: fx.Node, sel: Selection, st) -
     return ("constant map", c)
 
 
-FUNCTIONAL_KINDS = ("fconv", "fconv_transpose", "flinear", "fbatchnorm", "fgroupnorm", "fprelu")
+def _shared_layers(views: dict[str, LayerView]) -> set[str]:
+    """Nodes of layers whose tensors other nodes read too (one layer called several times)."""
+    readers: dict[str, set[str]] = {}
+    for name, view in views.items():
+        for key in view.tensors.values():
+            readers.setdefault(key, set()).add(name)
+    return {name for names in readers.values() if len(names) > 1 for name in names}
 
 
-def _shrink_functional(gm: fx.GraphModule, node: fx.Node, kind: str, sel: Selection,
-                       values: dict[str, Any], fold: tuple | None) -> LayerChange | None:
-    x = node.args[0]
-    in_dim = out_dim = -1 if kind == "flinear" else 1
-    keep_in = sel.present(x.name, in_dim, values[x.name].shape[in_dim])
-    keep_out = sel.present(node.name, out_dim, values[node.name].shape[out_dim])
+def _per_call(vec: torch.Tensor, view: LayerView, out: TensorMeta) -> tuple:
+    """A bias fold of one call of a shared layer: added after that call, not into the bias
+    every call reads (a constant map that broadcasts over the other dims)."""
+    shape = [1] * len(out.shape)
+    shape[view.out_dim % len(shape)] = vec.numel()
+    return ("constant map", vec.reshape(shape))
+
+
+def _shrink(view: LayerView, sel: Selection, values: dict[str, Any], fold: tuple | None, *,
+            cut_tensors: bool = True) -> LayerChange | None:
+    x, node = view.input, view.node
+    keep_in = sel.present(x.name, view.in_dim, values[x.name].shape[view.in_dim])
+    keep_out = sel.present(node.name, view.out_dim, values[node.name].shape[view.out_dim])
     if keep_in.all() and keep_out.all() and fold is None:
         return None
-    shapes = shrink_functional(gm, node, kind, keep_in, keep_out)
-    folded = None
+    before = view.shapes()
+    if cut_tensors and not (keep_in.all() and keep_out.all()):
+        view.shrink(keep_in, keep_out)
     if fold is not None and fold[0] == "bias":
-        names = FUNCTIONAL_ARGS[kind]
-        bias = bound_args(node, names).get("bias")
-        if isinstance(bias, fx.Node):
-            with torch.no_grad():
-                gm.get_parameter(bias.target).add_(fold[1].to(values[node.name].dtype))
-        else:  # the layer had no bias: give it one
-            key = f"_rw_bias_{node.name}"
-            gm.register_parameter(key, nn.Parameter(fold[1].to(values[node.name].dtype).clone()))
-            with gm.graph.inserting_before(node):
-                attr = gm.graph.get_attr(key)
-            set_arg(node, names, "bias", attr)
-        folded = "bias"
-    elif fold is not None:
-        folded = fold[0]
-    weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
-    name = weight.target.rpartition(".")[0] if weight is not None else node.name
-    return LayerChange(name or node.name, f"{base_name(node)} (functional)",
-                       {k: v[0] for k, v in shapes.items()}, {k: v[1] for k, v in shapes.items()}, folded,
+        view.fold_bias(fold[1])
+    return LayerChange(view.name, view.form.label, before, view.shapes(), fold[0] if fold else None,
                        _max_abs(fold))
-
-
-def _shrink_module(node: fx.Node, kind: str, mod: nn.Module, sel: Selection, values: dict[str, Any],
-                   fold: tuple | None) -> LayerChange | None:
-    shrink, in_dim, out_dim = MODULE_SHRINKERS[kind]
-    x = node.args[0]
-    in_shape, out_shape = values[x.name].shape, values[node.name].shape
-    keep_in = sel.present(x.name, in_dim, in_shape[in_dim])
-    keep_out = sel.present(node.name, out_dim, out_shape[out_dim])
-    before = _shapes(mod)
-    if keep_in.all() and keep_out.all() and fold is None:
-        return None
-    if not (keep_in.all() and keep_out.all()):
-        shrink(mod, keep_in, keep_out)
-    folded = None
-    if fold is not None and fold[0] == "bias":
-        vec = fold[1].to(mod.weight.dtype)
-        if mod.bias is None:
-            mod.bias = nn.Parameter(vec.clone())
-        else:
-            with torch.no_grad():
-                mod.bias.add_(vec)
-        folded = "bias"
-    elif fold is not None:
-        folded = fold[0]
-    return LayerChange(node.target, type(mod).__name__, before, _shapes(mod), folded, _max_abs(fold))
 
 
 def _max_abs(fold: tuple | None) -> float | None:
@@ -282,32 +271,51 @@ def _max_abs(fold: tuple | None) -> float | None:
     return float(value.abs().max())
 
 
-def _shapes(mod: nn.Module) -> dict[str, list[int]]:
-    return {name: list(t.shape) for name, t in mod.state_dict().items()}
-
-
 def _shrink_attributes(gm: fx.GraphModule, analysis: ChannelAnalysis,
                        sel: Selection) -> dict[tuple[str, int], torch.Tensor]:
     """Per-channel tensors used through get_attr (layer scale, position tables): slice them too.
     Returns the kept mask of each (tensor, dim) that was cut."""
-    owners = analysis.state.attr_followers
-    keep: dict[tuple[str, int], torch.Tensor] = {}
-    for s in analysis.state.slices:
-        if s.key not in owners:
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    for s in analysis.attribute_slices:
+        cur = kept.setdefault((s.key, s.dim), torch.zeros(int(s.index.max()) + 1, dtype=torch.bool))
+        cur[s.index[sel.kept(s.cls)]] = True
+    for (key, dim), mask in kept.items():
+        if not mask.all():
+            replace_tensor(gm, key, keep(get_tensor(gm, key), dim, mask))
+    return {k: m for k, m in kept.items() if not m.all()}
+
+
+def _resize_constants(gm: fx.GraphModule, analysis: ChannelAnalysis,
+                      attr_keep: dict[tuple[str, int], torch.Tensor]) -> None:
+    """Values computed from a cut parameter: views / expands that name its size literally get
+    the kept size; reads of their size keep answering the original one (as for activations)."""
+    for node in list(gm.graph.nodes):
+        if node.name not in analysis.provenance:
             continue
-        kept = sel.kept(s.cls)
-        cur = keep.setdefault((s.key, s.dim), torch.zeros(int(s.index.max()) + 1, dtype=torch.bool))
-        cur[s.index[kept]] = True
-    for (key, dim), mask in keep.items():
-        if mask.all():
+        key, dims = analysis.provenance[node.name]
+        counts = {j: int(attr_keep[(key, p)].sum()) for j, p in enumerate(dims) if (key, p) in attr_keep}
+        if not counts:
             continue
-        owner_name, _, attr = key.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        old = getattr(owner, attr)
-        new = old.detach().index_select(dim, mask.nonzero().flatten()).clone()
-        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad)
-                if isinstance(old, nn.Parameter) else new)
-    return {k: m for k, m in keep.items() if not m.all()}
+        if resizes(node):
+            resize_constant(node, counts)
+        for user in list(node.users):
+            freeze_size_read(user, node, analysis.values[node.name].shape, sorted(counts))
+
+
+def _drop_stale_aliases(gm: fx.GraphModule, storage: dict[str, int]) -> None:
+    """A .pt2 program names a module used in several places once per place: the graph reads
+    one name, the others stay as aliases nothing reads. After the read one was cut, an alias
+    would keep the full tensor in the slim files: aliases nothing reads are dropped."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    shared = {ptr for ptr, n in Counter(storage.values()).items() if n > 1 and ptr}
+    for key, t in list(gm.state_dict(keep_vars=True).items()):
+        if storage.get(key) in shared and key not in read and not any(key.startswith(f"{m}.") for m in called):
+            owner, _, attr = key.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
@@ -362,15 +370,16 @@ def _border_kernel_nodes(gm: fx.GraphModule, node: fx.Node, bk: BorderKernel, dt
                                       (source, kernel, None, g.stride, g.padding, g.dilation))
 
 
-def _kept_indices(st, sel: Selection, attr_keep: dict[tuple[str, int], torch.Tensor]) -> dict[str, dict[int, list[int]]]:
+def _kept_indices(analysis: ChannelAnalysis, sel: Selection,
+                  attr_keep: dict[tuple[str, int], torch.Tensor]) -> dict[str, dict[int, list[int]]]:
     out: dict[str, dict[int, list[int]]] = {}
-    for name, (key, dims) in st.provenance.items():  # constants computed from a cut parameter
+    for name, (key, dims) in analysis.provenance.items():  # constants computed from a cut parameter
         cut = {d: attr_keep[(key, p)].nonzero().flatten().tolist() for d, p in enumerate(dims)
                if (key, p) in attr_keep}
         if cut:
             out[name] = cut
-    for name, m in st.maps.items():
-        meta = st.values.get(name)
+    for name, m in analysis.class_maps.items():
+        meta = analysis.values.get(name)
         if not isinstance(m, torch.Tensor) or not isinstance(meta, TensorMeta):
             continue
         dims = {}

@@ -1,17 +1,105 @@
-"""Check that a transformed model computes the same function as the original, on probe inputs.
+"""Closeness of two computations of the same function: the one check every stage uses.
 
-The error is relative to the output's scale: max_rel = max|slim - original| / max|original|
-(over all probes and outputs), which stays meaningful where single outputs are near zero.
-When it fails, both graphs are run node by node and the first node (in topological order)
-whose slim value differs from the original's, restricted to the kept channels, is named.
+One definition of "close", for torch slim vs original, packed vs slim, ONNX Runtime vs torch,
+TVM vs torch, device vs torch and the quantized exports (`compare`, `compare_all`):
+
+    max_abs = max |output - reference|                      over every output of every probe
+    max_rel = max over probes of  max|output - reference| / max|reference|
+
+The error is relative to the output's scale, not element by element, so near-zero logits do not
+blow it up; a reference of all zeros makes max_rel the absolute error. A comparison passes when
+max_rel <= tolerance (`--tolerance`); NaN, and outputs of another shape, never pass.
+
+`verify_equivalence` runs two models on the probe inputs; when they differ, both graphs are run
+node by node and the first node (in topological order) whose slim value differs from the
+original's, restricted to the kept channels, is named.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import fx, nn
+
+
+
+@runtime_checkable
+class ChannelMap(Protocol):
+    """What locating a divergence needs from a pass's record (e.g. `RemovalRecord`): per node,
+    the kept indices along each dim, and which node now carries a node's value. Structural, so
+    that verification does not depend on the passes it checks."""
+
+    kept_indices: dict[str, dict[int, list[int]]]
+    aliases: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Closeness:
+    """How far an output is from its reference (see the module docstring)."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    tolerance: float = 1e-4
+    mismatch: str | None = None  # why the outputs are not comparable at all (shapes, count)
+
+    @property
+    def passed(self) -> bool:
+        return self.mismatch is None and self.max_rel <= self.tolerance  # False for NaN
+
+    def worst(self, other: Closeness) -> Closeness:
+        """Both comparisons together: the larger errors (NaN wins), the first mismatch."""
+        return replace(self, max_abs=_larger(self.max_abs, other.max_abs),
+                       max_rel=_larger(self.max_rel, other.max_rel), mismatch=self.mismatch or other.mismatch)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel}
+
+
+def _larger(a: float, b: float) -> float:
+    return a if math.isnan(a) or a >= b else b
+
+
+def _arrays(out: Any) -> list[np.ndarray]:
+    """A model's output(s) as float64 arrays: a tensor, an array, or nested tuples/lists/dicts."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach().cpu().double().numpy()]
+    if isinstance(out, np.ndarray):
+        return [out.astype(np.float64, copy=False)]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [a for o in out for a in _arrays(o)]
+    return []
+
+
+def compare(reference: Any, output: Any, *, tolerance: float) -> Closeness:
+    """`output` against `reference` (one probe's outputs: tensors or arrays, possibly nested)."""
+    refs, outs = _arrays(reference), _arrays(output)
+    if len(refs) != len(outs) or any(r.shape != o.shape for r, o in zip(refs, outs)):
+        shapes = lambda arrays: ", ".join(str(tuple(a.shape)) for a in arrays)  # noqa: E731
+        return Closeness(math.inf, math.inf, tolerance, f"output {shapes(outs)} != reference {shapes(refs)}")
+    diffs = [float(np.max(np.abs(r - o))) for r, o in zip(refs, outs) if r.size]
+    diff = math.nan if any(math.isnan(d) for d in diffs) else max(diffs, default=0.0)
+    scale = max((float(np.max(np.abs(r))) if r.size else 0.0 for r in refs), default=0.0)
+    return Closeness(diff, diff / scale if scale > 0 else diff, tolerance)
+
+
+def compare_all(pairs: Iterable[tuple[Any, Any]], *, tolerance: float) -> Closeness:
+    """The worst of `compare(reference, output)` over (reference, output) pairs, one per probe."""
+    result = Closeness(tolerance=tolerance)
+    for reference, output in pairs:
+        result = result.worst(compare(reference, output, tolerance=tolerance))
+    return result
+
+
+def compare_on(reference: Callable[[Any], Any], candidate: Callable[[Any], Any], probes: Iterable[Any], *,
+               tolerance: float) -> Closeness:
+    """`candidate(x)` against `reference(x)` on every probe `x` (torch calls without autograd)."""
+    with torch.no_grad():
+        return compare_all(((reference(x), candidate(x)) for x in probes), tolerance=tolerance)
 
 
 @dataclass
@@ -28,39 +116,24 @@ class VerificationResult:
                 "rtol": self.rtol, "probes": self.probes, "first_diverging_node": self.first_diverging_node}
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    return []
-
-
 def verify_equivalence(original: nn.Module, slim: nn.Module, probe_inputs: Iterable[Any], *,
-                       rtol: float = 1e-4, record: Any = None) -> VerificationResult:
+                       rtol: float = 1e-4, record: ChannelMap | None = None) -> VerificationResult:
     """Run both models on every probe; `record` (a RemovalRecord) helps locate a divergence."""
-    max_abs, scale, probes, worst = 0.0, 0.0, 0, None
+    total, probes, worst_args, worst_rel = Closeness(tolerance=rtol), 0, None, -1.0
     with torch.no_grad():
         for x in probe_inputs:
             args = x if isinstance(x, tuple) else (x,)
-            ref, got = _flat(original(*args)), _flat(slim(*args))
-            if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got)):
-                return VerificationResult(float("inf"), float("inf"), False, "output", probes + 1, rtol)
             probes += 1
-            for r, g in zip(ref, got):
-                err = float((r.double() - g.double()).abs().max()) if r.numel() else 0.0
-                if err > max_abs or worst is None:
-                    worst = args
-                max_abs = max(max_abs, err)
-                scale = max(scale, float(r.double().abs().max()) if r.numel() else 0.0)
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    passed = max_rel <= rtol and max_abs == max_abs  # NaN never passes
+            this = compare(original(*args), slim(*args), tolerance=rtol)
+            total = total.worst(this)
+            if this.mismatch:
+                return VerificationResult(math.inf, math.inf, False, "output", probes, rtol)
+            if worst_args is None or not this.max_rel <= worst_rel:  # NaN counts as the worst
+                worst_args, worst_rel = args, this.max_rel
     first = None
-    if not passed and worst is not None:
-        first = first_diverging_node(original, slim, worst, rtol=rtol, record=record)
-    return VerificationResult(max_abs, max_rel, passed, first, probes, rtol)
+    if not total.passed and worst_args is not None:
+        first = first_diverging_node(original, slim, worst_args, rtol=rtol, record=record)
+    return VerificationResult(total.max_abs, total.max_rel, total.passed, first, probes, rtol)
 
 
 class _AllValues(fx.Interpreter):
@@ -83,15 +156,19 @@ def _values(model: nn.Module, args: tuple) -> tuple[fx.GraphModule, dict[str, An
 
 
 def first_diverging_node(original: nn.Module, slim: nn.Module, args: tuple, *, rtol: float = 1e-4,
-                         record: Any = None) -> str | None:
-    """Name of the first node whose slim value differs from the original's on kept channels."""
+                         record: ChannelMap | None = None) -> str | None:
+    """Name of the first node whose slim value differs from the original's on kept channels.
+
+    Intermediate values are compared like outputs (`compare`), ignoring differences below 1e-6
+    in absolute terms: a node whose values are all near zero is not where a model diverges.
+    """
     try:
         gm, ref = _values(original, args)
         _, got = _values(slim, args)
     except Exception:  # noqa: BLE001 - a model fx cannot trace simply has no per-node report
         return None
-    kept = getattr(record, "kept_indices", {}) or {}
-    aliases = getattr(record, "aliases", {}) or {}
+    kept = record.kept_indices if record is not None else {}
+    aliases = record.aliases if record is not None else {}
     for node in gm.graph.nodes:
         r = ref.get(node.name)
         g = got.get(aliases.get(node.name, node.name))
@@ -99,10 +176,7 @@ def first_diverging_node(original: nn.Module, slim: nn.Module, args: tuple, *, r
             continue
         for dim, idx in kept.get(node.name, {}).items():
             r = r.index_select(dim, torch.tensor(idx, dtype=torch.long))
-        if r.shape != g.shape:
-            return node.name
-        s = float(r.double().abs().max()) if r.numel() else 0.0
-        err = float((r.double() - g.double()).abs().max()) if r.numel() else 0.0
-        if err > rtol * max(s, 1e-12) and err > 1e-6:
+        check = compare(r, g, tolerance=rtol)
+        if check.mismatch or (not check.passed and check.max_abs > 1e-6):
             return node.name
     return None

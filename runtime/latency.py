@@ -29,6 +29,30 @@ class LatencyStats:
         return cls(statistics.median(ms), p90, ms[0], statistics.fmean(ms), len(ms), warmup)
 
 
+@dataclass(frozen=True)
+class LatencyRow:
+    """One row of the report's `latency` section: one variant of the model, timed at one batch
+    size in one runtime. ONNX Runtime, TVM in this process and TVM on a device all make these."""
+
+    runtime: str  # "onnxruntime" | "tvm"
+    target: str  # the compile's --target
+    variant: str  # "original" | "slim" | "quantized"
+    batch: int
+    threads: int | None  # None: the device's own setting
+    stats: LatencyStats
+    interleaved: bool = True  # timed call by call in alternation with the other variants of its batch
+    emulated: bool = False  # on the emulated aarch64 device: not the latency of real hardware
+    device: str | None = None  # where it ran when not in this process (an RPC address)
+    provider: str | None = None  # ONNX Runtime's execution provider
+    max_abs_err: float | None = None  # its output vs torch at this input, where checked when timed
+    max_rel_err: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {"runtime": self.runtime, "target": self.target, "variant": self.variant, "batch": self.batch}
+        tail = {k: v for k, v in asdict(self).items() if k not in head and k != "stats"}
+        return {**head, **self.stats.to_dict(), **tail}
+
+
 def time_callable(
     run: Callable[[], Any],
     *,

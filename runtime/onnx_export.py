@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import fx, nn
 
@@ -45,17 +46,178 @@ class OnnxExportInfo:
         return asdict(self)
 
 
-def _exportable_copy(module: nn.Module) -> nn.Module:
+def _exportable_copy(module: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """An independent copy in eval mode (the exporter toggles training flags and traces).
 
     A module unlifted from `torch.export` (`ExportedProgram.module()`) refuses `train()`, which
     the TorchScript exporter calls; rebuilding it as a plain GraphModule over the same graph and
-    submodules removes that restriction without changing what it computes.
+    submodules removes that restriction without changing what it computes. A GraphModule's
+    graph is then made exportable by the TorchScript exporter (see `_bind_optional_inputs`,
+    `_sizes_as_methods`, `_adaptive_pools_as_matmuls`).
     """
     clone = copy.deepcopy(module)
     if isinstance(clone, fx.GraphModule):
         clone = fx.GraphModule(clone, clone.graph)
+        changed = _bind_optional_inputs(clone.graph) + _sizes_as_methods(clone.graph)
+        changed += _adaptive_pools_as_matmuls(clone, example_input)
+        if changed:
+            clone.graph.lint()
+            clone.recompile()
     return clone.eval()
+
+
+def _bind_optional_inputs(graph: fx.Graph) -> int:
+    """Replace every placeholder after the first that has a default by that default.
+
+    `fx.symbolic_trace` keeps optional forward() arguments as placeholders (timm's ViT:
+    `forward(x, attn_mask=None, is_causal=False)`). The exporter passes their defaults as
+    extra inputs and the tracer turns `False` into a tensor, which `scaled_dot_product_attention`
+    then rejects as `is_causal`. The model is exported for its one input, so the defaults are
+    constants. Returns how many placeholders were bound.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    bound = 0
+    for node in placeholders[1:]:
+        if not node.args:  # a required second input: leave it, the export names it
+            continue
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a: default if a is node else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a: default if a is node else a)
+        graph.erase_node(node)
+        bound += 1
+    return bound
+
+
+# ATen calls in graphs unlifted from `torch.export` that take sizes, and the Tensor method or
+# torch function with the same arguments. Called as ATen overloads, they make the TorchScript
+# tracer record a size read from the input (`x.size(0)`, the batch) as a constant; called
+# through Python's argument parser, the size stays a traced shape computation.
+_ATEN_AS_METHOD: dict[Any, str] = {}
+_ATEN_AS_FUNCTION: dict[Any, Any] = {}
+
+
+def _aten_tables() -> None:
+    aten = torch.ops.aten
+    _ATEN_AS_METHOD.update({
+        aten.sym_size.int: "size", aten.view.default: "view", aten.reshape.default: "reshape",
+        aten._unsafe_view.default: "view", aten.expand.default: "expand", aten.repeat.default: "repeat",
+        aten.unflatten.int: "unflatten", aten.new_zeros.default: "new_zeros", aten.new_ones.default: "new_ones",
+        aten.new_full.default: "new_full", aten.new_empty.default: "new_empty",
+    })
+    _ATEN_AS_FUNCTION.update({
+        aten.zeros.default: torch.zeros, aten.ones.default: torch.ones, aten.full.default: torch.full,
+        aten.arange.default: torch.arange, aten.arange.start: torch.arange, aten.arange.start_step: torch.arange,
+    })
+
+
+def _sizes_as_methods(graph: fx.Graph) -> int:
+    """Rewrite the size-taking ATen calls of `_ATEN_AS_METHOD`/`_ATEN_AS_FUNCTION` (first of all
+    `aten.sym_size.int(x, d)` -> `x.size(d)`), so that a program exported with a dynamic batch
+    gives an ONNX file that runs at every batch size. Returns how many calls were rewritten."""
+    if not _ATEN_AS_METHOD:
+        _aten_tables()
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not (node.target in _ATEN_AS_METHOD or node.target in _ATEN_AS_FUNCTION):
+            continue
+        args, kwargs = tuple(node.args), dict(node.kwargs)
+        if node.target is torch.ops.aten.expand.default:  # `implicit` is not a Tensor.expand argument
+            args, _ = args[:2], kwargs.pop("implicit", None)
+        with graph.inserting_before(node):
+            if node.target in _ATEN_AS_METHOD:
+                new = graph.call_method(_ATEN_AS_METHOD[node.target], args, kwargs)
+            else:
+                new = graph.call_function(_ATEN_AS_FUNCTION[node.target], args, kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
+_ADAPTIVE_AVG_POOL2D_FUNCTIONS = (F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d)
+
+
+def _adaptive_avg_pool2d_targets() -> tuple[Any, ...]:
+    aten = torch.ops.aten
+    return (*_ADAPTIVE_AVG_POOL2D_FUNCTIONS, aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)
+
+
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): row i averages input indices [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)),
+    the windows torch's adaptive average pooling uses."""
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        start, stop = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, start:stop] = 1.0 / (stop - start)
+    return m
+
+
+def adaptive_avg_pool2d_by_matmul(x: torch.Tensor, in_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    """Adaptive average pooling of an (..., H, W) tensor as P_h @ x @ P_w^T, with the pooling
+    windows as constant matrices: ONNX MatMuls, for output sizes that do not divide the input
+    (which the TorchScript exporter refuses) - e.g. a VGG/AlexNet head's 7x7 pool at small inputs."""
+    rows = _pool_matrix(in_size[0], out_size[0]).to(x.dtype)
+    cols = _pool_matrix(in_size[1], out_size[1]).to(x.dtype).t()
+    return torch.matmul(torch.matmul(rows, x), cols)
+
+
+class _InputShapes(fx.Interpreter):
+    """Runs the graph once, keeping the input shape of the nodes asked for."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted, self.shapes = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.wanted and n.args and isinstance(n.args[0], fx.Node):
+            self.shapes[n.name] = tuple(self.env[n.args[0]].shape)
+        return super().run_node(n)
+
+
+def _adaptive_pools_as_matmuls(gm: fx.GraphModule, example_input: torch.Tensor) -> int:
+    """Replace each 2-D adaptive average pooling whose output size does not divide its input
+    size (at the example input's shape) by `adaptive_avg_pool2d_by_matmul`, and spell out
+    `None` output sizes (which the exporter refuses) as numbers. Returns how many changed."""
+    targets = _adaptive_avg_pool2d_targets()
+    candidates: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.AdaptiveAvgPool2d):
+            candidates[node.name] = gm.get_submodule(node.target).output_size
+        elif node.op == "call_function" and node.target in targets:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            computed: list[fx.Node] = []
+            fx.node.map_arg(size, computed.append)
+            if not computed:  # an output size computed in forward() is left to the exporter
+                candidates[node.name] = size
+    if not candidates:
+        return 0
+    recorder = _InputShapes(gm, set(candidates))
+    with torch.no_grad():
+        recorder.run(example_input)
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        shape = recorder.shapes.get(node.name)
+        if shape is None or len(shape) < 3:
+            continue
+        size = candidates[node.name]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        in_size = (int(shape[-2]), int(shape[-1]))
+        out_size = tuple(in_size[i] if s is None else int(s) for i, s in enumerate(size))
+        divides = all(o > 0 and i % o == 0 for i, o in zip(in_size, out_size))
+        if divides and None not in size:
+            continue  # the exporter writes these as AveragePool / GlobalAveragePool
+        with gm.graph.inserting_before(node):
+            if divides:  # `None` (keep the input's size) is refused by the exporter: spell it out
+                new = gm.graph.call_function(F.adaptive_avg_pool2d, (node.args[0], out_size))
+            else:
+                new = gm.graph.call_function(adaptive_avg_pool2d_by_matmul, (node.args[0], in_size, out_size))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        replaced += 1
+    return replaced
 
 
 def export_onnx(
@@ -84,7 +246,7 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} < {MIN_OPSET}")
     path = Path(path)
-    exportable = _exportable_copy(module)
+    exportable = _exportable_copy(module, example_input)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
         with warnings.catch_warnings(), torch.no_grad():

@@ -2,8 +2,10 @@
 
 `--rpc HOST:PORT` connects to a device's RPC server directly; `--tracker HOST:PORT --key KEY`
 asks a TVM RPC tracker for a device. Then: upload the library, load it, run it through
-`relax.VirtualMachine(lib, remote.cpu())`, check its output against the torch model's, and time
-it with TVM's time_evaluator, which runs *on the device* (so RPC round trips are not counted).
+`relax.VirtualMachine(lib, remote.cpu())`, check its output against the torch model's
+(`passes.verify.compare`, the compile's --tolerance), and time it with TVM's time_evaluator, which
+runs *on the device* (so RPC round trips are not counted); several libraries (original and slim)
+are timed in alternation.
 
 Every failure a user can cause (nothing listening, a tracker without that key, a timeout, a
 library built for another architecture) is one `ToolchainError` line that says what to do.
@@ -16,11 +18,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from rwdeploy.errors import OptionError, ToolchainError, VerificationError
+from rwdeploy.passes.verify import Closeness, compare
 from rwdeploy.runtime.latency import LatencyStats
 
 ELF_MACHINES = {0x03: "x86", 0x28: "arm", 0x3E: "x86_64", 0xB7: "aarch64", 0xF3: "riscv"}
@@ -164,7 +167,8 @@ class RemoteMeasurement:
     emulated: bool
     latency: LatencyStats
     max_abs_err: float
-    tolerance: float
+    max_rel_err: float
+    tolerance: float  # on max_rel_err (passes.verify.compare)
     output_shape: tuple[int, ...]
     upload_s: float
     output: np.ndarray
@@ -175,6 +179,7 @@ class RemoteMeasurement:
             "emulated": self.emulated,
             **self.latency.to_dict(),
             "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
             "tolerance": self.tolerance,
             "output_shape": list(self.output_shape),
             "upload_s": self.upload_s,
@@ -194,69 +199,75 @@ def _load_remote(session: Any, lib_path: Path, device: Device) -> Any:
         ) from None
 
 
-def measure_remote(
-    lib_path: str | Path,
+def measure_remote_all(
+    libraries: Mapping[str, tuple[str | Path, np.ndarray]],
     example_input: np.ndarray,
-    reference_output: np.ndarray,
     device: Device,
     *,
+    tolerance: float = 1e-4,
     warmup: int = 2,
     repeat: int = 15,
     number: int = 1,
-    rtol: float = 1e-3,
-    atol: float = 1e-4,
-) -> RemoteMeasurement:
-    """Upload, load, run, verify against `reference_output`, then time on the device.
-
-    Tolerance: |out - ref| <= atol + rtol * max|ref| everywhere (float32 kernels on another
-    architecture sum in another order). A mismatch raises VerificationError.
-    Latency: `warmup` untimed calls, then `repeat` samples of `number` calls each, timed on the
-    device; median/p90 are over the samples.
+) -> dict[str, RemoteMeasurement]:
+    """Upload and load every library ({name: (path, reference output)}), check each output
+    against its reference (`passes.verify.compare`: max relative error <= `tolerance`, else
+    `VerificationError`), then time them on the device in alternation: `repeat` rounds of one
+    sample per library (`number` calls each, timed by the device-side `time_evaluator`), so that
+    the device's changing state affects all alike. median/p90 are over the samples.
     """
     from tvm import relax
     import tvm
 
-    lib_path = Path(lib_path)
-    if not lib_path.is_file():
-        raise OptionError(f"library {lib_path} does not exist", hint="build it first (rwdeploy compile)")
+    for path, _ in libraries.values():
+        if not Path(path).is_file():
+            raise OptionError(f"library {path} does not exist", hint="build it first (rwdeploy compile)")
     session = device.connect()
-    t0 = time.perf_counter()
-    lib = _load_remote(session, lib_path, device)
-    upload_s = time.perf_counter() - t0
     dev = session.cpu()
+    x_np = np.ascontiguousarray(example_input, dtype=np.float32)
+    loaded: dict[str, tuple[Path, Any, float, Closeness, np.ndarray]] = {}
+    for name, (path, reference) in libraries.items():
+        lib_path = Path(path)
+        t0 = time.perf_counter()
+        lib = _load_remote(session, lib_path, device)
+        upload_s = time.perf_counter() - t0
+        try:
+            vm = relax.VirtualMachine(lib, dev)
+            x = tvm.runtime.tensor(x_np, dev)
+            for _ in range(max(1, warmup)):
+                y = vm["main"](x)
+            if not hasattr(y, "numpy"):
+                raise ToolchainError(f"{lib_path.name}: main returned a tuple, which RPC cannot fetch",
+                                     hint="import the model with unwrap_unit_return_tuple=True")
+            out = y.numpy()
+            timer = vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=0)
+        except ToolchainError:
+            raise
+        except Exception as err:
+            raise ToolchainError(f"running {lib_path.name} on {device.label} failed: {_error_line(err)}",
+                                 hint="see the device's RPC server log") from None
+        check = compare(np.asarray(reference, dtype=np.float32), out, tolerance=tolerance)
+        if not check.passed:
+            raise VerificationError(
+                f"{lib_path.name} on {device.label}: output differs from torch "
+                f"({check.mismatch or f'max relative error {check.max_rel:.3g} > tolerance {tolerance:g}'})",
+                hint="the build is wrong for this device; report it with --debug")
+        loaded[name] = (lib_path, (timer, x), upload_s, check, out)
+    samples: dict[str, list[float]] = {name: [] for name in loaded}
     try:
-        vm = relax.VirtualMachine(lib, dev)
-        x = tvm.runtime.tensor(np.ascontiguousarray(example_input, dtype=np.float32), dev)
-        for _ in range(max(1, warmup)):
-            y = vm["main"](x)
-        if not hasattr(y, "numpy"):
-            raise ToolchainError(f"{lib_path.name}: main returned a tuple, which RPC cannot fetch",
-                                 hint="import the model with unwrap_unit_return_tuple=True")
-        out = y.numpy()
-        timer = vm.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=0)
-        samples = list(timer(x).results)
-    except ToolchainError:
-        raise
+        for _ in range(repeat):
+            for name, (_, (timer, x), *_rest) in loaded.items():
+                samples[name].extend(timer(x).results)
     except Exception as err:
-        raise ToolchainError(f"running {lib_path.name} on {device.label} failed: {_error_line(err)}",
+        raise ToolchainError(f"timing on {device.label} failed: {_error_line(err)}",
                              hint="see the device's RPC server log") from None
-    ref = np.asarray(reference_output, dtype=np.float32)
-    if out.shape != ref.shape:
-        raise VerificationError(f"{lib_path.name} on {device.label}: output shape {out.shape} != torch {ref.shape}")
-    err = float(np.max(np.abs(out - ref))) if out.size else 0.0
-    tol = atol + rtol * float(np.max(np.abs(ref))) if ref.size else atol
-    if not err <= tol:
-        raise VerificationError(
-            f"{lib_path.name} on {device.label}: output differs from torch by {err:.3g} (tolerance {tol:.3g})",
-            hint="the build is wrong for this device; report it with --debug",
-        )
-    return RemoteMeasurement(
-        device=device.label,
-        emulated=device.emulated,
-        latency=LatencyStats.from_samples(samples, warmup),
-        max_abs_err=err,
-        tolerance=tol,
-        output_shape=tuple(out.shape),
-        upload_s=upload_s,
-        output=out,
-    )
+    return {name: RemoteMeasurement(device=device.label, emulated=device.emulated,
+                                    latency=LatencyStats.from_samples(samples[name], warmup),
+                                    max_abs_err=check.max_abs, max_rel_err=check.max_rel, tolerance=tolerance,
+                                    output_shape=tuple(out.shape), upload_s=upload_s, output=out)
+            for name, (_, _, upload_s, check, out) in loaded.items()}
+
+
+def measure_remote(lib_path: str | Path, example_input: np.ndarray, reference_output: np.ndarray, device: Device,
+                   **options: Any) -> RemoteMeasurement:
+    """`measure_remote_all` for one library."""
+    return measure_remote_all({"model": (lib_path, reference_output)}, example_input, device, **options)["model"]

@@ -276,10 +276,6 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def list_targets() -> list[str]:
-    return list(TARGETS)
-
-
 def _threads(threads: int | None) -> int:
     if threads is not None:
         if threads < 1:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rwdeploy.errors import OptionError, RwdeployError, ToolchainError
+from rwdeploy.errors import OptionError, RwdeployError, ToolchainError, TvmImportError
 from rwdeploy.io import atomic_file
 from rwdeploy.runtime.latency import LatencyStats, time_callable
 from rwdeploy.runtime.targets import RUNS_LOCAL, Target, get_target
@@ -82,8 +82,15 @@ def _has_rwdeploy_ops(program: torch.export.ExportedProgram) -> bool:
 def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
                  example_input: torch.Tensor | tuple[torch.Tensor, ...],
                  converters: dict[str, Converter] | None = None) -> Any:
-    """The model as a Relax IRModule with its weights bound as constants."""
+    """The model as a Relax IRModule with its weights bound as constants.
+
+    Ops TVM's importer lacks go through `runtime.tvm_convert.CONVERTERS` (and rwdeploy's sparse
+    ops through `runtime.tvm_sparse`); one that has no converter at all is a `TvmImportError`
+    naming the first node that uses it.
+    """
     from tvm.relax.frontend.torch import from_exported_program
+
+    from rwdeploy.runtime.tvm_convert import CONVERTERS
 
     if isinstance(module_or_program, torch.export.ExportedProgram):
         program = module_or_program
@@ -94,14 +101,43 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
         from rwdeploy.runtime.tvm_sparse import convert_map  # CSR/BSR kernels (packed layers)
 
         converters = convert_map(dense_kernels=False)
+    converters = {**CONVERTERS, **(converters or {})}
     try:
         return from_exported_program(program, keep_params_as_input=False,
-                                     unwrap_unit_return_tuple=True,
-                                     custom_convert_map=converters or None)
-    except (AssertionError, KeyError, NotImplementedError, ValueError) as err:
-        raise RwdeployError(f"TVM cannot import the model: {str(err).splitlines()[0]}",
-                            hint="an op without a Relax converter; build without TVM "
-                                 "(--target none) or add a converter") from None
+                                     unwrap_unit_return_tuple=True, custom_convert_map=converters)
+    except TvmImportError:
+        raise
+    except (AssertionError, KeyError, NotImplementedError, ValueError, TypeError) as err:
+        raise _import_error(program, converters, err) from None
+
+
+def unsupported_nodes(program: torch.export.ExportedProgram, converters: dict[str, Converter]) -> list[Any]:
+    """The nodes of `program` (after the core-ATen decomposition TVM's importer runs) whose op
+    neither TVM's importer nor `converters` can convert."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    known = set(ExportedProgramImporter().create_convert_map()) | set(converters)
+    return [n for n in program.run_decompositions().graph.nodes
+            if n.op == "call_function" and n.target.__name__ not in known]
+
+
+def _import_error(program: torch.export.ExportedProgram, converters: dict[str, Converter],
+                  err: Exception) -> TvmImportError:
+    hint = ("compile with --target onnx (slim .pt2 + ONNX, no TVM), or add a converter for the op "
+            "to rwdeploy/runtime/tvm_convert.py")
+    try:
+        missing = unsupported_nodes(program, converters)
+    except Exception:  # noqa: BLE001 - the diagnosis is best effort; the error below still stands
+        missing = []
+    if not missing:
+        return TvmImportError(f"TVM cannot import the model: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+                              hint=hint)
+    node = missing[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f" in module {list(stack.values())[-1][0]!r}" if stack else ""
+    ops = sorted({str(n.target) for n in missing})
+    return TvmImportError(f"TVM's Relax importer has no converter for {', '.join(ops)} "
+                          f"(first at node {node.name!r}{where})", hint=hint, node=node.name)
 
 
 def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None = None) -> Any:
@@ -276,24 +312,10 @@ def _to_numpy(out: Any) -> np.ndarray:
     return _to_numpy(out[0])  # a tuple output: the first element is the model's output
 
 
-def run_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray:
-    """One inference through the artifact; returns the (first) output as numpy."""
-    import tvm
-
-    main = load_local(artifact)
-    dev = _device(artifact.target)
-    args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in _as_tuple(inputs)]
-    return _to_numpy(main(*args))
-
-
-def measure_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tensor, ...],
-                  reference: np.ndarray | torch.Tensor, *, warmup: int = 5, min_runs: int = 20,
-                  min_time_s: float = 0.5) -> tuple[LatencyStats, float]:
-    """Latency of the artifact in this process, after checking its output.
-
-    Returns the latency stats and the max abs error against `reference` (the slim torch
-    model's output). The thread count is the target's (`threads`).
-    """
+def bind_local(artifact: TvmArtifact,
+               inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[Callable[[], None], np.ndarray]:
+    """A no-argument call of the artifact on `inputs` in this process (synchronised with the
+    device, for timing), and the (first) output of one call, as numpy. Threads: the target's."""
     import tvm
 
     if artifact.target.threads:
@@ -301,14 +323,32 @@ def measure_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tens
     main = load_local(artifact)
     dev = _device(artifact.target)
     args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in _as_tuple(inputs)]
-    got = _to_numpy(main(*args))
-    ref = reference.detach().cpu().numpy() if isinstance(reference, torch.Tensor) else reference
-    if got.shape != ref.shape:
-        raise RwdeployError(f"TVM output shape {got.shape} differs from torch {ref.shape}")
-    err = float(np.max(np.abs(got - ref))) if got.size else 0.0
+    output = _to_numpy(main(*args))
 
     def run() -> None:
         main(*args)
         dev.sync()
 
+    return run, output
+
+
+def run_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray:
+    """One inference through the artifact; returns the (first) output as numpy."""
+    return bind_local(artifact, inputs)[1]
+
+
+def measure_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                  reference: np.ndarray | torch.Tensor, *, warmup: int = 5, min_runs: int = 20,
+                  min_time_s: float = 0.5) -> tuple[LatencyStats, float]:
+    """Latency of one artifact in this process, after checking its output's shape.
+
+    Returns the latency stats and the max abs error against `reference` (the torch model's
+    output). To compare two artifacts, time their `bind_local` calls with
+    `runtime.latency.time_interleaved` instead.
+    """
+    run, got = bind_local(artifact, inputs)
+    ref = reference.detach().cpu().numpy() if isinstance(reference, torch.Tensor) else reference
+    if got.shape != ref.shape:
+        raise RwdeployError(f"TVM output shape {got.shape} differs from torch {ref.shape}")
+    err = float(np.max(np.abs(got - ref))) if got.size else 0.0
     return time_callable(run, warmup=warmup, min_runs=min_runs, min_time_s=min_time_s), err

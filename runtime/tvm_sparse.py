@@ -158,16 +158,6 @@ def import_exported_program(ep: torch.export.ExportedProgram, *, dense_kernels: 
     return from_exported_program(ep, custom_convert_map=cmap, **kw)
 
 
-def compile_module(module: torch.nn.Module, example_input: torch.Tensor,
-                   target: tvm.target.Target | None = None) -> relax.VirtualMachine:
-    """Export, import and build a (packed) module for this machine; returns a Relax VM."""
-    ep = torch.export.export(module.eval(), (example_input,))
-    mod = import_exported_program(ep)
-    target = target or host_target()
-    ex = tvm.compile(mod, target=target)
-    return relax.VirtualMachine(ex, tvm.cpu())
-
-
 # ----------------------------------------------------------------------------- timing
 
 @dataclass
@@ -194,7 +184,9 @@ def time_candidates(cands: Sequence[Candidate], target: tvm.target.Target | None
                     *, min_repeat_ms: int = 30, repeat: int = 5) -> dict[str, dict[str, float]]:
     """Build every candidate kernel into one library (one LLVM run) and time each.
 
-    Returns key -> {"median_ms", "min_ms", "n"} from TVM's time_evaluator.
+    The candidates are timed in rounds, one sample of each per round (TVM's time_evaluator, at
+    least `min_repeat_ms` per sample), so that a shared machine's changing load affects all
+    alike. Returns key -> {"median_ms", "min_ms", "n"} over the `repeat` samples.
     """
     target = target or host_target()
     funcs = {}
@@ -202,17 +194,19 @@ def time_candidates(cands: Sequence[Candidate], target: tvm.target.Target | None
         funcs[c.spec.name()] = kernel_for(c.spec)
     lib = tvm.compile(tvm.IRModule(funcs), target=target).mod
     dev = tvm.cpu()
-    out: dict[str, dict[str, float]] = {}
+    timers = {}
     for c in cands:
         outs = [*scratch_shapes(c.spec), c.out_shape]
         args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in c.args]
         args += [tvm.runtime.tensor(np.zeros(sh, np.float32), dev) for sh in outs]
-        ev = lib.time_evaluator(c.spec.name(), dev, number=1, repeat=repeat,
-                                min_repeat_ms=min_repeat_ms)(*args)
-        res = sorted(ev.results)
-        out[c.key] = {"median_ms": float(np.median(res)) * 1e3, "min_ms": res[0] * 1e3,
-                      "n": len(res)}
-    return out
+        timers[c.key] = (lib.time_evaluator(c.spec.name(), dev, number=1, repeat=1, min_repeat_ms=min_repeat_ms),
+                         args)
+    samples: dict[str, list[float]] = {key: [] for key in timers}
+    for _ in range(repeat):
+        for key, (timer, args) in timers.items():
+            samples[key].extend(timer(*args).results)
+    return {key: {"median_ms": float(np.median(res)) * 1e3, "min_ms": min(res) * 1e3, "n": len(res)}
+            for key, res in samples.items()}
 
 
 # ----------------------------------------------------------------------------- per-layer formats

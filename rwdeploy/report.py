@@ -1,14 +1,17 @@
-"""The compile report: `report.json` (schema `rwdeploy.report/1`) and a readable `report.md`.
+"""The compile report: `report.json` (schema `rwdeploy.report/1`), and one view of it for reading.
 
-The JSON is the record; the markdown is rendered from it and nothing else, so both always
-agree. Sections a run did not produce are absent (see docs/ARCHITECTURE.md, "Report").
+The JSON is the record. `view(doc)` turns it into blocks (headings, paragraphs, bullets,
+tables): one part per section of the document, in the document's order, so every section
+is shown. `report.md` is `markdown(view(doc))`; the terminal summary that `rwdeploy compile`
+prints is the view's first part, `summary(doc)`, rendered by the CLI. Sections a run did not
+produce are absent (see docs/ARCHITECTURE.md, "Report").
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, NamedTuple, Union
 
 from rwdeploy.io import atomic_file
 
@@ -16,8 +19,9 @@ SCHEMA = "rwdeploy.report/1"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 # Order of the sections in the JSON document (unknown sections follow, sorted).
-SECTION_ORDER = ("model", "compile", "trace", "layers", "channels", "sparse", "verification",
-                 "files", "latency", "targets", "environment")
+SECTION_ORDER = ("model", "target_failure", "compile", "trace", "layers", "channels", "sparse", "verification",
+                 "quantization", "files", "latency", "targets", "environment")
+VARIANT_ORDER = ("original", "slim", "quantized")
 
 
 def make_report(sections: dict[str, Any]) -> dict[str, Any]:
@@ -87,50 +91,19 @@ def layer_rows(before: Iterable[Any], after: Iterable[Any]) -> list[dict[str, An
 def channels_section(analysis: Any, record: Any) -> dict[str, Any]:
     """Channel groups: how many, which were pinned and why (from the analysis), which were
     removed and what each layer folded (from the pass's record)."""
-    groups = list(getattr(analysis, "groups", []) or [])
+    groups = list(analysis.groups) if analysis is not None else []
     pinned = [
         {"id": g.id, "size": g.size, "reasons": list(g.pinned),
          "tensors": sorted({sl.tensor for sl in g.slices})}
         for g in groups if g.pinned
     ]
     section: dict[str, Any] = {"groups": len(groups), "pinned": pinned}
-    data = record.to_dict() if hasattr(record, "to_dict") else dict(record or {})
+    data = record.to_dict() if record is not None else {}
     section["removed"] = data.pop("removed_groups", [])
     section["layer_changes"] = data.pop("layers", [])
     data.pop("pinned_groups", None)  # the same list as `pinned`
     section.update(data)
     return section
-
-
-# ---------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _fmt_int(n: Any) -> str:
-    return "-" if n is None else f"{int(n):,}"
-
-
-def _fmt_bytes(n: Any) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _ratio(before: Any, after: Any) -> str:
-    if not before or after is None:
-        return "-"
-    return f"{after / before:.1%}"
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 def speedups(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,175 +117,288 @@ def speedups(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "original" in variants and "slim" in variants:
             o, s = variants["original"]["median_ms"], variants["slim"]["median_ms"]
             out.append({"runtime": runtime, "target": target, "batch": batch, "threads": threads,
+                        "emulated": bool(variants["slim"].get("emulated")),
                         "original_ms": o, "slim_ms": s, "speedup": o / s if s > 0 else math.inf})
     return out
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
-    lines: list[str] = []
-    model = doc.get("model", {})
-    name = model.get("arch") or (Path(model["path"]).name if model.get("path") else "model")
-    lines += [f"# rwdeploy compile report: {name}", "", f"Schema `{doc.get('schema')}`.", ""]
+# ---------------------------------------------------------------------------------------------
+# The view: what a reader sees, rendered as markdown (report.md) or on a terminal (the CLI)
 
-    if model:
-        p, m = model.get("params", {}), model.get("macs", {})
-        lines += ["## Summary", ""]
-        rows = [
-            ["params", _fmt_int(p.get("original")), _fmt_int(p.get("slim")), _ratio(p.get("original"), p.get("slim"))],
-            ["MACs", _fmt_int(m.get("original")), _fmt_int(m.get("slim")), _ratio(m.get("original"), m.get("slim"))],
-        ]
-        files = doc.get("files", {})
-        if "original_onnx" in files and "slim_onnx" in files:
-            o, s = files["original_onnx"]["bytes"], files["slim_onnx"]["bytes"]
-            rows.append(["ONNX size", _fmt_bytes(o), _fmt_bytes(s), _ratio(o, s)])
-        lines += _table(["", "original", "slim", "slim/original"], rows)
-        src = model.get("path") or model.get("source")
-        lines += [f"Source: `{src}` ({model.get('source')}), input shape {model.get('input_shape')}, "
-                  f"traced with `{doc.get('trace', {}).get('method', '?')}`.", ""]
 
+# The blocks of a view, which markdown() and the CLI's terminal renderer know how to draw.
+class Heading(NamedTuple):
+    text: str
+    level: int = 2
+
+
+class Paragraph(NamedTuple):
+    text: str
+
+
+class Bullets(NamedTuple):
+    items: list[str]
+
+
+class Table(NamedTuple):
+    header: list[str]
+    rows: list[list[str]]
+
+
+Block = Union[Heading, Paragraph, Bullets, Table]
+
+
+def _int(n: Any) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ratio(before: Any, after: Any) -> str:
+    return "-" if not before or after is None else f"{after / before:.1%}"
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "×".join(map(str, shape)) if shape else "removed"
+
+
+def _tensors(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def summary(doc: dict[str, Any]) -> list[Block]:
+    """The one-screen summary: original vs slim sizes and speed, packing, the worst error, a
+    failed target step, the targets' notes. report.md starts with it; the CLI prints it."""
+    model, files, rows = doc.get("model", {}), doc.get("files", {}), []
+
+    def ratio_row(label: str, before: Any, after: Any, fmt: Callable[[Any], str] = _int) -> None:
+        if before is not None and after is not None:
+            rows.append([label, fmt(before), fmt(after), _ratio(before, after)])
+
+    ratio_row("params", model.get("params", {}).get("original"), model.get("params", {}).get("slim"))
+    ratio_row("MACs", model.get("macs", {}).get("original"), model.get("macs", {}).get("slim"))
+    if "original_onnx" in files and "slim_onnx" in files:
+        ratio_row("ONNX size", files["original_onnx"]["bytes"], files["slim_onnx"]["bytes"], _bytes)
+    for r in speedups(doc.get("latency", [])):
+        where = f" {r['target']} (emulated)" if r["emulated"] else ""
+        rows.append([f"{r['runtime']}{where} b={r['batch']} t={r['threads']} ms", f"{r['original_ms']:.3f}",
+                     f"{r['slim_ms']:.3f}", f"{r['speedup']:.2f}× faster"])
+    for name, section in doc.get("targets", {}).items():
+        insns = section.get("instructions", {}).get("per_variant", {})
+        if "original" in insns and "slim" in insns:
+            ratio_row(f"{name} insns/inference", insns["original"]["insns_per_inference"],
+                      insns["slim"]["insns_per_inference"])
+    sparse = doc.get("sparse")
+    if sparse:
+        packed = [l for l in sparse["layers"] if l["chosen"] != "dense"]
+        kinds = ", ".join(sorted({l["chosen"] for l in packed})) or "none faster"
+        rows.append([f"packed layers ({kinds})", "", f"{len(packed)}/{len(sparse['layers'])}",
+                     f"--sparse {sparse['mode']}"])
+        dense_b = sum(l["dense_bytes"] for l in sparse["layers"])
+        ratio_row("weight bytes (packed)", dense_b or None, dense_b - sparse["bytes_saved"])
     ver = doc.get("verification")
     if ver:
-        lines += ["## Equivalence", ""]
-        lines += [f"Slim vs original on {len(ver.get('probe_inputs', []))} probe inputs: max abs error "
-                  f"{ver['max_abs']:.3g}, max relative error {ver['max_rel']:.3g} "
-                  f"(tolerance {ver['tolerance_rel']:g}): {'passed' if ver['passed'] else 'FAILED'}.", ""]
-        ort_check = ver.get("onnxruntime")
-        if ort_check:
-            for variant in ("original", "slim"):
-                if variant in ort_check:
-                    e = ort_check[variant]
-                    lines.append(f"- ONNX Runtime vs torch, {variant}: max abs {e['max_abs']:.3g}, "
-                                 f"max relative {e['max_rel']:.3g}")
-            lines.append("")
+        rows.append(["max rel. error", "", f"{ver['max_rel']:.2e}", f"tol {ver['tolerance_rel']:g}"])
+    blocks: list[Block] = [Table(["", "original", "slim", "slim/original"], rows)] if rows else []
+    if model:
+        src = model.get("path") or model.get("source")
+        blocks.append(Paragraph(f"Source: `{src}` ({model.get('source')}), input shape {model.get('input_shape')}, "
+                                f"traced with `{doc.get('trace', {}).get('method', '?')}`."))
+    if doc.get("target_failure"):
+        blocks.append(Paragraph(f"FAILED {doc['target_failure']['summary']}."))
+    notes = [f"{name}: {note}" for name, section in doc.get("targets", {}).items() for note in section.get("notes", [])]
+    return blocks + ([Bullets(notes)] if notes else [])
 
-    layers = doc.get("layers")
-    if layers:
-        lines += ["## Layers", ""]
-        rows = [[r["name"], r["type"], "×".join(map(str, r["shape_before"])),
-                 "×".join(map(str, r["shape_after"])) if r["shape_after"] else "removed",
-                 _fmt_int(r["params_before"]), _fmt_int(r["params_after"]),
-                 _fmt_int(r["macs_before"]), _fmt_int(r["macs_after"])] for r in layers]
-        lines += _table(["layer", "type", "shape before", "shape after", "params before", "params after",
-                         "MACs before", "MACs after"], rows)
 
-    channels = doc.get("channels")
-    if channels:
-        lines += ["## Channel groups", "", f"{channels['groups']} groups analysed.", ""]
-        if channels.get("removed"):
-            lines += ["Removed:", ""]
-            lines += [f"- {_removed_line(g)}" for g in channels["removed"]] + [""]
-        folded = [c for c in channels.get("layer_changes", []) if isinstance(c, dict) and c.get("folded")]
-        if folded:
-            lines += ["Constants of removed channels folded into:", ""]
-            lines += [f"- {c['name']}: {c['folded']}" for c in folded] + [""]
-        if channels.get("pinned"):
-            lines += ["Pinned (kept whatever their weights):", ""]
-            for g in channels["pinned"]:
-                lines.append(f"- group {g['id']} ({g['size']} channels; {', '.join(g['tensors'][:4])}"
-                             f"{', ...' if len(g['tensors']) > 4 else ''}): {'; '.join(g['reasons'])}")
-            lines.append("")
+def _failure_view(f: dict[str, Any]) -> list[Block]:
+    return [Bullets([f"step `{f['stage']}` ({f['title']}), --target {f['target']}", f"error: {f['error']}",
+                     f"node: `{f['node']}`" if f.get("node") else "node: not known",
+                     f"what to do: {f['hint']}"])]
 
-    quant = doc.get("quantization")
-    if quant:
-        onnx_q, tvm_q, size = quant.get("onnx", {}), quant.get("tvm", {}), quant.get("storage", {})
-        grain = "per channel" if quant.get("per_channel") else "per layer"
-        lines += ["## Quantization", "",
-                  f"{quant.get('bits')}-bit weights, {grain}, power-of-two scales. QDQ ONNX stores them as "
-                  f"{onnx_q.get('storage')} (opset {onnx_q.get('opset')}); ONNX Runtime vs the slim torch model: max rel. "
-                  f"error {onnx_q.get('check', {}).get('max_rel', float('nan')):.3g}.", ""]
-        if tvm_q:
-            lines += [f"TVM build for the host ({tvm_q.get('weights')} weights): library {_fmt_bytes(tvm_q.get('library_bytes'))} "
-                      f"vs {_fmt_bytes(tvm_q.get('float_library_bytes'))} with float weights; max rel. error "
-                      f"{tvm_q.get('check', {}).get('max_rel', float('nan')):.3g}.", ""]
-        if size:
-            lines += [f"Weights counted: float32 {_fmt_bytes(size.get('float32_bytes'))}, dense {quant.get('bits')}-bit "
-                      f"{_fmt_bytes(size.get('dense_quantized_bytes'))}, sparse {quant.get('bits')}-bit "
-                      f"{_fmt_bytes(size.get('sparse_quantized_bytes'))} ({size.get('counting')}).", ""]
 
-    files = doc.get("files")
-    if files:
-        lines += ["## Files", ""]
-        lines += _table(["file", "role", "size"],
-                        [[f"`{Path(info['path']).name}`", role, _fmt_bytes(info.get("bytes"))]
-                         for role, info in files.items()])
+def _compile_view(c: dict[str, Any]) -> list[Block]:
+    settings = [f"{k}: {v}" for k, v in c.items() if k != "stage_seconds"]
+    seconds = [[stage, f"{s:.2f}"] for stage, s in c.get("stage_seconds", {}).items()]
+    return [Bullets(settings), *([Table(["stage", "seconds"], seconds)] if seconds else [])]
 
-    latency = doc.get("latency")
-    if latency:
-        lines += ["## Latency", ""]
-        lines += _latency_tables(latency)
 
-    targets = doc.get("targets")
-    if targets:
-        lines += ["## Targets", ""]
-        lines += _targets_lines(targets)
+def _layers_view(layers: list[dict[str, Any]]) -> list[Block]:
+    return [Table(["layer", "type", "shape before", "shape after", "params before", "params after", "MACs before",
+                   "MACs after"],
+                  [[r["name"], r["type"], _shape(r["shape_before"]), _shape(r["shape_after"]), _int(r["params_before"]),
+                    _int(r["params_after"]), _int(r["macs_before"]), _int(r["macs_after"])] for r in layers])]
 
-    env = doc.get("environment")
-    if env:
-        lines += ["## Environment", ""]
-        lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
+
+def _removed_line(g: dict[str, Any]) -> str:
+    why = f" ({', '.join(g['why'])})" if g.get("why") else ""
+    return (f"group {g.get('id', '?')}: {g.get('removed', '?')} of {g.get('size', '?')} channels{why}; "
+            f"{_tensors(g.get('tensors', []))}")
+
+
+def _channels_view(ch: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [Paragraph(f"{ch['groups']} groups analysed.")]
+    if ch.get("removed"):
+        blocks += [Paragraph("Removed:"), Bullets([_removed_line(g) for g in ch["removed"]])]
+    folded = [c for c in ch.get("layer_changes", []) if c.get("folded")]
+    if folded:
+        blocks += [Paragraph("Constants of removed channels folded into:"),
+                   Bullets([f"{c['name']}: {c['folded']}" for c in folded])]
+    if ch.get("pinned"):
+        blocks += [Paragraph("Pinned (kept whatever their weights):"),
+                   Bullets([f"group {g['id']} ({g['size']} channels; {_tensors(g['tensors'])}): "
+                            f"{'; '.join(g['reasons'])}" for g in ch["pinned"]])]
+    return blocks
+
+
+def _sparse_view(sp: dict[str, Any]) -> list[Block]:
+    head = (f"`--sparse {sp['mode']}`: {sp['packed_layers']} of {len(sp['layers'])} layers packed, "
+            f"{_bytes(sp['bytes_saved'])} of weights saved; timed on {sp.get('measured_on') or 'nothing (forced)'}; "
+            f"packed vs slim max relative error {sp.get('max_rel_vs_slim', float('nan')):.3g}.")
+    rows = [[l["name"], l["kind"], _shape(l["weight_shape"]), f"{l['sparsity']:.1%}", l["chosen"], l["reason"],
+             _bytes(l["dense_bytes"]), _bytes(l["packed_bytes"])] for l in sp["layers"]]
+    return [Paragraph(head), Table(["layer", "kind", "weight", "sparsity", "stored as", "why", "dense", "packed"], rows),
+            *([Bullets(sp["notes"])] if sp.get("notes") else [])]
+
+
+def _verification_view(ver: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = []
+    if "max_rel" in ver:
+        blocks.append(Paragraph(
+            f"Slim vs original on {len(ver.get('probe_inputs', []))} probe inputs: max abs error {ver['max_abs']:.3g}, "
+            f"max relative error {ver['max_rel']:.3g} (tolerance {ver['tolerance_rel']:g}): "
+            f"{'passed' if ver['passed'] else 'FAILED'}."))
+    ort = ver.get("onnxruntime", {})
+    checks = [f"ONNX Runtime vs torch, {v}: max abs {ort[v]['max_abs']:.3g}, max relative {ort[v]['max_rel']:.3g}"
+              for v in VARIANT_ORDER if v in ort]
+    return blocks + ([Bullets(checks)] if checks else [])
+
+
+def _quantization_view(q: dict[str, Any]) -> list[Block]:
+    onnx_q, tvm_q, size = q.get("onnx", {}), q.get("tvm", {}), q.get("storage", {})
+    blocks: list[Block] = [Paragraph(
+        f"{q.get('bits')}-bit weights, {'per channel' if q.get('per_channel') else 'per layer'}, power-of-two scales. "
+        f"QDQ ONNX stores them as {onnx_q.get('storage')} (opset {onnx_q.get('opset')}); ONNX Runtime vs the slim torch "
+        f"model: max rel. error {onnx_q.get('check', {}).get('max_rel', float('nan')):.3g}.")]
+    if tvm_q:
+        blocks.append(Paragraph(
+            f"TVM build for the host ({tvm_q.get('weights')} weights): library {_bytes(tvm_q.get('library_bytes'))} vs "
+            f"{_bytes(tvm_q.get('float_library_bytes'))} with float weights; max rel. error "
+            f"{tvm_q.get('check', {}).get('max_rel', float('nan')):.3g}."))
+    if size:
+        bits = q.get("bits")
+        blocks.append(Paragraph(
+            f"Weights counted: float32 {_bytes(size.get('float32_bytes'))}, dense {bits}-bit "
+            f"{_bytes(size.get('dense_quantized_bytes'))}, sparse {bits}-bit {_bytes(size.get('sparse_quantized_bytes'))} "
+            f"({size.get('counting')})."))
+    return blocks
+
+
+def _files_view(files: dict[str, Any]) -> list[Block]:
+    return [Table(["file", "role", "size"], [[f"`{Path(info['path']).name}`", role, _bytes(info.get("bytes"))]
+                                             for role, info in files.items()])]
+
+
+def _latency_view(latency: list[dict[str, Any]]) -> list[Block]:
+    """One table per (runtime, target): batch rows, each variant's median (p90, n), speed-up."""
+    groups: dict[tuple[str, str], dict[tuple[int, int], dict[str, dict[str, Any]]]] = {}
+    for r in latency:
+        key = (r["runtime"] + (" (emulated)" if r.get("emulated") else ""), r["target"])
+        groups.setdefault(key, {}).setdefault((r["batch"], r["threads"]), {})[r["variant"]] = r
+    blocks: list[Block] = []
+    for (runtime, target), by_batch in groups.items():
+        variants = sorted({v for row in by_batch.values() for v in row},
+                          key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
+        rows = []
+        for (batch, threads), row in sorted(by_batch.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+            o, sl = row.get("original"), row.get("slim")
+            speed = f"{o['median_ms'] / sl['median_ms']:.2f}×" if o and sl and sl["median_ms"] > 0 else "-"
+            cells = [f"{row[v]['median_ms']:.3f} ({row[v]['p90_ms']:.3f}, n={row[v]['n']})" if v in row else "-"
+                     for v in variants]
+            rows.append([str(batch), str(threads), *cells, speed])
+        blocks += [Heading(f"{runtime} on {target}", 3),
+                   Table(["batch", "threads", *[f"{v} median ms (p90, n)" for v in variants], "speed-up original/slim"],
+                         rows)]
+    return blocks
+
+
+def _targets_view(targets: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = []
+    for name, section in targets.items():
+        tgt = section.get("target", {})
+        host = f", host `{tgt.get('host')}`" if tgt.get("host") else ""
+        blocks += [Heading(name, 3), Paragraph(f"TVM target `{tgt.get('tvm_target')}`{host}.")]
+        rows = [[b["variant"], str(b["batch"]), f"`{b['path']}`" if b.get("path") else "(not shipped)",
+                 f"{b['build_s']:.1f}", _bytes(b.get("size_bytes")), ", ".join(b.get("device_modules") or []) or "host",
+                 f"{b['kernels'].get('scheduled', 0)}/{sum(b['kernels'].values())}" if b.get("kernels")
+                 else "TVM default"] for b in section.get("builds", [])]
+        if rows:  # gpu kernels: TVM's default (dlight) schedules, not counted
+            blocks.append(Table(["variant", "batch", "file", "build s", "size", "device code", "kernels scheduled"],
+                                rows))
+    return blocks
+
+
+def _other_view(value: Any) -> list[Block]:
+    """A section this module has no layout for: its entries, as JSON."""
+    items = value.items() if isinstance(value, dict) else enumerate(value if isinstance(value, list) else [value])
+    return [Bullets([f"{k}: {json.dumps(v, default=_json_default)}" for k, v in items])]
+
+
+# section -> (heading, view); the heading of the summary is the report's own
+SECTION_VIEWS: dict[str, tuple[str, Callable[[Any], list[Block]]]] = {
+    "target_failure": ("Target step failed", _failure_view),
+    "compile": ("Settings", _compile_view),
+    "trace": ("Trace", lambda t: [Bullets([f"{k}: {v}" for k, v in t.items()])]),
+    "layers": ("Layers", _layers_view),
+    "channels": ("Channel groups", _channels_view),
+    "sparse": ("Sparse packing", _sparse_view),
+    "verification": ("Equivalence", _verification_view),
+    "quantization": ("Quantization", _quantization_view),
+    "files": ("Files", _files_view),
+    "latency": ("Latency", _latency_view),
+    "targets": ("Targets", _targets_view),
+    "environment": ("Environment", lambda env: [Bullets([f"{k}: {v}" for k, v in env.items()])]),
+}
+
+
+def view(doc: dict[str, Any]) -> list[Block]:
+    """The whole report for reading: title, summary, then every other section in document order."""
+    model = doc.get("model", {})
+    name = model.get("arch") or (Path(model["path"]).name if model.get("path") else "model")
+    blocks: list[Block] = [Heading(f"rwdeploy compile report: {name}", 1), Paragraph(f"Schema `{doc.get('schema')}`.")]
+    first = summary(doc)
+    blocks += [Heading("Summary"), *first] if first else []
+    for key, value in doc.items():
+        if key in ("schema", "model") or not value:
+            continue
+        title, section_view = SECTION_VIEWS.get(key, (key, _other_view))
+        blocks += [Heading(title), *section_view(value)]
+    return blocks
+
+
+def markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            lines.append(f"{'#' * b.level} {b.text}")
+        elif isinstance(b, Paragraph):
+            lines.append(b.text)
+        elif isinstance(b, Bullets):
+            lines += [f"- {item}" for item in b.items]
+        else:
+            lines += ["| " + " | ".join(b.header) + " |", "|" + "|".join("---" for _ in b.header) + "|"]
+            lines += ["| " + " | ".join(row) + " |" for row in b.rows]
+        lines.append("")
     return "\n".join(lines)
 
 
-def _cell(row: dict[str, Any] | None) -> str:
-    if row is None:
-        return "-"
-    return f"{row['median_ms']:.3f} ({row['p90_ms']:.3f}, n={row['n']})"
-
-
-def _latency_tables(latency: list[dict[str, Any]]) -> list[str]:
-    """One table per (target, runtime): batch rows, original vs slim median (p90, n)."""
-    groups: dict[tuple[str, str], dict[tuple[int, int], dict[str, dict[str, Any]]]] = {}
-    for r in latency:
-        key = (r["target"], r["runtime"] + (" (emulated)" if r.get("emulated") else ""))
-        groups.setdefault(key, {}).setdefault((r["batch"], r["threads"]), {})[r["variant"]] = r
-    lines: list[str] = []
-    for (target, runtime), by_batch in groups.items():
-        lines += [f"### {runtime} on {target}", ""]
-        variants = sorted({v for row in by_batch.values() for v in row},
-                          key=lambda v: ("original", "slim", "packed").index(v)
-                          if v in ("original", "slim", "packed") else 9)
-        rows = []
-        for (batch, threads), row in sorted(by_batch.items()):
-            o, sl = row.get("original"), row.get("slim")
-            speed = f"{o['median_ms'] / sl['median_ms']:.2f}×" if o and sl and sl["median_ms"] > 0 else "-"
-            rows.append([batch, threads, *[_cell(row.get(v)) for v in variants], speed])
-        lines += _table(["batch", "threads", *[f"{v} median ms (p90, n)" for v in variants],
-                         "speed-up original/slim"], rows)
-    return lines
-
-
-def _kernels_cell(build: dict[str, Any]) -> str:
-    kernels = build.get("kernels") or {}
-    if not kernels:  # gpu: TVM's default (dlight) schedules, not counted
-        return "TVM default"
-    return f"{kernels.get('scheduled', 0)}/{sum(kernels.values())}"
-
-
-def _targets_lines(targets: dict[str, Any]) -> list[str]:
-    lines: list[str] = []
-    for name, section in targets.items():
-        tgt = section.get("target", {})
-        lines += [f"### {name}", "", f"TVM target `{tgt.get('tvm_target')}`"
-                  + (f", host `{tgt.get('host')}`" if tgt.get("host") else "") + ".", ""]
-        rows = [[b["variant"], b["batch"], f"`{b['path']}`" if b.get("path") else "(not shipped)",
-                 f"{b['build_s']:.1f}", _fmt_bytes(b.get("size_bytes")),
-                 ", ".join(b.get("device_modules") or []) or "host",
-                 _kernels_cell(b)] for b in section.get("builds", [])]
-        if rows:
-            lines += _table(["variant", "batch", "file", "build s", "size", "device code",
-                             "kernels scheduled"], rows)
-        for note in section.get("notes", []):
-            lines.append(f"- {note}")
-        if section.get("notes"):
-            lines.append("")
-    return lines
-
-
-def _removed_line(g: Any) -> str:
-    if not isinstance(g, dict):
-        return str(g)
-    tensors = g.get("tensors", [])
-    what = f"{g.get('removed', '?')} of {g.get('size', '?')} channels"
-    why = f" ({', '.join(g['why'])})" if g.get("why") else ""
-    return (f"group {g.get('id', '?')}: {what}{why}; {', '.join(tensors[:4])}"
-            f"{', ...' if len(tensors) > 4 else ''}")
+def render_markdown(doc: dict[str, Any]) -> str:
+    return markdown(view(doc))

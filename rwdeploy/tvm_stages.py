@@ -1,70 +1,47 @@
-"""The compile pipeline's TVM stages: build `model.<target>.so`, measure it where it runs.
+"""The compile pipeline's TVM stages (target steps: a failure keeps the verified slim model).
 
-`target_stages(name)` is what `rwdeploy.compile.TARGET_STAGES[name]` holds for every entry of
-the target registry:
-
-* `tvm_build`: builds the original and the slim model for the target at every measured batch
-  size; the slim build at the first batch size is shipped as `model.<target>.so` (and the
-  original as `original.<target>.so`, for on-device comparisons). The report's `targets`
-  section gets build times, artifact sizes, device modules and kernel schedule counts.
-* `tvm_measure` (targets that run in this process: cpu, gpu): output checked against the
-  torch model, then latency rows `runtime="tvm"` beside ONNX Runtime's. Without a GPU the
-  gpu measurement is skipped and the report says so.
-* targets measured on a device over RPC (arm and its presets) append their device stages
-  from `DEVICE_STAGES[family]`.
+`target_stages(name)` is `rwdeploy.compile.TARGET_STAGES[name]` for every registry target:
+`tvm_build` (original and slim at every measured batch size; the first batch's builds ship as
+`model.<target>.so` and `original.<target>.so`), then `tvm_measure` where the target runs in this
+process (cpu, gpu: outputs checked with `verify.compare`, original and slim timed in
+alternation; skipped with a note without a GPU), or `DEVICE_STAGES[family]` (arm: over TVM RPC,
+else on the emulated aarch64 device).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import sys
+from pathlib import Path
 
-import torch
 
+from rwdeploy.context import CompileContext, CompileOptions, Stage
 from rwdeploy.errors import VerificationError
+from rwdeploy.passes.verify import compare
 from rwdeploy.runtime import tvm_build
-from rwdeploy.runtime.arm_measure import stage_arm_measure
-from rwdeploy.runtime.targets import RUNS_LOCAL, TARGETS, get_target
+from rwdeploy.runtime.arm_measure import ArmVariant, instruction_section, measure_arm
+from rwdeploy.runtime.latency import LatencyRow, time_interleaved
+from rwdeploy.runtime.targets import RUNS_LOCAL, TARGETS, Target, get_target
 
 SLIM_SO = "model.{target}.so"
 ORIGINAL_SO = "original.{target}.so"
 
-# family -> extra stages measuring on a device, as (name, title, run, when) for `Stage`.
-# arm: over TVM RPC (--rpc / --tracker --key), else on the emulated aarch64 device.
-DEVICE_STAGES: dict[str, tuple[tuple[Any, ...], ...]] = {
-    "arm": (("arm_measure", "Measure on the arm device (emulated without --rpc)", stage_arm_measure,
-             lambda options: bool(options.measure)),),
-}
+
+def _target(opts: CompileOptions) -> Target:
+    return get_target(opts.target, gpu_arch=opts.gpu_arch, threads=opts.threads, rpc=opts.rpc)
 
 
-def _target(ctx: Any) -> Any:
+def stage_tvm_build(ctx: CompileContext) -> None:
     opts = ctx.options
-    return get_target(opts.target, gpu_arch=getattr(opts, "gpu_arch", None), threads=opts.threads,
-                      rpc=getattr(opts, "rpc", None))
-
-
-def validate_tvm_options(options: Any) -> None:
-    """Check --gpu-arch/--tune/--tuning-db against --target before any slow stage runs."""
-    target = get_target(options.target, gpu_arch=options.gpu_arch, threads=options.threads,
-                        rpc=getattr(options, "rpc", None))
-    tvm_build.check_tuning_options(target, options.tune, options.tuning_db)
-
-
-def _variants(ctx: Any) -> dict[str, torch.nn.Module]:
-    return {"original": ctx.original, "slim": ctx.slim}
-
-
-def stage_tvm_build(ctx: Any) -> None:
-    opts = ctx.options
-    target = _target(ctx)
-    batches = tuple(ctx.batches) or (1,)
-    section: dict[str, Any] = {"target": target.to_dict(), "builds": [], "notes": list(target.notes)}
+    target = _target(opts)
+    batches = ctx.batches or (1,)
+    section = {"target": target.to_dict(), "builds": [], "notes": list(target.notes)}
+    ctx.sections.setdefault("targets", {})[target.name] = section
     ctx.tvm_artifacts.clear()
-    for variant, module in _variants(ctx).items():
+    for variant, module in ctx.variants().items():
         for batch in batches:
             x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
             ship = batch == batches[0]
             name = (SLIM_SO if variant == "slim" else ORIGINAL_SO).format(target=target.name)
-            art = tvm_build.build(module, x, target, out_dir=None, tune=getattr(opts, "tune", 0),
-                                  tuning_db=getattr(opts, "tuning_db", None))
+            art = tvm_build.build(module, x, target, tune=opts.tune, tuning_db=opts.tuning_db)
             if ship:
                 tvm_build.export(art, ctx.path(name))
                 role = "tvm_module" if variant == "slim" else "tvm_module_original"
@@ -72,49 +49,90 @@ def stage_tvm_build(ctx: Any) -> None:
             ctx.tvm_artifacts[(variant, batch)] = art
             section["builds"].append({"variant": variant, "batch": batch, **art.to_dict(),
                                       "path": name if ship else None})
-    ctx.sections.setdefault("targets", {})[target.name] = section
 
 
-def stage_tvm_measure(ctx: Any) -> None:
+def stage_tvm_measure(ctx: CompileContext) -> None:
     opts = ctx.options
-    target = _target(ctx)
+    target = _target(opts)
     section = ctx.sections["targets"][target.name]
     if not target.check("run"):
         missing = ", ".join(r.name for r in target.missing("run"))
         section["notes"].append(f"latency step skipped: {missing} not present on this machine")
         section["latency_skipped"] = True
         return
-    for (variant, batch), art in ctx.tvm_artifacts.items():
-        module = _variants(ctx)[variant]
+    for batch in sorted({batch for _, batch in ctx.tvm_artifacts}):
         x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
-        with torch.no_grad():
-            ref = module(x)
-        stats, err = tvm_build.measure_local(art, x, ref, warmup=opts.warmup, min_runs=opts.runs,
-                                             min_time_s=opts.min_time_s)
-        scale = float(ref.abs().max()) or 1.0
-        if err / scale > max(opts.tolerance, 1e-4):
-            raise VerificationError(
-                f"TVM output of the {variant} model (target {target.name}, batch {batch}) differs "
-                f"from torch: max relative error {err / scale:.3g} > {max(opts.tolerance, 1e-4):g}",
-                hint="a TVM build problem; build with --target cpu to compare, and report it")
-        ctx.latency.append({
-            "runtime": "tvm", "target": target.name, "variant": variant, "batch": batch,
-            "median_ms": stats.median_ms, "p90_ms": stats.p90_ms, "n": stats.n,
-            "warmup": stats.warmup, "threads": target.threads or opts.threads, "emulated": False,
-            "max_abs_err": err,
-        })
+        runs, checks = {}, {}
+        for variant, module in ctx.variants().items():
+            runs[variant], output = tvm_build.bind_local(ctx.tvm_artifacts[(variant, batch)], x)
+            checks[variant] = compare(module(x), output, tolerance=opts.tolerance)
+            if not checks[variant].passed:
+                raise VerificationError(
+                    f"TVM output of the {variant} model (target {target.name}, batch {batch}) differs from torch: "
+                    f"max relative error {checks[variant].max_rel:.3g} > tolerance {opts.tolerance:g}",
+                    hint="a TVM build problem; compile with --target onnx to skip TVM, and report it")
+        stats = time_interleaved(runs, warmup=opts.warmup, min_runs=opts.runs, max_runs=max(opts.runs, 1000),
+                                 min_time_s=opts.min_time_s)
+        ctx.latency.extend(LatencyRow("tvm", target.name, variant, batch, target.threads or opts.threads, st,
+                                      max_abs_err=checks[variant].max_abs, max_rel_err=checks[variant].max_rel)
+                           for variant, st in stats.items())
 
 
-def _measuring(options: Any) -> bool:
-    return bool(options.measure)
+def _emulator_messages(message: str) -> None:
+    """Provisioning (first use, about a minute) and start-up messages, on stderr."""
+    if message.startswith(("downloading", "fetching", "installing", "cross-building", "starting", "stopped")):
+        print(f"arm-emulator: {message}", file=sys.stderr, flush=True)
 
 
-def target_stages(name: str, stage: Callable[..., Any]) -> tuple[Any, ...]:
-    """The stages for registry target `name`; `stage` is `rwdeploy.compile.Stage`."""
+def stage_arm_measure(ctx: CompileContext) -> None:
+    """The arm targets' measurement (after `tvm_build`): the shipped original and slim libraries on
+    the device given by --rpc/--tracker/--key, else on the emulated aarch64 device; latency rows
+    plus `device`, `measurements`, `instructions` and notes in `targets[<target>]`. Only the
+    shipped batch size is measured: at emulated speed a batch-8 resnet takes a minute."""
+    opts = ctx.options
+    section = ctx.sections["targets"][opts.target]
+    notes = section["notes"]
+    shipped = {variant: (batch, art) for (variant, batch), art in ctx.tvm_artifacts.items() if art.path is not None}
+    variants = []
+    for variant, module in ctx.variants().items():
+        batch, art = shipped[variant]
+        x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
+        variants.append(ArmVariant(variant, Path(art.path), module(x).detach().numpy()))
+    results = measure_arm(variants, x.numpy(), target=opts.target, rpc=opts.rpc, tracker=opts.tracker,
+                          key=opts.key, tolerance=opts.tolerance, repeat=max(5, min(opts.runs, 30)),
+                          progress=_emulator_messages)
+    m = results[0].measurement
+    section["device"] = {"address": m.device, "emulated": m.emulated}
+    if m.emulated:
+        notes.append("measured on the emulated aarch64 device (no --rpc given): qemu-user on this machine, "
+                     "so latency is emulated, not ARM latency; compare variants by aarch64 instructions per "
+                     "inference")
+    section["measurements"] = {r.variant: r.to_dict() for r in results}
+    if any(r.instructions is not None for r in results):
+        section["instructions"] = instruction_section(results)
+        for variant, c in section["instructions"]["per_variant"].items():
+            notes.append(f"{variant}: {c['insns_per_inference']:,} aarch64 instructions per inference "
+                         f"(two measurements differ by {max(c['samples']) - min(c['samples']):,})")
+    ctx.latency.extend(r.latency_row() for r in results)
+
+
+def _measuring(options: CompileOptions) -> bool:
+    return options.measure
+
+
+# family -> the stages measuring on a device. arm: over TVM RPC (--rpc / --tracker --key), else
+# on the emulated aarch64 device.
+DEVICE_STAGES: dict[str, tuple[Stage, ...]] = {
+    "arm": (Stage("arm_measure", "Measure on the arm device (emulated without --rpc)", stage_arm_measure,
+                  _measuring, target_step=True),),
+}
+
+
+def target_stages(name: str) -> tuple[Stage, ...]:
+    """The stages for registry target `name`."""
     entry = TARGETS[name]
-    stages = [stage("tvm_build", f"Build TVM module for {name}", stage_tvm_build)]
+    stages = [Stage("tvm_build", f"Build TVM module for {name}", stage_tvm_build, target_step=True)]
     if entry.runs_on == RUNS_LOCAL:
-        stages.append(stage("tvm_measure", f"Measure TVM latency on {name}", stage_tvm_measure,
-                            _measuring))
-    stages.extend(stage(*spec) for spec in DEVICE_STAGES.get(entry.family, ()))
-    return tuple(stages)
+        stages.append(Stage("tvm_measure", f"Measure TVM latency on {name}", stage_tvm_measure, _measuring,
+                            target_step=True))
+    return (*stages, *DEVICE_STAGES.get(entry.family, ()))

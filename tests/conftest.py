@@ -11,6 +11,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A channel rule that raises is a bug: tests see it (also in CLI subprocesses), where a normal
+# compile turns it into pinned channels.
+os.environ["RWDEPLOY_STRICT_ANALYSIS"] = "1"
+
 
 def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m rwdeploy ARGS` in a subprocess, with text output captured."""

@@ -90,6 +90,21 @@ class Shuffle(nn.Module):
         return self.c(channel_shuffle(torch.cat([self.a(x), self.b(x)], 1), 2))
 
 
+class Ghost(nn.Module):
+    """GhostNet's module: primary features, cheap depthwise features of them, both kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.primary = cbr(8, 8, 1)
+        self.cheap = cbr(8, 8, 3, groups=8)
+        self.out = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.primary(self.stem(x))
+        return self.out(torch.cat([y, self.cheap(y)], 1))
+
+
 class FlattenLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -192,7 +207,7 @@ class UnknownOp(nn.Module):
 
 
 class SharedConv(nn.Module):
-    """One conv applied twice (weight sharing): its channels must stay."""
+    """One conv applied twice (weight sharing): channel i is one channel at both calls."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -222,6 +237,46 @@ class TorchMultiheadAttention(nn.Module):
         return self.head((x + self.mlp(x)).mean(1))
 
 
+class InstanceNorms(nn.Module):
+    """Affine InstanceNorm as a module (with and without running statistics) and as
+    F.instance_norm; a .pt2 holds aten.instance_norm for all three."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 1)
+        self.in1 = nn.InstanceNorm2d(8, affine=True)
+        self.in2 = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.gamma, self.beta = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6) * 0.5)
+        self.out = nn.Conv2d(6, 4, 3, padding=1)
+        with torch.no_grad():  # trained-looking: removed channels carry non-zero constants
+            for norm in (self.in1, self.in2):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0, 0.5)
+            self.in2.running_mean.normal_(0, 0.5)
+            self.in2.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.relu(self.in1(self.a(x)))
+        x = F.relu(self.in2(self.b(x)))
+        x = F.instance_norm(self.c(x), weight=self.gamma, bias=self.beta)
+        return self.out(F.silu(x))
+
+
+class AdaptiveMaxPool(nn.Module):
+    """Adaptive max pooling between pruned layers; a .pt2 holds aten.adaptive_max_pool2d,
+    which returns (values, indices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.pool = nn.AdaptiveMaxPool2d(6)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.b(self.pool(self.a(x)))
+        return self.out(F.adaptive_max_pool2d(x, 4))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -235,4 +290,7 @@ TEST_NETS = {
     "unknown_op": (UnknownOp, (1, 3, 16, 16)),
     "torch_mha": (TorchMultiheadAttention, (1, 3, 16, 16)),
     "shared_conv": (SharedConv, (1, 3, 16, 16)),
+    "instance_norm": (InstanceNorms, (1, 3, 8, 8)),
+    "adaptive_max_pool": (AdaptiveMaxPool, (1, 3, 16, 16)),
+    "ghost": (Ghost, (1, 3, 16, 16)),
 }

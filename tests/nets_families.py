@@ -6,6 +6,14 @@ DenseNet (concat feeding BatchNorm), MobileNetV3 (SE with hard-sigmoid, hard-swi
 EfficientNet (SE, depthwise, no stochastic depth at inference), ConvNeXt (7x7 depthwise,
 channels-last LayerNorm, layer scale), Res2Net (split into chained branches), Inception
 (multi-branch concat), ViT and Swin (attention heads, MLP, windows, relative position bias).
+The patterns the timm conformance suite exposed (tests/conformance): DeiT (fused attention,
+class and distillation tokens), ConvNeXt-V2 (global response norm: spatial norm, mean over
+channels, addcmul), ResMLP (affine by addcmul, token mixing), XCiT (cross-covariance attention:
+normalize, per-head temperature, fused attention over channels), LeViT (Linear + BatchNorm1d
+over flattened tokens, reshape_as; a learned attention bias indexed per head), MobileViT
+(unfolding into patches merges batch and channels), NF-Net (weight-standardised convolutions),
+PiT (a class token made by a Linear joined to tokens made by a conv), ECA (a gate by
+expand_as), Swin's window padding of a channels-last value.
 `TEST_NETS = {name: (constructor, input_shape)}`.
 """
 from __future__ import annotations
@@ -319,6 +327,295 @@ class Swin(nn.Module):
         return self.head(self.norm(x.mean((1, 2))))
 
 
+def _trained(*params: nn.Parameter) -> None:
+    """Zero-initialised gains and shifts get trained-looking values (constants to fold)."""
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.rand(p.shape) * 0.8 + 0.2 if p.dim() else torch.tensor(0.7))
+
+
+class SdpaAttention(nn.Module):
+    """Fused attention: qkv Linear, heads by reshape/permute, F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class DeiT(nn.Module):
+    """Class + distillation tokens, position table, fused attention, layer scale, two heads."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.cls, self.dist = nn.Parameter(torch.randn(1, 1, dim) * 0.5), nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, 18, dim) * 0.5)
+        self.n1, self.attn = nn.LayerNorm(dim), SdpaAttention(dim, heads)
+        self.ls = nn.Parameter(torch.rand(dim) + 0.5)
+        self.n2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 2 * dim)
+        self.norm, self.head, self.head_dist = nn.LayerNorm(dim), nn.Linear(dim, 5), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.dist.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        x = x + self.ls * self.attn(self.n1(x))
+        x = self.norm(x + self.mlp(self.n2(x)))
+        return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN (channels last): x + beta + gamma * x * N(x), N(x) = ||x||_spatial
+    over its mean across channels."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.zeros(c)), nn.Parameter(torch.zeros(c))
+        _trained(self.gamma, self.beta)
+
+    def forward(self, x):
+        g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return x + torch.addcmul(self.beta.view(1, 1, 1, -1), self.gamma.view(1, 1, 1, -1), x * n)
+
+
+class ConvNeXtV2(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 2, 2), nn.BatchNorm2d(c), nn.ReLU())
+        self.dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+        self.pw1, self.grn, self.pw2 = nn.Linear(c, 4 * c), GlobalResponseNorm(4 * c), nn.Linear(4 * c, c)
+        self.head = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.GELU())
+        self.fc = nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.pw2(self.grn(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1))))))
+        return self.fc(self.head(x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+class Affine(nn.Module):
+    """ResMLP's normalisation: alpha * x + beta, by addcmul."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        _trained(self.alpha, self.beta)
+
+    def forward(self, x):
+        return torch.addcmul(self.beta, self.alpha, x)
+
+
+class ResMLP(nn.Module):
+    """Affine, a Linear mixing tokens (channels on dim 1), a channel MLP, layer scales."""
+
+    def __init__(self, dim: int = 12, tokens: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.n1, self.tokens, self.ls1 = Affine(dim), nn.Linear(tokens, tokens), nn.Parameter(torch.rand(dim) + 0.5)
+        self.n2, self.mlp, self.ls2 = Affine(dim), Mlp(dim, 3 * dim), nn.Parameter(torch.rand(dim) + 0.5)
+        self.norm, self.head = Affine(dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.ls1 * self.tokens(self.n1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.ls2 * self.mlp(self.n2(x))
+        return self.head(self.norm(x).mean(1))
+
+
+class CrossCovarianceAttention(nn.Module):
+    """XCiT's attention across channels: q, k normalised over tokens, per-head temperature,
+    fused attention whose 'tokens' are the channels of a head."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 4, 1).unbind(0)
+        q = F.normalize(q, dim=-1) * self.temperature
+        y = F.scaled_dot_product_attention(q, F.normalize(k, dim=-1), v, scale=1.0)
+        return self.proj(y.permute(0, 3, 1, 2).reshape(b, n, c))
+
+
+class XCiT(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.BatchNorm2d(dim))
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.n1, self.xca = nn.LayerNorm(dim), CrossCovarianceAttention(dim, heads)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.gamma * self.xca(self.n1(x))
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        return self.head(self.norm(x)[:, 0])
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d over the flattened tokens, back by reshape_as."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTAttention(nn.Module):
+    """q, k, v of their own widths split from one LinearNorm; a learned bias per head and
+    relative offset, gathered as biases[:, index]; hard-swish before the projection."""
+
+    def __init__(self, dim: int, heads: int, key: int, resolution: int) -> None:
+        super().__init__()
+        self.heads, self.key, self.val = heads, key, 2 * key
+        self.qkv = LinearNorm(dim, heads * (2 * key + self.val))
+        self.proj = LinearNorm(heads * self.val, dim)
+        points = torch.stack(torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")).flatten(1)
+        offsets = (points[:, :, None] - points[:, None, :]).abs()
+        self.biases = nn.Parameter(torch.randn(heads, resolution * resolution) * 0.5)
+        self.register_buffer("index", offsets[0] * resolution + offsets[1], persistent=False)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, -1).split([self.key, self.key, self.val], dim=3)
+        attn = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) * self.key ** -0.5 + self.biases[:, self.index]
+        y = (attn.softmax(dim=-1) @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(b, n, self.heads * self.val)
+        return self.proj(F.hardswish(y))
+
+
+class LeViT(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.BatchNorm2d(dim), nn.Hardswish())
+        self.attn = LeViTAttention(dim, 4, 4, 4)
+        self.mlp = nn.Sequential(LinearNorm(dim, 2 * dim), nn.Hardswish(), LinearNorm(2 * dim, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+class MobileViTBlock(nn.Module):
+    """Local conv, 1x1 to the transformer width, unfold into 2x2 patches (a reshape that
+    merges batch and channels), attention across patches per pixel, fold, project, fuse."""
+
+    def __init__(self, c: int, d: int) -> None:
+        super().__init__()
+        self.local, self.to_d = cbr(c, c, 3), nn.Conv2d(c, d, 1, bias=False)
+        self.mix = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        self.attn = SdpaAttention(d, 2)
+        self.back, self.fuse = cbr(d, c, 1), cbr(2 * c, c, 3)
+
+    def forward(self, x):
+        y = self.to_d(self.local(x))
+        b, d, h, w = y.shape
+        p = y.reshape(b * d * (h // 2), 2, w // 2, 2).transpose(1, 2)  # unfold
+        p = p.reshape(b, d, (h // 2) * (w // 2), 4).transpose(1, 3).reshape(b * 4, -1, d)
+        p = p + self.attn(p)
+        p = p + self.mix(p)
+        p = p.reshape(b, 4, -1, d).transpose(1, 3).reshape(b * d * (h // 2), w // 2, 2, 2)  # fold
+        y = p.transpose(1, 2).reshape(b, d, h, w)
+        return self.fuse(torch.cat([x, self.back(y)], 1))
+
+
+class MobileViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = cbr(3, 8, 3, 2), MobileViTBlock(8, 12)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """NF-Net's convolution: the weight standardised per filter over its fan-in, times a
+    learned gain, in every forward (a weight computed from parameters)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1) -> None:
+        super().__init__(cin, cout, k, stride, k // 2)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class NFNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, 8, 3, 2)
+        self.a, self.b = ScaledStdConv2d(8, 16, 1), ScaledStdConv2d(16, 16, 3)
+        self.c = ScaledStdConv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        x = x + 0.2 * self.c(F.gelu(self.b(F.gelu(self.a(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class PiT(nn.Module):
+    """Pooling between stages: the tokens by a depthwise conv (multiplier 2, stride 2), the
+    class token by a Linear; joined again along the tokens."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 2, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.mlp1 = Mlp(dim, 2 * dim)
+        self.pool, self.pool_cls = nn.Conv2d(dim, 2 * dim, 3, 2, 1, groups=dim), nn.Linear(dim, 2 * dim)
+        self.attn = SdpaAttention(2 * dim, 2)
+        self.head = nn.Linear(2 * dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        t = torch.cat([self.cls.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], 1)
+        t = t + self.mlp1(t)
+        cls, x = t[:, :1], t[:, 1:].transpose(1, 2).reshape(b, c, h, w)
+        x, cls = self.pool(x), self.pool_cls(cls)
+        t = torch.cat([cls, x.flatten(2).transpose(1, 2)], 1)
+        t = t + self.attn(t)
+        return self.head(t[:, 0])
+
+
+class EcaNet(nn.Module):
+    """ECA gate (a conv across channels of the pooled value: it mixes channels) by expand_as,
+    and Swin's window padding of a channels-last value (H, W padded, channels not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.mlp = Mlp(8, 16)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.b(self.a(x))
+        y = self.eca(x.mean((2, 3)).unsqueeze(1)).transpose(1, 2).unsqueeze(-1)
+        x = x * torch.sigmoid(y).expand_as(x)
+        y = F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, 1, 0, 1))
+        y = self.mlp(y)[:, :-1, :-1].permute(0, 3, 1, 2)
+        return self.out(x + y)
+
+
 TEST_NETS = {
     "shufflenet_v2": (ShuffleNetV2, (1, 3, 16, 16)),
     "resnext": (lambda: GroupedResNet(groups=4, se=False), (1, 3, 16, 16)),
@@ -331,4 +628,13 @@ TEST_NETS = {
     "inception": (Inception, (1, 3, 16, 16)),
     "vit": (ViT, (1, 3, 16, 16)),
     "swin": (Swin, (1, 3, 16, 16)),
+    "deit": (DeiT, (1, 3, 16, 16)),
+    "convnext_v2": (ConvNeXtV2, (1, 3, 16, 16)),
+    "resmlp": (ResMLP, (1, 3, 16, 16)),
+    "xcit": (XCiT, (1, 3, 16, 16)),
+    "levit": (LeViT, (1, 3, 16, 16)),
+    "mobilevit": (MobileViT, (1, 3, 16, 16)),
+    "nfnet": (NFNet, (1, 3, 16, 16)),
+    "pit": (PiT, (1, 3, 16, 16)),
+    "eca": (EcaNet, (1, 3, 8, 8)),
 }

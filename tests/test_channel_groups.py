@@ -82,13 +82,18 @@ def test_flatten_into_linear_is_channel_times_spatial():
     assert slice_of(g, "fc1.weight", "consumer").indices == [list(range(c * 16, c * 16 + 16)) for c in range(8)]
 
 
-def test_depthwise_follows_and_grouped_conv_reads_within_its_group():
+def test_depthwise_rows_produce_a_segment_of_their_input_channel_and_grouped_conv_reads_within_its_group():
     a = analysis_of(*nets.TEST_NETS["grouped_depthwise"])
     g = group_with(a, "grouped.0.weight", "producer")
-    assert slice_of(g, "dw.0.weight", "follower").indices == [[c] for c in range(16)]
-    # the depthwise output (same group as its input) feeds dw2 with channel multiplier 2
-    g_dw = group_with(a, "dw2.weight", "follower")
-    assert slice_of(g_dw, "dw2.weight", "follower").indices == [[2 * c, 2 * c + 1] for c in range(16)]
+    # the depthwise output goes with its input (one group channel) but its rows produce it
+    assert slice_of(g, "dw.0.weight", "producer").indices == [[c] for c in range(16)]
+    g_dw = group_with(a, "dw2.weight", "producer")
+    assert g_dw is g and slice_of(g, "dw2.weight", "producer").indices == [[2 * c, 2 * c + 1] for c in range(16)]
+    # segments of channel c: grouped conv output -> dw -> dw2 (multiplier 2), each fed by a link
+    parts = a.segments[g.classes[3]]
+    assert len(parts) == 3 and sorted(len(p.links) for p in parts) == [0, 1, 1]
+    assert sorted(rows[2] for p in parts for _, rows in p.links) == [[3], [6, 7]]
+    assert [p.producers[0][:3] for p in parts if not p.links] == [("grouped.0.weight", 0, [3])]
     stem = group_with(a, "stem.0.weight", "producer")
     read = slice_of(stem, "grouped.0.weight", "consumer")
     assert read.indices == [[c % 4] for c in range(16)]
@@ -181,9 +186,94 @@ def test_torch_multihead_attention_is_pinned_with_its_name():
     assert group_with(a, "mlp.0.weight", "producer").removable
 
 
-def test_a_module_called_twice_keeps_its_channels():
-    a = analysis_of(*nets.TEST_NETS["shared_conv"])
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_a_layer_called_twice_reads_one_channel_at_each_index(form):
+    ctor, shape = nets.TEST_NETS["shared_conv"]
+    if form == "module":
+        a = analysis_of(ctor, shape)
+    else:  # the export holds one weight read by two aten.conv2d calls
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+        a = analyze_channel_groups(torch.export.export(ctor().eval(), (x,)).module(), x)
     groups = [g for g in a.groups if any(s.tensor == "shared.weight" for s in g.slices)]
-    assert len(groups) == 3  # the first call's input, its output (= second input), the second output
-    assert all(any("shared.weight is used by 2 ops" in r for r in g.pinned) for g in groups)
-    assert group_with(a, "b.0.weight", "producer").removable
+    # the first call's input and output and the second call's output: joined index by index
+    assert len(groups) == 1 and groups[0].removable and groups[0].size == 8
+    assert {s.tensor for s in groups[0].slices_with("producer")} == {"a.0.weight", "shared.weight"}
+
+
+def test_affine_instance_norm_follows_its_channels_in_every_form():
+    a = analysis_of(*nets.TEST_NETS["instance_norm"])
+    for producer, norm, n in (("a.weight", "in1", 8), ("b.weight", "in2", 8)):  # modules
+        g = group_with(a, producer, "producer")
+        assert g.removable and g.size == n
+        tensors = ("weight", "bias") + (("running_mean", "running_var") if norm == "in2" else ())
+        for name in tensors:
+            assert slice_of(g, f"{norm}.{name}", "follower").indices == [[c] for c in range(n)]
+    g = group_with(a, "c.weight", "producer")  # F.instance_norm(x, weight=gamma, bias=beta)
+    assert g.removable and slice_of(g, "gamma", "follower").indices == [[c] for c in range(6)]
+
+
+def test_exported_adaptive_max_pool_passes_channels_through():
+    """aten.adaptive_max_pool2d returns (values, indices): both keep the input's channels."""
+    torch.manual_seed(0)
+    ctor, shape = nets.TEST_NETS["adaptive_max_pool"]
+    x = torch.randn(shape)
+    program = torch.export.export(ctor().eval(), (x,)).module()
+    gm = torch.fx.GraphModule(program, program.graph)
+    assert any(getattr(n.target, "__name__", "") == "adaptive_max_pool2d.default" for n in gm.graph.nodes)
+    a = analyze_channel_groups(gm, x)
+    for producer, consumer in (("a.0.weight", "b.0.weight"), ("b.0.weight", "out.weight")):
+        g = group_with(a, producer, "producer")
+        assert g.removable and slice_of(g, consumer, "consumer").indices == [[c] for c in range(8)]
+
+
+SUITE_PATTERNS = ["deit", "convnext_v2", "resmlp", "xcit", "levit", "mobilevit", "nfnet", "pit", "eca"]
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+@pytest.mark.parametrize("name", SUITE_PATTERNS)
+def test_the_patterns_of_the_conformance_suite_are_understood(name, form):
+    """Every op of these mirrors (fused attention, GRN, addcmul, normalize, reshape_as,
+    expand_as, weight standardisation, ...) has a spec, as a module graph and as ATen."""
+    ctor, shape = nets_families.TEST_NETS[name]
+    torch.manual_seed(0)
+    model, x = ctor().eval(), torch.randn(shape)
+    gm = trace_model(model, x).gm if form == "module" else torch.export.export(model, (x,)).module()
+    a = analyze_channel_groups(gm, x)
+    reasons = {r for g in a.groups for r in g.pinned}
+    assert not [r for r in reasons if "not understood" in r or "analysis failed" in r]
+    assert any(g.removable and g.slices_with("producer") for g in a.groups)
+
+
+def test_fused_attention_loses_whole_heads_and_class_tokens_follow_the_channels():
+    a = analysis_of(*nets_families.TEST_NETS["deit"])
+    heads = group_with(a, "attn.qkv.weight", "producer")
+    assert heads.removable and heads.size == 4 and heads.unit == 4
+    assert [len(rows) for rows in slice_of(heads, "attn.qkv.weight", "producer").indices] == [12] * 4  # q, k, v
+    stream = group_with(a, "embed.weight", "producer")
+    for token in ("cls", "dist", "pos"):
+        assert slice_of(stream, token, "follower").dim == 2
+
+
+def test_levit_attention_bias_table_follows_its_heads():
+    a = analysis_of(*nets_families.TEST_NETS["levit"])
+    heads = group_with(a, "attn.qkv.linear.weight", "producer")
+    assert heads.removable and heads.size == 4
+    table = slice_of(heads, "attn.biases", "follower")
+    assert table.dim == 0 and table.indices == [[h] for h in range(4)]
+
+
+def test_global_response_norm_couples_its_channels():
+    """GRN divides every channel by the mean over channels of their spatial norms: a channel
+    goes only with all the others."""
+    a = analysis_of(*nets_families.TEST_NETS["convnext_v2"])
+    hidden = group_with(a, "pw1.weight", "producer")
+    assert hidden.size == 1 and hidden.unit == 32
+    assert slice_of(hidden, "grn.gamma", "follower").indices == [list(range(32))]
+
+
+def test_a_linear_over_tokens_passes_the_channels_through():
+    a = analysis_of(*nets_families.TEST_NETS["resmlp"])
+    stream = group_with(a, "embed.weight", "producer")
+    assert stream.removable and not any(s.tensor == "tokens.weight" for s in stream.slices)
+    assert {"n1.alpha", "n1.beta", "ls1", "ls2"} <= {s.tensor for s in stream.slices_with("follower")}

@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rwdeploy.runtime.onnx_export import MAX_ORT_IR_VERSION, MIN_OPSET, export_onnx
@@ -115,3 +116,108 @@ def test_interleaved_timing_alternates_calls():
     assert calls == ["a", "b"] * 7  # 2 warm-up rounds, then 5 timed ones, strictly alternating
     assert stats["a"].n == stats["b"].n == 5 and stats["a"].warmup == 2
 
+
+
+class TokenNet(nn.Module):
+    """A class token expanded to the batch and a reshape by the batch size (ViT-style): the
+    batch is read from the input, which a `.pt2` program does with `aten.sym_size`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1)
+        halves = tokens.reshape(x.shape[0], tokens.shape[1], 2, 4).sum(2)
+        return self.fc(torch.cat([halves, halves], -1)[:, 0])
+
+
+def test_dynamic_batch_program_exports_for_every_batch(tmp_path):
+    """A program exported with a dynamic batch gives a file that runs at other batch sizes
+    (the batch size read in forward() must not become the example's constant)."""
+    torch.manual_seed(0)
+    net = TokenNet().eval()
+    program = torch.export.export(net, (torch.randn(2, 3, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    export_onnx(program.module(), torch.randn(1, 3, 8, 8), tmp_path / "tok.onnx")
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref = net(x)
+        got = OrtRunner(tmp_path / "tok.onnx").run(x.numpy())
+        assert got.shape == tuple(ref.shape)
+        assert _rel_err(ref, got) < 1e-5
+
+
+class OptionalArgsAttention(nn.Module):
+    """timm's ViT signature: forward(x, attn_mask=None, is_causal=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def test_traced_optional_arguments_are_bound_to_their_defaults(tmp_path):
+    """fx keeps optional forward() arguments as inputs; the file has the one real input."""
+    torch.manual_seed(0)
+    net = OptionalArgsAttention().eval()
+    gm = torch.fx.symbolic_trace(net)
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 3
+    export_onnx(gm, torch.randn(1, 6, 8), tmp_path / "attn.onnx")
+    assert [i.name for i in onnx.load(str(tmp_path / "attn.onnx")).graph.input] == ["input"]
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        ref = net(x)
+    assert _rel_err(ref, OrtRunner(tmp_path / "attn.onnx").run(x.numpy())) < 1e-5
+
+
+class PoolHead(nn.Module):
+    """A VGG/AlexNet-style head: adaptive average pooling to a fixed grid before a Linear."""
+
+    def __init__(self, grid: tuple[int | None, int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=3)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.fc = nn.LazyLinear(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.conv(x))
+        y = y + F.adaptive_avg_pool2d(y, (3, 5)).mean((2, 3), keepdim=True)  # the functional form
+        return self.fc(torch.flatten(y, 1))
+
+
+@pytest.mark.parametrize("side", [3, 21, 30])  # feature maps 1x1 (pool upsamples), 7x7, 10x10
+@pytest.mark.parametrize("form", ["fx", "export"])
+def test_adaptive_avg_pool_with_output_not_dividing_input(tmp_path, side, form):
+    """Output sizes that do not divide the input: the TorchScript exporter refuses them; the
+    export writes the pooling windows as two constant matrices (MatMul) instead."""
+    torch.manual_seed(side)
+    x = torch.randn(1, 3, side, side)
+    net = PoolHead((7, 7)).eval()
+    net(x)  # materialise the lazy Linear
+    module = torch.fx.symbolic_trace(net) if form == "fx" else torch.export.export(net, (x,)).module()
+    export_onnx(module, x, tmp_path / "pool.onnx")
+    probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(probe)
+    assert _rel_err(ref, OrtRunner(tmp_path / "pool.onnx").run(probe.numpy())) < 1e-5
+
+
+def test_adaptive_avg_pool_that_divides_stays_a_pooling_op(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 42, 42)  # 14x14 features -> 7x7 and (None -> 14) x 7
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=3), nn.AdaptiveAvgPool2d((None, 7))).eval()
+    export_onnx(torch.fx.symbolic_trace(net), x, tmp_path / "pool.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "pool.onnx")).graph.node}
+    assert "AveragePool" in ops and "MatMul" not in ops
+    with torch.no_grad():
+        ref = net(x)
+    assert _rel_err(ref, OrtRunner(tmp_path / "pool.onnx").run(x.numpy())) < 1e-5

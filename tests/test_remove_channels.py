@@ -93,9 +93,10 @@ def test_record_lists_shapes_removed_and_pinned_groups():
     assert all(g["removed"] > 0 and g["why"] for g in rec["removed_groups"])
 
 
-def traced_chain():
+def traced_chain(net: type[nn.Module] = nets.Chain):
+    """(model with random norms, input, its trace) of a test net taking [1, 3, 16, 16]."""
     torch.manual_seed(0)
-    model = nets.Chain().eval()
+    model = net().eval()
     randomize_norms(model)
     x = torch.randn(1, 3, 16, 16)
     return model, x, trace_model(model, x).gm
@@ -123,6 +124,45 @@ def test_channels_nobody_reads_are_removed():
     res = remove_zero_channels(gm, x)
     assert res.gm.get_submodule("b.0").out_channels == 9
     assert verify_equivalence(gm, res.gm, [x, torch.randn(2, 3, 16, 16)]).passed
+
+
+def _zero_rows(gm: fx.GraphModule, key: str, rows: list[int]) -> None:
+    with torch.no_grad():
+        gm.get_parameter(key)[rows] = 0
+
+
+def test_a_channel_whose_depthwise_filter_is_zero_goes_when_its_input_is_read_by_nothing_else():
+    _, x, gm = traced_chain(nets.GroupedDepthwise)
+    _zero_rows(gm, "dw.0.weight", [1, 5, 9, 13])  # the depthwise filters only: one per group of `grouped`
+    res = remove_zero_channels(gm, x)
+    # the grouped conv's outputs feeding them went too, and dw2's two outputs of each
+    assert res.gm.get_submodule("grouped.0").out_channels == 12 and res.gm.get_submodule("dw.0").groups == 12
+    assert res.gm.get_submodule("dw2").out_channels == 24
+    assert {g["why"][0] for g in res.record.removed_groups} == {"zero depthwise rows"}
+    assert verify_equivalence(gm, res.gm, [x, torch.randn(2, 3, 16, 16)], record=res.record).passed
+
+
+def test_a_channel_whose_depthwise_filter_is_zero_stays_when_its_input_is_read_elsewhere():
+    _, x, gm = traced_chain(nets.Ghost)
+    _zero_rows(gm, "cheap.0.weight", [0, 2])  # ghost features: the input is concatenated too
+    assert remove_zero_channels(gm, x).record.params_after == sum(p.numel() for p in gm.parameters())
+    _zero_rows(gm, "primary.0.weight", [0, 2])  # now the input is a constant as well
+    res = remove_zero_channels(gm, x)
+    assert res.gm.get_submodule("primary.0").out_channels == 6 and res.gm.get_submodule("cheap.0").groups == 6
+    assert verify_equivalence(gm, res.gm, [x, torch.randn(2, 3, 16, 16)], record=res.record).passed
+
+
+def test_weights_computed_from_parameters_are_folded_and_their_filters_removed():
+    gm, x, analysis = pruned(*nets_families.TEST_NETS["nfnet"])
+    convs = ("stem", "a", "b", "c")
+    assert sorted(analysis.folded_weights.values()) == sorted(f"{c}.weight" for c in convs)
+    res = remove_zero_channels(gm, x, analysis=analysis)
+    slim_keys = set(res.gm.state_dict())
+    assert all(f"{c}.weight" in slim_keys and f"{c}.gain" not in slim_keys for c in convs)
+    assert res.gm.get_parameter("a.weight").shape[0] < gm.get_parameter("a.weight").shape[0]
+    assert verify_equivalence(gm, res.gm, [x, torch.randn(2, 3, 16, 16)], record=res.record).passed
+    # the gains folded in: the slim model has fewer parameters than the weights alone would give
+    assert res.record.params_before == sum(p.numel() for p in gm.parameters())
 
 
 def test_verify_names_the_first_diverging_node():
@@ -163,7 +203,10 @@ def test_untraceable_model_falls_back_to_torch_export_and_is_slimmed():
 
 
 @pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
-                                  "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net", "family:swin"])
+                                  "net:instance_norm", "net:adaptive_max_pool",
+                                  "net:shared_conv", "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net",
+                                  "family:swin", "family:deit", "family:convnext_v2", "family:resmlp", "family:xcit",
+                                  "family:levit", "family:mobilevit", "family:nfnet", "family:pit", "family:eca"])
 def test_exported_programs_are_slimmed_exactly(case):
     """A .pt2 program's graph holds aten ops with parameters read through get_attr."""
     gm, x, _ = pruned(*CASES[case])

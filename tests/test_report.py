@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from rwdeploy.passes.layer_stats import layer_stats
-from rwdeploy.report import (REPORT_JSON, REPORT_MD, SCHEMA, channels_section, layer_rows, make_report,
-                             render_markdown, speedups, write_report)
+from rwdeploy.report import (REPORT_JSON, REPORT_MD, SCHEMA, SECTION_VIEWS, channels_section, layer_rows,
+                             make_report, markdown, render_markdown, speedups, summary, write_report)
 
 
 def _chain(c1: int, c2: int) -> nn.Module:
@@ -93,3 +93,63 @@ def test_document_and_files(tmp_path):
     assert "| ONNX size | 1000 B | 400 B | 40.0% |" in md
     assert "max relative error 2e-07" in md and "passed" in md
     assert "## Latency" not in md  # no latency section in, none out
+
+
+def _every_section() -> dict:
+    """A document with every section the pipeline writes (values shaped as the stages write them)."""
+    return make_report({
+        "model": {"source": "zoo", "path": None, "arch": "lenet5", "input_shape": [1, 1, 28, 28], "masks": 0,
+                  "params": {"original": 100, "slim": 40}, "macs": {"original": 1000, "slim": 300}},
+        "target_failure": {"stage": "tvm_build", "title": "Build TVM module for cpu", "target": "cpu",
+                           "error": "no converter for aten.foo.default", "node": "foo_1", "hint": "use --target onnx",
+                           "summary": "target step 'tvm_build' failed at node 'foo_1'"},
+        "compile": {"target": "cpu", "tolerance_rel": 1e-4, "batches": [1], "stage_seconds": {"trace": 0.5}},
+        "trace": {"method": "symbolic_trace", "fallback_reason": None},
+        "layers": [{"name": "conv1", "type": "Conv2d", "shape_before": [4, 1, 3, 3], "shape_after": [2, 1, 3, 3],
+                    "params_before": 40, "params_after": 20, "macs_before": 400, "macs_after": 200}],
+        "channels": {"groups": 1, "pinned": [], "removed": [], "layer_changes": []},
+        "sparse": {"mode": "csr", "measured_on": None, "packed_layers": 1, "bytes_saved": 3000, "notes": ["a note"],
+                   "max_rel_vs_slim": 1e-7,
+                   "layers": [{"name": "fc1", "kind": "linear", "weight_shape": [50, 80], "sparsity": 0.9,
+                               "chosen": "csr", "reason": "forced by mode 'csr'", "dense_bytes": 16000,
+                               "packed_bytes": 13000}]},
+        "verification": {"probe_inputs": [[1, 1, 28, 28]], "tolerance_rel": 1e-4, "max_abs": 1e-7, "max_rel": 2e-7,
+                         "passed": True, "onnxruntime": {"slim": {"max_abs": 1e-7, "max_rel": 3e-7}}},
+        "quantization": {"bits": 4, "per_channel": True, "onnx": {"storage": "int4", "opset": 21,
+                                                                   "check": {"max_rel": 1e-6}}},
+        "files": {"slim_onnx": {"path": "slim.onnx", "bytes": 400}},
+        "latency": [{"runtime": "onnxruntime", "target": "cpu", "variant": v, "batch": 1, "threads": 1,
+                     "median_ms": ms, "p90_ms": ms, "n": 5} for v, ms in (("original", 2.0), ("slim", 1.0))],
+        "targets": {"cpu": {"target": {"tvm_target": {"kind": "llvm"}}, "notes": ["built here"],
+                            "builds": [{"variant": "slim", "batch": 1, "path": "model.cpu.so", "build_s": 1.0,
+                                        "size_bytes": 2048, "kernels": {"scheduled": 3}}]}},
+        "environment": {"torch": "2.13.0"},
+        "custom": {"answer": 42},
+    })
+
+
+def test_report_md_shows_every_section():
+    doc = _every_section()
+    md = render_markdown(doc)
+    headings = {line for line in md.splitlines() if line.startswith("## ")}
+    for key in doc:
+        if key == "schema":
+            continue
+        title = "Summary" if key == "model" else SECTION_VIEWS.get(key, (key, None))[0]
+        assert f"## {title}" in headings, key
+    # what each section says, not just its heading
+    assert "| fc1 | linear | 50×80 | 90.0% | csr | forced by mode 'csr' | 15.6 KiB | 12.7 KiB |" in md
+    assert "- a note" in md and "- answer: 42" in md and "node: `foo_1`" in md
+    assert "| trace | 0.50 |" in md and "- method: symbolic_trace" in md
+
+
+def test_terminal_summary_and_report_md_are_one_view():
+    """The summary the CLI prints is the opening part of report.md, block for block."""
+    doc = _every_section()
+    first = summary(doc)
+    assert markdown(first) in render_markdown(doc)
+    table = first[0]
+    assert [row[0] for row in table.rows] == ["params", "MACs", "onnxruntime b=1 t=1 ms", "packed layers (csr)",
+                                              "weight bytes (packed)", "max rel. error"]
+    assert any("FAILED target step 'tvm_build'" in b.text for b in first if hasattr(b, "text"))
+    assert ["cpu: built here"] in [b.items for b in first if hasattr(b, "items")]

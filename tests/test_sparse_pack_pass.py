@@ -9,6 +9,7 @@ from torch import nn
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.pack_sparse import _choose, pack_sparse
 from rwdeploy.sparse import CsrConv2d, CsrLinear
+from rwdeploy.sparse.timing import HostLayerTimer
 
 
 def _sparsify(layer, frac, seed):
@@ -89,7 +90,7 @@ def test_selector_never_picks_a_slower_format(sparse_times, dense, reference, no
 
 def test_auto_with_real_measurements_is_consistent():
     gm = _gm()
-    res = pack_sparse(gm, X)              # default timer: TVM kernels + torch on this machine
+    res = pack_sparse(gm, X, timer=HostLayerTimer())   # compile's timer: TVM kernels + torch here
     for layer in res.record.layers[:2]:
         med = layer.measured_ms
         assert {"dense", "csr"} <= set(med) and "dense_torch" in layer.reference_ms
@@ -110,6 +111,13 @@ def test_forced_modes(mode):
     torch.testing.assert_close(res.gm(X), gm(X), rtol=1e-5, atol=1e-5)
 
 
+def test_auto_chooses_only_with_a_measurer_it_is_given():
+    with pytest.raises(ValueError, match="measurer"):
+        pack_sparse(_gm(), X)             # the pass never measures by itself
+    res = pack_sparse(_gm(), X, timer=fake_timer({"dense": 2.0, "csr": 0.5}))
+    assert res.record.measured_on == "caller-supplied timer"
+
+
 def test_off_and_bad_mode():
     res = pack_sparse(_gm(), X, mode="off")
     assert res.record.layers == [] and isinstance(res.gm.fc, nn.Linear)
@@ -117,9 +125,14 @@ def test_off_and_bad_mode():
         pack_sparse(_gm(), X, mode="fast")
 
 
-def test_functional_graph_is_reported_not_packed():
-    ep_module = torch.export.export(Small().eval(), (X,)).module()
+def test_functional_graph_is_packed_like_the_module_graph():
+    """An ATen graph (a loaded .pt2) packs the same layers; tests/test_sparse_pt2_parity.py
+    compares the arrays."""
+    model = Small().eval()
+    ep_module = torch.export.export(model, (X,)).module()
     gm = torch.fx.GraphModule(ep_module, ep_module.graph)
     res = pack_sparse(gm, X, mode="csr")
-    assert res.record.layers == []
-    assert res.record.notes and "functional" in res.record.notes[0]
+    assert [(l.name, l.chosen, l.form) for l in res.record.layers] == [
+        ("conv", "csr", "call"), ("fc", "csr", "call"), ("head", "dense", "call")]
+    assert isinstance(res.gm.conv, CsrConv2d) and isinstance(res.gm.fc, CsrLinear) and not res.record.notes
+    torch.testing.assert_close(res.gm(X), model(X), rtol=1e-5, atol=1e-5)

@@ -47,7 +47,7 @@ def test_cpu_stages_ship_the_module_and_measure_original_and_slim(tmp_path):
     _run(ctx)
     assert (tmp_path / "model.cpu.so").is_file() and (tmp_path / "original.cpu.so").is_file()
     assert ctx.files["tvm_module"]["bytes"] == (tmp_path / "model.cpu.so").stat().st_size
-    rows = [r for r in ctx.latency if r["runtime"] == "tvm"]
+    rows = [r.to_dict() for r in ctx.latency if r.runtime == "tvm"]  # LatencyRow -> the report's row
     assert {(r["variant"], r["batch"]) for r in rows} == {("original", 1), ("original", 2),
                                                           ("slim", 1), ("slim", 2)}
     assert all(r["max_abs_err"] < 1e-4 and r["n"] >= 3 and r["target"] == "cpu" for r in rows)
@@ -59,7 +59,8 @@ def test_cpu_stages_ship_the_module_and_measure_original_and_slim(tmp_path):
     # The slim build is smaller than the original's (half the filters).
     sizes = {b["variant"]: b["size_bytes"] for b in shipped}
     assert sizes["slim"] < sizes["original"]
-    md = render_markdown(make_report({"latency": ctx.latency, "targets": ctx.sections["targets"]}))
+    md = render_markdown(make_report({"latency": [r.to_dict() for r in ctx.latency],
+                                      "targets": ctx.sections["targets"]}))
     assert "### tvm on cpu" in md and "## Targets" in md and "`model.cpu.so`" in md
 
 
@@ -73,7 +74,7 @@ def test_gpu_stages_build_cuda_and_say_latency_was_skipped(tmp_path):
     if reg.cuda_gpu_arch() is None:
         assert section.get("latency_skipped") is True
         assert any("latency step skipped" in n and "CUDA GPU" in n for n in section["notes"])
-        assert not [r for r in ctx.latency if r["runtime"] == "tvm"]
+        assert not [r for r in ctx.latency if r.runtime == "tvm"]
 
 
 def test_tvm_options_are_checked_before_the_pipeline_runs(tmp_path):

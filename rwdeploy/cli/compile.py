@@ -6,14 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Group
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Table as RichTable
+from rich.text import Text
 
 from rwdeploy.cli.common import load_from_cli, model_options
 from rwdeploy.compile import TARGET_STAGES, CompileOptions, Stage, compile_model, pipeline
 from rwdeploy.console import make_console
-from rwdeploy.errors import OptionError
-from rwdeploy.report import REPORT_MD, speedups
+from rwdeploy.errors import OptionError, TargetStepError
+from rwdeploy.report import REPORT_MD, Block, Bullets, Heading, Table, summary
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -47,64 +49,46 @@ class _StageProgress:
         if state == "start":
             self.started = time.perf_counter()
             self.progress.update(self.task, description=f"[{index + 1}/{total}] {stage.title}")
-        else:
-            self.progress.advance(self.task)
-            self.progress.console.print(f"[green]✓[/green] {stage.title} "
-                                        f"[dim]({time.perf_counter() - self.started:.1f} s)[/dim]")
-
-
-def summary_table(report: dict[str, Any], out: Path) -> Table:
-    model, files = report.get("model", {}), report.get("files", {})
-    table = Table(title=f"rwdeploy compile -> {out}/", show_header=True, header_style="bold")
-    table.add_column("")
-    table.add_column("original", justify="right")
-    table.add_column("slim", justify="right")
-    table.add_column("slim/original", justify="right")
-
-    def ratio_row(label: str, before: float | None, after: float | None, fmt: str = "{:,}") -> None:
-        if before is None or after is None:
             return
-        table.add_row(label, fmt.format(before), fmt.format(after), f"{after / before:.1%}" if before else "-")
+        self.progress.advance(self.task)
+        mark = "[green]✓[/green]" if state == "done" else "[red]✗[/red]"
+        self.progress.console.print(f"{mark} {stage.title}{' FAILED' if state == 'failed' else ''} "
+                                    f"[dim]({time.perf_counter() - self.started:.1f} s)[/dim]")
 
-    ratio_row("params", model.get("params", {}).get("original"), model.get("params", {}).get("slim"))
-    ratio_row("MACs", model.get("macs", {}).get("original"), model.get("macs", {}).get("slim"))
-    if "original_onnx" in files and "slim_onnx" in files:
-        ratio_row("ONNX bytes", files["original_onnx"]["bytes"], files["slim_onnx"]["bytes"])
-    emulated = {(r["runtime"], r["target"]) for r in report.get("latency", []) if r.get("emulated")}
-    for row in speedups(report.get("latency", [])):
-        where = f" {row['target']} (emulated)" if (row["runtime"], row["target"]) in emulated else ""
-        table.add_row(f"{row['runtime']}{where} b={row['batch']} t={row['threads']} ms",
-                      f"{row['original_ms']:.3f}", f"{row['slim_ms']:.3f}",
-                      f"{row['speedup']:.2f}× faster")
-    for name, section in report.get("targets", {}).items():
-        insns = section.get("instructions", {}).get("per_variant", {})
-        if "original" in insns and "slim" in insns:
-            ratio_row(f"{name} insns/inference", insns["original"]["insns_per_inference"],
-                      insns["slim"]["insns_per_inference"])
-    sparse = report.get("sparse")
-    if sparse:
-        packed = [l for l in sparse["layers"] if l["chosen"] != "dense"]
-        kinds = ", ".join(sorted({l["chosen"] for l in packed})) or "none faster"
-        dense_b = sum(l["dense_bytes"] for l in sparse["layers"])
-        table.add_row(f"packed layers ({kinds})", "", f"{len(packed)}/{len(sparse['layers'])}",
-                      f"--sparse {sparse['mode']}")
-        if dense_b:
-            table.add_row("weight bytes (packed)", f"{dense_b:,}", f"{dense_b - sparse['bytes_saved']:,}",
-                          f"{(dense_b - sparse['bytes_saved']) / dense_b:.1%}")
-    ver = report.get("verification", {})
-    if ver:
-        table.add_row("max rel. error", "", f"{ver['max_rel']:.2e}", f"tol {ver['tolerance_rel']:g}")
-    return table
+
+def _rich(blocks: list[Block], title: str) -> Group:
+    """The report view's blocks on a terminal (the first table carries `title`)."""
+    parts: list[Any] = []
+    for b in blocks:
+        if isinstance(b, Table):
+            table = RichTable(title=None if parts else title, header_style="bold")
+            for i, name in enumerate(b.header):
+                table.add_column(name, justify="left" if i == 0 else "right")
+            for row in b.rows:
+                table.add_row(*(Text(cell) for cell in row))
+            parts.append(table)
+        elif isinstance(b, Heading):
+            parts.append(Text(b.text, style="bold"))
+        else:
+            parts.extend(Text(line) for line in (b.items if isinstance(b, Bullets) else [b.text]))
+    return Group(*parts)
+
+
+def summary_table(report: dict[str, Any], out: Path) -> Group:
+    """The report's summary (`rwdeploy.report.summary`) for the terminal."""
+    return _rich(summary(report), title=f"rwdeploy compile -> {out}/")
 
 
 @click.command("compile")
 @model_options
 @click.option("--target", default="cpu", show_default=True, metavar="NAME",
-              help=f"Deployment target ({', '.join(sorted(TARGET_STAGES))}).")
+              help=f"Deployment target ({', '.join(sorted(TARGET_STAGES))}); onnx: no TVM build.")
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path),
-              help="Output folder (default: <model stem>-rwdeploy/). Written only on success.")
+              help="Output folder (default: <model stem>-rwdeploy/). Written only once the slim model is "
+                   "verified (exit status 4: written, but a target step failed).")
 @click.option("--tolerance", default=1e-4, show_default=True, type=float,
-              help="Max relative error of the slim model vs the original (and ONNX Runtime vs torch).")
+              help="Max relative error of every output check: slim vs original, ONNX Runtime, TVM and the "
+                   "device vs torch.")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Batch sizes to measure, e.g. 1,8.")
 @click.option("--threads", default=1, show_default=True, type=int,
               help="ONNX Runtime intra-op threads and TVM threads (fixed).")
@@ -146,9 +130,13 @@ def command(model: str, arch: str | None, input_shape: str | None, trust_pickle:
                   console=err_console, transient=True) as progress:
         result = compile_model(loaded, options, progress=_StageProgress(progress))
     console = make_console()
-    console.print(summary_table(result.report, result.out))
-    for name, section in result.report.get("targets", {}).items():
-        for note in section.get("notes", []):
-            console.print(f"{name}: {note}")
+    for part in summary_table(result.report, result.out).renderables:
+        # text one line each, however long: a script (or a person) reads the summary line by line
+        console.print(part, soft_wrap=isinstance(part, Text))
     console.print(f"Wrote {', '.join(sorted(p.name for p in result.out.iterdir()))}; "
                   f"details in {result.out / REPORT_MD}")
+    failure = result.target_failure
+    if failure is not None:
+        if click.get_current_context().find_root().obj.get("debug") and failure.cause is not None:
+            raise failure.cause
+        raise TargetStepError(failure.one_line())

@@ -24,3 +24,4 @@ def command(as_json: bool) -> None:
             mark = "ok" if r.present() else "MISSING"
             fix = "" if r.present() else f" -> {r.install}"
             click.echo(f"{'':14s}   {mark:7s} {r.needed_for:8s} {r.name}{fix}")
+    click.echo(f"{'onnx':14s} no TVM build: the verified slim model as .pt2 and ONNX, checked and timed in ONNX Runtime")

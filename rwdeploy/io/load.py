@@ -1,7 +1,8 @@
 """Load a model file of any accepted kind into an nn.Module with its input shape.
 
 Accepted, in order of preference:
-  * a `torch.export` program (`.pt2`);
+  * a `torch.export` program (`.pt2`), with the quantization spec of a quantized model when it
+    carries one (`rwdeploy.quant.program`);
   * an rwdeploy checkpoint (zoo name + state_dict + input shape + masks), weights only;
   * a plain state_dict together with a zoo name (`arch=`);
   * a whole pickled nn.Module, only with `trust_pickle=True`, because unpickling runs code.
@@ -22,6 +23,7 @@ from torch import nn
 from rwdeploy import models
 from rwdeploy.errors import ModelFileError, OptionError
 from rwdeploy.io.checkpoint import Checkpoint
+from rwdeploy.quant.program import QUANT_FILE, quant_metadata
 
 PICKLE_WARNING = (
     "unpickling a whole module runs arbitrary code from the file; "
@@ -69,8 +71,9 @@ def _is_export_archive(path: Path) -> bool:
 
 
 def _load_pt2(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    extra_files = {QUANT_FILE: ""}  # filled in from the archive (a quantized program's spec)
     try:
-        ep = torch.export.load(str(path))
+        ep = torch.export.load(str(path), extra_files=extra_files)
     except Exception as err:  # torch raises many kinds for a damaged archive
         raise ModelFileError(f"{path}: not a readable torch.export program ({type(err).__name__}: {err})",
                              hint="re-export it with torch.export.save") from None
@@ -88,7 +91,7 @@ def _load_pt2(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
                 shape = tuple(meta.shape)
     if shape is None:
         raise OptionError(f"{path}: the program records no static input shape", hint="pass --input-shape, e.g. 1,3,32,32")
-    return LoadedModel(ep.module(), tuple(shape), "pt2", path)
+    return LoadedModel(ep.module(), tuple(shape), "pt2", path, metadata=quant_metadata(extra_files, ep, path))
 
 
 def _build_zoo(arch: str, state: dict[str, torch.Tensor], arch_kwargs: dict[str, Any], path: Path) -> nn.Module:

@@ -1,0 +1,93 @@
+"""Reductions, norms, softmax and normalize: ops that combine positions along some dims.
+
+Reducing over dims that do not carry channels keeps the classes (global pooling by `mean`, a
+GRN's spatial norm); reducing over channels mixes them, so they are unified: all go together
+or all stay. Softmax and `F.normalize` over a channel dim unify them likewise (every output
+depends on every input along it). Argument positions differ by op: `mean(x, dim, keepdim)`,
+`norm(x, p, dim, keepdim)`, `normalize(x, p, dim)` (dim 1 unless given).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from rwdeploy.passes.channel_state import CONST, AnalysisState, TensorMeta, varying_dims
+from rwdeploy.passes.ops.common import arg, opaque, single_input
+from rwdeploy.passes.ops.spec import Match, OpSpec, base_name, register
+
+
+def _reduce_dims(node: fx.Node, ndim: int, at: int) -> list[int] | None:
+    dim = arg(node, at, "dim")
+    if dim is None or isinstance(dim, fx.Node):
+        return None if dim is None else []
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted(d % ndim for d in dims)
+
+
+def reduce_rule(dim_at: int) -> Any:
+    """The rule of a reduction whose `dim` is argument `dim_at` and `keepdim` the next one."""
+
+    def rule(st: AnalysisState, node: fx.Node) -> Any:
+        got = single_input(st, node)
+        out = st.values[node.name]
+        if got is None or not isinstance(out, TensorMeta):
+            return opaque(st, node)
+        x, m = got
+        dims = _reduce_dims(node, m.dim(), dim_at)
+        if dims == []:
+            return opaque(st, node, "reduction over dims computed at run time")
+        given = arg(node, dim_at, "dim") is not None
+        dims = list(range(m.dim())) if dims is None else dims
+        keepdim = bool(arg(node, dim_at + 1, "keepdim", False)) if given else False
+        if any(d in varying_dims(m) for d in dims):
+            st.uf.union_all(m)  # a reduction over channels mixes them: they go together or stay
+            known = m[m >= 0]
+            rep = int(known.min()) if known.numel() else CONST
+            return torch.full([1] * len(out.shape), rep, dtype=torch.long)
+        index = tuple(slice(0, 1) if d in dims else slice(None) for d in range(m.dim()))
+        r = m[index]
+        if not keepdim:
+            r = r.reshape([s for d, s in enumerate(r.shape) if d not in dims])
+        if r.dim() != len(out.shape):
+            return opaque(st, node)
+        return r
+    return rule
+
+
+def along_dim_rule(default_dim: int | None) -> Any:
+    """The rule of an op that combines positions along one dim and keeps the shape (softmax,
+    normalize): over a channel dim it unifies the channels."""
+
+    def rule(st: AnalysisState, node: fx.Node) -> Any:
+        got = single_input(st, node)
+        if got is None:
+            return opaque(st, node)
+        x, m = got
+        if node.op == "call_module":
+            dim = st.module(node).dim
+        else:
+            dim = arg(node, 2 if base_name(node) == "normalize" else 1, "dim", default_dim)
+        if not isinstance(dim, int):
+            return opaque(st, node, f"{base_name(node) or 'softmax'} without an explicit dim")
+        if dim % m.dim() in varying_dims(m):
+            st.uf.union_all(m)
+        return m
+    return rule
+
+
+register(
+    OpSpec("reduce", Match(functions=(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
+                                      torch.logsumexp, torch.prod),
+                           methods=("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"),
+                           aten=("mean", "sum", "amax", "amin")), reduce_rule(1)),
+    OpSpec("norm", Match(functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",),
+                         aten=("norm", "linalg_vector_norm")), reduce_rule(2)),
+    OpSpec("softmax", Match(modules=(nn.Softmax, nn.LogSoftmax),
+                            functions=(torch.nn.functional.softmax, torch.nn.functional.log_softmax,
+                                       torch.softmax, torch.log_softmax),
+                            methods=("softmax", "log_softmax"), aten=("softmax", "log_softmax")),
+           along_dim_rule(None)),
+    OpSpec("normalize", Match(functions=(torch.nn.functional.normalize,)), along_dim_rule(1)),
+)

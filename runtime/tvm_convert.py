@@ -1,0 +1,99 @@
+"""Converters for ATen ops that TVM 0.27's Relax importer lacks (`custom_convert_map` entries).
+
+`tvm_build.import_relax` passes `CONVERTERS` to `from_exported_program` for every build, so a
+model using one of these ops builds for every TVM target. Keys are the ops' names after
+torch's core-ATen decomposition (which the importer runs first); each converter takes
+`(fx.Node, importer)` and returns the Relax value of the node.
+
+Adding an op: one function here (built from Relax ops, exact against torch) and one
+`CONVERTERS` entry, tested against torch in tests/test_tvm_convert.py on inputs of more than
+one shape.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import fx
+
+from rwdeploy.errors import TvmImportError
+
+Converter = Callable[[fx.Node, Any], Any]  # (fx.Node, importer) -> relax.Var
+
+
+def _static_dims(x: Any, node: fx.Node) -> list[int]:
+    dims = []
+    for d in x.ty.shape:
+        if not isinstance(getattr(d, "value", None), int):
+            raise TvmImportError(f"{node.target} at node {node.name!r} needs a static input shape, got {x.ty.shape}",
+                                 hint="build at a fixed input size", node=node.name)
+        dims.append(int(d.value))
+    return dims
+
+
+def _only_first_output_used(node: fx.Node) -> None:
+    """Ops returning (values, indices): the converters compute the values; a graph that reads
+    the indices (return_indices=True) is refused rather than given made-up ones."""
+    for user in node.users:
+        if not (user.op == "call_function" and getattr(user.target, "__name__", "") == "getitem"
+                and user.args[1] == 0):
+            raise TvmImportError(f"{node.target} at node {node.name!r}: the indices output is used, "
+                                 "which rwdeploy's converter does not compute",
+                                 hint="compile with --target onnx, or pool without return_indices", node=node.name)
+
+
+def adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling windows along one axis: [floor(i*size/out), ceil((i+1)*size/out))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _adaptive_max_axis(bb: Any, x: Any, axis: int, size: int, out: int) -> Any:
+    """Adaptive max pooling along one axis: the max of each window, concatenated."""
+    from tvm import relax
+
+    if out == size:
+        return x
+    parts = [bb.emit(relax.op.max(relax.op.strided_slice(x, axes=[axis], begin=[lo], end=[hi]),
+                                  axis=[axis], keepdims=True)) for lo, hi in adaptive_bins(size, out)]
+    return bb.emit(relax.op.concat(parts, axis=axis)) if len(parts) > 1 else parts[0]
+
+
+def adaptive_max_pool2d(node: fx.Node, importer: Any) -> Any:
+    """`aten.adaptive_max_pool2d(x, output_size) -> (values, indices)`, values only.
+
+    An output size that divides the input is a max_pool2d with kernel = stride = input/output
+    (the scheduled pooling kernel). Otherwise each output element is the max over torch's
+    window, which may overlap its neighbour's; max is separable, so the rows' windows are
+    reduced first, then the columns' (out_h + out_w slices, not out_h * out_w).
+    """
+    from tvm import relax
+
+    _only_first_output_used(node)
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    dims = _static_dims(x, node)
+    h, w = dims[-2:]
+    oh, ow = (size if size is not None else full for size, full in zip(node.args[1], (h, w)))
+    if h % oh == 0 and w % ow == 0:
+        kernel = (h // oh, w // ow)
+        batched = x if len(dims) == 4 else bb.emit(relax.op.expand_dims(x, axis=0))
+        y = bb.emit(relax.op.nn.max_pool2d(batched, pool_size=kernel, strides=kernel, layout="NCHW"))
+        y = y if len(dims) == 4 else bb.emit(relax.op.squeeze(y, axis=[0]))
+    else:
+        y = _adaptive_max_axis(bb, _adaptive_max_axis(bb, x, len(dims) - 2, h, oh), len(dims) - 1, w, ow)
+    return bb.emit(relax.Tuple([y]))
+
+
+def amax(node: fx.Node, importer: Any) -> Any:
+    """`aten.amax(x, dim=[], keepdim=False)`: the max over `dim` (all dims when empty), e.g. from
+    `x.amax((2, 3))` global max pooling and `torch.logsumexp`."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return importer.block_builder.emit(relax.op.max(x, axis=list(dims) or None, keepdims=bool(keepdim)))
+
+
+CONVERTERS: dict[str, Converter] = {
+    "adaptive_max_pool2d.default": adaptive_max_pool2d,
+    "amax.default": amax,
+}
