@@ -403,7 +403,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def summarise(study: Study, log: RunLog) -> dict[str, Any]:
     dense = {r["seed"]: r for r in log.select(study=study.name, purpose="dense")}
     out: dict[str, Any] = {"dense": {s: {"val": r["val_acc"], "test": r["test_acc"]} for s, r in dense.items()},
-                           "lengths": {}, "tuning": {}, "ablation": {}}
+                           "lengths": {}, "paired": {}, "tuning": {}, "ablation": {}}
     if not dense:
         return out
     dense_test = statistics.mean(r["test_acc"] for r in dense.values())
@@ -432,6 +432,7 @@ def summarise(study: Study, log: RunLog) -> dict[str, Any]:
             per_method[vname] = {"points": points, "best_rate": best and best["rate"],
                                  "best_compression": best and best["compression"]}
         out["lengths"][length] = per_method
+        out["paired"][length] = paired_differences(study, log, length)
         out["tuning"][length] = tuning_cost(study, log, length)
     length = study.ablation_length
     for vname in [*MAIN, *study.ablations]:
@@ -442,6 +443,24 @@ def summarise(study: Study, log: RunLog) -> dict[str, Any]:
             out["ablation"][vname] = {"n": len(rows), "acc_mean": m, "acc_sd": sd,
                                       "after_hard_prune_val": statistics.mean(r["val_acc_after_hard_prune"] for r in rows),
                                       "settings": rows[0]["settings"], "cpu_s": statistics.mean(r["cpu_s"] for r in rows)}
+    return out
+
+
+def paired_differences(study: Study, log: RunLog, length: int) -> dict[float, dict[str, dict[str, Any]]]:
+    """Reweighted minus each baseline, seed by seed (both start from that seed's dense model),
+    per rate: mean and sd of the differences, and on how many seeds reweighted was ahead."""
+    out: dict[float, dict[str, dict[str, Any]]] = {}
+    for rate in study.rates_at(length):
+        acc = {v: {r["seed"]: r["test_acc"] for r in log.select(study=study.name, variant=v, purpose="final",
+                                                                 prune_epochs=length, rate=rate)} for v in MAIN}
+        for other in ("admm", "magnitude"):
+            seeds = sorted(set(acc["reweighted"]) & set(acc[other]))
+            if not seeds:
+                continue
+            diffs = [acc["reweighted"][s] - acc[other][s] for s in seeds]
+            m, sd = _mean_sd(diffs)
+            out.setdefault(rate, {})[other] = {"n": len(seeds), "mean": m, "sd": sd,
+                                               "ahead": sum(d > 0 for d in diffs), "behind": sum(d < 0 for d in diffs)}
     return out
 
 
@@ -469,7 +488,12 @@ def tuning_cost(study: Study, log: RunLog, length: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- report
+COLORS = {"magnitude": "tab:blue", "admm": "tab:orange", "reweighted": "tab:green", "reweighted-v0": "tab:grey"}
+
+
 def plot(study: Study, summary: dict[str, Any], path: Path) -> bool:
+    """Accuracy against rate per method, one column per prune-phase length: the full range on
+    top, the band near the dense model (where the 0.5-point criterion lives) below."""
     try:
         import matplotlib
 
@@ -481,29 +505,36 @@ def plot(study: Study, summary: dict[str, Any], path: Path) -> bool:
     lengths = [L for L in study.prune_lengths if any(d["points"] for d in summary["lengths"].get(L, {}).values())]
     if not lengths or "dense_test_mean" not in summary:
         return False
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(2, len(lengths), figsize=(4 * len(lengths), 6.4), sharey="row", sharex=True, squeeze=False)
     dense = 100 * summary["dense_test_mean"]
-    for ax, length in zip(axes[0], lengths):
-        for vname, data in summary["lengths"][length].items():
-            pts = [p for p in data["points"] if vname in MAIN]
-            if not pts:
-                continue
-            x = [p["rate"] for p in pts]
-            ax.errorbar(x, [100 * p["acc_mean"] for p in pts], yerr=[100 * p["acc_sd"] for p in pts],
-                        marker="o", capsize=3, label=vname)
-            ax.fill_between(x, [100 * p["acc_min"] for p in pts], [100 * p["acc_max"] for p in pts], alpha=0.12)
-        ax.axhline(dense, color="grey", ls="--", lw=1, label="dense")
-        ax.axhline(dense - 100 * TOLERANCE, color="grey", ls=":", lw=1, label="dense - 0.5")
-        ax.set_title(f"prune phase {length} epochs")
-        ax.set_xlabel("rate (fraction of groups pruned)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy %")
-    fig.text(0.5, 0.005, "mean ± sd over 3 seeds; band: min–max", ha="center", fontsize=8)
     lo = min(100 * p["acc_min"] for L in lengths for d in summary["lengths"][L].values() for p in d["points"])
-    axes[0][0].set_ylim(max(lo - 1, 0), dense + 1.5)
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{study.model} {study.scheme} pruning on digits")
-    fig.tight_layout()
+    for col, length in enumerate(lengths):
+        for row in (0, 1):
+            ax = axes[row][col]
+            for vname in MAIN:
+                data = summary["lengths"][length].get(vname)
+                pts = data["points"] if data else []
+                if not pts:
+                    continue
+                x = [p["rate"] for p in pts]
+                ax.errorbar(x, [100 * p["acc_mean"] for p in pts], yerr=[100 * p["acc_sd"] for p in pts],
+                            marker="o", capsize=3, color=COLORS[vname], label=vname)
+                ax.fill_between(x, [100 * p["acc_min"] for p in pts], [100 * p["acc_max"] for p in pts],
+                                color=COLORS[vname], alpha=0.12)
+            ax.axhline(dense, color="grey", ls="--", lw=1, label="dense (mean)")
+            ax.axhline(dense - 100 * TOLERANCE, color="grey", ls=":", lw=1, label="dense - 0.5 pt")
+            ax.set_xticks(study.rates)
+            ax.grid(alpha=0.3)
+        axes[0][col].set_title(f"prune phase P = {length} epochs")
+        axes[1][col].set_xlabel("rate (fraction of groups pruned)")
+    axes[0][0].set_ylim(max(lo - 2, 0), dense + 1.5)
+    axes[1][0].set_ylim(dense - 5, dense + 1.5)
+    axes[0][0].set_ylabel("test accuracy %")
+    axes[1][0].set_ylabel("test accuracy % (near dense)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(f"{study.model} {study.scheme} pruning on digits: mean ± sd over 3 seeds, band min–max")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -535,7 +566,8 @@ def plot_budget(study: Study, summary: dict[str, Any], path: Path) -> bool:
             if not pts:
                 continue
             ax.errorbar([c for c, _, _ in pts], [100 * p["acc_mean"] for _, p, _ in pts],
-                        yerr=[100 * p["acc_sd"] for _, p, _ in pts], marker="o", capsize=3, label=vname)
+                        yerr=[100 * p["acc_sd"] for _, p, _ in pts], marker="o", capsize=3, color=COLORS[vname],
+                        label=vname)
             for c, p, length in pts:
                 ax.annotate(f"P{length}", (c, 100 * p["acc_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(100 * summary["dense_test_mean"], color="grey", ls="--", lw=1)
@@ -575,8 +607,8 @@ def markdown(scale: str, studies: list[Study], summaries: dict[str, Any], timing
                   f"validation {', '.join(map(str, dense_val))}. Each method: prune phase P epochs + {study.retrain_epochs} "
                   f"retraining epochs from the same dense model (same optimizer steps).", ""]
         lines += ["| P | method | " + " | ".join(f"rate {r}" for r in study.rates) +
-                  " | highest rate within 0.5 pt (compression) | val after hard prune | steps | CPU s/run | settings |",
-                  "|---|---|" + "---|" * (len(study.rates) + 5)]
+                  " | highest rate within 0.5 pt (compression) | val after hard prune | steps | CPU s/run | wall s/run | settings |",
+                  "|---|---|" + "---|" * (len(study.rates) + 6)]
         for length in study.prune_lengths:
             for vname, data in s["lengths"].get(length, {}).items():
                 if not data["points"]:
@@ -586,9 +618,22 @@ def markdown(scale: str, studies: list[Study], summaries: dict[str, Any], timing
                 hp = " / ".join(f"{100 * p['after_hard_prune_val']:.0f}" for p in data["points"])
                 steps = ",".join(str(x) for p in data["points"][:1] for x in p["steps"])
                 cpu = statistics.mean(p["cpu_s"] for p in data["points"])
+                wall = statistics.mean(p["wall_s"] for p in data["points"])
                 knobs = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in data["points"][0]["settings"].items()
                                   if not isinstance(v, bool))
-                lines.append(f"| {length} | {vname} | " + " | ".join(cells) + f" | {best} | {hp} | {steps} | {cpu:.0f} | {knobs} |")
+                lines.append(f"| {length} | {vname} | " + " | ".join(cells) + f" | {best} | {hp} | {steps} | {cpu:.0f} | {wall:.0f} | {knobs} |")
+        lines += ["", "Reweighted minus each baseline, paired by seed (same dense start), test points: "
+                  "mean ± sd (seeds ahead / behind).", "",
+                  "| P | vs | " + " | ".join(f"rate {r}" for r in study.rates) + " |", "|---|---|" + "---|" * len(study.rates)]
+        for length, per_rate in s["paired"].items():
+            for other in ("admm", "magnitude"):
+                cells = []
+                for r in study.rates:
+                    d = per_rate.get(r, {}).get(other)
+                    cells.append("–" if d is None else f"{100 * d['mean']:+.2f} ± {100 * d['sd']:.2f} ({d['ahead']}/{d['behind']})"
+                                 + ("" if d["n"] == len(SEEDS) else f" n={d['n']}"))
+                if any(c != "–" for c in cells):
+                    lines.append(f"| {length} | {other} | " + " | ".join(cells) + " |")
         lines += ["", f"Tuning at rate {study.tune_rate}, seed 0, validation accuracy % per grid value "
                   f"(hit = within 0.5 pt of the dense model's {100 * s['dense'][TUNE_SEED]['val']:.2f}); "
                   "expected runs to a hit in random order = (N+1)/(hits+1).", "",
@@ -612,10 +657,12 @@ def markdown(scale: str, studies: list[Study], summaries: dict[str, Any], timing
         lines += ["## Per-step time (one prune-phase epoch per method, methods interleaved, median of rounds)", "",
                   f"Under {timing_report['lock']}, {timing_report['threads']} torch thread(s); load average "
                   f"{timing_report['loadavg_start']} → {timing_report['loadavg_end']}.", "",
-                  "| model | method | wall ms/step | CPU ms/step |", "|---|---|---|---|"]
+                  "| model | method | wall ms/step | CPU ms/step | wall / magnitude's |", "|---|---|---|---|---|"]
         for name, per in timing_report["studies"].items():
+            base = per.get("magnitude", {}).get("wall_per_step_ms")
             for vname, t in per.items():
-                lines.append(f"| {name} | {vname} | {t['wall_per_step_ms']:.1f} | {t['cpu_per_step_ms']:.1f} |")
+                ratio = f"{t['wall_per_step_ms'] / base:.2f}" if base else "–"
+                lines.append(f"| {name} | {vname} | {t['wall_per_step_ms']:.1f} | {t['cpu_per_step_ms']:.1f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
