@@ -70,7 +70,7 @@ def run_demo(out_dir: str | Path = "rwdeploy-demo", console: Console | None = No
     ckpt = out / "lenet5-pruned.pt"
     recipe = demo_recipe(epochs)
     console.print(f"[bold]rwdeploy demo[/] 1/2: reweighted pruning of LeNet-5 on digits "
-                  f"(scheme {DEMO_SCHEME}, lambda {recipe.penalty.lam_for(recipe.method)}, epochs {'+'.join(map(str, epochs))})")
+                  f"(scheme {DEMO_SCHEME}, lambda {recipe.penalty_lambda()}, epochs {'+'.join(map(str, epochs))})")
     err = make_console(stderr=True)
     bars = EpochBars(err) if err.is_terminal else None
     echo = None if bars is not None else (lambda s: err.print(s, highlight=False))

@@ -172,3 +172,22 @@ def test_filter_groups_without_norm_scales():
     scales = {f"{n}.weight" for n, m in run.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert tensors[True] & scales and not tensors[False] & scales
     assert tensors[True] - scales == tensors[False]
+
+
+@pytest.mark.parametrize("method, scheme, layers, lam, expected", [
+    ("reweighted", "irregular", [], None, 1e-2),        # the study's choice for per-weight groups
+    ("reweighted", "filter", [], None, 1.0),            # ... and for filter groups (ResNet-20, BN scales)
+    ("reweighted", "filter:0.5+irregular:0.9", [], None, 1e-2),  # any finer scheme: the per-weight scale
+    ("reweighted", "filter", [{"match": "fc*", "scheme": "irregular"}], None, 1e-2),
+    ("reweighted", "filter", [], 0.3, 0.3),             # the recipe's own lambda always wins
+    ("rw-admm", "filter", [], None, 1e-4),              # rw-admm keeps its scale (lambda / rho)
+])
+def test_default_lambda_follows_the_study(method, scheme, layers, lam, expected):
+    from rwdeploy.train.dist import DistContext
+    from rwdeploy.train.methods import create_method
+
+    r = Recipe(method=method, scheme=scheme, layers=layers)
+    r.penalty.lam = lam
+    assert r.validate().penalty_lambda() == pytest.approx(expected, rel=0, abs=0)
+    if method == "reweighted":  # and it is the lambda the penalty is built with
+        assert create_method(method, [], r, DistContext()).reg.lam == pytest.approx(expected, rel=0, abs=0)

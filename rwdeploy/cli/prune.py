@@ -57,7 +57,8 @@ def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, 
 @click.option("--scheme", help="irregular, filter, channel, column, kernel, pattern, blockRxC; combine with +, "
                                "per-scheme rates with ':' (e.g. filter:0.5+irregular:0.9).")
 @click.option("--rate", type=float, help="Fraction of each scheme's groups to prune (0.9 = keep 10%).")
-@click.option("--lambda", "lam", type=float, help="Penalty strength lambda (the reweighted method's one knob).")
+@click.option("--lambda", "lam", type=float, help="Penalty strength lambda (the reweighted method's one knob; default 1e-2, "
+                                                   "1 when every scheme is filter: README 'Reweighted pruning results').")
 @click.option("--method", type=click.Choice(["reweighted", "magnitude", "admm", "rw-admm"]),
               help="Pruning method (default reweighted; rw-admm: reweighted ADMM).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it.")

@@ -80,7 +80,7 @@ class ReweightedPruning(PruneMethod):
     def __init__(self, group_sets: list[GroupSet], recipe: Recipe, dist: DistContext) -> None:
         super().__init__(group_sets, recipe, dist)
         cfg = recipe.penalty
-        self.reg = ReweightedPenalty(group_sets, cfg.lam_for(recipe.method), cfg.eps, cfg.squared, bounded=cfg.bounded,
+        self.reg = ReweightedPenalty(group_sets, recipe.penalty_lambda(), cfg.eps, cfg.squared, bounded=cfg.bounded,
                                      bound_tol=cfg.bound_tol, global_rate=recipe.rate if recipe.global_rate else None)
         self.milestones: set[int] = set()
         self.updates_done = 0

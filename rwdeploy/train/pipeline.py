@@ -310,7 +310,7 @@ class PruneRun:
         meta = {
             "rwdeploy_prune": {
                 "method": self.recipe.method, "scheme": self.recipe.scheme, "rate": self.recipe.rate,
-                "lambda": self.recipe.penalty.lam_for(self.recipe.method), "data": self.recipe.data,
+                "lambda": self.recipe.penalty_lambda(), "data": self.recipe.data,
                 f"dense_{self.eval_split}_acc": self.dense_acc, "test_acc": final_acc, "val_acc": val_acc,
                 "prunable_sparsity": sp,
                 "params_total": total_params(self.model), "params_nonzero": kept_params(self.model),
