@@ -57,6 +57,8 @@ class LayerPacking:
     packed_bytes: int               # == dense_bytes when kept dense
     measured_ms: dict[str, float] = field(default_factory=dict)   # alternative -> median ms
     reference_ms: dict[str, float] = field(default_factory=dict)  # outside the artifact
+    measured_cost: dict[str, float] = field(default_factory=dict)  # what decided, when not ms
+    cost_unit: str = "ms"
     form: str = "module"            # "module" (a submodule call) | "call" (a function / ATen call)
     op: str = ""                    # the module class, or the called function / ATen overload
     module: str | None = None       # where the packed module is (None when kept dense)
@@ -162,6 +164,11 @@ def _replace(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
 
 
+def _cost(v: dict) -> float:
+    """What an alternative is compared by: a timer's "cost" (e.g. instructions), else its median ms."""
+    return v.get("cost", v["median_ms"])
+
+
 def _attr_reads(gm: fx.GraphModule) -> Counter:
     """How many node inputs read each get_attr target (a tensor read by two calls counts 2)."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "get_attr" for _ in n.users)
@@ -224,14 +231,16 @@ def _swap_call(gm: fx.GraphModule, view: LayerView, path: str, packed: nn.Module
 
 
 def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
-    """(chosen format, reason) from measured medians; never a format slower than another."""
-    med = {alt: v["median_ms"] for alt, v in measured.items() if not alt.startswith("ref:")}
+    """(chosen format, reason) from measured costs; never a format slower than another."""
+    alts = {alt: v for alt, v in measured.items() if not alt.startswith("ref:")}
+    med = {alt: _cost(v) for alt, v in alts.items()}
+    unit = next(iter(alts.values())).get("unit", "ms")
     best = min(med, key=med.get)
     if best == "dense":
-        return "dense", f"dense fastest ({med['dense']:.4g} ms)"
+        return "dense", f"dense fastest ({med['dense']:.4g} {unit})"
     if med[best] < med["dense"] * (1 - noise):
-        return best, f"{med['dense'] / med[best]:.2f}x faster than dense"
-    return "dense", f"{best} within noise of dense ({med[best]:.4g} vs {med['dense']:.4g} ms)"
+        return best, f"{med['dense'] / med[best]:.2f}x faster than dense ({unit})"
+    return "dense", f"{best} within noise of dense ({med[best]:.4g} vs {med['dense']:.4g} {unit})"
 
 
 @dataclass
@@ -309,6 +318,10 @@ class PackSparse:
                                      if not alt.startswith("ref:")}
                 entry.reference_ms = {alt[4:]: round(v["median_ms"], 6) for alt, v in times.items()
                                       if alt.startswith("ref:")}
+                costs = {alt: v for alt, v in times.items() if not alt.startswith("ref:") and "cost" in v}
+                if costs:   # a timer that decides by something else than ms (e.g. instructions)
+                    entry.measured_cost = {alt: round(v["cost"], 6) for alt, v in costs.items()}
+                    entry.cost_unit = next(iter(costs.values())).get("unit", "ms")
                 entry.chosen, entry.reason = _choose(times, self.noise)
             return
         for entry, _, _, cands in pending:

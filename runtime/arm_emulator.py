@@ -586,13 +586,15 @@ class InstructionCount:
         }
 
 
-def _count_once(h: EmulatorHome, so: Path, inp: Path, shape: str, iters: int, work: Path) -> tuple[int, float, Path]:
+def _count_once(h: EmulatorHome, so: Path, inp: Path, shape: str, iters: int, work: Path,
+                function: str = "main") -> tuple[int, float, Path]:
     count_file = work / f"count_{iters}.txt"
     out_file = work / f"out_{iters}.bin"
     count_file.unlink(missing_ok=True)
     cmd = ["qemu-aarch64", "-L", str(h.userland), "-plugin", f"{h.plugin},out={count_file}",
            str(h.runner), str(so), str(inp), shape, str(iters), str(out_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_guest_env(h, 1), timeout=900)
+    env = {**_guest_env(h, 1), "RWDEPLOY_VM_FUNCTION": function}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0 or not count_file.exists():
         msg = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise ToolchainError(f"running {so.name} on the emulated aarch64 device failed: {msg}",
@@ -611,8 +613,11 @@ def count_instructions(
     path: str | os.PathLike | None = None,
     iterations: tuple[int, int] = (1, 4),
     repeats: int = 2,
+    function: str = "main",
 ) -> InstructionCount:
     """aarch64 instructions per inference of a Relax VM library, counted under qemu.
+
+    `function` is the Relax function run (one argument: the input), "main" for an artifact.
 
     Each measurement counts a run with N1 and one with N2 inferences (both after the same
     library load, VM set-up and one warm-up call) and divides the difference by N2 - N1, which
@@ -634,8 +639,8 @@ def count_instructions(
         inp = work / "input.bin"
         x.tofile(inp)
         for _ in range(repeats):
-            c1, _, _ = _count_once(h, so, inp, shape, n1, work)
-            c2, ms2, out_file = _count_once(h, so, inp, shape, n2, work)
+            c1, _, _ = _count_once(h, so, inp, shape, n1, work, function)
+            c2, ms2, out_file = _count_once(h, so, inp, shape, n2, work, function)
             samples.append((c2 - c1) // (n2 - n1))
             startups.append(c1 - n1 * samples[-1])
             ms.append(ms2)

@@ -103,12 +103,17 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
         converters = convert_map(dense_kernels=False)
     converters = {**CONVERTERS, **(converters or {})}
     try:
-        return from_exported_program(program, keep_params_as_input=False,
-                                     unwrap_unit_return_tuple=True, custom_convert_map=converters)
+        mod = from_exported_program(program, keep_params_as_input=False,
+                                    unwrap_unit_return_tuple=True, custom_convert_map=converters)
     except TvmImportError:
         raise
     except (AssertionError, KeyError, NotImplementedError, ValueError, TypeError) as err:
         raise _import_error(program, converters, err) from None
+    if _has_rwdeploy_ops(program):  # the sparse kernels' offsets from the (now constant) weights
+        from rwdeploy.runtime.tvm_sparse import fold_weight_arithmetic
+
+        mod = fold_weight_arithmetic(mod)
+    return mod
 
 
 def unsupported_nodes(program: torch.export.ExportedProgram, converters: dict[str, Converter]) -> list[Any]:

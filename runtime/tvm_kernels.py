@@ -23,9 +23,13 @@ for dense linear.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from dataclasses import astuple, dataclass
 
 from tvm.script import tirx as T
+
+from rwdeploy.runtime.tvm_conv_kernels import ConvSpec, conv_kernel  # noqa: F401  (re-exported)
+from rwdeploy.runtime.tvm_conv_kernels import scratch_shape as conv_scratch_shape
 
 ROWS_PER_TASK = 16   # output rows per parallel task (linear)
 GATHER_LANES = 8     # CSR row dot product: lanes of the gathered accumulator (8 measured best)
@@ -45,43 +49,35 @@ class LinearSpec:
     nnz_blocks: int = 0
     block: tuple[int, int] = (1, 1)
     index_dtype: str = "int32"
+    values: str = "float32"       # "int8": values times a per-row float32 scale
+    act: str = "none"             # fused activation: "none" | "relu"
 
     def name(self) -> str:
         return f"rw_linear_{self.fmt}_{_digest(self)}"
 
 
-@dataclass(frozen=True)
-class ConvSpec:
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-    fmt: str
-    nnz_blocks: int = 0
-    block: tuple[int, int] = (1, 1)
-    index_dtype: str = "int32"
+def linear_scale_shape(s: LinearSpec) -> tuple[int]:
+    """The sparse linear kernels' `scale` input: per row for int8 values, else a 1-element dummy."""
+    return (s.out_features,) if s.values == "int8" else (1,)
 
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return tuple(
-            (s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, k, st, p, d in zip((self.height, self.width), self.kernel, self.stride,
-                                      self.padding, self.dilation))
 
-    def name(self) -> str:
-        return f"rw_conv2d_{self.fmt}_{_digest(self)}"
+def _w(s: LinearSpec, vals, *idx):
+    return T.Cast("float32", vals[idx]) if s.values == "int8" else vals[idx]
+
+
+def _finish(s: LinearSpec, v, row, scale, bias):
+    """scale (int8), bias, activation of one output."""
+    if s.values == "int8":
+        v = v * scale[row]
+    v = v + bias[row]
+    return T.max(v, T.float32(0)) if s.act == "relu" else v
 
 
 def _digest(spec) -> str:
     return hashlib.sha1(repr(astuple(spec)).encode()).hexdigest()[:12]
 
 
+@lru_cache(maxsize=None)   # parsing TVMScript costs ~0.3 s a kernel; identical layers share it
 def kernel_for(spec: LinearSpec | ConvSpec):
     """The TIR PrimFunc for a spec, with `global_symbol` = spec.name()."""
     if isinstance(spec, LinearSpec):
@@ -98,12 +94,9 @@ def kernel_for(spec: LinearSpec | ConvSpec):
         else:
             raise ValueError(f"no linear kernel for block {spec.block}")
     else:
-        if spec.fmt == "dense":
-            f = _conv(spec, dense=True)
-        elif spec.block[1] == 1:
-            f = _conv(spec, dense=False)
-        else:
+        if spec.block[1] != 1:
             raise ValueError(f"no conv kernel for block {spec.block}")
+        f = conv_kernel(spec)
     return f.with_attr("global_symbol", spec.name())
 
 
@@ -118,8 +111,8 @@ def scratch_shapes(spec: LinearSpec | ConvSpec) -> list[tuple[int, ...]]:
                     (_linear_tasks(spec.out_features // br, br), 2, br, spec.batch)]
         lanes = GATHER_LANES if (br, bc) == (1, 1) else max(br, bc)
         return [(_linear_tasks(spec.out_features // br, br), lanes)]
-    g = _conv_geometry(spec)
-    return [(spec.batch * spec.in_channels * g["PLANE"],), (spec.batch, spec.out_channels, g["P"])]
+    shape = conv_scratch_shape(spec)
+    return [] if shape is None else [shape]
 
 
 # ----------------------------------------------------------------------------- linear
@@ -160,10 +153,12 @@ def _csr_linear_b1(s: LinearSpec):
     N, K, NNZ, L, RB, IDX = s.out_features, s.in_features, s.nnz_blocks, GATHER_LANES, ROWS_PER_TASK, s.index_dtype
     tasks = _linear_tasks(N, 1)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, 1), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, 1), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((N + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, L), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), acc: T.Buffer((tasks, L), "float32"),
           y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
@@ -175,13 +170,13 @@ def _csr_linear_b1(s: LinearSpec):
                         acc[t, j] = T.float32(0)
                     for c in range((hi - lo) // L):
                         for j in T.vectorized(L):
-                            acc[t, j] = acc[t, j] + vals[lo + c * L + j, 0, 0] * x[
+                            acc[t, j] = acc[t, j] + _w(s, vals, lo + c * L + j, 0, 0) * x[
                                 0, T.Cast("int32", col[lo + c * L + j])]
                     for k in range(lo + (hi - lo) // L * L, hi):
-                        acc[t, 0] = acc[t, 0] + vals[k, 0, 0] * x[0, T.Cast("int32", col[k])]
-                    y[0, t * RB + i] = bias[t * RB + i]
-                    for j in range(L):
-                        y[0, t * RB + i] = y[0, t * RB + i] + acc[t, j]
+                        acc[t, 0] = acc[t, 0] + _w(s, vals, k, 0, 0) * x[0, T.Cast("int32", col[k])]
+                    for j in range(1, L):
+                        acc[t, 0] = acc[t, 0] + acc[t, j]
+                    y[0, t * RB + i] = _finish(s, acc[t, 0], t * RB + i, scale, bias)
     return f
 
 
@@ -197,10 +192,12 @@ def _sparse_linear_batched(s: LinearSpec):
     tasks = _linear_tasks(NB, BR)
     kt = _ceil_div(K, 64)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, BR, BC), "float32"),
+    def f(x: T.Buffer((B, K), "float32"), vals: T.Buffer((NNZ, BR, BC), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), xt: T.Buffer((K, B), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), xt: T.Buffer((K, B), "float32"),
           acc: T.Buffer((tasks, 2, BR, B), "float32"), y: T.Buffer((B, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for kc in T.parallel(kt):
@@ -219,17 +216,17 @@ def _sparse_linear_batched(s: LinearSpec):
                     for c in range((hi - lo) // 2):
                         for u, r, j in T.grid(2, BR, BC):
                             for b in T.vectorized(B):
-                                acc[t, u, r, b] = acc[t, u, r, b] + vals[lo + 2 * c + u, r, j] * xt[
+                                acc[t, u, r, b] = acc[t, u, r, b] + _w(s, vals, lo + 2 * c + u, r, j) * xt[
                                     T.Cast("int32", col[lo + 2 * c + u]) * BC + j, b]
                     for k in range(lo + (hi - lo) // 2 * 2, hi):
                         for r, j in T.grid(BR, BC):
                             for b in T.vectorized(B):
-                                acc[t, 0, r, b] = acc[t, 0, r, b] + vals[k, r, j] * xt[
+                                acc[t, 0, r, b] = acc[t, 0, r, b] + _w(s, vals, k, r, j) * xt[
                                     T.Cast("int32", col[k]) * BC + j, b]
                     for r in range(BR):
                         for b in range(B):
-                            y[b, (t * RB + i) * BR + r] = acc[t, 0, r, b] + acc[t, 1, r, b] \
-                                + bias[(t * RB + i) * BR + r]
+                            y[b, (t * RB + i) * BR + r] = _finish(
+                                s, acc[t, 0, r, b] + acc[t, 1, r, b], (t * RB + i) * BR + r, scale, bias)
     return f
 
 
@@ -239,10 +236,12 @@ def _bsr_linear_cols(s: LinearSpec):
     BC, RB = s.block[1], ROWS_PER_TASK
     tasks = _linear_tasks(N, 1)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, BC), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, 1, BC), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((N + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, BC), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), acc: T.Buffer((tasks, BC), "float32"),
           y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
@@ -252,10 +251,10 @@ def _bsr_linear_cols(s: LinearSpec):
                         acc[t, j] = T.float32(0)
                     for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
                         for j in T.vectorized(BC):
-                            acc[t, j] = acc[t, j] + vals[k, 0, j] * x[0, T.Cast("int32", col[k]) * BC + j]
-                    y[0, t * RB + i] = bias[t * RB + i]
-                    for j in range(BC):
-                        y[0, t * RB + i] = y[0, t * RB + i] + acc[t, j]
+                            acc[t, j] = acc[t, j] + _w(s, vals, k, 0, j) * x[0, T.Cast("int32", col[k]) * BC + j]
+                    for j in range(1, BC):
+                        acc[t, 0] = acc[t, 0] + acc[t, j]
+                    y[0, t * RB + i] = _finish(s, acc[t, 0], t * RB + i, scale, bias)
     return f
 
 
@@ -267,111 +266,22 @@ def _bsr_linear_rows(s: LinearSpec):
     RB = max(1, ROWS_PER_TASK // BR)
     tasks = _linear_tasks(NB, BR)
 
+    SC, VT = linear_scale_shape(s), s.values
+
     @T.prim_func
-    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, BR, 1), "float32"),
+    def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((NNZ, BR, 1), VT),
           col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((N,), "float32"), acc: T.Buffer((tasks, BR), "float32"),
+          bias: T.Buffer((N,), "float32"), scale: T.Buffer(SC, "float32"), acc: T.Buffer((tasks, BR), "float32"),
           y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
         for t in T.parallel(tasks):
             for i in range(RB):
                 if t * RB + i < NB:
                     for r in T.vectorized(BR):
-                        acc[t, r] = bias[(t * RB + i) * BR + r]
+                        acc[t, r] = T.float32(0)
                     for k in range(rp[t * RB + i], rp[t * RB + i + 1]):
                         for r in T.vectorized(BR):
-                            acc[t, r] = acc[t, r] + vals[k, r, 0] * x[0, T.Cast("int32", col[k])]
+                            acc[t, r] = acc[t, r] + _w(s, vals, k, r, 0) * x[0, T.Cast("int32", col[k])]
                     for r in T.vectorized(BR):
-                        y[0, (t * RB + i) * BR + r] = acc[t, r]
-    return f
-
-
-# ----------------------------------------------------------------------------- conv2d
-
-def _conv_geometry(s: ConvSpec) -> dict[str, int]:
-    H, W = s.height, s.width
-    KH, KW = s.kernel
-    PH, PW = s.padding
-    OH, OW = s.out_hw
-    HP, WP = H + 2 * PH, W + 2 * PW
-    wide = s.stride == (1, 1)
-    row = WP if wide else OW
-    # each padded plane, flattened, gets KW * dilation spare zeros: the last wide row reads past
-    # the plane's end by up to (KW - 1) * dilation elements
-    return {"HP": HP, "WP": WP, "PLANE": HP * WP + KW * s.dilation[1], "ROW": row,
-            "P": OH * row, "WIDE": int(wide)}
-
-
-def _conv(s: ConvSpec, dense: bool):
-    """Direct convolution on a zero-padded copy of x, one output-channel block per task.
-
-    For every stored weight (o, ci, ky, kx), channel o's output plane gets v * (ci's input
-    plane shifted by (ky, kx)): long vector FMAs on a plane that stays in L1. Stride 1 runs
-    on "wide" rows: the accumulator is (OH, WP) so the shifted input is one contiguous run of
-    the padded plane (flattened); the WP - OW extra columns are dropped at the end. Sparse
-    and dense share the loop nest (dense walks a CSR holding every weight: the index load is
-    amortised over a whole plane). BR output channels of a row block share each index.
-    """
-    B, C, H, W, O = s.batch, s.in_channels, s.height, s.width, s.out_channels
-    KH, KW = s.kernel
-    SH, SW = s.stride
-    PH, PW = s.padding
-    DH, DW = s.dilation
-    G = s.groups
-    CG, OG = C // G, O // G
-    OH, OW = s.out_hw
-    geo = _conv_geometry(s)
-    WP, PLANE, ROW, P, wide = geo["WP"], geo["PLANE"], geo["ROW"], geo["P"], geo["WIDE"]
-    KK = KH * KW
-    KCOL = CG * KK
-    BR = 1 if dense else s.block[0]
-    if OG % BR:
-        raise ValueError(f"block of {BR} output channels crosses a group of {OG}")
-    NB = O // BR
-    NNZ, IDX = (O * KCOL, s.index_dtype) if dense else (s.nnz_blocks, s.index_dtype)
-    # planes up to 64 floats are one vector expression (LLVM keeps it in registers across the
-    # weights of a row); longer ones go in 16-lane chunks plus one shorter vector tail
-    V = 16
-    PV = 0 if P <= 64 else (P - 1) // V * V   # the tail keeps 1..16 lanes (never 0)
-
-    @T.prim_func
-    def f(x: T.Buffer((B, C, H, W), "float32"), vals: T.Buffer((NNZ, BR, 1), "float32"),
-          col: T.Buffer((NNZ,), IDX), rp: T.Buffer((NB + 1,), "int32"),
-          bias: T.Buffer((O,), "float32"), xp: T.Buffer((B * C * PLANE,), "float32"),
-          yw: T.Buffer((B, O, P), "float32"), y: T.Buffer((B, O, OH, OW), "float32")):
-        T.func_attr({"tir.noalias": True})
-        for bc in T.parallel(B * C):
-            for q in range(PLANE):
-                xp[bc * PLANE + q] = T.if_then_else(
-                    q // WP >= PH and q // WP < PH + H and q % WP >= PW and q % WP < PW + W,
-                    x[bc // C, bc % C, T.min(q // WP - PH, H - 1), q % WP - PW], T.float32(0))
-        for bo in T.parallel(B * NB):
-            for r in range(BR):
-                for p in T.vectorized(P):
-                    yw[bo // NB, bo % NB * BR + r, p] = bias[bo % NB * BR + r]
-            for k in range(rp[bo % NB], rp[bo % NB + 1]):
-                # T.bind is a true let; a plain assignment would be a 1-element local buffer
-                c = T.bind(T.Cast("int32", col[k]))
-                src = T.bind((bo // NB * C + bo % NB * BR // OG * CG + T.truncdiv(c, KK)) * PLANE
-                             + T.truncdiv(T.truncmod(c, KK), KW) * DH * WP + T.truncmod(c, KW) * DW)
-                if wide == 1:
-                    for r in range(BR):
-                        for pc in range(PV // V):
-                            for j in T.vectorized(V):
-                                yw[bo // NB, bo % NB * BR + r, pc * V + j] = yw[
-                                    bo // NB, bo % NB * BR + r, pc * V + j] + vals[k, r, 0] * xp[src + pc * V + j]
-                        for p in T.vectorized(P - PV):
-                            yw[bo // NB, bo % NB * BR + r, PV + p] = yw[bo // NB, bo % NB * BR + r, PV + p] \
-                                + vals[k, r, 0] * xp[src + PV + p]
-                else:
-                    for r in range(BR):
-                        for oh in range(OH):
-                            for ow in T.vectorized(OW):
-                                yw[bo // NB, bo % NB * BR + r, oh * OW + ow] = yw[
-                                    bo // NB, bo % NB * BR + r, oh * OW + ow] + vals[k, r, 0] * xp[
-                                    src + oh * SH * WP + ow * SW]
-            for r in range(BR):
-                for oh in range(OH):
-                    for ow in T.vectorized(OW):
-                        y[bo // NB, bo % NB * BR + r, oh, ow] = yw[bo // NB, bo % NB * BR + r, oh * ROW + ow]
+                        y[0, (t * RB + i) * BR + r] = _finish(s, acc[t, r], (t * RB + i) * BR + r, scale, bias)
     return f

@@ -1,12 +1,20 @@
-"""rwdeploy's sparse custom ops in TVM Relax: converters to `call_tir` kernels, and their timing.
+"""rwdeploy's sparse custom ops in TVM Relax: converters to `call_tir` kernels, fused epilogues.
 
 `import_exported_program(ep)` wraps `tvm.relax.frontend.torch.from_exported_program` with a
-`custom_convert_map` that turns every `rwdeploy::sparse_linear` / `rwdeploy::sparse_conv2d`
-node into a `relax.call_tir` of a TIR kernel specialised to the layer (`runtime.tvm_kernels`).
-The kernels are plain TIR, so the module builds for any LLVM target (x86, aarch64).
+`custom_convert_map` (`convert_map()`) that turns every `rwdeploy::sparse_linear` /
+`rwdeploy::sparse_conv2d` node into a `relax.call_tir` of a TIR kernel specialised to the layer
+(`runtime.tvm_kernels`, `runtime.tvm_conv_kernels`). The kernels are plain TIR, so the module
+builds for any LLVM target (x86, aarch64).
 
-`time_candidates` builds many kernels into one library and times each on this machine: the
-measurement the `pack_sparse` selector decides from.
+Fusion. A conv whose only user is a ReLU / ReLU6 (hardtanh, clamp) or a same-shape add is not
+emitted when it is converted: its call is kept aside, and the user's converter emits one call
+with the activation (and the add's other operand as a residual input) applied in the kernel's
+epilogue. conv -> add -> relu (a ResNet block) becomes one kernel. Anything else falls back to
+TVM's own converters, after the pending conv is emitted.
+
+The weight arrays are graph inputs while converters run (bound as constants afterwards), so
+everything derived from them - each stored weight's input offset - is emitted as Relax
+arithmetic that the build folds into constants (FoldConstant).
 
 Threads: TVM's pool is sized from TVM_NUM_THREADS when it starts (default: half the cores on
 x86), so this module sets it to every core unless the caller already chose.
@@ -17,15 +25,21 @@ import os
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Callable, Sequence  # noqa: E402
+import math  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
+from torch import fx  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from rwdeploy.runtime.tvm_kernels import ConvSpec, LinearSpec, kernel_for, scratch_shapes  # noqa: E402
+from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
+    ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, describe, fused_name,
+    fused_pointwise_depthwise_kernel, fused_scratch_shapes, OFFSET_LAYOUTS, offsets_func, offsets_geometry,
+    offsets_name, pointwise_geometry, residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
+from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
 OPAQUE = 8  # relax op pattern kOpaque: never fuse our hand-scheduled kernels with neighbours
@@ -48,15 +62,26 @@ def _dtype(expr: relax.Expr) -> str:
     return str(expr.ty.dtype)
 
 
-def _prim(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec) -> relax.GlobalVar:
-    # hand-scheduled: Relax must not fuse it, schedulers (dlight, MetaSchedule, tvm_schedule) skip it
-    func = kernel_for(spec).with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
-    return bb.add_func(func, spec.name())
+def _scheduled(func: tvm.tirx.PrimFunc, layer: str) -> tvm.tirx.PrimFunc:
+    # hand-scheduled: Relax must not fuse it, schedulers (dlight, MetaSchedule, tvm_schedule) skip it;
+    # "rwdeploy.layer" says what it computes (reports, profiles)
+    return func.with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True) \
+        .with_attr("rwdeploy.layer", layer)
 
 
-def _call(bb: relax.BlockBuilder, spec: LinearSpec | ConvSpec, args: list[relax.Expr],
+def _describe_linear(s: LinearSpec) -> str:
+    fmt = "dense" if s.fmt == "dense" else ("csr" if s.block == (1, 1) else f"bsr{s.block[0]}x{s.block[1]}")
+    return (f"linear {s.in_features}->{s.out_features} batch {s.batch} {fmt}"
+            f"{' int8' if s.values == 'int8' else ''} nnz={s.nnz_blocks}")
+
+
+def _prim(bb: relax.BlockBuilder, spec: LinearSpec) -> relax.GlobalVar:
+    return bb.add_func(_scheduled(kernel_for(spec), _describe_linear(spec)), spec.name())
+
+
+def _call(bb: relax.BlockBuilder, spec: LinearSpec, args: list[relax.Expr],
           out_shape: tuple[int, ...]) -> relax.Var:
-    """call_tir of the spec's kernel; its scratch outputs are allocated by Relax and dropped."""
+    """call_tir of a linear kernel; its scratch outputs are allocated by Relax and dropped."""
     outs = [relax.TensorType(sh, "float32") for sh in scratch_shapes(spec)]
     outs.append(relax.TensorType(out_shape, "float32"))
     res = bb.emit(relax.call_tir(_prim(bb, spec), args, outs))
@@ -67,33 +92,356 @@ def _bias(bias: relax.Expr | None, n: int) -> relax.Expr:
     return relax.const(np.zeros(n, np.float32)) if bias is None else bias
 
 
+# ----------------------------------------------------------------------------- conv emission
+
+@dataclass(frozen=True)
+class ConvCall:
+    """Everything one conv kernel call needs; `spec` carries the fused epilogue."""
+
+    spec: ConvSpec
+    x: relax.Expr
+    values: relax.Expr
+    offsets: relax.Expr
+    indptr: relax.Expr
+    bias: relax.Expr
+    scale: relax.Expr | None = None      # per-row float32 scales of int8 values
+    residual: relax.Expr | None = None
+    columns: relax.Expr | np.ndarray | None = None   # the CSR column indices (offsets are derived)
+    producer: "ConvCall | None" = None   # a 1x1 conv computed inside this (depthwise) kernel
+
+
+def _offsets(bb: relax.BlockBuilder, g: ConvGeometry, columns: relax.Expr | np.ndarray) -> relax.Expr:
+    """Each stored weight's input offset: numpy for known columns, else one call of
+    `offsets_func` that the build folds into a constant (FoldConstant: the columns are
+    weights, constants once bound)."""
+    if isinstance(columns, np.ndarray):
+        return relax.const(slot_offsets_numpy(g, columns, np))
+    dtype = _dtype(columns)
+    gv = bb.add_func(offsets_func(dtype), offsets_name(dtype))
+    return bb.emit(relax.call_tir(gv, [columns, relax.const(offsets_geometry(g, np))],
+                                  relax.TensorType(_shape(columns), "int32")))
+
+
+_FOLDABLE = {"relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+             "relax.divide": np.divide, "relax.sqrt": np.sqrt}
+
+
+def _numpy_offsets(columns: np.ndarray, geometry: np.ndarray) -> np.ndarray:
+    """`offsets_func` evaluated in numpy (from its geometry array)."""
+    layout, kk, kw, dh, dw, sh, sw, row, plane = (int(v) for v in geometry)
+    c = columns.astype(np.int64)
+    ci, tap = c // kk, c % kk
+    dy, dx = tap // kw * dh, tap % kw * dw
+    if layout == OFFSET_LAYOUTS["shift"]:
+        off = (ci * sh * sw + dy % sh * sw + dx % sw) * plane + dy // sh * row + dx // sw
+    else:
+        off = (c if layout == OFFSET_LAYOUTS["im2col"] else ci) * plane
+    return off.astype(np.int32)
+
+
+def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
+    """Evaluate in numpy what the converters derived from weights, once they are constants:
+    each conv's input offsets (`offsets_func` calls) and folded batch-norm scales / biases
+    (elementwise add, subtract, multiply, divide, sqrt of constants).
+
+    TVM's FoldConstant does the same by building and running every call (~2 s each, a
+    minute and more for a MobileNet); this takes milliseconds. Run it right after import.
+    """
+    @relax.expr_functor.mutator
+    class Fold(relax.PyExprMutator):
+        def _value(self, arg: relax.Expr) -> np.ndarray | None:
+            if isinstance(arg, relax.Var):
+                arg = self.lookup_binding(arg)
+            value = getattr(arg, "value", None) if isinstance(arg, tvm.ir.expr.GenericConst) else None
+            return value.numpy() if hasattr(value, "numpy") else None
+
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            if call.op.name == "relax.call_tir" and call.args[0].name_hint.startswith("rw_conv2d_offsets_"):
+                columns, geometry = (self._value(a) for a in call.args[1].fields)
+                return call if columns is None or geometry is None else relax.const(_numpy_offsets(columns, geometry))
+            if call.op.name in _FOLDABLE:
+                values = [self._value(a) for a in call.args]
+                if all(v is not None and v.dtype == np.float32 for v in values):
+                    return relax.const(_FOLDABLE[call.op.name](*values).astype(np.float32))
+            return call
+
+    folder = Fold(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            folder.builder_.update_func(gvar, folder.visit_expr(func))
+    out = relax.transform.DeadCodeElimination()(folder.builder_.finalize())
+    # an offsets kernel whose every call was folded is dead; its global symbol keeps DCE from seeing it
+    called = {gv.name_hint for f in out.functions.values() if isinstance(f, relax.Function)
+              for gv in relax.analysis.all_global_vars(f)}
+    for gvar in list(out.get_global_vars()):
+        if gvar.name_hint.startswith("rw_conv2d_offsets_") and gvar.name_hint not in called:
+            del out[gvar]
+    return out
+
+
+def _scale(call: ConvCall) -> relax.Expr:
+    return call.scale if call.scale is not None else relax.const(np.ones(scale_shape(call.spec), np.float32))
+
+
+def _emit_fused(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
+    """A 1x1 conv and the depthwise conv it feeds, in one kernel (see tvm_conv_kernels)."""
+    pw, s = call.producer, call.spec
+    residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
+    poff = _offsets(bb, pointwise_geometry(pw.spec), pw.columns) if pw.spec.nnz_blocks else pw.offsets
+    args = [pw.x, pw.values, poff, pw.indptr, _scale(pw), pw.bias,
+            call.values, call.offsets, call.indptr, _scale(call), call.bias, residual,
+            relax.const(slot_origins(conv_geometry(s), np))]
+    kernel = bb.add_func(_scheduled(fused_pointwise_depthwise_kernel(pw.spec, s),
+                                    f"{describe(pw.spec)}, into {describe(s)}"), fused_name(pw.spec, s))
+    outs = [relax.TensorType(sh, "float32") for sh in fused_scratch_shapes(pw.spec, s)]
+    outs.append(relax.TensorType((s.batch, s.out_channels, *s.out_hw), "float32"))
+    res = bb.emit(relax.call_tir(kernel, args, outs))
+    return bb.emit(relax.TupleGetItem(res, 2))
+
+
+def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
+    """Emit the layout transform (if any) and the conv kernel; returns y (B, O, OH, OW)."""
+    if call.producer is not None:
+        return _emit_fused(bb, call)
+    s = call.spec
+    g = conv_geometry(s)
+    B, C, H, W = s.batch, s.in_channels, s.height, s.width
+    out = relax.TensorType((B, s.out_channels, *s.out_hw), "float32")
+    residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
+    weights = [call.values, call.offsets, call.indptr, _scale(call), call.bias, residual]
+    kernel = bb.add_func(_scheduled(conv_kernel(s), describe(s)), s.name())
+    origins = relax.const(slot_origins(g, np))
+    if s.groups > 1:
+        outs = [relax.TensorType(scratch_shape(s), "float32"), out]
+        res = bb.emit(relax.call_tir(kernel, [call.x, *weights, origins], outs))
+        return bb.emit(relax.TupleGetItem(res, 1))
+    if g.layout == "direct":
+        xt = bb.emit(relax.op.reshape(call.x, (B, C, H * W)))
+    else:
+        # named (and described) by its geometry: convs with the same input layout share it
+        layer = (f"{g.layout} input {C}x{H}x{W} -> {g.slots} slots of {g.plane} "
+                 f"(k{g.kernel[0]}x{g.kernel[1]} s{g.step[0]} p{g.padding[0]})")
+        transform = bb.add_func(_scheduled(transform_for(s), layer), s.transform_name())
+        xt = bb.emit(relax.call_tir(transform, [call.x, origins], relax.TensorType((B, g.slots, g.plane), "float32")))
+    return bb.emit(relax.call_tir(kernel, [xt, *weights], out))
+
+
+def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ...], values: relax.Expr,
+              columns: relax.Expr | np.ndarray, indptr: relax.Expr, bias: relax.Expr | None,
+              stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+              block: tuple[int, int], fmt: str, scale: relax.Expr | None = None,
+              in_shape: tuple[int, ...] | None = None) -> ConvCall:
+    """The ConvCall of a conv whose weight is the CSR/BSR (values, columns, indptr)."""
+    b, c, h, w = in_shape or _shape(x)
+    o, _, kh, kw = weight_shape
+    nnzb = _shape(values)[0]
+    vdtype = _dtype(values)
+    spec = ConvSpec(b, c, h, w, o, (kh, kw), tuple(stride), tuple(padding), tuple(dilation), int(groups),
+                    fmt, nnzb, tuple(block), "int32", values="int8" if vdtype == "int8" else "float32")
+    g = conv_geometry(spec)
+    if nnzb == 0:   # an all-zero weight: one explicit zero, every row empty
+        values = relax.const(np.zeros((1, block[0], 1), vdtype))
+        offsets = relax.const(np.zeros(1, np.int32))
+        indptr = relax.const(np.zeros(o // block[0] + 1, np.int32))
+    else:
+        offsets = _offsets(bb, g, columns)
+    return ConvCall(spec, x, values, offsets, indptr, _bias(bias, o), scale, columns=columns)
+
+
+# ----------------------------------------------------------------------------- fusion
+
+_ACTIVATIONS = ("relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default",
+                "hardtanh_.default", "clamp.default")
+_BATCH_NORMS = ("batch_norm.default", "_native_batch_norm_legit_no_training.default")
+
+
+def _fusing(converter: Callable) -> Callable:
+    """Mark a converter that takes a pending conv input (fuses it, or emits it first)."""
+    converter._rwdeploy_fuses = True
+    return converter
+
+
+def _user_fuses(importer: Any, user: fx.Node) -> bool:
+    if user.op != "call_function":
+        return False
+    converter = importer.convert_map.get(user.target.__name__)
+    return bool(getattr(converter, "_rwdeploy_fuses", False))
+
+
+def _pending(importer: Any) -> dict[fx.Node, ConvCall]:
+    """Conv calls not emitted yet, waiting for their only user to fuse into them."""
+    return importer.__dict__.setdefault("_rwdeploy_pending_convs", {})
+
+
+def _defaults(importer: Any) -> dict[str, Callable]:
+    """TVM's own converters, for whatever is not fused."""
+    if "_rwdeploy_default_converters" not in importer.__dict__:
+        importer.__dict__["_rwdeploy_default_converters"] = importer.create_convert_map()
+    return importer.__dict__["_rwdeploy_default_converters"]
+
+
+def _finish_conv(node: fx.Node, importer: Any, call: ConvCall) -> relax.Expr:
+    """Emit the conv now, or keep it pending when its only user may fuse into it."""
+    users = list(node.users)
+    if len(users) == 1 and _user_fuses(importer, users[0]):
+        _pending(importer)[node] = call
+        return relax.op.null_value()   # read by nobody: the user's converter takes the pending call
+    return emit_conv(importer.block_builder, call)
+
+
+def _materialize(importer: Any, arg: Any) -> None:
+    """Emit a pending conv that is about to be read as an ordinary value."""
+    if isinstance(arg, fx.Node) and arg in _pending(importer):
+        importer.env[arg] = emit_conv(importer.block_builder, _pending(importer).pop(arg))
+
+
+def _fallback(node: fx.Node, importer: Any) -> relax.Expr:
+    for arg in node.args:
+        _materialize(importer, arg)
+    return _defaults(importer)[node.target.__name__](node)
+
+
+@_fusing
+def _convert_activation(node: fx.Node, importer: Any) -> relax.Expr:
+    src = node.args[0]
+    call = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+    name = node.target.__name__
+    if call is None or call.spec.act != "none":
+        return _fallback(node, importer)
+    if name.startswith("relu6"):
+        spec = replace(call.spec, act="clip", clip=(0.0, 6.0))
+    elif name.startswith("relu"):
+        spec = replace(call.spec, act="relu")
+    else:
+        args = list(node.args[1:]) + [None] * 2
+        lo = node.kwargs.get("min_val" if name.startswith("hardtanh") else "min", args[0])
+        hi = node.kwargs.get("max_val" if name.startswith("hardtanh") else "max", args[1])
+        if name.startswith("hardtanh"):
+            lo = -1.0 if lo is None else lo
+            hi = 1.0 if hi is None else hi
+        if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+            return _fallback(node, importer)
+        lo = -math.inf if lo is None else float(lo)
+        hi = math.inf if hi is None else float(hi)
+        spec = replace(call.spec, act="relu") if (lo, hi) == (0.0, math.inf) else \
+            replace(call.spec, act="clip", clip=(lo, hi))
+    del _pending(importer)[src]
+    return _finish_conv(node, importer, replace(call, spec=spec))
+
+
+def _bn_eps(node: fx.Node) -> float | None:
+    """eps of an inference batch norm node, None when it may be training."""
+    name, args = node.target.__name__, list(node.args)
+    if name.startswith("_native_batch_norm_legit_no_training"):
+        return float(args[6] if len(args) > 6 else node.kwargs.get("eps", 1e-5))
+    training = args[5] if len(args) > 5 else node.kwargs.get("training", False)
+    return None if training else float(args[7] if len(args) > 7 else node.kwargs.get("eps", 1e-5))
+
+
+@_fusing
+def _convert_batch_norm(node: fx.Node, importer: Any) -> relax.Expr:
+    """An inference batch norm after a pending conv becomes its row scale and bias:
+    (conv * s + b - mean) * k + beta with k = gamma / sqrt(var + eps)."""
+    src = node.args[0]
+    call = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+    eps = _bn_eps(node)
+    if call is None or eps is None or call.spec.act != "none" or call.spec.residual:
+        return _fallback(node, importer)
+    op, o = relax.op, call.spec.out_channels
+    env = lambda i, default: importer.env[node.args[i]] if node.args[i] is not None \
+        else relax.const(np.full(o, default, np.float32))   # noqa: E731
+    gamma, beta, mean, var = env(1, 1.0), env(2, 0.0), env(3, 0.0), env(4, 1.0)
+    bb = importer.block_builder
+    k = bb.emit(op.divide(gamma, op.sqrt(op.add(var, relax.const(eps, "float32")))))
+    scale = k if call.scale is None else bb.emit(op.multiply(call.scale, k))
+    bias = bb.emit(op.add(op.multiply(op.subtract(call.bias, mean), k), beta))
+    del _pending(importer)[src]
+    fused = replace(call, spec=replace(call.spec, row_scale=True), scale=scale, bias=bias)
+    return _finish_conv(node, importer, fused)
+
+
+@_fusing
+def _convert_getitem(node: fx.Node, importer: Any) -> relax.Expr:
+    """getitem(batch_norm, 0) of a decomposed export: a pending conv passes through."""
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src in _pending(importer) and node.args[1] == 0:
+        return _finish_conv(node, importer, _pending(importer).pop(src))
+    return _fallback(node, importer)
+
+
+@_fusing
+def _convert_add(node: fx.Node, importer: Any) -> relax.Expr:
+    a, b = node.args[:2]
+    if node.kwargs.get("alpha", 1) == 1 and a is not b:
+        for src, other in ((a, b), (b, a)):
+            call = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+            if call is None or call.spec.act != "none" or call.spec.residual or not isinstance(other, fx.Node):
+                continue
+            _materialize(importer, other)
+            residual = importer.env[other]
+            out_shape = [call.spec.batch, call.spec.out_channels, *call.spec.out_hw]
+            ty = getattr(residual, "ty", None)
+            if not isinstance(ty, relax.TensorType) or str(ty.dtype) != "float32" or \
+                    [int(v) for v in ty.shape] != out_shape:
+                continue
+            del _pending(importer)[src]
+            fused = replace(call, spec=replace(call.spec, residual=True), residual=residual)
+            return _finish_conv(node, importer, fused)
+    return _fallback(node, importer)
+
+
+# ----------------------------------------------------------------------------- converters
+
+def sparse_linear_call(bb: relax.BlockBuilder, x2: relax.Expr, n_out: int, values: relax.Expr,
+                       indices: relax.Expr, indptr: relax.Expr, bias: relax.Expr | None,
+                       block: tuple[int, int], scale: relax.Expr | None = None) -> relax.Var:
+    """y (batch, n_out) = x2 @ W.T + bias for W in CSR/BSR (int8 values with `scale`)."""
+    batch, n_in = _shape(x2)
+    nnzb = _shape(values)[0]
+    if nnzb == 0:   # an all-zero weight: y = bias
+        return bb.emit(relax.op.broadcast_to(_bias(bias, n_out), (batch, n_out)))
+    spec = LinearSpec(batch, n_out, n_in, "sparse", nnzb, tuple(block), _dtype(indices),
+                      values="int8" if _dtype(values) == "int8" else "float32")
+    scale = scale if scale is not None else relax.const(np.ones(linear_scale_shape(spec), np.float32))
+    return _call(bb, spec, [x2, values, indices, indptr, _bias(bias, n_out), scale], (batch, n_out))
+
+
 def _convert_sparse_linear(node, importer) -> relax.Var:
-    x, vals, idx, ptr, bias, n_out, n_in, block = importer.retrieve_args(node)
+    args = list(importer.retrieve_args(node)) + [None]
+    x, vals, idx, ptr, bias, n_out, n_in, block, scale = args[:9]
     bb: relax.BlockBuilder = importer.block_builder
     lead = _shape(x)[:-1]
     batch = int(np.prod(lead)) if lead else 1
     x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, (batch, n_in)))
-    nnzb = _shape(vals)[0]
-    if nnzb == 0:   # an all-zero weight: y = bias
-        y = bb.emit(relax.op.broadcast_to(_bias(bias, n_out), (batch, n_out)))
-    else:
-        spec = LinearSpec(batch, n_out, n_in, "sparse", nnzb, tuple(block), _dtype(idx))
-        y = _call(bb, spec, [x2, vals, idx, ptr, _bias(bias, n_out)], (batch, n_out))
+    y = sparse_linear_call(bb, x2, n_out, vals, idx, ptr, bias, tuple(block), scale)
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
 
-def _convert_sparse_conv2d(node, importer) -> relax.Var:
-    x, vals, idx, ptr, bias, wshape, block, stride, padding, dilation, groups = importer.retrieve_args(node)
-    bb: relax.BlockBuilder = importer.block_builder
-    b, c, h, w = _shape(x)
-    o, _, kh, kw = wshape
-    spec = ConvSpec(b, c, h, w, o, (kh, kw), tuple(stride), tuple(padding), tuple(dilation),
-                    int(groups), "sparse", _shape(vals)[0], tuple(block), _dtype(idx))
-    oh, ow = spec.out_hw
-    if spec.nnz_blocks == 0:
-        bias4 = bb.emit(relax.op.reshape(_bias(bias, o), (1, o, 1, 1)))
-        return bb.emit(relax.op.broadcast_to(bias4, (b, o, oh, ow)))
-    return _call(bb, spec, [x, vals, idx, ptr, _bias(bias, o)], (b, o, oh, ow))
+def _with_input(node: fx.Node, importer: Any, make: Callable[[relax.Expr | None, tuple[int, ...] | None], ConvCall]) -> relax.Expr:
+    """Finish a conv whose input may be a pending conv: a 1x1 conv feeding a depthwise conv is
+    computed inside the depthwise kernel; any other pending input is emitted first."""
+    src = node.args[0]
+    producer = _pending(importer).get(src) if isinstance(src, fx.Node) else None
+    if producer is not None:
+        ps = producer.spec
+        call = make(None, (ps.batch, ps.out_channels, *ps.out_hw))
+        if can_fuse_pointwise(ps, call.spec):
+            del _pending(importer)[src]
+            return _finish_conv(node, importer, replace(call, x=producer.x, producer=producer))
+        _materialize(importer, src)
+    return _finish_conv(node, importer, make(importer.env[src], None))
+
+
+@_fusing
+def _convert_sparse_conv2d(node, importer) -> relax.Expr:
+    args = list(importer.retrieve_args(node)) + [None]
+    _, vals, idx, ptr, bias, wshape, block, stride, padding, dilation, groups, scale = args[:12]
+    return _with_input(node, importer, lambda x, in_shape: conv_call(
+        importer.block_builder, x, tuple(wshape), vals, idx, ptr, bias, stride, padding, dilation, groups,
+        tuple(block), "sparse", scale, in_shape))
 
 
 def _convert_dense_linear(node, importer) -> relax.Var:
@@ -110,24 +458,26 @@ def _convert_dense_linear(node, importer) -> relax.Var:
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
 
-def _convert_dense_conv2d(node, importer) -> relax.Var:
-    from rwdeploy.sparse.formats import index_dtype
+def _pair(v: Any, default: int) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)):
+        return tuple(v) * (2 // len(v))
+    return (v or default,) * 2
 
+
+@_fusing
+def _convert_dense_conv2d(node, importer) -> relax.Expr:
     args = list(importer.retrieve_args(node)) + [None] * 7
-    x, w, bias, stride, padding, dilation, groups = args[:7]
-    pair = lambda v, d: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (v or d,) * 2  # noqa: E731
+    _, w, bias, stride, padding, dilation, groups = args[:7]
     bb: relax.BlockBuilder = importer.block_builder
-    b, c, h, wd = _shape(x)
     o, cg, kh, kw = _shape(w)
     kcol = cg * kh * kw
-    idx = str(index_dtype(kcol)).replace("torch.", "")
-    spec = ConvSpec(b, c, h, wd, o, (kh, kw), pair(stride, 1), pair(padding, 0), pair(dilation, 1),
-                    int(groups or 1), "dense", 0, (1, 1), idx)
     # the dense conv kernel is the sparse one walking a CSR that holds every weight
     vals = bb.emit(relax.op.reshape(w, (o * kcol, 1, 1)))
-    col = relax.const(np.tile(np.arange(kcol), o).astype(idx))
+    columns = np.tile(np.arange(kcol), o)
     ptr = relax.const((np.arange(o + 1) * kcol).astype(np.int32))
-    return _call(bb, spec, [x, vals, col, ptr, _bias(bias, o)], (b, o, *spec.out_hw))
+    return _with_input(node, importer, lambda x, in_shape: conv_call(
+        bb, x, (o, cg, kh, kw), vals, columns, ptr, bias, _pair(stride, 1), _pair(padding, 0), _pair(dilation, 1),
+        int(groups or 1), (1, 1), "dense", None, in_shape))
 
 
 def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
@@ -136,10 +486,15 @@ def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
     With `dense_kernels`, dense conv2d / linear also run rwdeploy's scheduled TIR kernels
     instead of the default Relax lowering, which leaves them unscheduled on CPU (~100x
     slower); the program must then be imported without decomposition, so that conv2d and
-    linear reach the converter as themselves.
+    linear reach the converter as themselves. The activation / add entries fuse into a
+    preceding conv kernel where they can and otherwise convert as TVM does.
     """
-    cmap = {"sparse_linear.default": _convert_sparse_linear,
-            "sparse_conv2d.default": _convert_sparse_conv2d}
+    cmap: dict[str, Callable] = {"sparse_linear.default": _convert_sparse_linear,
+                                 "sparse_conv2d.default": _convert_sparse_conv2d,
+                                 "add.Tensor": _convert_add}
+    cmap.update({name: _convert_activation for name in _ACTIVATIONS})
+    cmap.update({name: _convert_batch_norm for name in _BATCH_NORMS})
+    cmap["getitem"] = _convert_getitem
     if dense_kernels:
         cmap.update({"linear.default": _convert_dense_linear, "conv2d.default": _convert_dense_conv2d})
     return cmap
@@ -155,134 +510,5 @@ def import_exported_program(ep: torch.export.ExportedProgram, *, dense_kernels: 
     kw.setdefault("unwrap_unit_return_tuple", True)
     if dense_kernels:
         kw.setdefault("run_ep_decomposition", False)
-    return from_exported_program(ep, custom_convert_map=cmap, **kw)
-
-
-# ----------------------------------------------------------------------------- timing
-
-@dataclass
-class Candidate:
-    """One kernel to time: its spec and the arrays it is called with (x first, y excluded)."""
-    key: str
-    spec: LinearSpec | ConvSpec
-    args: Sequence[np.ndarray]
-    out_shape: tuple[int, ...]
-
-
-def dense_as_csr(weight2d: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dense matrix as CSR arrays holding every entry (the dense conv kernel's input)."""
-    from rwdeploy.sparse.formats import index_dtype
-
-    n, k = weight2d.shape
-    vals = weight2d.detach().float().reshape(n * k, 1, 1).numpy().copy()
-    col = np.tile(np.arange(k), n).astype(str(index_dtype(k)).replace("torch.", ""))
-    ptr = (np.arange(n + 1) * k).astype(np.int32)
-    return vals, col, ptr
-
-
-def time_candidates(cands: Sequence[Candidate], target: tvm.target.Target | None = None,
-                    *, min_repeat_ms: int = 30, repeat: int = 5) -> dict[str, dict[str, float]]:
-    """Build every candidate kernel into one library (one LLVM run) and time each.
-
-    The candidates are timed in rounds, one sample of each per round (TVM's time_evaluator, at
-    least `min_repeat_ms` per sample), so that a shared machine's changing load affects all
-    alike. Returns key -> {"median_ms", "min_ms", "n"} over the `repeat` samples.
-    """
-    target = target or host_target()
-    funcs = {}
-    for c in cands:
-        funcs[c.spec.name()] = kernel_for(c.spec)
-    lib = tvm.compile(tvm.IRModule(funcs), target=target).mod
-    dev = tvm.cpu()
-    timers = {}
-    for c in cands:
-        outs = [*scratch_shapes(c.spec), c.out_shape]
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in c.args]
-        args += [tvm.runtime.tensor(np.zeros(sh, np.float32), dev) for sh in outs]
-        timers[c.key] = (lib.time_evaluator(c.spec.name(), dev, number=1, repeat=1, min_repeat_ms=min_repeat_ms),
-                         args)
-    samples: dict[str, list[float]] = {key: [] for key in timers}
-    for _ in range(repeat):
-        for key, (timer, args) in timers.items():
-            samples[key].extend(timer(*args).results)
-    return {key: {"median_ms": float(np.median(res)) * 1e3, "min_ms": min(res) * 1e3, "n": len(res)}
-            for key, res in samples.items()}
-
-
-# ----------------------------------------------------------------------------- per-layer formats
-
-def layer_spec(layer: torch.nn.Module, in_shape: Sequence[int], fmt: str,
-               matrix=None) -> LinearSpec | ConvSpec:
-    """The kernel spec of `layer` (nn.Linear / nn.Conv2d) at input shape `in_shape`."""
-    sparse = fmt != "dense"
-    nnzb = matrix.nnz_blocks if sparse else 0
-    block = tuple(matrix.block) if sparse else (1, 1)
-    if isinstance(layer, torch.nn.Linear):
-        batch = int(np.prod(in_shape[:-1])) if len(in_shape) > 1 else 1
-        idx = str(matrix.indices.dtype).replace("torch.", "") if sparse else "int32"
-        return LinearSpec(batch, layer.out_features, layer.in_features, fmt if not sparse else "sparse",
-                          nnzb, block, idx)
-    from rwdeploy.sparse.formats import index_dtype
-
-    o, cg, kh, kw = layer.weight.shape
-    idx = str(matrix.indices.dtype if sparse else index_dtype(cg * kh * kw)).replace("torch.", "")
-    b, c, h, w = in_shape
-    return ConvSpec(b, c, h, w, o, (kh, kw), tuple(layer.stride), tuple(layer.padding),
-                    tuple(layer.dilation), layer.groups, "dense" if not sparse else "sparse",
-                    nnzb, block, idx)
-
-
-def layer_candidate(key: str, layer: torch.nn.Module, in_shape: Sequence[int], matrix) -> Candidate:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(tuple(in_shape)).astype(np.float32)
-    bias = np.zeros(layer.weight.shape[0], np.float32)
-    fmt = "dense" if matrix is None else matrix.format
-    spec = layer_spec(layer, in_shape, fmt, matrix)
-    if isinstance(spec, LinearSpec):
-        x = x.reshape(spec.batch, spec.in_features)
-        out_shape = (spec.batch, spec.out_features)
-        if matrix is None:
-            arrays = [layer.weight.detach().float().numpy()]
-        else:
-            arrays = [matrix.values.numpy(), matrix.indices.numpy(), matrix.indptr.numpy()]
-    else:
-        out_shape = (spec.batch, spec.out_channels, *spec.out_hw)
-        if matrix is None:
-            arrays = list(dense_as_csr(layer.weight.reshape(layer.weight.shape[0], -1)))
-        else:
-            arrays = [matrix.values.numpy(), matrix.indices.numpy(), matrix.indptr.numpy()]
-    return Candidate(key, spec, [x, *arrays, bias], out_shape)
-
-
-def measure_layer_formats(layers: Sequence[tuple[str, torch.nn.Module, Sequence[int], dict]],
-                          target: tvm.target.Target | None = None) -> dict[str, dict[str, dict]]:
-    """Time each layer's dense and packed forms on this machine, all in one TVM build.
-
-    `layers`: (name, nn.Linear|nn.Conv2d, input shape, {format: SparseMatrix}). The
-    alternatives are the kernels a TVM artifact can run for the layer: "dense" (rwdeploy's
-    scheduled TIR dense kernel) and each format. torch's eager dense layer (oneDNN/MKL) is
-    timed too, as a reference outside the artifact ("ref:dense_torch").
-    Returns name -> {alternative: {"median_ms", "min_ms", "n"}}.
-    """
-    from rwdeploy.runtime.latency import time_callable
-
-    cands = []
-    for name, layer, shape, packed in layers:
-        cands.append(layer_candidate(f"{name}\0dense", layer, shape, None))
-        cands += [layer_candidate(f"{name}\0{fmt}", layer, shape, m) for fmt, m in packed.items()]
-    timed = time_candidates(cands, target)
-    out: dict[str, dict[str, dict]] = {name: {} for name, *_ in layers}
-    for key, stats in timed.items():
-        name, alt = key.split("\0")
-        out[name][alt] = stats
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads())
-    try:
-        for name, layer, shape, _ in layers:
-            x = torch.randn(tuple(shape))
-            with torch.no_grad():
-                st = time_callable(lambda: layer(x), warmup=3, min_runs=10, min_time_s=0.05)
-            out[name]["ref:dense_torch"] = {"median_ms": st.median_ms, "min_ms": st.min_ms, "n": st.n}
-    finally:
-        torch.set_num_threads(prev)
-    return out
+    # the weights are constants now: fold what the converters derived from them
+    return fold_weight_arithmetic(from_exported_program(ep, custom_convert_map=cmap, **kw))

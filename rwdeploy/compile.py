@@ -121,11 +121,11 @@ def stage_verify(ctx: CompileContext) -> None:
 def stage_pack_sparse(ctx: CompileContext) -> None:
     """Pack sparse layers as CSR/BSR where that measures faster (`--sparse`); checked on the probes."""
     from rwdeploy.passes.pack_sparse import pack_sparse
-    from rwdeploy.sparse.timing import HostLayerTimer
+    from rwdeploy.sparse.timing import layer_timer
 
     opts = ctx.options  # the pass never measures: this stage gives it the target's layer timer
     result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target,
-                         timer=HostLayerTimer(opts.target))
+                         timer=layer_timer(opts.target, rpc=opts.rpc, tracker=opts.tracker, key=opts.key))
     check = compare_on(ctx.slim, result.gm, ctx.probe_inputs, tolerance=opts.tolerance)
     if not check.passed:
         raise VerificationError(f"packed model differs from the slim model: max relative error {check.max_rel:.3g} "

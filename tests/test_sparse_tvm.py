@@ -60,8 +60,9 @@ def test_relax_import_uses_tir_kernels_and_matches_dense(batch, decompose):
     if decompose:
         from tvm.relax.frontend.torch import from_exported_program
 
-        mod = from_exported_program(ep, unwrap_unit_return_tuple=True,
-                                    custom_convert_map=tvm_sparse.convert_map(dense_kernels=False))
+        mod = tvm_sparse.fold_weight_arithmetic(   # as runtime.tvm_build.import_relax does
+            from_exported_program(ep, unwrap_unit_return_tuple=True,
+                                  custom_convert_map=tvm_sparse.convert_map(dense_kernels=False)))
     else:
         mod = tvm_sparse.import_exported_program(ep)
     script = mod.script()
@@ -78,7 +79,8 @@ def test_time_candidates_runs_dense_and_sparse_kernels():
     lin = _sparsify(nn.Linear(64, 32), 0.9, 0)
     conv = _sparsify(nn.Conv2d(8, 8, 3, padding=1), 0.9, 1)
     from rwdeploy.sparse import pack
-    out = tvm_sparse.measure_layer_formats([
+    from rwdeploy.runtime.layer_formats import measure_layer_formats
+    out = measure_layer_formats([
         ("lin", lin, [1, 64], {"csr": pack(lin.weight)}),
         ("conv", conv, [1, 8, 6, 6], {"bsr4x1": pack(conv.weight.reshape(8, -1), (4, 1))}),
     ])

@@ -86,7 +86,9 @@ class CallForm:
         self.args = bound_args(node, names)
         self.input = self.args.get("input")
         weight = self.args.get("weight")
-        self.name = (weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) else "") or node.name
+        # a weight computed in the graph (weight standardisation) names no parameter: the node names it
+        read = isinstance(weight, fx.Node) and weight.op == "get_attr"
+        self.name = (weight.target.rpartition(".")[0] if read else "") or node.name
         self.label, self.type = f"{base_name(node)} (functional)", None
 
     def keys(self, roles: tuple[str, ...]) -> dict[str, str] | None:

@@ -9,6 +9,7 @@
 //   One warm-up call always runs first, then ITERS timed calls (ITERS may be 0).
 //   OUTPUT.bin (optional): the float32 output of the last call, for checking against torch.
 // Prints "output_shape=..." and "mean_ms=..." on stdout; exits non-zero with a message on error.
+// RWDEPLOY_VM_FUNCTION (environment) names the Relax function to run instead of "main".
 #include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
@@ -76,7 +77,8 @@ int Run(int argc, char** argv) {
   // again for the host: kDLCPU both times, allocator 2 = pooled.
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2,
                                                static_cast<int>(kDLCPU), 0, 2);
-  ffi::Function fmain = vm->GetFunction("main").value();
+  const char* fname = std::getenv("RWDEPLOY_VM_FUNCTION");
+  ffi::Function fmain = vm->GetFunction(fname != nullptr ? fname : "main").value();
 
   DLDevice cpu{kDLCPU, 0};
   ffi::Tensor x = ffi::Tensor::FromNDAlloc(AlignedHostAlloc(), ffi::Shape(shape),

@@ -1,27 +1,60 @@
-"""The measurer the compile pipeline gives `pack_sparse`: each layer's dense and packed forms
-timed as the TVM kernels a compiled artifact runs (`runtime.tvm_sparse.measure_layer_formats`),
-on this host. TVM is imported when it first measures, so a model with nothing to pack never
-loads it.
+"""The measurers the compile pipeline gives `pack_sparse`: each layer's dense and packed forms
+timed as the kernels a compiled artifact runs, where that artifact will run.
+
+`layer_timer(target)` picks one: arm-family targets measure on the arm device
+(`runtime.arm_layer_timer`: a board over RPC, else instruction counts on the emulated aarch64
+device, the host only as a stated fallback); other targets on this host
+(`runtime.layer_formats.measure_layer_formats`). TVM is imported when a timer first measures, so
+a model with nothing to pack never loads it; `where` is set then (the record's `measured_on`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
+Layers = Sequence[tuple[str, nn.Module, Sequence[int], dict]]
+
 
 class HostLayerTimer:
-    """A `pack_sparse` timer; after measuring, `where` says where (the record's `measured_on`)."""
+    """Times on this host; for a target other than `cpu` that is a proxy, and `where` says so."""
 
     def __init__(self, target: str = "cpu") -> None:
         self.target = target
         self.where: str | None = None
 
-    def __call__(self, layers: Sequence[tuple[str, nn.Module, Sequence[int], dict]]) -> dict[str, dict[str, dict]]:
+    def __call__(self, layers: Layers) -> dict[str, dict[str, dict]]:
         from rwdeploy.runtime import tvm_sparse
+        from rwdeploy.runtime.layer_formats import measure_layer_formats
 
         cpu = tvm_sparse.host_target()
         self.where = f"host {cpu.attrs.get('mcpu', 'cpu')} via TVM, {tvm_sparse.threads()} threads"
         if self.target != "cpu":
             self.where += f" (proxy: target {self.target!r} is not measurable here; pass timer= to measure it)"
-        return tvm_sparse.measure_layer_formats(layers, cpu)
+        return measure_layer_formats(layers, cpu)
+
+
+class ArmLayerTimer:
+    """Times on the arm device (`runtime.arm_layer_timer`), chosen when it first measures."""
+
+    def __init__(self, target: str = "arm", *, rpc: str | None = None, tracker: str | None = None,
+                 key: str | None = None) -> None:
+        self.target, self.rpc, self.tracker, self.key = target, rpc, tracker, key
+        self.where: str | None = None
+
+    def __call__(self, layers: Layers) -> dict[str, dict[str, dict]]:
+        from rwdeploy.runtime.arm_layer_timer import arm_layer_timer
+
+        timer = arm_layer_timer(self.target, rpc=self.rpc, tracker=self.tracker, key=self.key)
+        self.where = timer.where
+        return timer(layers)
+
+
+def layer_timer(target: str, *, rpc: str | None = None, tracker: str | None = None,
+                key: str | None = None) -> Any:
+    """The `pack_sparse` measurer for a target name (see the module doc)."""
+    from rwdeploy.runtime.targets import TARGETS
+
+    if target in TARGETS and TARGETS[target].family == "arm":
+        return ArmLayerTimer(target, rpc=rpc, tracker=tracker, key=key)
+    return HostLayerTimer(target)

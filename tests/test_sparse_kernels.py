@@ -1,0 +1,206 @@
+"""rwdeploy's TIR conv / linear kernels against torch over random shapes (float and int8 values).
+
+Each test builds many kernels into one library (one LLVM run) and compares every one with
+torch's dense computation of the same weights; shapes, strides, paddings, groups, block shapes,
+epilogues (row scale, residual, ReLU / clip) and layouts (direct, shift, im2col) are drawn at
+random from a fixed seed, plus hand-picked cases for each layout and the pointwise + depthwise
+fusion.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+
+from rwdeploy.runtime import tvm_conv_kernels as K
+from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes
+from rwdeploy.runtime.tvm_sparse import host_target
+from rwdeploy.sparse import pack
+
+DEV = tvm.cpu()
+
+
+def _tensor(a: np.ndarray) -> tvm.runtime.Tensor:
+    return tvm.runtime.tensor(np.ascontiguousarray(a), DEV)
+
+
+def _int8(values: np.ndarray, rows: np.ndarray, n_rows: int, br: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row power-of-two scales and int8 values for float `values` (nnzb, br, bc)."""
+    amax = np.zeros((n_rows // br, br), np.float32)
+    np.maximum.at(amax, rows, np.abs(values).max(axis=2))
+    amax = amax.reshape(n_rows)
+    scale = np.where(amax > 0, 2.0 ** np.ceil(np.log2(np.maximum(amax, 1e-30) / 127)), 1.0).astype(np.float32)
+    q = np.clip(np.round(values / scale.reshape(-1, br, 1)[rows]), -128, 127).astype(np.int8)
+    return q, scale
+
+
+def _dense(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple, block: tuple) -> np.ndarray:
+    """The dense weight of BSR blocks (nnzb, br, bc) at block (rows, cols)."""
+    br, bc = block
+    w = np.zeros((shape[0], int(np.prod(shape[1:]))), np.float32)
+    for v, r, c in zip(values, rows, cols.astype(np.int64)):
+        w[r * br:(r + 1) * br, c * bc:(c + 1) * bc] = v
+    return w.reshape(shape)
+
+
+class ConvCase:
+    """One conv kernel call: spec, arrays, and the torch reference output."""
+
+    def __init__(self, rng, c, o, h, w, k, stride, pad, dil, groups, block, act, residual, int8, sparsity):
+        self.w = rng.standard_normal((o, c // groups, *k)).astype(np.float32)
+        self.w[rng.random(self.w.shape) < sparsity] = 0
+        m = pack(torch.from_numpy(self.w.reshape(o, -1)), block)
+        nnzb = m.nnz_blocks
+        self.spec = K.ConvSpec(2, c, h, w, o, k, stride, pad, dil, groups, "sparse", nnzb, block, "int32",
+                               act, (-0.5, 0.75), residual, "int8" if int8 else "float32", row_scale=not int8)
+        g = K.conv_geometry(self.spec)
+        rows = np.repeat(np.arange(o // block[0]), np.diff(m.indptr.numpy()))
+        vals = m.values.numpy()
+        scale = rng.uniform(0.5, 2.0, o).astype(np.float32)     # a folded batch norm
+        if int8:
+            vals, scale = _int8(vals, rows, o, block[0])
+        if int8:   # the weights the int8 kernel computes with: values times row scales
+            deq = vals.astype(np.float32) * scale.reshape(-1, block[0], 1)[rows]
+            w_eff = _dense(deq, rows, m.indices.numpy(), self.w.shape, block)
+        else:      # float values with a row scale (a folded batch norm)
+            w_eff = self.w * scale.reshape(-1, 1, 1, 1)
+        off = K.slot_offsets_numpy(g, m.indices.numpy(), np)
+        if nnzb == 0:
+            vals, off = np.zeros((1, block[0], 1), vals.dtype), np.zeros(1, np.int32)
+        self.x = rng.standard_normal((2, c, h, w)).astype(np.float32)
+        bias = rng.standard_normal(o).astype(np.float32)
+        oh, ow = self.spec.out_hw
+        res = rng.standard_normal((2, o, oh, ow)).astype(np.float32) if residual else np.zeros(1, np.float32)
+        ref = F.conv2d(torch.from_numpy(self.x), torch.from_numpy(w_eff), torch.from_numpy(bias), stride, pad, dil,
+                       groups)
+        if residual:
+            ref = ref + torch.from_numpy(res)
+        ref = {"none": ref, "relu": torch.relu(ref), "clip": ref.clamp(-0.5, 0.75)}[act]
+        self.ref = ref.numpy()
+        self.weights = [vals, off, m.indptr.numpy(), scale, bias, res]
+        self.origins = K.slot_origins(g, np)
+        self.layout = g.layout
+
+    def run(self, lib) -> np.ndarray:
+        s = self.spec
+        y = _tensor(np.full((2, s.out_channels, *s.out_hw), np.nan, np.float32))
+        w = [_tensor(a) for a in self.weights]
+        if s.groups > 1:
+            lib[s.name()](_tensor(self.x), *w, _tensor(self.origins),
+                          _tensor(np.full(K.scratch_shape(s), np.nan, np.float32)), y)
+        elif self.layout == "direct":
+            lib[s.name()](_tensor(self.x.reshape(2, s.in_channels, -1)), *w, y)
+        else:
+            g = K.conv_geometry(s)
+            xt = _tensor(np.full((2, g.slots, g.plane), np.nan, np.float32))
+            lib[s.transform_name()](_tensor(self.x), _tensor(self.origins), xt)
+            lib[s.name()](xt, *w, y)
+        return y.numpy()
+
+
+def _random_cases(seed: int, n: int) -> list[ConvCase]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n:
+        groups = int(rng.choice([1, 1, 2, 4]))
+        depthwise = rng.random() < 0.2
+        c = groups * int(rng.integers(1, 6)) if not depthwise else int(rng.integers(2, 9))
+        groups = c if depthwise else groups
+        o = groups * int(rng.choice([1, 2, 4, 8])) if not depthwise else c
+        k = tuple(int(v) for v in rng.choice([1, 2, 3, 5], 2))
+        stride = tuple(int(v) for v in rng.choice([1, 1, 2, 3], 2))
+        dil = tuple(int(v) for v in rng.choice([1, 1, 2], 2))
+        pad = tuple(int(rng.integers(0, kk)) for kk in k)
+        h, w = (int(v) for v in rng.integers(max(k) * 2, 20, 2))
+        br = int(rng.choice([1, 1, 4])) if (o // groups) % 4 == 0 else 1
+        act = str(rng.choice(["none", "relu", "clip"]))
+        cases.append(ConvCase(rng, c, o, h, w, k, stride, pad, dil, groups, (br, 1), act,
+                              bool(rng.random() < 0.4), bool(rng.random() < 0.3), float(rng.uniform(0.3, 0.97))))
+    return cases
+
+
+def _fixed_cases() -> list[ConvCase]:
+    rng = np.random.default_rng(7)
+    f = lambda *a: ConvCase(rng, *a)  # noqa: E731
+    return [
+        f(16, 32, 16, 16, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1), "relu", True, False, 0.9),   # direct
+        f(8, 16, 28, 28, (3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 1), "clip", False, False, 0.9),  # shift
+        f(8, 16, 70, 70, (3, 3), (1, 1), (1, 1), (1, 1), 1, (4, 1), "relu", True, True, 0.8),    # column chunks
+        f(3, 8, 35, 33, (7, 7), (2, 2), (3, 3), (1, 1), 1, (1, 1), "relu", False, False, 0.5),   # phases
+        f(32, 32, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 1), "relu", False, True, 0.95),   # im2col
+        f(16, 16, 12, 12, (3, 3), (2, 2), (1, 1), (1, 1), 16, (1, 1), "clip", False, False, 0.6),  # depthwise
+        f(8, 8, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 1), "none", True, False, 1.0),       # all zero
+    ]
+
+
+@pytest.mark.parametrize("which", ["layouts", "random"])
+def test_conv_kernels_match_torch(which):
+    cases = _fixed_cases() if which == "layouts" else _random_cases(0, 14)
+    funcs = {}
+    for c in cases:
+        funcs[c.spec.name()] = K.conv_kernel(c.spec)
+        t = K.transform_for(c.spec)
+        if t is not None:
+            funcs[c.spec.transform_name()] = t
+    lib = tvm.compile(tvm.IRModule(funcs), target=host_target())
+    layouts = set()
+    for c in cases:
+        y = c.run(lib)
+        scale = max(float(np.abs(c.ref).max()), 1.0)
+        np.testing.assert_allclose(y, c.ref, rtol=1e-4, atol=1e-5 * scale, err_msg=K.describe(c.spec))
+        layouts.add(c.layout)
+    if which == "layouts":
+        assert layouts == {"direct", "shift", "im2col"}
+
+
+def test_pointwise_depthwise_fusion_matches_torch():
+    """A 1x1 conv (+ scale, clip) computed inside the depthwise kernel that reads it."""
+    rng = np.random.default_rng(3)
+    for stride, hw, int8 in [(1, 9, False), (2, 12, True), (2, 7, False)]:
+        pw = ConvCase(rng, 6, 12, hw, hw, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1), "clip", False, int8, 0.6)
+        dw = ConvCase(rng, 12, 12, hw, hw, (3, 3), (stride, stride), (1, 1), (1, 1), 12, (1, 1), "relu", False,
+                      False, 0.5)
+        dw.x = pw.ref   # the depthwise conv reads the 1x1 conv's output
+        ref = F.conv2d(torch.from_numpy(pw.ref), torch.from_numpy(dw.w * dw.weights[3].reshape(-1, 1, 1, 1)),
+                       torch.from_numpy(dw.weights[4]), stride, 1, 1, 12).relu().numpy()
+        kernel = K.fused_pointwise_depthwise_kernel(pw.spec, dw.spec)
+        lib = tvm.compile(tvm.IRModule({"f": kernel.with_attr("global_symbol", "f")}), target=host_target())
+        poff = K.slot_offsets_numpy(K.pointwise_geometry(pw.spec), pack(torch.from_numpy(pw.w.reshape(12, -1))).indices.numpy(), np)
+        vals, _, ptr, scale, bias, _ = pw.weights
+        outs = [_tensor(np.full(s, np.nan, np.float32)) for s in K.fused_scratch_shapes(pw.spec, dw.spec)]
+        y = _tensor(np.full(ref.shape, np.nan, np.float32))
+        lib["f"](_tensor(pw.x), _tensor(vals), _tensor(poff), _tensor(ptr), _tensor(scale), _tensor(bias),
+                 *[_tensor(a) for a in dw.weights], _tensor(dw.origins), *outs, y)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_linear_kernels_match_torch(int8):
+    rng = np.random.default_rng(11 + int8)
+    cases = []
+    for batch, n, k, block in [(1, 48, 70, (1, 1)), (1, 32, 64, (1, 4)), (1, 32, 64, (4, 1)), (1, 64, 40, (8, 1)),
+                               (3, 32, 64, (1, 1)), (5, 16, 24, (4, 1)), (1, 40, 300, (1, 1))]:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        w[rng.random(w.shape) < rng.uniform(0.4, 0.95)] = 0
+        m = pack(torch.from_numpy(w), block)
+        vals, scale = m.values.numpy(), np.ones(1, np.float32)
+        rows = np.repeat(np.arange(n // block[0]), np.diff(m.indptr.numpy()))
+        if int8:
+            vals, scale = _int8(vals, rows, n, block[0])
+            w = _dense(vals.astype(np.float32) * scale.reshape(-1, block[0], 1)[rows], rows, m.indices.numpy(),
+                       w.shape, block)
+        spec = LinearSpec(batch, n, k, "sparse", m.nnz_blocks, block, str(m.indices.dtype).replace("torch.", ""),
+                          values="int8" if int8 else "float32", act=str(rng.choice(["none", "relu"])))
+        assert scale.shape == linear_scale_shape(spec)
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        ref = x @ w.T + bias
+        ref = np.maximum(ref, 0) if spec.act == "relu" else ref
+        cases.append((spec, [x, vals, m.indices.numpy(), m.indptr.numpy(), bias, scale], ref))
+    lib = tvm.compile(tvm.IRModule({s.name(): kernel_for(s) for s, _, _ in cases}), target=host_target())
+    for spec, arrays, ref in cases:
+        y = _tensor(np.full(ref.shape, np.nan, np.float32))
+        scratch = [_tensor(np.zeros(sh, np.float32)) for sh in scratch_shapes(spec)]
+        lib[spec.name()](*[_tensor(a) for a in arrays], *scratch, y)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())),
+                                   err_msg=str(spec))
