@@ -516,17 +516,18 @@ def plot(study: Study, summary: dict[str, Any], path: Path) -> bool:
                 pts = data["points"] if data else []
                 if not pts:
                     continue
-                x = [p["rate"] for p in pts]
+                x = [study.rates.index(p["rate"]) for p in pts]  # evenly spaced: 0.98 / 0.99 / 0.995 apart
                 ax.errorbar(x, [100 * p["acc_mean"] for p in pts], yerr=[100 * p["acc_sd"] for p in pts],
                             marker="o", capsize=3, color=COLORS[vname], label=vname)
                 ax.fill_between(x, [100 * p["acc_min"] for p in pts], [100 * p["acc_max"] for p in pts],
                                 color=COLORS[vname], alpha=0.12)
             ax.axhline(dense, color="grey", ls="--", lw=1, label="dense (mean)")
             ax.axhline(dense - 100 * TOLERANCE, color="grey", ls=":", lw=1, label="dense - 0.5 pt")
-            ax.set_xticks(study.rates)
+            ax.set_xticks(range(len(study.rates)), [str(r) for r in study.rates])
+            ax.set_xlim(-0.3, len(study.rates) - 0.7)
             ax.grid(alpha=0.3)
         axes[0][col].set_title(f"prune phase P = {length} epochs")
-        axes[1][col].set_xlabel("rate (fraction of groups pruned)")
+        axes[1][col].set_xlabel("rate (fraction of groups pruned; evenly spaced)")
     axes[0][0].set_ylim(max(lo - 2, 0), dense + 1.5)
     axes[1][0].set_ylim(dense - 5, dense + 1.5)
     axes[0][0].set_ylabel("test accuracy %")
