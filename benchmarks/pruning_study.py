@@ -137,7 +137,7 @@ SCALES: dict[str, dict[str, Study]] = {
     # digits: 1,006 training / 251 validation / 540 test images; one CPU thread per run
     "digits": {
         "lenet5": Study("lenet5", "lenet5", "irregular", [0.9, 0.95, 0.98, 0.99, 0.995], 0.99, [2, 6, 12, 24], 6,
-                        dense_epochs=8, retrain_epochs=4, grids=_grids("lenet5"), rates_by_length={24: [0.99, 0.995]},
+                        dense_epochs=8, retrain_epochs=4, grids=_grids("lenet5"),
                         tuned_at={24: 12},
                         ablations=["rw-subgradient", "rw-unbounded", "rw-squared", "rw-gradual",
                                    "magnitude-gradual", "admm-gradual"]),
