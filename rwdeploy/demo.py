@@ -39,9 +39,10 @@ DEMO_SCHEME = "filter:0.5+irregular:0.9"
 def demo_recipe(epochs: tuple[int, int, int] = (4, 3, 3)) -> Recipe:
     """Reweighted pruning of LeNet-5 on the built-in digits: half of the channels of conv2 and
     fc1 (filter groups of the channel analysis, so compile can remove them), then 90% of those
-    layers' weights in all (irregular); conv1 and the classifier stay dense."""
+    layers' weights in all (irregular); conv1 and the classifier stay dense. The penalty is the
+    default one (bounded by the constraint, proximal steps, lambda 1e-2: README "Reweighted
+    pruning results")."""
     r = Recipe(model="lenet5", data="digits", method="reweighted", scheme=DEMO_SCHEME, rate=0.9, device="cpu")
-    r.penalty.lam = 1e-4
     r.pretrain.epochs, r.prune.epochs, r.retrain.epochs = epochs
     return r
 
@@ -69,7 +70,7 @@ def run_demo(out_dir: str | Path = "rwdeploy-demo", console: Console | None = No
     ckpt = out / "lenet5-pruned.pt"
     recipe = demo_recipe(epochs)
     console.print(f"[bold]rwdeploy demo[/] 1/2: reweighted pruning of LeNet-5 on digits "
-                  f"(scheme {DEMO_SCHEME}, lambda {recipe.penalty.lam}, epochs {'+'.join(map(str, epochs))})")
+                  f"(scheme {DEMO_SCHEME}, lambda {recipe.penalty_lambda()}, epochs {'+'.join(map(str, epochs))})")
     err = make_console(stderr=True)
     bars = EpochBars(err) if err.is_terminal else None
     echo = None if bars is not None else (lambda s: err.print(s, highlight=False))

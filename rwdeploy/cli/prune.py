@@ -57,7 +57,8 @@ def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, 
 @click.option("--scheme", help="irregular, filter, channel, column, kernel, pattern, blockRxC; combine with +, "
                                "per-scheme rates with ':' (e.g. filter:0.5+irregular:0.9).")
 @click.option("--rate", type=float, help="Fraction of each scheme's groups to prune (0.9 = keep 10%).")
-@click.option("--lambda", "lam", type=float, help="Penalty strength lambda (the reweighted method's one knob).")
+@click.option("--lambda", "lam", type=float, help="Penalty strength lambda (the reweighted method's one knob; default 1e-2, "
+                                                   "1 when every scheme is filter: README 'Reweighted pruning results').")
 @click.option("--method", type=click.Choice(["reweighted", "magnitude", "admm", "rw-admm"]),
               help="Pruning method (default reweighted; rw-admm: reweighted ADMM).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it.")
@@ -143,6 +144,5 @@ def command(ctx: click.Context, recipe: str | None, out: str, exclude: tuple[str
             bars.stop()
         dist.close()
     if dist.is_main and not quiet:
-        dense = "n/a" if result.dense_acc is None else f"{result.dense_acc:.4f}"
         click.echo(f"wrote {Path(out)}: {recipe_obj.method} {recipe_obj.scheme} rate {recipe_obj.rate}, "
-                   f"prunable sparsity {result.sparsity:.3f}, test accuracy {result.final_acc:.4f} (dense {dense})")
+                   f"prunable sparsity {result.sparsity:.3f}, {result.accuracy_text()}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rwdeploy.data.augment import random_crop, random_hflip
 from rwdeploy.data.builtin import digits, synthetic
-from rwdeploy.data.dataset import ArrayDataset, BatchLoader, DataSplits, to_model_input
+from rwdeploy.data.dataset import ArrayDataset, BatchLoader, DataSplits, hold_out_validation, to_model_input
 from rwdeploy.data.readers import DataError, cifar, image_folder, mnist, npz
 
 BUILTIN = ("digits", "synthetic")
@@ -44,5 +44,5 @@ def load_dataset(spec: str, image_shape: tuple[int, int, int], *, seed: int = 0)
                     hint=f"use one of {', '.join(BUILTIN)} or {', '.join(k + ':PATH' for k in READERS)}")
 
 
-__all__ = ["ArrayDataset", "BatchLoader", "DataError", "DataSplits", "load_dataset", "random_crop",
-           "random_hflip", "to_model_input"]
+__all__ = ["ArrayDataset", "BatchLoader", "DataError", "DataSplits", "hold_out_validation", "load_dataset",
+           "random_crop", "random_hflip", "to_model_input"]

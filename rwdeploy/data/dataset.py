@@ -31,7 +31,8 @@ class ArrayDataset:
 
 @dataclass
 class DataSplits:
-    """A train/test pair plus what a model needs to consume it."""
+    """A train/test pair (and an optional validation split carved from train) plus what a
+    model needs to consume it."""
 
     name: str
     train: ArrayDataset
@@ -42,10 +43,44 @@ class DataSplits:
     std: tuple[float, ...]
     augment: bool = False  # random crop (padding 4) + horizontal flip, for CIFAR-style images
     notes: dict = field(default_factory=dict)
+    val: ArrayDataset | None = None  # held out from the training data (see hold_out_validation)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+
+def hold_out_validation(data: DataSplits, fraction: float, *, seed: int = 0) -> DataSplits:
+    """`data` with a stratified `fraction` of its training images moved into a validation split.
+
+    Every class gives round(fraction * its count) images (at least one when it has two or more),
+    drawn with a generator fixed by `seed`, so every run of a study sees the same split. The test
+    split is passed through untouched; `notes["validation"]` lists the training-array indices of
+    both parts so that the split can be audited.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction {fraction} is outside (0, 1)")
+    if data.val is not None:
+        raise ValueError(f"dataset {data.name} already has a validation split")
+    y = data.train.y
+    g = torch.Generator().manual_seed(int(seed))
+    val_parts = []
+    for cls in torch.unique(y).tolist():
+        members = (y == cls).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=g)]
+        n_val = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val_parts.append(members[:n_val])
+    val_idx = torch.sort(torch.cat(val_parts)).values
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val_idx] = False
+    train_idx = keep.nonzero().squeeze(1)
+    notes = dict(data.notes, validation={"fraction": fraction, "seed": int(seed),
+                                         "train_indices": train_idx.tolist(), "val_indices": val_idx.tolist()})
+    return DataSplits(data.name, ArrayDataset(data.train.x[train_idx], y[train_idx]), data.test, data.num_classes,
+                      data.mean, data.std, augment=data.augment, notes=notes,
+                      val=ArrayDataset(data.train.x[val_idx], y[val_idx]))
 
 
 def to_model_input(x: torch.Tensor, input_shape: tuple[int, ...], mean: tuple[float, ...],

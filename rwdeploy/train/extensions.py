@@ -106,10 +106,12 @@ class Extensions:
                               hint="the L-inf budget is defined on [0, 1] pixels; use image data")
 
     def robust(self, final: bool) -> Any:
-        """Per-epoch: PGD at the training strength on `eval_samples`; final: also the stronger
-        attack, on the whole test split."""
+        """Per-epoch: PGD at the training strength on `eval_samples` of the evaluation split
+        (validation when held out, so the selection never sees the test split); final: also the
+        stronger attack, on the whole test split."""
         cfg = self.adversarial
-        return evaluate_robustness(self.run.model, self.run.test_loader, mean=self.run.data.mean, std=self.run.data.std,
+        loader = self.run.test_loader if final else self.run.eval_loader
+        return evaluate_robustness(self.run.model, loader, mean=self.run.data.mean, std=self.run.data.std,
                                    cfg=cfg.pgd(), strong_steps=(cfg.eval_steps or None) if final else None,
                                    max_samples=None if final else cfg.eval_samples, seed=self.run.recipe.seed,
                                    all_reduce=self.run.dist.all_reduce_sum)
@@ -155,10 +157,11 @@ class Extensions:
             offset = sum(getattr(run.recipe, p).epochs for p in run.recipe.PHASES)
             for epoch in range(q.epochs):
                 stats = runner.run_epoch(offset + epoch, epoch, cfg.lr_at(epoch))
-                _, acc = evaluate(run.ddp_model, run.test_loader, run.dist)
+                _, acc = evaluate(run.ddp_model, run.eval_loader, run.dist)
                 run._write_log({"phase": "quantize", "epoch": epoch + 1, "epochs": q.epochs, "bits": q.bits,
-                                **stats, "test_acc": acc})
-                run.echo(f"quantize {epoch + 1}/{q.epochs}  {q.bits}-bit  loss {stats['loss']:.4f}  test {acc:.4f}")
+                                **stats, f"{run.eval_split}_acc": acc})
+                run.echo(f"quantize {epoch + 1}/{q.epochs}  {q.bits}-bit  loss {stats['loss']:.4f}  "
+                         f"{run.eval_split} {acc:.4f}")
         spec = convert(run.model)
         size = model_size(run.model, spec)
         return {"quantization": spec.to_dict(), "quantized_size": size, "quantize_epochs": q.epochs}

@@ -39,6 +39,14 @@ class GroupSet:
         """Squared norms of the groups the penalty acts on (by default the pruning groups)."""
         return self.sq_norms(params)
 
+    def penalty_designation(self, kept: torch.Tensor) -> torch.Tensor:
+        """Which penalty groups the constraint removes, given which pruning groups it keeps."""
+        return ~kept.bool()
+
+    def scale_penalty_groups_(self, params: Params, factors: torch.Tensor) -> None:
+        """Multiply, in place, every element of penalty group g by factors[g] (a proximal step)."""
+        raise NotImplementedError
+
     def sizes(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -93,6 +101,16 @@ class IndexGroups(GroupSet):
                 w = w[pos]
             out = out.index_add(0, gid, w * w)
         return out
+
+    @torch.no_grad()
+    def scale_penalty_groups_(self, params: Params, factors: torch.Tensor) -> None:
+        for name, pos, gid in self._parts_on(params[self._parts[0][0]].device):
+            flat = params[name].view(-1)
+            f = factors.to(flat.device, flat.dtype)[gid]
+            if pos is None:
+                flat.mul_(f)
+            else:
+                flat[pos] = flat[pos] * f
 
     def sizes(self) -> torch.Tensor:
         out = torch.zeros(self.num_groups, dtype=torch.long)
@@ -193,6 +211,19 @@ class PatternGroups(GroupSet):
         w2 = params[self.label].reshape(-1, 9) ** 2
         off = (w2 * ~self._keep_entries(w2.device)).sum(dim=1)
         return torch.cat([off, w2.sum(dim=1)])
+
+    def penalty_designation(self, kept: torch.Tensor) -> torch.Tensor:
+        # the entries off each kernel's pattern always go; whole kernels go unless kept
+        return torch.cat([torch.ones(self.num_groups, dtype=torch.bool), ~kept.bool()])
+
+    @torch.no_grad()
+    def scale_penalty_groups_(self, params: Params, factors: torch.Tensor) -> None:
+        w = params[self.label].view(-1, 9)
+        factors = factors.to(w.device, w.dtype)
+        off, whole = factors[: self.num_groups], factors[self.num_groups:]
+        keep = self._keep_entries(w.device)
+        w.mul_(torch.where(keep, torch.ones_like(w), off[:, None]))  # off-pattern entries
+        w.mul_(whole[:, None])  # then the whole kernel
 
     def sizes(self) -> torch.Tensor:
         return torch.full((self.num_groups,), 4, dtype=torch.long)

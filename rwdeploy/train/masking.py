@@ -27,6 +27,10 @@ class Masker:
         self.pairs = [(n, params[n], masks[n].to(params[n].device).bool()) for n in masks]
         self.debug = debug
 
+    @property
+    def masks(self) -> Masks:
+        return {n: m for n, _, m in self.pairs}
+
     @torch.no_grad()
     def apply_(self) -> None:
         for _, p, m in self.pairs:

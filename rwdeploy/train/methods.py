@@ -52,6 +52,9 @@ class PruneMethod:
     def before_step(self, model: nn.Module, step: int) -> None:
         """Called with the step index within the prune phase, before its forward pass."""
 
+    def after_step(self, model: nn.Module, lr: float) -> None:
+        """Called after every optimiser step of the prune phase (before masks are re-applied)."""
+
     def penalty(self, params: Params) -> torch.Tensor | None:
         return None
 
@@ -77,12 +80,14 @@ class ReweightedPruning(PruneMethod):
     def __init__(self, group_sets: list[GroupSet], recipe: Recipe, dist: DistContext) -> None:
         super().__init__(group_sets, recipe, dist)
         cfg = recipe.penalty
-        self.reg = ReweightedPenalty(group_sets, cfg.lam, cfg.eps, cfg.squared)
+        self.reg = ReweightedPenalty(group_sets, recipe.penalty_lambda(), cfg.eps, cfg.squared, bounded=cfg.bounded,
+                                     bound_tol=cfg.bound_tol, global_rate=recipe.rate if recipe.global_rate else None)
         self.milestones: set[int] = set()
         self.updates_done = 0
 
     def begin(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> None:
         super().begin(model, steps_per_epoch, epochs)
+        self._model_params = dict(model.named_parameters())
         self.milestones = milestone_steps(self.recipe.penalty.milestones, self.recipe.penalty.updates,
                                           self.steps_per_epoch, self.epochs)
 
@@ -91,21 +96,38 @@ class ReweightedPruning(PruneMethod):
             params = dict(model.named_parameters())
             alphas = self.reg.update_alphas(params)
             self.dist.broadcast_(alphas)
+            if self.reg.designated:  # rank 0's choice, so every rank pushes the same groups
+                flags = [d.to(alphas[0].device, torch.float32) for d in self.reg.designated]
+                self.dist.broadcast_(flags)
+                self.reg.designated = [f.cpu().bool() for f in flags]
             self.updates_done += 1
 
     def penalty(self, params: Params) -> torch.Tensor | None:
-        return self.reg(params) if self.group_sets else None
+        if not self.group_sets or self.recipe.penalty.proximal:
+            return None  # the proximal step applies it instead
+        return self.reg(params)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, lr: float) -> None:
+        if self.recipe.penalty.proximal and self.group_sets:
+            self.reg.proximal_(self._model_params, lr)
 
     def log_fields(self) -> dict[str, Any]:
-        return {"alpha_updates": self.updates_done}
+        fields: dict[str, Any] = {"alpha_updates": self.updates_done}
+        if self.reg.bounded and self.reg.designated:
+            params = {n: p.detach() for n, p in self._model_params.items()}
+            fields["designated_pushed"] = int(sum(int(a.sum()) for a in self.reg.active(params)))
+        return fields
 
     def state_dict(self) -> dict[str, Any]:
         return {"alphas": [a.cpu() for a in self.reg.alphas], "updates_done": self.updates_done,
+                "designated": [d.cpu() for d in self.reg.designated],
                 "patterns": [gs.state_dict() for gs in self.group_sets if hasattr(gs, "state_dict")]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.dist.device
         self.reg.alphas = [a.to(device) for a in state.get("alphas", [])]
+        self.reg.designated = [d.cpu() for d in state.get("designated", [])]
         self.updates_done = int(state.get("updates_done", 0))
         pats = iter(state.get("patterns", []))
         for gs in self.group_sets:

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from rwdeploy import models
-from rwdeploy.data import BatchLoader, DataSplits, load_dataset
+from rwdeploy.data import BatchLoader, DataSplits, hold_out_validation, load_dataset
 from rwdeploy.errors import ModelFileError, OptionError
 from rwdeploy.io import Checkpoint, atomic_file, save_checkpoint
 from rwdeploy.train.dist import DistContext, init_distributed
 from rwdeploy.train.extensions import attach as attach_extensions
+from rwdeploy.train.gradual import GradualPruning
 from rwdeploy.train.groups import Masks
 from rwdeploy.train.masking import Masker
 from rwdeploy.train.methods import PruneMethod, create_method
@@ -39,12 +40,22 @@ class PruneResult:
     masks: Masks
     targets: PruneTargets
     log: list[dict[str, Any]]
-    dense_acc: float | None
-    final_acc: float
+    dense_acc: float | None  # of the starting model, on the evaluation split (validation if held out, else test)
+    final_acc: float | None  # test accuracy of the final model; None when the recipe skips the test split
     sparsity: float
     wrote_checkpoint: bool
     checkpoint: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    val_acc: float | None = None  # final model on the validation split, when one is held out
+
+    def accuracy_text(self) -> str:
+        """One line for people: the final accuracy and the dense one it compares with."""
+        split = "validation" if self.val_acc is not None else "test"
+        dense = "n/a" if self.dense_acc is None else f"{self.dense_acc:.4f}"
+        parts = [] if self.final_acc is None else [f"test accuracy {self.final_acc:.4f}"]
+        if self.val_acc is not None:
+            parts.append(f"validation accuracy {self.val_acc:.4f}")
+        return f"{', '.join(parts)} (dense {dense} on {split})" if split == "validation" else f"{parts[0]} (dense {dense})"
 
 
 def state_path(out: str | os.PathLike) -> Path:
@@ -116,6 +127,8 @@ class PruneRun:
         probe_classes = 10
         model, self.arch, self.input_shape, self.arch_kwargs = build_model(r.model, probe_classes)
         self.data = self._data or load_dataset(r.data, tuple(self.input_shape[1:]), seed=r.seed)
+        if r.val_fraction > 0 and self.data.val is None:
+            self.data = hold_out_validation(self.data, r.val_fraction)
         if _out_features(model) != self.data.num_classes:
             if Path(r.model).is_file():
                 raise OptionError(f"--model {r.model}: has {_out_features(model)} outputs but {r.data} has "
@@ -127,7 +140,7 @@ class PruneRun:
         example = torch.randn(self.input_shape, generator=torch.Generator().manual_seed(0))
         analysis = channel_analysis(model.eval(), example) if needs_analysis(r) else None
         self.targets = build_prune_targets(model, r.rules(), default_rate=r.rate, exclude=r.exclude,
-                                           include=r.include, analysis=analysis)
+                                           include=r.include, analysis=analysis, norm_scales=r.filter_norm_scales)
         if not self.targets.group_sets:
             why = self.targets.skipped[0] if self.targets.skipped else None
             detail = f" ({why.get('tensor', why.get('group'))}: {why['scheme']} {why['why']})" if why else ""
@@ -148,6 +161,12 @@ class PruneRun:
                                         rank=dist.rank, world_size=dist.world_size, device=dist.device)
         self.test_loader = BatchLoader(self.data, "test", self.input_shape, r.eval_batch_size, shuffle=False,
                                        rank=dist.rank, world_size=dist.world_size, device=dist.device)
+        # Per-epoch and hard-prune evaluations: the validation split when one is held out (the
+        # test split is then evaluated once, on the final model), else the test split.
+        self.eval_split = "val" if r.val_fraction > 0 else "test"
+        self.eval_loader = self.test_loader if self.eval_split == "test" else BatchLoader(
+            self.data, "val", self.input_shape, r.eval_batch_size, shuffle=False,
+            rank=dist.rank, world_size=dist.world_size, device=dist.device)
         self.method: PruneMethod = create_method(r.method, self.targets.group_sets, r, dist)
         self.masks: Masks = {}
         self.log: list[dict[str, Any]] = []
@@ -204,11 +223,18 @@ class PruneRun:
         if state is not None and "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         method = self.method if name == "prune" else None
-        masker = Masker(self.model, self.masks, debug=self.recipe.debug_masks) if name == "retrain" else None
+        # retraining is masked; so is a gradual prune phase once its first event has pruned
+        masked = name == "retrain" or (name == "prune" and bool(self.masks))
+        masker = Masker(self.model, self.masks, debug=self.recipe.debug_masks) if masked else None
         if masker is not None:
             masker.apply_()
+        pruner = None
+        if name == "prune" and self.recipe.gradual > 0:
+            pruner = GradualPruning(self.targets.group_sets, self.recipe.gradual,
+                                    self.recipe.rate if self.recipe.global_rate else None)
+            pruner.begin(len(self.train_loader), cfg.epochs)
         runner = EpochRunner(self.model, self.ddp_model, optimizer, self.train_loader, self.dist, self.hooks,
-                             method=method, masker=masker)
+                             method=method, masker=masker, pruner=pruner, masks_changed=self._set_masks)
         if method is not None:
             method.begin(self.model, len(self.train_loader), cfg.epochs)
             if state is not None and state.get("phase") == index:
@@ -218,10 +244,11 @@ class PruneRun:
             bar = self.progress(f"{name} {epoch + 1}/{cfg.epochs}", len(self.train_loader)) if self.progress else None
             on_batch = (lambda f: bar.update(loss=f["loss"], acc=f["acc"], sparsity=self._last_sparsity)) if bar else None
             stats = runner.run_epoch(epoch_offset + epoch, epoch, lr, on_batch)
-            test_loss, test_acc = evaluate(self.ddp_model, self.test_loader, self.dist)
+            eval_loss, eval_acc = evaluate(self.ddp_model, self.eval_loader, self.dist)
             self._last_sparsity = self._prunable_sparsity()
+            split = self.eval_split
             record = {"phase": name, "epoch": epoch + 1, "epochs": cfg.epochs, "lr": lr, **stats,
-                      "test_loss": test_loss, "test_acc": test_acc, "sparsity": self._last_sparsity}
+                      f"{split}_loss": eval_loss, f"{split}_acc": eval_acc, "sparsity": self._last_sparsity}
             if method is not None:
                 record.update(method.log_fields())
             if bar is not None:
@@ -229,20 +256,28 @@ class PruneRun:
             self._write_log(record)
             self._save_state(index, epoch + 1, optimizer)
             self.echo(f"{name} {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  pen {stats['penalty']:.4f}  "
-                      f"acc {stats['train_acc']:.4f}  test {test_acc:.4f}  sparsity {self._last_sparsity:.3f}")
+                      f"acc {stats['train_acc']:.4f}  {split} {eval_acc:.4f}  sparsity {self._last_sparsity:.3f}")
+
+    def _set_masks(self, masks: Masks) -> None:
+        self.masks = masks
 
     def _hard_prune(self) -> None:
+        """Prune to the full rate (keeping what gradual pruning already removed), then evaluate."""
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         global_rate = self.recipe.rate if self.recipe.global_rate else None
-        masks = hard_prune(params, self.targets.group_sets, global_rate=global_rate)
+        masks = hard_prune(params, self.targets.group_sets, global_rate=global_rate, prior=self.masks or None)
         ordered = sorted(masks)
         self.dist.broadcast_([masks[n] for n in ordered])
         self.masks = masks
         Masker(self.model, masks).apply_()
-        _, acc = evaluate(self.ddp_model, self.test_loader, self.dist)
-        self._write_log({"phase": "hard_prune", "test_acc": acc, "sparsity": self._prunable_sparsity(),
+        _, acc = evaluate(self.ddp_model, self.eval_loader, self.dist)
+        self._write_log({"phase": "hard_prune", f"{self.eval_split}_acc": acc, "sparsity": self._prunable_sparsity(),
                          "layers": {n: float(1 - m.float().mean()) for n, m in masks.items()}})
-        self.echo(f"hard prune: sparsity {self._prunable_sparsity():.3f}, test accuracy {acc:.4f} before retraining")
+        self.echo(f"hard prune: sparsity {self._prunable_sparsity():.3f}, {self.eval_split} accuracy {acc:.4f} "
+                  "before retraining")
+
+    def _hard_pruned(self) -> bool:
+        return any(r.get("phase") == "hard_prune" for r in self.log)
 
     def run(self) -> PruneResult:
         self._setup()
@@ -251,36 +286,42 @@ class PruneRun:
         if state is None and self.dist.is_main and self.log_path.exists():
             self.log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
         start_phase, start_epoch = (state["phase"], state["epoch"]) if state else (0, 0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for index, name in enumerate(Recipe.PHASES):
             cfg: PhaseConfig = getattr(self.recipe, name)
             if index < start_phase:
                 continue
             first = index == start_phase
-            if name == "retrain" and not self.masks:
+            if name == "retrain" and not self._hard_pruned():
                 self._hard_prune()
             if name == "prune" and self.dense_acc is None and (state is None or not first or start_epoch == 0):
-                _, self.dense_acc = evaluate(self.ddp_model, self.test_loader, self.dist)
+                _, self.dense_acc = evaluate(self.ddp_model, self.eval_loader, self.dist)
             self._run_phase(index, name, cfg, start_epoch if first else 0, state if first else None)
-        if not self.masks:  # no retrain phase
+        if not self._hard_pruned():  # no retrain phase
             self._hard_prune()
         extension_meta = self.extensions.after_retrain(self) if self.extensions is not None else {}
         Masker(self.model, self.masks).apply_()
-        _, final_acc = evaluate(self.ddp_model, self.test_loader, self.dist)
+        val_acc = evaluate(self.ddp_model, self.eval_loader, self.dist)[1] if self.eval_split == "val" else None
+        # the one evaluation of the final model on the test split (skipped by tuning runs)
+        final_acc = evaluate(self.ddp_model, self.test_loader, self.dist)[1] if self.recipe.final_test else None
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         sp = sparsity(params, self.targets.tensors)
+        steps = sum(int(r.get("steps", 0)) for r in self.log if r.get("phase") in Recipe.PHASES)
         meta = {
             "rwdeploy_prune": {
                 "method": self.recipe.method, "scheme": self.recipe.scheme, "rate": self.recipe.rate,
-                "lambda": self.recipe.penalty.lam, "data": self.recipe.data, "dense_test_acc": self.dense_acc,
-                "test_acc": final_acc, "prunable_sparsity": sp,
+                "lambda": self.recipe.penalty_lambda(), "data": self.recipe.data,
+                f"dense_{self.eval_split}_acc": self.dense_acc, "test_acc": final_acc, "val_acc": val_acc,
+                "prunable_sparsity": sp,
                 "params_total": total_params(self.model), "params_nonzero": kept_params(self.model),
                 "targets": self.targets.describe(), "recipe": self.recipe.to_dict(),
-                "train_time_s": time.perf_counter() - t0, "world_size": self.dist.world_size,
+                "train_time_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
+                "optimizer_steps": steps, "world_size": self.dist.world_size,
             }
         }
         meta.update(extension_meta)
-        self._write_log({"phase": "final", "test_acc": final_acc, "dense_test_acc": self.dense_acc, "sparsity": sp})
+        self._write_log({"phase": "final", "test_acc": final_acc, "val_acc": val_acc,
+                         f"dense_{self.eval_split}_acc": self.dense_acc, "sparsity": sp})
         wrote = False
         if self.dist.is_main:
             ckpt = Checkpoint(self.arch, {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -290,7 +331,7 @@ class PruneRun:
             wrote = True
         self.dist.barrier()
         return PruneResult(self.model, self.masks, self.targets, self.log, self.dense_acc, final_acc, sp,
-                           wrote, self.out if wrote else None, meta)
+                           wrote, self.out if wrote else None, meta, val_acc)
 
 
 def run_pruning(recipe: Recipe, out: str | os.PathLike, **kw: Any) -> PruneResult:

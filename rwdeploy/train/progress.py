@@ -37,5 +37,6 @@ class EpochBar:
         self.progress.update(self.task, advance=1, **fields)
 
     def close(self, record: dict[str, Any]) -> None:
+        split = "val" if "val_acc" in record else "test"
         self.progress.update(self.task, loss=record["loss"], acc=record["train_acc"],
-                             sparsity=record["sparsity"], test=f"  test {record['test_acc']:.3f}")
+                             sparsity=record["sparsity"], test=f"  {split} {record[f'{split}_acc']:.3f}")

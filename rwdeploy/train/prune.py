@@ -76,9 +76,10 @@ def default_exclusions(model: nn.Module) -> list[str]:
 
 def build_prune_targets(model: nn.Module, rules: list[LayerRule], *, default_rate: float,
                         exclude: Iterable[str] | None = None, include: Iterable[str] = (),
-                        analysis: Any = None) -> PruneTargets:
+                        analysis: Any = None, norm_scales: bool = True) -> PruneTargets:
     """Group sets for `model`: each prunable, non-excluded weight gets the schemes of the first
-    rule that matches it; filter/channel schemes use the channel groups of `analysis`."""
+    rule that matches it; filter/channel schemes use the channel groups of `analysis`, their
+    filter groups with the normalisation scales that follow them unless `norm_scales` is False."""
     prunable = prunable_weights(model)
     excluded = set(default_exclusions(model) if exclude is None else _expand(exclude, prunable))
     excluded -= set(_expand(include, prunable))
@@ -103,7 +104,7 @@ def build_prune_targets(model: nn.Module, rules: list[LayerRule], *, default_rat
             else:
                 sets.append(gs)
     scales = frozenset(f"{name}.weight" for name, m in model.named_modules()
-                       if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None)
+                       if norm_scales and isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None)
     for scheme, wanted in coupled_rate.items():
         if not wanted:
             continue
@@ -150,26 +151,30 @@ def _prune_count(rate: float, n: int) -> int:
 
 @torch.no_grad()
 def hard_prune(params: Params, group_sets: list[GroupSet], *, global_rate: float | None = None,
-               prior: Masks | None = None) -> Masks:
+               prior: Masks | None = None, scale: float = 1.0) -> Masks:
     """Masks (True = keep) that prune each group set to its rate, coarse schemes first.
 
-    With `global_rate`, group sets of the same scheme are pooled and ranked together.
+    With `global_rate`, group sets of the same scheme are pooled and ranked together. `prior`
+    masks stay pruned and count towards the rate: a group they remove entirely ranks below every
+    other group, so gradual pruning (rising `scale` x rate with the previous masks as `prior`)
+    removes exactly round(rate x groups) groups at its last step.
     """
     masks: Masks = {k: v.clone() for k, v in (prior or {}).items()}
     for gs in group_sets:
         gs.refresh(params)
     if global_rate is None:
         for gs in group_sets:
-            scores = gs.scores(params, masks).cpu()
+            scores = _ranked_scores(gs, params, masks)
             keep = torch.ones(gs.num_groups, dtype=torch.bool)
-            keep[torch.sort(scores, stable=True).indices[: _prune_count(gs.rate, gs.num_groups)]] = False
+            keep[torch.sort(scores, stable=True).indices[: _prune_count(gs.rate * scale, gs.num_groups)]] = False
             _and_into(masks, gs.masks_from_keep(keep), params)
         return masks
     by_scheme: dict[str, list[GroupSet]] = {}
     for gs in group_sets:
         by_scheme.setdefault(gs.scheme, []).append(gs)
+    global_rate = global_rate * scale
     for sets in by_scheme.values():
-        scores = torch.cat([gs.scores(params, masks).cpu() / gs.sizes().clamp_min(1).float().sqrt() for gs in sets])
+        scores = torch.cat([_ranked_scores(gs, params, masks) / gs.sizes().clamp_min(1).float().sqrt() for gs in sets])
         keep_all = torch.ones(scores.numel(), dtype=torch.bool)
         keep_all[torch.sort(scores, stable=True).indices[: _prune_count(global_rate, scores.numel())]] = False
         start = 0
@@ -177,6 +182,15 @@ def hard_prune(params: Params, group_sets: list[GroupSet], *, global_rate: float
             _and_into(masks, gs.masks_from_keep(keep_all[start: start + gs.num_groups]), params)
             start += gs.num_groups
     return masks
+
+
+def _ranked_scores(gs: GroupSet, params: Params, masks: Masks) -> torch.Tensor:
+    """Group scores for ranking; groups that `masks` already remove entirely score -1."""
+    scores = gs.scores(params, masks).cpu()
+    if any(t in masks for t in gs.tensors):
+        alive = gs.sq_norms({t: masks[t].float() if t in masks else torch.ones_like(params[t]) for t in gs.tensors})
+        scores = torch.where(alive.cpu() > 0, scores, torch.full_like(scores, -1.0))
+    return scores
 
 
 def _and_into(masks: Masks, new: Masks, params: Params) -> None:

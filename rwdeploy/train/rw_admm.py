@@ -161,7 +161,7 @@ class ReweightedAdmmPruning(PruneMethod):
     def _start(self, model: torch.nn.Module) -> ReweightedADMM:
         cfg, pen = self.recipe.admm, self.recipe.penalty
         params = {n: p.detach() for n, p in model.named_parameters()}
-        admm = ReweightedADMM(params, self.group_sets, lam=float(pen.lam), rho=float(cfg.rho),
+        admm = ReweightedADMM(params, self.group_sets, lam=self.recipe.penalty_lambda(), rho=float(cfg.rho),
                               rho_growth=float(cfg.rho_factor), rho_max=float(cfg.rho_max), eps=float(pen.eps))
         if self._pending is not None:
             admm.load_state_dict({k: v for k, v in self._pending.items()})

@@ -19,6 +19,8 @@ from torch import nn
 
 from rwdeploy.data import BatchLoader
 from rwdeploy.train.dist import DistContext
+from rwdeploy.train.gradual import GradualPruning
+from rwdeploy.train.groups import Masks
 from rwdeploy.train.masking import Masker
 from rwdeploy.train.methods import PruneMethod
 from rwdeploy.train.recipe import PhaseConfig
@@ -63,16 +65,33 @@ def evaluate(model: nn.Module, loader: BatchLoader, dist: DistContext) -> tuple[
 
 
 class EpochRunner:
-    """Runs epochs of one phase: forward, loss + method penalty, backward, masked step."""
+    """Runs epochs of one phase: forward, loss + method penalty, backward, masked step.
+
+    With a `pruner` (gradual pruning), the masks can grow before any step of the phase;
+    `masks_changed` then sees the new masks.
+    """
 
     def __init__(self, model: nn.Module, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
                  loader: BatchLoader, dist: DistContext, hooks: TrainHooks, *,
-                 method: PruneMethod | None = None, masker: Masker | None = None) -> None:
+                 method: PruneMethod | None = None, masker: Masker | None = None,
+                 pruner: GradualPruning | None = None, masks_changed: Callable[[Masks], None] | None = None) -> None:
         self.model, self.ddp_model, self.optimizer = model, ddp_model, optimizer
         self.loader, self.dist, self.hooks = loader, dist, hooks
         self.method, self.masker = method, masker
+        self.pruner, self.masks_changed = pruner, masks_changed
         if masker is not None:
             masker.mask_optimizer_state_(optimizer)
+
+    def _prune_further(self, step: int) -> None:
+        masks = self.pruner.masks_at(self.model, step, self.masker.masks if self.masker else {})
+        if masks is None:
+            return
+        self.dist.broadcast_([masks[n] for n in sorted(masks)])
+        self.masker = Masker(self.model, masks)
+        self.masker.apply_()
+        self.masker.mask_optimizer_state_(self.optimizer)
+        if self.masks_changed is not None:
+            self.masks_changed(masks)
 
     def run_epoch(self, epoch: int, phase_epoch: int, lr: float, on_batch: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
         for group in self.optimizer.param_groups:
@@ -81,9 +100,11 @@ class EpochRunner:
         self.ddp_model.train()
         steps = len(self.loader)
         loss_sum = pen_sum = correct = count = 0.0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i, (x, y) in enumerate(self.loader):
             step = phase_epoch * steps + i
+            if self.pruner is not None:
+                self._prune_further(step)
             if self.method is not None:
                 self.method.before_step(self.model, step)
             if self.hooks.perturb is not None:
@@ -102,6 +123,8 @@ class EpochRunner:
                 self.masker.mask_grads_()
                 self.masker.mask_optimizer_state_(self.optimizer)
             self.optimizer.step()
+            if self.method is not None:
+                self.method.after_step(self.model, float(self.optimizer.param_groups[0]["lr"]))
             if self.masker is not None:
                 self.masker.after_step(f"after step {i} of epoch {epoch}")
             valid = y >= 0
@@ -112,4 +135,5 @@ class EpochRunner:
                 on_batch({"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)})
         loss_sum, pen_sum, correct, count = self.dist.all_reduce_sum([loss_sum, pen_sum, correct, count])
         return {"loss": loss_sum / max(count, 1.0), "penalty": pen_sum / max(steps * self.dist.world_size, 1),
-                "train_acc": correct / max(count, 1.0), "time_s": time.perf_counter() - t0}
+                "train_acc": correct / max(count, 1.0), "steps": steps, "time_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0}
