@@ -13,6 +13,7 @@ The model is never mutated.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 
 from rwdeploy.errors import OptionError, RwdeployError, ToolchainError, TvmImportError
 from rwdeploy.io import atomic_file
+from rwdeploy.passes.verify import compare
 from rwdeploy.runtime.latency import LatencyStats, time_callable
 from rwdeploy.runtime.targets import RUNS_LOCAL, Target, get_target
 
@@ -355,5 +357,5 @@ def measure_local(artifact: TvmArtifact, inputs: torch.Tensor | tuple[torch.Tens
     ref = reference.detach().cpu().numpy() if isinstance(reference, torch.Tensor) else reference
     if got.shape != ref.shape:
         raise RwdeployError(f"TVM output shape {got.shape} differs from torch {ref.shape}")
-    err = float(np.max(np.abs(got - ref))) if got.size else 0.0
+    err = compare(ref, got, tolerance=math.inf).max_abs
     return time_callable(run, warmup=warmup, min_runs=min_runs, min_time_s=min_time_s), err
