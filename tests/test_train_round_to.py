@@ -173,3 +173,13 @@ def test_cli_run_trains_groups_whose_nonzero_filters_are_multiples_of_n(tmp_path
         assert (n - round(0.5 * n)) % 4 != 0  # unrounded, 25 of 50 and 250 of 500 would be kept
         nonzero = int((w.detach().flatten(1) != 0).any(1).sum())  # from the weights, not the masks
         assert nonzero % 4 == 0 and n - round(0.5 * n) <= nonzero < n - round(0.5 * n) + 4, (name, nonzero)
+    # compile's channel removal, from the weights alone, leaves those aligned widths
+    from rwdeploy.passes.remove_zero_channels import remove_zero_channels
+    from rwdeploy.passes.trace import trace_model
+
+    x = torch.randn(loaded.input_shape)
+    slim = remove_zero_channels(trace_model(loaded.module.eval(), x).gm, x).gm
+    shapes = {n: tuple(p.shape) for n, p in slim.named_parameters()}
+    assert shapes["conv2.weight"][0] == 28 and shapes["fc1.weight"] == (252, 28 * 4 * 4)
+    with torch.no_grad():
+        assert torch.allclose(slim(x), loaded.module(x), rtol=1e-4, atol=1e-5)
