@@ -136,6 +136,27 @@ def test_channel_scheme_rounds_kept_input_channels():
     assert kept(N) == {"conv_a": 4, "conv_b": 8, "conv_c": 4, "conv_d": 3}
 
 
+def test_coupled_residual_stage_is_one_group_whose_every_producer_keeps_the_rounded_count():
+    from rwdeploy import models
+
+    torch.manual_seed(0)
+    net = models.create("resnet20")
+    x = torch.randn(models.input_shape("resnet20"))
+    targets = build_prune_targets(net, [LayerRule("*", parse_scheme("filter"))], default_rate=0.6,
+                                  analysis=channel_analysis(net.eval(), x), round_to=N)
+    masks = hard_prune({n: p.detach() for n, p in net.named_parameters()}, targets.group_sets)
+    convs = {n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    seen = set()
+    for gs in targets.group_sets:
+        n = gs.num_groups  # 16, 32 or 64 channels: 0.4 of them is 6, 13, 26 -> 8, 16, 28
+        expected = {16: 8, 32: 16, 64: 28}[n]
+        producers = [t for t in gs.tensors if t.rsplit(".", 1)[0] in convs]
+        for t in producers:
+            assert len(_kept_filters(masks[t])) == expected, (gs.label, t)
+        seen.add(len(producers))
+    assert max(seen) == 4  # a residual stage (3 block outputs + the shortcut) shares one count
+
+
 def test_recipe_key_and_errors(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text("model: lenet5\nscheme: 'filter:0.5+irregular:0.9'\nround_to: 8\n")
