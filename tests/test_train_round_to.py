@@ -162,12 +162,12 @@ def test_recipe_key_and_errors(tmp_path, capsys):
     path.write_text("model: lenet5\nscheme: 'filter:0.5+irregular:0.9'\nround_to: 8\n")
     assert Recipe.from_yaml(path).round_to == 8  # a combination: rounds the filter part
     for bad in (0, -4, 2.5, True):
-        with pytest.raises(OptionError, match=r"--round-to \(recipe round_to\)"):
+        with pytest.raises(OptionError, match=r"--round-to .*: must be a positive integer"):
             Recipe(scheme="filter", round_to=bad).validate()
     with pytest.raises(OptionError, match="--round-to 4: needs a filter or channel scheme"):
         Recipe(scheme="irregular", round_to=4).validate()
     Recipe(scheme="irregular", round_to=1).validate()  # 1 = off, any scheme
-    for args, needle in ((["--scheme", "filter", "--round-to", "0"], "--round-to (recipe round_to) 0: must be a positive"),
+    for args, needle in ((["--scheme", "filter", "--round-to", "0"], "--round-to 0: must be a positive integer"),
                          (["--scheme", "irregular", "--round-to", "4"], "--round-to 4: needs a filter or channel scheme")):
         out = tmp_path / "x.pt"
         assert main(["prune", "--model", "lenet5", "--data", "digits", *args, "--out", str(out), "--quiet"]) == 2

@@ -164,7 +164,7 @@ class Recipe:
     def validate(self) -> "Recipe":
         check_rate(self.rate, "--rate")
         rules = self.rules()
-        check_round_to(self.round_to, "--round-to (recipe round_to)")
+        check_round_to(self.round_to)
         if self.round_to > 1 and not any(s.name in COUPLED_SCHEMES for r in rules for s in r.schemes):
             raise OptionError(f"--round-to {self.round_to}: needs a filter or channel scheme (--scheme {self.scheme} has "
                               "no channel groups to round)", hint="use --scheme filter|channel (e.g. filter:0.5+irregular:0.9), "
