@@ -13,6 +13,7 @@ from rwdeploy.errors import OptionError
 _RECIPE_FIELDS = {
     "model": "model", "data": "data", "method": "method", "scheme": "scheme", "rate": "rate",
     "lam": "penalty.lam", "eps": "penalty.eps", "squared": "penalty.squared", "global_rate": "global_rate",
+    "round_to": "round_to",
     "pretrain_epochs": "pretrain.epochs", "prune_epochs": "prune.epochs", "retrain_epochs": "retrain.epochs",
     "lr": "prune.lr", "retrain_lr": "retrain.lr", "batch_size": "batch_size", "seed": "seed",
     "device": "device", "debug_masks": "debug_masks", "rho": "admm.rho", "input_shape": "input_shape",
@@ -67,6 +68,8 @@ def _set_extensions(recipe: Any, *, adversarial: str | None, eps: float | None, 
 @click.option("--eps", type=float, help="epsilon in alpha_g = 1/(||W_g|| + eps) (default 1e-3).")
 @click.option("--squared", is_flag=True, default=None, help="Use the squared group norm.")
 @click.option("--global-rate", is_flag=True, default=None, help="Rank groups across layers instead of per layer.")
+@click.option("--round-to", "round_to", type=int, help="Filter/channel schemes: keep a multiple of N channels per channel "
+                                                        "group (kept count rounded up; default 1 = off).")
 @click.option("--exclude", multiple=True, help="Layers to leave dense (glob; repeatable). Default: first conv + classifier.")
 @click.option("--include", multiple=True, help="Prune these normally excluded layers (glob; repeatable).")
 @click.option("--pretrain-epochs", type=int, help="Dense training epochs before pruning.")

@@ -31,6 +31,8 @@ class GroupSet:
     tensors: tuple[str, ...]
     num_groups: int
     rate: float
+    # Hard pruning keeps a multiple of this many groups (filter/channel sets: `round_to`).
+    round_to: int = 1
 
     def sq_norms(self, params: Params) -> torch.Tensor:
         raise NotImplementedError
@@ -63,8 +65,11 @@ class GroupSet:
         return self.sq_norms(params).clamp_min(0).sqrt()
 
     def describe(self) -> dict[str, Any]:
-        return {"scheme": self.scheme, "where": self.label, "tensors": list(self.tensors),
-                "groups": self.num_groups, "rate": self.rate}
+        out = {"scheme": self.scheme, "where": self.label, "tensors": list(self.tensors),
+               "groups": self.num_groups, "rate": self.rate}
+        if self.round_to > 1:
+            out["round_to"] = self.round_to
+        return out
 
 
 class IndexGroups(GroupSet):

@@ -140,7 +140,8 @@ class PruneRun:
         example = torch.randn(self.input_shape, generator=torch.Generator().manual_seed(0))
         analysis = channel_analysis(model.eval(), example) if needs_analysis(r) else None
         self.targets = build_prune_targets(model, r.rules(), default_rate=r.rate, exclude=r.exclude,
-                                           include=r.include, analysis=analysis, norm_scales=r.filter_norm_scales)
+                                           include=r.include, analysis=analysis, norm_scales=r.filter_norm_scales,
+                                           round_to=r.round_to)
         if not self.targets.group_sets:
             why = self.targets.skipped[0] if self.targets.skipped else None
             detail = f" ({why.get('tensor', why.get('group'))}: {why['scheme']} {why['why']})" if why else ""
@@ -310,6 +311,7 @@ class PruneRun:
         meta = {
             "rwdeploy_prune": {
                 "method": self.recipe.method, "scheme": self.recipe.scheme, "rate": self.recipe.rate,
+                "round_to": self.recipe.round_to,
                 "lambda": self.recipe.penalty_lambda(), "data": self.recipe.data,
                 f"dense_{self.eval_split}_acc": self.dense_acc, "test_acc": final_acc, "val_acc": val_acc,
                 "prunable_sparsity": sp,

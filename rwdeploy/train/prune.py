@@ -4,6 +4,11 @@ Hard pruning keeps the largest groups. With a per-layer rate, each group set los
 round(rate * groups) groups; with a global rate, the group sets of one scheme are ranked
 together (by group norm / sqrt(group size), so layers of different sizes compare fairly) and
 exactly round(rate * all their groups) are removed. Groups already zero count as pruned.
+
+`round_to` N (filter and channel sets only): after that allocation, each set's kept count is
+rounded up to the next multiple of N (capped at all its groups), the extra groups being the
+next-largest by the same score, so every trained channel group has an aligned width. A set
+is one channel group of the dependency analysis (its coupled convolutions share the count).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from torch import nn
 
 from rwdeploy.errors import OptionError
 from rwdeploy.train.groups import GroupSet, Masks, Params, coupled_groups, tensor_groups
-from rwdeploy.train.schemes import COUPLED_SCHEMES, SCHEME_ORDER, SchemeSpec, parse_scheme
+from rwdeploy.train.schemes import COUPLED_SCHEMES, SCHEME_ORDER, SchemeSpec, check_round_to, parse_scheme
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # Normalisation layers whose per-channel scale joins a filter group (see groups.coupled_groups).
@@ -76,10 +81,12 @@ def default_exclusions(model: nn.Module) -> list[str]:
 
 def build_prune_targets(model: nn.Module, rules: list[LayerRule], *, default_rate: float,
                         exclude: Iterable[str] | None = None, include: Iterable[str] = (),
-                        analysis: Any = None, norm_scales: bool = True) -> PruneTargets:
+                        analysis: Any = None, norm_scales: bool = True, round_to: int = 1) -> PruneTargets:
     """Group sets for `model`: each prunable, non-excluded weight gets the schemes of the first
     rule that matches it; filter/channel schemes use the channel groups of `analysis`, their
-    filter groups with the normalisation scales that follow them unless `norm_scales` is False."""
+    filter groups with the normalisation scales that follow them unless `norm_scales` is False,
+    and keep a multiple of `round_to` channels when hard pruned."""
+    round_to = check_round_to(round_to)
     prunable = prunable_weights(model)
     excluded = set(default_exclusions(model) if exclude is None else _expand(exclude, prunable))
     excluded -= set(_expand(include, prunable))
@@ -127,7 +134,7 @@ def build_prune_targets(model: nn.Module, rules: list[LayerRule], *, default_rat
                 continue
             gs = coupled_groups(group, role, scheme, shapes, wanted[requested[0]], scales)
             if gs is not None:
-                gs.label = where
+                gs.label, gs.round_to = where, round_to
                 sets.append(gs)
     order = {s: i for i, s in enumerate(SCHEME_ORDER)}
     sets.sort(key=lambda g: order[g.scheme])
@@ -149,6 +156,20 @@ def _prune_count(rate: float, n: int) -> int:
     return min(int(round(rate * n)), n)
 
 
+def _aligned_prune_count(pruned: int, n: int, multiple: int) -> int:
+    """How many of n groups to prune so that the kept ones (n - pruned, rounded up to a
+    multiple of `multiple`, at most n) are a multiple of it."""
+    kept = min(-(-(n - pruned) // multiple) * multiple, n)
+    return n - kept
+
+
+def _keep_mask(scores: torch.Tensor, pruned: int) -> torch.Tensor:
+    """Keep every group but the `pruned` lowest-scored ones (ties: the earlier index goes)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[torch.sort(scores, stable=True).indices[:pruned]] = False
+    return keep
+
+
 @torch.no_grad()
 def hard_prune(params: Params, group_sets: list[GroupSet], *, global_rate: float | None = None,
                prior: Masks | None = None, scale: float = 1.0) -> Masks:
@@ -158,6 +179,10 @@ def hard_prune(params: Params, group_sets: list[GroupSet], *, global_rate: float
     masks stay pruned and count towards the rate: a group they remove entirely ranks below every
     other group, so gradual pruning (rising `scale` x rate with the previous masks as `prior`)
     removes exactly round(rate x groups) groups at its last step.
+
+    A set with `round_to` N > 1 keeps a multiple of N groups: the count above, rounded up
+    (globally: per set, after the allocation). Rounding up at every gradual step keeps the
+    prior within what the last step removes (the kept count only falls as `scale` rises).
     """
     masks: Masks = {k: v.clone() for k, v in (prior or {}).items()}
     for gs in group_sets:
@@ -165,9 +190,8 @@ def hard_prune(params: Params, group_sets: list[GroupSet], *, global_rate: float
     if global_rate is None:
         for gs in group_sets:
             scores = _ranked_scores(gs, params, masks)
-            keep = torch.ones(gs.num_groups, dtype=torch.bool)
-            keep[torch.sort(scores, stable=True).indices[: _prune_count(gs.rate * scale, gs.num_groups)]] = False
-            _and_into(masks, gs.masks_from_keep(keep), params)
+            pruned = _aligned_prune_count(_prune_count(gs.rate * scale, gs.num_groups), gs.num_groups, gs.round_to)
+            _and_into(masks, gs.masks_from_keep(_keep_mask(scores, pruned)), params)
         return masks
     by_scheme: dict[str, list[GroupSet]] = {}
     for gs in group_sets:
@@ -175,11 +199,14 @@ def hard_prune(params: Params, group_sets: list[GroupSet], *, global_rate: float
     global_rate = global_rate * scale
     for sets in by_scheme.values():
         scores = torch.cat([_ranked_scores(gs, params, masks) / gs.sizes().clamp_min(1).float().sqrt() for gs in sets])
-        keep_all = torch.ones(scores.numel(), dtype=torch.bool)
-        keep_all[torch.sort(scores, stable=True).indices[: _prune_count(global_rate, scores.numel())]] = False
+        keep_all = _keep_mask(scores, _prune_count(global_rate, scores.numel()))
         start = 0
         for gs in sets:
-            _and_into(masks, gs.masks_from_keep(keep_all[start: start + gs.num_groups]), params)
+            keep = keep_all[start: start + gs.num_groups]
+            if gs.round_to > 1:  # the set's lowest groups in the pooled ranking are its lowest here too
+                pruned = _aligned_prune_count(int((~keep).sum()), gs.num_groups, gs.round_to)
+                keep = _keep_mask(scores[start: start + gs.num_groups], pruned)
+            _and_into(masks, gs.masks_from_keep(keep), params)
             start += gs.num_groups
     return masks
 

@@ -6,6 +6,7 @@
     scheme: filter              # default for every prunable layer
     rate: 0.5
     global_rate: false
+    round_to: 1                 # filter/channel: keep a multiple of N channels per channel group
     layers:                     # first matching rule wins; names or module names, globs allowed
       - {match: "layer3.*", scheme: "filter:0.6+irregular:0.8"}
     exclude: null               # null: first conv + classifier; [] prunes everything
@@ -33,7 +34,7 @@ import yaml
 
 from rwdeploy.errors import OptionError
 from rwdeploy.train.prune import LayerRule
-from rwdeploy.train.schemes import check_rate, parse_scheme
+from rwdeploy.train.schemes import COUPLED_SCHEMES, check_rate, check_round_to, parse_scheme
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
@@ -115,6 +116,9 @@ class Recipe:
     scheme: str = "irregular"
     rate: float = 0.5
     global_rate: bool = False
+    # Filter/channel schemes: hard pruning keeps a multiple of this many channels in every
+    # channel group (the kept count rounded up; 1 = off), so the trained widths deploy aligned.
+    round_to: int = 1
     layers: list[dict[str, str]] = field(default_factory=list)
     exclude: list[str] | None = None
     include: list[str] = field(default_factory=list)
@@ -159,7 +163,12 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         check_rate(self.rate, "--rate")
-        self.rules()
+        rules = self.rules()
+        check_round_to(self.round_to)
+        if self.round_to > 1 and not any(s.name in COUPLED_SCHEMES for r in rules for s in r.schemes):
+            raise OptionError(f"--round-to {self.round_to}: needs a filter or channel scheme (--scheme {self.scheme} has "
+                              "no channel groups to round)", hint="use --scheme filter|channel (e.g. filter:0.5+irregular:0.9), "
+                              "or drop --round-to")
         for name in self.PHASES:
             ph: PhaseConfig = getattr(self, name)
             if ph.epochs < 0 or ph.lr <= 0:

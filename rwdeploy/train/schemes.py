@@ -48,6 +48,15 @@ def check_rate(rate: float, where: str) -> float:
     return rate
 
 
+def check_round_to(value: object, where: str = "--round-to") -> int:
+    """A kept-group multiple: a positive int (1 = no rounding)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionError(f"{where} {value!r}: must be a positive integer (1 = off)",
+                          hint="the kept filters/channels of each channel group become a multiple of it, e.g. 4 "
+                               "(recipe key round_to)")
+    return value
+
+
 def parse_scheme(text: str, where: str = "--scheme") -> list[SchemeSpec]:
     """Parse `filter:0.5+irregular` into scheme specs, coarse to fine."""
     specs: dict[str, SchemeSpec] = {}
