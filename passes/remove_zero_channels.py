@@ -14,12 +14,15 @@ import copy
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import fx
 
 from rwdeploy.errors import OptionError
+from rwdeploy.passes.channel_alignment import (MAX_MEASURED_GROUPS, MIN_MEASURED_MACS, AlignmentRecord, finish,
+                                               parse_align, plan_alignment)
 from rwdeploy.passes.channel_constants import CONV_FUNCTIONS, BorderKernel, border_kernel
 from rwdeploy.passes.channel_folding import fold_computed_weights
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
@@ -60,6 +63,7 @@ class RemovalRecord:
     aliases: dict[str, str] = field(default_factory=dict, repr=False)
     # layer node -> the parameter its weight, computed from parameters in forward(), became
     folded_weights: dict[str, str] = field(default_factory=dict)
+    alignment: AlignmentRecord | None = None  # removable channels kept for aligned counts (align != "off")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +73,7 @@ class RemovalRecord:
             "removed_groups": self.removed_groups,
             "pinned_groups": self.pinned_groups,
             "folded_weights": self.folded_weights,
+            **({"alignment": self.alignment.to_dict()} if self.alignment is not None else {}),
         }
 
 
@@ -91,9 +96,15 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> None:
 @dataclass
 class RemoveZeroChannels:
     """The pass (see the module doc); `analysis` of the input graph is reused when given.
-    Reads `example_input`, `masks` and `strict` from the context."""
+    Reads `example_input`, `masks` and `strict` from the context, and with `align="auto"` the
+    measurer (`passes/channel_alignment.py`). `align` ("off" | "auto" | N) keeps removable zero
+    channels back so that kept counts are multiples of N (auto: of `lanes`, where measured faster)."""
 
     analysis: ChannelAnalysis | None = None
+    align: str | int = "off"
+    lanes: int = 8  # float32 vector lanes of the target (align="auto")
+    max_measured: int = MAX_MEASURED_GROUPS
+    min_macs: int = MIN_MEASURED_MACS
     name: ClassVar[str] = "remove_zero_channels"
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult[RemovalRecord]:
@@ -108,25 +119,38 @@ class RemoveZeroChannels:
             folded = fold_computed_weights(work, ctx.example_input)
             if folded != analysis.folded_weights:
                 raise ValueError("the channel analysis was made for another graph (its folded weights differ)")
-        return PassResult(work, _remove(work, ctx.example_input, analysis, params_before))
+        align = parse_align(self.align)
+        plan = None if align == "off" else partial(plan_alignment, align=align, lanes=self.lanes,
+                                                   measurer=ctx.measurer, max_measured=self.max_measured,
+                                                   min_macs=self.min_macs)
+        return PassResult(work, _remove(work, ctx.example_input, analysis, params_before, plan))
 
 
 def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: ChannelAnalysis | None = None,
-                         masks: dict[str, torch.Tensor] | None = None) -> PassResult[RemovalRecord]:
+                         masks: dict[str, torch.Tensor] | None = None, align: str | int = "off", lanes: int = 8,
+                         measurer: Any = None) -> PassResult[RemovalRecord]:
     """A new, smaller GraphModule computing the same function; `gm` is not modified.
-    `RemoveZeroChannels(analysis)` on a context holding `example_input` and `masks`."""
-    return RemoveZeroChannels(analysis)(gm, PassContext(example_input, masks=masks))
+    `RemoveZeroChannels(analysis, align, lanes)` on a context holding `example_input`, `masks`
+    and `measurer`."""
+    return RemoveZeroChannels(analysis, align, lanes)(gm, PassContext(example_input, masks=masks, measurer=measurer))
 
 
 def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
-            params_before: int) -> RemovalRecord:
+            params_before: int, plan: Callable[..., tuple[set[int], AlignmentRecord]] | None = None) -> RemovalRecord:
     """Remove the zero channels of `work` in place; the record of what changed (`params_before`:
-    of the model as given, before computed weights were folded)."""
+    of the model as given, before computed weights were folded). `plan(analysis, sel, views)`:
+    the classes alignment keeps back (`channel_alignment.plan_alignment`)."""
     found = candidates(analysis, work.state_dict())
     sel = select(analysis, set(found))
     storage = {key: t.data_ptr() for key, t in work.state_dict(keep_vars=True).items()}
 
     views = {n.name: view for n in work.graph.nodes if (view := _layer(work, n, analysis)) is not None}
+    alignment = None
+    if plan is not None:  # keeping zero channels is exact: the selection only shrinks
+        keep_back, alignment = plan(analysis, sel, views)
+        if keep_back:
+            sel = select(analysis, sel.removed - keep_back)
+        finish(alignment, analysis, sel)
     sites = [views[name] for name in analysis.fold_sites if name in views]
     captured = _capture_inputs(work, example_input, sites, sel)
     folds = {v.node.name: _fold(v, captured[v.node.name], sel, analysis.values) for v in sites
@@ -159,7 +183,7 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
 
     return RemovalRecord(
         layers=layers,
-        removed_groups=_removed_groups(analysis, sel, found),
+        removed_groups=_removed_groups(analysis, sel, found, alignment),
         pinned_groups=[{"id": g.id, "size": g.size, "tensors": sorted({s.tensor for s in g.slices}),
                         "reasons": g.pinned} for g in analysis.groups if g.pinned],
         params_before=params_before,
@@ -167,6 +191,7 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
         kept_indices=_kept_indices(analysis, sel, attr_keep),
         aliases=aliases,
         folded_weights=dict(analysis.folded_weights),
+        alignment=alignment,
     )
 
 
@@ -393,7 +418,9 @@ def _kept_indices(analysis: ChannelAnalysis, sel: Selection,
     return out
 
 
-def _removed_groups(analysis: ChannelAnalysis, sel: Selection, found: dict[int, str]) -> list[dict[str, Any]]:
+def _removed_groups(analysis: ChannelAnalysis, sel: Selection, found: dict[int, str],
+                    alignment: AlignmentRecord | None = None) -> list[dict[str, Any]]:
+    aligned = {g.id: g.kept_for_alignment for g in alignment.groups} if alignment is not None else {}
     out = []
     for g in analysis.groups:
         gone = [c for c, r in enumerate(g.classes) if r in sel.removed]
@@ -402,5 +429,6 @@ def _removed_groups(analysis: ChannelAnalysis, sel: Selection, found: dict[int, 
         why = sorted({found[g.classes[c]] for c in gone})
         out.append({"id": g.id, "size": g.size, "unit": g.unit, "removed": len(gone), "channels": gone,
                     "why": why, "tensors": sorted({s.tensor for s in g.slices}),
-                    "kept_back": sum(1 for r in g.classes if r in found and r not in sel.removed)})
+                    "kept_back": sum(1 for r in g.classes if r in found and r not in sel.removed) - aligned.get(g.id, 0),
+                    **({"kept_for_alignment": aligned[g.id]} if g.id in aligned else {})})
     return out

@@ -85,10 +85,18 @@ def stage_analyze(ctx: CompileContext) -> None:
 
 
 def stage_remove_zero_channels(ctx: CompileContext) -> None:
+    """`--align auto` gives the pass the target's vector width and, unless --no-measure, an ONNX
+    Runtime timer of each group's layers (`runtime.align_timing`); the pass never measures itself."""
+    from rwdeploy.passes.channel_alignment import parse_align
     from rwdeploy.passes.remove_zero_channels import remove_zero_channels
+    from rwdeploy.runtime.align_timing import OrtLayerTimer, target_lanes
 
+    opts = ctx.options
+    auto = parse_align(opts.align) == "auto"
+    measurer = OrtLayerTimer(opts.target, threads=opts.threads) if auto and opts.measure else None
     result = remove_zero_channels(ctx.original, ctx.example_input, analysis=ctx.analysis,
-                                  masks=ctx.loaded.masks or None)
+                                  masks=ctx.loaded.masks or None, align=opts.align,
+                                  lanes=target_lanes(opts.target) if auto else 1, measurer=measurer)
     ctx.slim = result.gm
     ctx.records["remove_zero_channels"] = result.record
 
@@ -200,6 +208,8 @@ def stage_report(ctx: CompileContext) -> None:
     ctx.sections["layers"] = report_mod.layer_rows(before, after)
     record = ctx.records.get("remove_zero_channels")
     ctx.sections["channels"] = report_mod.channels_section(ctx.analysis, record)
+    if record is not None and record.alignment is not None:
+        ctx.sections["alignment"] = record.alignment.to_dict()
     if loaded.path is not None:
         ctx.files["model_file"] = {"path": str(loaded.path), "bytes": loaded.path.stat().st_size,
                                    "external": True}

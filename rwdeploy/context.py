@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from rwdeploy.errors import OptionError, RwdeployError, TvmImportError, VerificationError, last_line
 from rwdeploy.io import LoadedModel
+from rwdeploy.passes.channel_alignment import parse_align
 from rwdeploy.passes.pack_sparse import MODES as SPARSE_MODES
 from rwdeploy.passes.verify import Closeness, compare_on
 from rwdeploy.runtime.latency import LatencyRow, LatencyStats, time_interleaved
@@ -49,6 +50,8 @@ class CompileOptions:
     seed: int = 0
     opset: int = 17
     sparse: str = "auto"  # pack sparse layers as CSR/BSR: auto (where measured faster) | off | csr | bsr
+    # keep removable zero channels for aligned counts: off | auto (measured per group) | N (a multiple of N)
+    align: str = "off"
     gpu_arch: str | None = None  # --target gpu: sm_XY (default: the visible GPU's, else sm_90)
     tune: int = 0  # MetaSchedule trials for the TVM cpu/arm build (0: hand schedules only)
     tuning_db: Path | None = None  # MetaSchedule records, reused across runs
@@ -67,6 +70,7 @@ class CompileOptions:
             raise OptionError(f"--threads {self.threads} must be >= 1")
         if self.runs < 1 or self.warmup < 0:
             raise OptionError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1, warmup >= 0")
+        parse_align(self.align)
         if self.sparse not in SPARSE_MODES:
             raise OptionError(f"unknown --sparse {self.sparse!r}", hint=f"use one of {', '.join(SPARSE_MODES)}")
         if self.target not in COMPILE_TARGETS:

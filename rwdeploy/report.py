@@ -83,6 +83,7 @@ def channels_section(analysis: Any, record: Any) -> dict[str, Any]:
     section["removed"] = data.pop("removed_groups", [])
     section["layer_changes"] = data.pop("layers", [])
     data.pop("pinned_groups", None)  # the same list as `pinned`
+    data.pop("alignment", None)  # a section of its own
     section.update(data)
     return section
 
@@ -240,6 +241,16 @@ def _channels_view(ch: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _alignment_view(al: dict[str, Any]) -> list[Block]:
+    how = (f"measured on {al['measured_on']}" if al.get("measured_on") else "nothing measured")
+    head = (f"`--align {al['mode']}`: kept counts rounded to multiples of {al['multiple']} tensor channels where "
+            f"faster; {al['kept_for_alignment']} removable zero channels kept ({how}).")
+    rows = [[str(g["id"]), str(g["size"]), str(g["removable"]), str(g["removed"]), str(g["kept_for_alignment"]),
+             str(g["kept"]), g["reason"]] for g in al["groups"]]
+    return [Paragraph(head),
+            Table(["group", "channels", "removable", "removed", "kept for alignment", "kept", "why"], rows)]
+
+
 def _sparse_view(sp: dict[str, Any]) -> list[Block]:
     head = (f"`--sparse {sp['mode']}`: {sp['packed_layers']} of {len(sp['layers'])} layers packed, "
             f"{_bytes(sp['bytes_saved'])} of weights saved; timed on {sp.get('measured_on') or 'nothing (forced)'}; "
@@ -340,6 +351,7 @@ SECTION_VIEWS: dict[str, tuple[str, Callable[[Any], list[Block]]]] = {
     "trace": ("Trace", _entries),
     "layers": ("Layers", _layers_view),
     "channels": ("Channel groups", _channels_view),
+    "alignment": ("Channel alignment", _alignment_view),
     "sparse": ("Sparse packing", _sparse_view),
     "verification": ("Equivalence", _verification_view),
     "quantization": ("Quantization", _quantization_view),

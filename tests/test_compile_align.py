@@ -1,0 +1,368 @@
+"""Channel alignment (`--align`): removable zero channels kept so that kept counts are multiples the
+hardware likes. Keeping a zero channel must never change the function; auto must never pick a
+count its own record measured as slower; the cost model decides the same way every time."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import rwdeploy.compile as compile_mod
+from rwdeploy import models
+from rwdeploy.errors import OptionError
+from rwdeploy.io import Checkpoint, save_checkpoint
+from rwdeploy.passes.channel_alignment import aligned_count, candidate_counts, parse_align, tail_cost
+from rwdeploy.passes.channel_groups import analyze_channel_groups
+from rwdeploy.passes.remove_zero_channels import RemoveZeroChannels, remove_zero_channels
+from rwdeploy.passes.protocol import PassContext
+from rwdeploy.passes.trace import trace_model
+from rwdeploy.runtime.ort_runner import OrtRunner
+from tests.channel_helpers import randomize_norms, zero_filters
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Net(nn.Module):
+    """Three channel groups with zero filters leaving counts 21 of 32, 19 of 24 and 14 of 16."""
+
+    ZEROED = {"c1": range(0, 11), "c2": range(3, 8), "c3": range(0, 2)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c2 = nn.Conv2d(32, 24, 3, padding=1)
+        self.c3 = nn.Conv2d(24, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(self.c3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    net = Net().eval()
+    randomize_norms(net, seed)  # removed channels carry constants (BN shift, biases) that get folded
+    with torch.no_grad():
+        for name, rows in Net.ZEROED.items():
+            getattr(net, name).weight[list(rows)] = 0
+    return net
+
+
+X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+PROBES = [X, torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 3]
+MIN_KEPT = {"c1": 21, "c2": 19, "c3": 14}  # per producing conv: its group's kept count without alignment
+SIZES = {"c1": 32, "c2": 24, "c3": 16}
+
+
+def _rel(reference: torch.Tensor, output: torch.Tensor) -> float:
+    return float((output - reference).abs().max() / reference.abs().max())
+
+
+def _exact(original: nn.Module, slim: nn.Module, tol: float = 1e-5) -> None:
+    with torch.no_grad():
+        for x in PROBES:
+            assert _rel(original(x), slim(x)) <= tol
+
+
+def _out_channels(gm: nn.Module) -> dict[str, int]:
+    return {name: gm.get_submodule(name).weight.shape[0] for name in SIZES}
+
+
+def _expected_rounded(kept: int, size: int, n: int) -> int:
+    """An independent rounding: the first multiple of n at or above kept, if the layer has that many."""
+    up = -(-kept // n) * n
+    return up if up <= size else kept
+
+
+# --- the pure parts -------------------------------------------------------------------------------
+
+def test_candidate_counts():
+    assert candidate_counts(32, 21, 1, 8) == [21, 24]
+    assert candidate_counts(16, 14, 1, 8) == [14, 16]
+    assert candidate_counts(20, 17, 1, 8) == [17]  # 24 > 20 channels: nothing to round to
+    assert candidate_counts(24, 16, 1, 8) == [16]  # already aligned
+    assert candidate_counts(8, 3, 4, 8) == [3, 4]  # unit 4: 3 group channels are 12 tensor channels, 4 are 16
+    assert aligned_count(5, 1, 4, 7) is None
+
+
+def test_tail_cost_prefers_rounding_past_half_a_vector():
+    # lanes 8: a tail of r channels costs 2r, a whole vector 8 -> rounding up pays when r > 4
+    assert tail_cost(21, 8) == 16 + 10 and tail_cost(24, 8) == 24
+    assert tail_cost(19, 8) == 16 + 6 < tail_cost(24, 8)
+    assert tail_cost(20, 8) == tail_cost(24, 8)  # a tie: the smaller count wins (checked below)
+
+
+@pytest.mark.parametrize("value, parsed", [("off", "off"), ("AUTO", "auto"), ("8", 8), (4, 4)])
+def test_parse_align(value, parsed):
+    assert parse_align(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["foo", "0", "-8", "8.5", ""])
+def test_bad_align_names_the_option(value):
+    with pytest.raises(OptionError, match="--align"):
+        parse_align(value)
+    with pytest.raises(OptionError, match="--align"):
+        compile_mod.CompileOptions(out="x", align=value).validate()
+
+
+def test_bad_align_cli_is_one_line(tmp_path, cli):
+    res = cli("compile", "zoo:lenet5", "--align", "foo", "--out", str(tmp_path / "o"))
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rwdeploy: error:") and "--align" in lines[0], res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# --- the pass ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def traced():
+    net = make_net()
+    return net, trace_model(net, X).gm
+
+
+def test_off_removes_the_minimum(traced):
+    net, gm = traced
+    result = remove_zero_channels(gm, X)
+    assert _out_channels(result.gm) == MIN_KEPT
+    assert result.record.alignment is None and "alignment" not in result.record.to_dict()
+    _exact(net, result.gm)
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+def test_align_n_keeps_multiples_and_stays_exact(traced, n):
+    net, gm = traced
+    result = remove_zero_channels(gm, X, align=n)
+    expected = {name: _expected_rounded(MIN_KEPT[name], SIZES[name], n) for name in SIZES}
+    assert _out_channels(result.gm) == expected
+    assert result.gm.fc.weight.shape[1] == expected["c3"]  # the consumers read what was kept
+    _exact(net, result.gm)
+    rec = result.record.alignment
+    assert rec.mode == str(n) and rec.measured_on is None
+    kept = {g.id: g.size - g.removed for g in rec.groups}
+    for g in rec.groups:
+        assert g.kept_for_alignment == g.removable - g.removed >= 0
+        assert g.chosen == kept[g.id]
+    assert sorted(kept.values()) == sorted(expected.values())
+    removed = {g["id"]: g for g in result.record.to_dict()["removed_groups"]}
+    for g in rec.groups:  # the removal's own list agrees, and counts alignment apart from give-backs
+        if g.removed:
+            assert removed[g.id]["removed"] == g.removed
+            assert removed[g.id]["kept_for_alignment"] == g.kept_for_alignment
+            assert removed[g.id]["kept_back"] == 0
+
+
+@pytest.mark.parametrize("align", ["off", 4, 8, "auto"])
+def test_resnet_stays_exact_with_alignment(align):
+    """Residual stages are one group each (every producer keeps the same count); with alignment on
+    and off the slim model computes the original's function."""
+    torch.manual_seed(3)
+    net = models.create("resnet20")
+    randomize_norms(net, 3)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    gm = trace_model(net, x).gm
+    zero_filters(net, analyze_channel_groups(gm, x), fraction=0.3, seed=5)
+    result = remove_zero_channels(gm, x, align=align)  # auto without a measurer: the cost model
+    with torch.no_grad():
+        for probe in (x, x * 3 + 1):
+            assert _rel(net(probe), result.gm(probe)) <= 1e-5
+    if isinstance(align, int):
+        groups = result.record.alignment.groups
+        assert groups and all(g.size - g.removed == _expected_rounded(g.size - g.removable, g.size, align)
+                              for g in groups)
+        kept = {g.size - g.removed for g in groups}
+        widths = {m.out_channels for m in result.gm.modules() if isinstance(m, nn.Conv2d)}
+        assert kept <= widths and all(w % align == 0 for w in widths)
+
+
+class Preferring:
+    """A fake measurer: each candidate's time is 1 ms, or 0.5 ms for the count it prefers per group
+    (keyed by the smallest candidate). Records what it was given."""
+
+    where = "fake"
+
+    def __init__(self, prefer: dict[int, int]) -> None:
+        self.prefer, self.calls = prefer, []
+
+    def __call__(self, cases):
+        self.calls.append(cases)
+        base = min(cases)
+        return {k: {"median_ms": 0.5 if self.prefer.get(base) == k else 1.0} for k in cases}
+
+
+def test_auto_takes_the_count_the_measurer_prefers(traced):
+    net, gm = traced
+    fake = Preferring({21: 24, 19: 19, 14: 16})  # c1's group: round up; c2's: the minimum; c3's: round up
+    p = RemoveZeroChannels(align="auto", lanes=8, min_macs=0)
+    result = p(gm, PassContext(X, measurer=fake))
+    assert _out_channels(result.gm) == {"c1": 24, "c2": 19, "c3": 16}
+    _exact(net, result.gm)
+    rec = result.record.alignment
+    assert rec.measured_on == "fake" and len(fake.calls) == 3
+    for g in rec.groups:
+        assert g.reason.startswith("measured fastest")
+        assert all("median_ms" in c for c in g.candidates)
+
+
+def test_measurer_gets_the_layers_at_each_count(traced):
+    _, gm = traced
+    fake = Preferring({})
+    RemoveZeroChannels(align="auto", lanes=8, min_macs=0)(gm, PassContext(X, measurer=fake))
+    cases = next(c for c in fake.calls if min(c) == 21)  # c1's group: produced by c1, read by c2
+    assert sorted(cases) == [21, 24]
+    for k, layers in cases.items():
+        shapes = {name: (m.in_channels, m.out_channels, tuple(shape)) for name, m, shape in layers}
+        assert shapes == {"c1": (3, k, (1, 3, 16, 16)), "c2": (k, 19, (1, k, 16, 16))}
+    cases = next(c for c in fake.calls if min(c) == 14)  # c3's group: c3 and the linear after the mean
+    fc = {k: next(m for name, m, _ in layers if name == "fc") for k, layers in cases.items()}
+    assert {k: (m.in_features, m.out_features) for k, m in fc.items()} == {14: (14, 10), 16: (16, 10)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_never_chooses_a_count_measured_slower(traced, seed):
+    """Random timings (ties included): the chosen count's time is the smallest in the record, and the
+    model stays exact."""
+    net, gm = traced
+    g = torch.Generator().manual_seed(seed)
+
+    def noisy(cases):
+        return {k: {"median_ms": float(torch.randint(1, 4, (1,), generator=g)) / 10} for k in cases}
+
+    result = RemoveZeroChannels(align="auto", lanes=8, min_macs=0)(gm, PassContext(X, measurer=noisy))
+    for rec in result.record.alignment.groups:
+        times = {c["kept"]: c["median_ms"] for c in rec.candidates}
+        assert times[rec.chosen] == min(times.values())
+        if list(times.values()).count(min(times.values())) > 1:
+            assert rec.chosen == min(k for k, t in times.items() if t == min(times.values()))
+        assert rec.size - rec.removed == rec.chosen
+    _exact(net, result.gm)
+
+
+def test_cost_model_fallback_is_deterministic(traced):
+    net, gm = traced
+    records = []
+    for _ in range(2):
+        result = remove_zero_channels(gm, X, align="auto", lanes=8)  # no measurer
+        records.append(json.dumps(result.record.alignment.to_dict()))
+        # tails past half a vector (21: 5, 14: 6) round up; 19 (a tail of 3) stays
+        assert _out_channels(result.gm) == {"c1": 24, "c2": 19, "c3": 16}
+        _exact(net, result.gm)
+    assert records[0] == records[1]
+    for g in result.record.alignment.groups:
+        assert g.reason.startswith("cost model (not measured: no measurer)")
+        costs = {c["kept"]: c["cost"] for c in g.candidates}
+        assert costs == {k: tail_cost(k, 8) for k in costs}
+        assert g.chosen == min(costs, key=lambda k: (costs[k], k))
+    # a tie (a tail of exactly half a vector) keeps the minimum: lanes 4, 14 kept -> tail 2
+    tie = remove_zero_channels(gm, X, align="auto", lanes=4).record.alignment
+    c3 = next(g for g in tie.groups if g.size == 16)
+    assert {c["kept"]: c["cost"] for c in c3.candidates} == {14: 16, 16: 16} and c3.chosen == 14
+
+
+def test_small_failed_or_over_budget_groups_use_the_cost_model(traced):
+    _, gm = traced
+
+    def failing(cases):
+        raise RuntimeError("device went away")
+
+    rec = RemoveZeroChannels(align="auto", lanes=8, min_macs=0)(gm, PassContext(X, measurer=failing)).record.alignment
+    assert all("measurement failed: RuntimeError: device went away" in g.reason for g in rec.groups)
+    fake = Preferring({})
+    rec = RemoveZeroChannels(align="auto", lanes=8, min_macs=0, max_measured=1)(
+        gm, PassContext(X, measurer=fake)).record.alignment
+    # the most work at the minimum: c1's group (c1 + c2: 256 x 21 x (27 + 19 x 9) MACs) over c2's (c2 + c3)
+    assert 256 * 21 * (27 + 19 * 9) > 256 * 19 * (21 * 9 + 14)
+    assert len(fake.calls) == 1 and min(fake.calls[0]) == 21
+    assert sum(g.reason.startswith("measured") for g in rec.groups) == 1
+    assert sum("over the budget of 1 measured groups" in g.reason for g in rec.groups) == 2
+    rec = RemoveZeroChannels(align="auto", lanes=8)(gm, PassContext(X, measurer=Preferring({}))).record.alignment
+    c3 = next(g for g in rec.groups if g.size == 16)  # 16x16 positions x 24x14 1x1 + a 14x10 linear
+    assert "too small to time reliably" in c3.reason and f"{256 * 19 * 14 + 14 * 10:,} MACs" in c3.reason
+
+
+# --- compile ----------------------------------------------------------------------------------------
+
+def _compile(tmp_path, align, **kw):
+    loaded = compile_mod.LoadedModel(make_net(), (1, 3, 16, 16), "module")
+    options = compile_mod.CompileOptions(out=tmp_path / f"o-{align}", target="onnx", sparse="off", align=str(align),
+                                         batches=(1,), **kw)
+    return compile_mod.compile_model(loaded, options)
+
+
+def test_compile_align_8_report_and_onnx(tmp_path):
+    result = _compile(tmp_path, 8, measure=False)
+    doc = result.report
+    assert doc["verification"]["max_rel"] <= 1e-5
+    al = doc["alignment"]
+    assert al["mode"] == "8" and al["kept_for_alignment"] == (24 - 21) + (24 - 19) + (16 - 14)
+    assert "alignment" not in doc["channels"]
+    shapes = {row["name"]: row["shape_after"] for row in doc["layers"]}
+    assert shapes["c1"][0] == 24 and shapes["c2"] == [24, 24, 3, 3] and shapes["c3"] == [16, 24, 1, 1]
+    md = (result.out / "report.md").read_text()
+    assert "## Channel alignment" in md and "rounded up to a multiple of 8 (--align 8)" in md
+    assert json.loads((result.out / "report.json").read_text())["alignment"] == al
+    runner, net = OrtRunner(result.out / "slim.onnx"), make_net()  # the shipped file computes the original
+    with torch.no_grad():
+        for x in PROBES:
+            assert _rel(net(x), torch.from_numpy(runner.run(x.numpy()))) <= 1e-5
+
+
+def test_compile_align_off_has_no_section(tmp_path):
+    doc = _compile(tmp_path, "off", measure=False).report
+    assert "alignment" not in doc and doc["verification"]["max_rel"] <= 1e-5
+
+
+def test_compile_auto_measures_in_onnx_runtime(tmp_path):
+    """The real measurer, once (no assertion on the times themselves): the larger groups are timed in
+    ONNX Runtime, the chosen count is the fastest in the record, the result is exact."""
+    doc = _compile(tmp_path, "auto", runs=3, warmup=1, min_time_s=0.0).report
+    al = doc["alignment"]
+    assert al["mode"] == "auto" and "onnxruntime" in al["measured_on"]
+    measured = [g for g in al["groups"] if g["reason"].startswith("measured fastest")]
+    assert measured, al
+    for g in measured:
+        times = {c["kept"]: c["median_ms"] for c in g["candidates"]}
+        assert times[g["chosen"]] == min(times.values()) and g["kept"] == g["chosen"]
+        assert g["layers"]
+    assert doc["verification"]["max_rel"] <= 1e-5
+
+
+def _lenet_zeroed() -> nn.Module:
+    """LeNet-5 with 20 -> 11, 50 -> 37 and 500 -> 400 filters left; conv2's channels reach fc1
+    through flatten (16 columns each)."""
+    torch.manual_seed(0)
+    net = models.create("lenet5")
+    with torch.no_grad():
+        net.conv1.weight[:9] = 0
+        net.conv2.weight[5:18] = 0
+        net.fc1.weight[100:200] = 0
+    return net
+
+
+def test_cli_align_8(tmp_path, cli):
+    path = tmp_path / "net.pt"
+    save_checkpoint(Checkpoint("lenet5", _lenet_zeroed().state_dict(), (1, 1, 28, 28)), path)
+    res = cli("compile", str(path), "--target", "onnx", "--align", "8", "--no-measure", "--sparse", "off",
+              "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    shapes = {row["name"]: row["shape_after"] for row in doc["layers"]}
+    assert shapes == {"conv1": [16, 1, 5, 5], "conv2": [40, 16, 5, 5], "fc1": [400, 640], "fc2": [10, 400]}
+    assert doc["verification"]["max_rel"] <= 1e-5
+
+
+def test_flatten_consumer_is_measured_at_its_columns():
+    net = _lenet_zeroed()
+    x = torch.randn(1, 1, 28, 28)
+    fake = Preferring({})
+    result = RemoveZeroChannels(align="auto", lanes=8, min_macs=0)(trace_model(net, x).gm, PassContext(x, measurer=fake))
+    cases = next(c for c in fake.calls if min(c) == 37)  # conv2's group, read by fc1 through flatten
+    fc1 = {k: next(m for name, m, _ in layers if name == "fc1") for k, layers in cases.items()}
+    assert {k: (m.in_features, m.out_features) for k, m in fc1.items()} == {37: (37 * 16, 400), 40: (40 * 16, 400)}
+    with torch.no_grad():
+        assert _rel(net(x), result.gm(x)) <= 1e-5
