@@ -119,9 +119,10 @@ class AlignmentRecord:
     multiple: int  # tensor channels the counts are rounded to (auto: the target's vector lanes)
     measured_on: str | None
     groups: list[GroupAlignment]
+    note: str | None = None  # the caller's word on how it measured (e.g. why nothing was)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "multiple": self.multiple, "measured_on": self.measured_on,
+        return {"mode": self.mode, "multiple": self.multiple, "measured_on": self.measured_on, "note": self.note,
                 "kept_for_alignment": sum(g.kept_for_alignment for g in self.groups),
                 "groups": [g.to_dict() for g in self.groups]}
 

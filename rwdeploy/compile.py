@@ -84,19 +84,32 @@ def stage_analyze(ctx: CompileContext) -> None:
     ctx.analysis = analyze_channel_groups(ctx.original, ctx.example_input)
 
 
+# --align auto measures a group's layers where the target's runtime runs: here, for these targets
+ALIGN_MEASURED_TARGETS = (ONNX_TARGET, "cpu")
+
+
 def stage_remove_zero_channels(ctx: CompileContext) -> None:
-    """`--align auto` gives the pass the target's vector width and, unless --no-measure, an ONNX
-    Runtime timer of each group's layers (`runtime.align_timing`); the pass never measures itself."""
+    """`--align auto` gives the pass the target's vector width and, for the targets that run on this
+    host (unless --no-measure), an ONNX Runtime timer of each group's layers (`runtime.align_timing`);
+    elsewhere the pass decides by its cost model. The pass never measures by itself."""
     from rwdeploy.passes.channel_alignment import parse_align
     from rwdeploy.passes.remove_zero_channels import remove_zero_channels
     from rwdeploy.runtime.align_timing import OrtLayerTimer, target_lanes
 
     opts = ctx.options
     auto = parse_align(opts.align) == "auto"
-    measurer = OrtLayerTimer(opts.target, threads=opts.threads) if auto and opts.measure else None
+    measurer, note = None, None
+    if auto and not opts.measure:
+        note = "--no-measure: every group decided by the cost model"
+    elif auto and opts.target not in ALIGN_MEASURED_TARGETS:
+        note = f"--target {opts.target} is not measured on this host: every group decided by the cost model"
+    elif auto:
+        measurer = OrtLayerTimer(opts.target, threads=opts.threads)
     result = remove_zero_channels(ctx.original, ctx.example_input, analysis=ctx.analysis,
                                   masks=ctx.loaded.masks or None, align=opts.align,
                                   lanes=target_lanes(opts.target) if auto else 1, measurer=measurer)
+    if result.record.alignment is not None:
+        result.record.alignment.note = note
     ctx.slim = result.gm
     ctx.records["remove_zero_channels"] = result.record
 

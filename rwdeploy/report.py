@@ -184,6 +184,10 @@ def summary(doc: dict[str, Any]) -> list[Block]:
                      f"--sparse {sparse['mode']}"])
         dense_b = sum(l["dense_bytes"] for l in sparse["layers"])
         ratio_row("weight bytes (packed)", dense_b or None, dense_b - sparse["bytes_saved"])
+    align = doc.get("alignment")
+    if align:
+        rows.append(["zero channels kept for alignment", "", f"{align['kept_for_alignment']:,}",
+                     f"--align {align['mode']}"])
     ver = doc.get("verification")
     if ver:
         rows.append(["max rel. error", "", f"{ver['max_rel']:.2e}", f"tol {ver['tolerance_rel']:g}"])
@@ -247,7 +251,7 @@ def _alignment_view(al: dict[str, Any]) -> list[Block]:
             f"faster; {al['kept_for_alignment']} removable zero channels kept ({how}).")
     rows = [[str(g["id"]), str(g["size"]), str(g["removable"]), str(g["removed"]), str(g["kept_for_alignment"]),
              str(g["kept"]), g["reason"]] for g in al["groups"]]
-    return [Paragraph(head),
+    return [Paragraph(head + (f" {al['note']}." if al.get("note") else "")),
             Table(["group", "channels", "removable", "removed", "kept for alignment", "kept", "why"], rows)]
 
 

@@ -305,6 +305,7 @@ def test_compile_align_8_report_and_onnx(tmp_path):
     assert shapes["c1"][0] == 24 and shapes["c2"] == [24, 24, 3, 3] and shapes["c3"] == [16, 24, 1, 1]
     md = (result.out / "report.md").read_text()
     assert "## Channel alignment" in md and "rounded up to a multiple of 8 (--align 8)" in md
+    assert "| zero channels kept for alignment |  | 10 | --align 8 |" in md  # the summary (also the CLI's)
     assert json.loads((result.out / "report.json").read_text())["alignment"] == al
     runner, net = OrtRunner(result.out / "slim.onnx"), make_net()  # the shipped file computes the original
     with torch.no_grad():
@@ -315,6 +316,13 @@ def test_compile_align_8_report_and_onnx(tmp_path):
 def test_compile_align_off_has_no_section(tmp_path):
     doc = _compile(tmp_path, "off", measure=False).report
     assert "alignment" not in doc and doc["verification"]["max_rel"] <= 1e-5
+
+
+def test_compile_auto_without_measuring_uses_the_cost_model(tmp_path):
+    al = _compile(tmp_path, "auto", measure=False).report["alignment"]
+    assert al["measured_on"] is None and al["note"].startswith("--no-measure")
+    choices = [g for g in al["groups"] if len(g["candidates"]) > 1]  # the others: nothing to choose
+    assert choices and all(g["reason"].startswith("cost model (not measured: no measurer)") for g in choices)
 
 
 def test_compile_auto_measures_in_onnx_runtime(tmp_path):
