@@ -27,10 +27,10 @@ This module decides; it never measures (the measurer comes from the caller) and 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
 from torch import nn
 
 from rwdeploy.errors import OptionError
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # types only: `rwdeploy.context` reads `parse_align` without 
 
 ALIGN_MODES = ("off", "auto")
 LayerCase = tuple[str, nn.Module, Sequence[int]]  # (layer name, the layer at a candidate count, input shape)
+LayerShape = tuple[LayerView, int, int, list[int], int]  # (view, in channels, out channels, input shape, MACs)
 # {kept count: its layers} -> {kept count: {"median_ms": ...}}; may say where it measured (`.where`)
 Measurer = Callable[[dict[int, list[LayerCase]]], dict[int, dict[str, float]]]
 MAX_MEASURED_GROUPS = 12  # auto: groups timed at most per compile (largest layers first), the rest by cost model
@@ -137,7 +138,7 @@ def plan_alignment(analysis: ChannelAnalysis, sel: Selection, views: dict[str, L
     """The classes to keep back from `sel.removed` (lowest removable indices of each group), and the
     record (its `removed` / `kept_for_alignment` are filled in by `finish` once the selection is final)."""
     multiple = lanes if align == "auto" else int(align)
-    groups, keep, pending = [], set(), []
+    groups, pending = [], []
     for g in analysis.groups:
         gone = _gone(g, sel)
         if g.pinned or not gone:
@@ -152,27 +153,29 @@ def plan_alignment(analysis: ChannelAnalysis, sel: Selection, views: dict[str, L
         elif align != "auto":
             rec.chosen, rec.reason = counts[1], f"rounded up to a multiple of {multiple} (--align {multiple})"
         else:
-            cases = layer_cases(g, gone, counts, sel, views, analysis.values)
-            pending.append((rec, cases))
+            try:
+                shapes: dict[int, list[LayerShape]] | str = _layer_shapes(g, gone, counts, sel, views, analysis.values)
+            except Exception as err:  # noqa: BLE001 - an optimisation never stops the compile: cost model
+                shapes = f"its layers could not be modelled ({type(err).__name__}: {str(err).strip()[:120]})"
+            pending.append((rec, shapes))
     measured = _measure(pending, measurer, max_measured, min_macs)
-    for rec, cases in pending:
-        g_counts = [c["kept"] for c in rec.candidates]
-        times, why = measured.get(rec.id, (None, None))
+    for rec, shapes in pending:
+        times, why = measured[rec.id]
         if times is not None:
             for c in rec.candidates:
                 c["median_ms"] = times[c["kept"]]
             rec.chosen = _fastest(times)
-            rec.layers = [name for name, _, _ in next(iter(cases.values()))] if isinstance(cases, dict) else []
+            rec.layers = [view.name for view, *_ in shapes[rec.candidates[0]["kept"]]]
             rec.reason = "measured fastest: " + ", ".join(f"{k} kept {times[k]:.4g} ms" for k in
                                                           sorted(times, key=lambda k: (times[k], k)))
         else:
-            costs = {k: tail_cost(k * rec.unit, multiple) for k in g_counts}
+            costs = {c["kept"]: tail_cost(c["kept"] * rec.unit, multiple) for c in rec.candidates}
             for c in rec.candidates:
                 c["cost"] = costs[c["kept"]]
             rec.chosen = _fastest(costs)
-            rec.reason = (f"cost model (not measured: {why}): " +
-                          ", ".join(f"{k} kept costs {costs[k]}" for k in g_counts))
+            rec.reason = f"cost model (not measured: {why}): " + ", ".join(f"{k} kept costs {v}" for k, v in costs.items())
     by_id = {g.id: g for g in analysis.groups}
+    keep: set[int] = set()
     for rec in groups:
         gone = _gone(by_id[rec.id], sel)
         keep |= {by_id[rec.id].classes[c] for c in gone[:rec.chosen - (rec.size - len(gone))]}
@@ -190,30 +193,31 @@ def finish(record: AlignmentRecord, analysis: ChannelAnalysis, sel: Selection) -
         rec.kept_for_alignment = rec.removable - rec.removed
 
 
-def _measure(pending: list[tuple[GroupAlignment, dict[int, list[LayerCase]] | str]], measurer: Measurer | None,
+def _measure(pending: list[tuple[GroupAlignment, dict[int, list[LayerShape]] | str]], measurer: Measurer | None,
              max_measured: int, min_macs: int) -> dict[int, tuple[dict[int, float] | None, str | None]]:
-    """Group id -> (median ms per kept count, None) when measured, else (None, why not)."""
+    """Group id -> (median ms per kept count, None) when measured, else (None, why not). The layers
+    are built (`layer_cases`) only for the groups measured, the ones with the most work first."""
     out: dict[int, tuple[dict[int, float] | None, str | None]] = {}
     ready = []
-    for rec, cases in pending:
+    for rec, shapes in pending:
         if measurer is None:
             out[rec.id] = (None, "no measurer")
-        elif isinstance(cases, str):
-            out[rec.id] = (None, cases)
+        elif isinstance(shapes, str):
+            out[rec.id] = (None, shapes)
         else:
-            work = _macs(cases[rec.candidates[0]["kept"]])
+            work = sum(layer[4] for layer in shapes[rec.candidates[0]["kept"]])
             if work < min_macs:
                 out[rec.id] = (None, f"{work:,} MACs, too small to time reliably")
             else:
-                ready.append((work, rec, cases))
+                ready.append((work, rec, shapes))
     ready.sort(key=lambda item: (-item[0], item[1].id))
-    for i, (_, rec, cases) in enumerate(ready):
+    for i, (_, rec, shapes) in enumerate(ready):
         if i >= max_measured:
             out[rec.id] = (None, f"over the budget of {max_measured} measured groups")
             continue
         try:
-            result = measurer(cases)  # type: ignore[misc]
-            times = {k: float(result[k]["median_ms"]) for k in cases}
+            result = measurer(layer_cases(shapes))  # type: ignore[misc]
+            times = {k: float(result[k]["median_ms"]) for k in shapes}
         except Exception as err:  # noqa: BLE001 - a failed measurement falls back to the cost model
             out[rec.id] = (None, f"measurement failed: {type(err).__name__}: {str(err).strip()[:120]}")
             continue
@@ -221,23 +225,18 @@ def _measure(pending: list[tuple[GroupAlignment, dict[int, list[LayerCase]] | st
     return out
 
 
-def _macs(layers: list[LayerCase]) -> int:
-    total = 0
-    for _, module, shape in layers:
-        with torch.no_grad():
-            out_shape = module(torch.zeros(*shape)).shape if isinstance(module, nn.Module) else ()
-        if isinstance(module, nn.Linear):
-            total += int(torch.Size(out_shape).numel()) * module.in_features
-        else:
-            total += int(torch.Size(out_shape).numel()) * int(module.weight[0].numel())
-    return total
+def layer_cases(shapes: dict[int, list[LayerShape]]) -> dict[int, list[LayerCase]]:
+    """What the measurer gets: per candidate count, each layer as a fresh module (random weights)
+    with its input shape."""
+    return {k: [(view.name, _build(view, n_in, n_out), shape) for view, n_in, n_out, shape, _ in layers]
+            for k, layers in shapes.items()}
 
 
-def layer_cases(g: ChannelGroup, gone: list[int], counts: list[int], sel: Selection, views: dict[str, LayerView],
-                values: dict[str, Any]) -> dict[int, list[LayerCase]] | str:
-    """Per candidate kept count, the layers that produce or read the group's channels, rebuilt (random
-    weights) at the shapes they have once the selection is applied with that many channels kept
-    (the extra ones: `gone`'s first); or why the group cannot be measured this way."""
+def _layer_shapes(g: ChannelGroup, gone: list[int], counts: list[int], sel: Selection, views: dict[str, LayerView],
+                  values: dict[str, Any]) -> dict[int, list[LayerShape]] | str:
+    """Per candidate kept count, the layers that produce or read the group's channels at the shapes
+    they have once the selection is applied with that many channels kept (the extra ones: `gone`'s
+    first; every other dim as the plain selection leaves it); or why the group cannot be measured so."""
     by_weight = {v.tensors.get("weight"): v for v in views.values()}
     layers: dict[str, tuple[LayerView, list]] = {}
     for s in g.slices:
@@ -253,24 +252,24 @@ def layer_cases(g: ChannelGroup, gone: list[int], counts: list[int], sel: Select
         layers.setdefault(view.node.name, (view, []))[1].append(s)
     if not layers:
         return "no layer produces or reads the channels"
-    base = counts[0]
-    out: dict[int, list[LayerCase]] = {}
+    out: dict[int, list[LayerShape]] = {}
     for k in counts:
-        extra = gone[:k - base]
-        cases = []
+        extra, cases = gone[:k - counts[0]], []
         for name, (view, slices) in layers.items():
-            x = view.input
-            n_in = int(sel.present(x.name, view.in_dim, values[x.name].shape[view.in_dim]).sum())
-            n_out = int(sel.present(name, view.out_dim, values[name].shape[view.out_dim]).sum())
+            x, y = values[view.input.name].shape, values[name].shape
+            n_in = int(sel.present(view.input.name, view.in_dim, x[view.in_dim]).sum())
+            n_out = int(sel.present(name, view.out_dim, y[view.out_dim]).sum())
             for s in slices:
                 delta = sum(len(s.indices[c]) for c in extra)
                 if s.dim == view.weight_dims[0]:
                     n_out += delta
                 else:
                     n_in += delta
-            shape = list(values[x.name].shape)
+            shape = list(x)
             shape[view.in_dim] = n_in
-            cases.append((view.name, _build(view, n_in, n_out), shape))
+            per_output = n_in * math.prod(view.weight.shape[2:])  # a plain conv / linear: groups 1
+            macs = math.prod(y) // y[view.out_dim] * n_out * per_output
+            cases.append((view, n_in, n_out, shape, macs))
         out[k] = cases
     return out
 

@@ -226,6 +226,7 @@ def _layers_view(layers: list[dict[str, Any]]) -> list[Block]:
 
 def _removed_line(g: dict[str, Any]) -> str:
     why = f" ({', '.join(g['why'])})" if g.get("why") else ""
+    why += f", {g['kept_for_alignment']} more kept for alignment" if g.get("kept_for_alignment") else ""
     return (f"group {g.get('id', '?')}: {g.get('removed', '?')} of {g.get('size', '?')} channels{why}; "
             f"{_tensors(g.get('tensors', []))}")
 
@@ -247,8 +248,10 @@ def _channels_view(ch: dict[str, Any]) -> list[Block]:
 
 def _alignment_view(al: dict[str, Any]) -> list[Block]:
     how = (f"measured on {al['measured_on']}" if al.get("measured_on") else "nothing measured")
-    head = (f"`--align {al['mode']}`: kept counts rounded to multiples of {al['multiple']} tensor channels where "
-            f"faster; {al['kept_for_alignment']} removable zero channels kept ({how}).")
+    rule = ("where faster (measured, else by the cost model)" if al["mode"] == "auto"
+            else "where the group has that many")
+    head = (f"`--align {al['mode']}`: kept counts rounded up to multiples of {al['multiple']} tensor channels {rule}; "
+            f"{al['kept_for_alignment']} removable zero channels kept ({how}).")
     rows = [[str(g["id"]), str(g["size"]), str(g["removable"]), str(g["removed"]), str(g["kept_for_alignment"]),
              str(g["kept"]), g["reason"]] for g in al["groups"]]
     return [Paragraph(head + (f" {al['note']}." if al.get("note") else "")),
