@@ -35,7 +35,8 @@ class PassContext:
     probe_inputs: list[Any] = field(default_factory=list)  # inputs a checked Sequence compares on
     tolerance: float = 1e-4  # max relative output error a checked pass may introduce
     masks: dict[str, torch.Tensor] | None = None  # parameter name -> bool mask, True = kept
-    measurer: Callable[..., Any] | None = None  # times layers' candidate forms (`pack_sparse`)
+    # times layers' candidate forms (`pack_sparse`) or channel counts (`remove_zero_channels` align="auto")
+    measurer: Callable[..., Any] | None = None
     strict: bool | None = None  # channel-analysis rule errors raise (None: $RWDEPLOY_STRICT_ANALYSIS)
 
 
