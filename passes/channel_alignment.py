@@ -246,7 +246,7 @@ def _layer_shapes(g: ChannelGroup, gone: list[int], counts: list[int], sel: Sele
         if view is None:
             return f"{s.tensor} is not a layer's weight"
         if not _plain(view):
-            return f"{view.name} is not a plain convolution or linear layer"
+            return f"{view.name} is not a linear or a plain or depthwise convolution"
         if s.span is not None or s.dim not in view.weight_dims:
             return f"{view.name} reads the channels in a way this measurement does not model"
         layers.setdefault(view.node.name, (view, []))[1].append(s)
@@ -265,20 +265,27 @@ def _layer_shapes(g: ChannelGroup, gone: list[int], counts: list[int], sel: Sele
                     n_out += delta
                 else:
                     n_in += delta
+            if _depthwise(view):  # its rows are the group's channels (x its multiplier); its input follows
+                n_in = n_out // (view.out_channels // view.in_channels)
             shape = list(x)
             shape[view.in_dim] = n_in
-            per_output = n_in * math.prod(view.weight.shape[2:])  # a plain conv / linear: groups 1
+            per_output = (1 if _depthwise(view) else n_in) * math.prod(view.weight.shape[2:])
             macs = math.prod(y) // y[view.out_dim] * n_out * per_output
             cases.append((view, n_in, n_out, shape, macs))
         out[k] = cases
     return out
 
 
+def _depthwise(view: LayerView) -> bool:
+    return isinstance(view, ConvView) and view.groups > 1 and view.groups == view.in_channels
+
+
 def _plain(view: LayerView) -> bool:
+    """A layer `_build` rebuilds: a linear, or a conv (1-3d, zero padding) with groups 1 or depthwise."""
     if isinstance(view, LinearView):
         return True
-    return (isinstance(view, ConvView) and not view.transposed and view.groups == 1 and 1 <= view.spatial <= 3
-            and view.setting("padding_mode", "zeros") == "zeros")
+    return (isinstance(view, ConvView) and not view.transposed and (view.groups == 1 or _depthwise(view))
+            and 1 <= view.spatial <= 3 and view.setting("padding_mode", "zeros") == "zeros")
 
 
 def _build(view: LayerView, n_in: int, n_out: int) -> nn.Module:
@@ -289,7 +296,7 @@ def _build(view: LayerView, n_in: int, n_out: int) -> nn.Module:
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[view.spatial - 1]
     return conv(n_in, n_out, tuple(view.weight.shape[2:]), stride=_arg(view.setting("stride", 1)),
                 padding=_arg(view.setting("padding", 0)), dilation=_arg(view.setting("dilation", 1)),
-                bias=bias).eval()
+                groups=n_in if _depthwise(view) else 1, bias=bias).eval()
 
 
 def _arg(value: Any) -> Any:

@@ -18,8 +18,10 @@ from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import RemoveZeroChannels, remove_zero_channels
 from rwdeploy.passes.protocol import PassContext
 from rwdeploy.passes.trace import trace_model
+from rwdeploy.passes.verify import first_diverging_node, verify_equivalence
 from rwdeploy.runtime.ort_runner import OrtRunner
-from tests.channel_helpers import randomize_norms, zero_filters
+from channel_helpers import randomize_norms, zero_filters
+from test_remove_channels import CASES, pruned
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -180,6 +182,37 @@ def test_resnet_stays_exact_with_alignment(align):
         assert kept <= widths and all(w % align == 0 for w in widths)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_alignment_is_exact_on_the_suite(case):
+    """Every zoo and test network (residual stages, depthwise, grouped, concat, split, heads, ...):
+    with --align 4 and with auto on a random measurer, the slim model computes the original's
+    function, each group keeps the independently rounded count (or more, if a structural constraint
+    says so), and auto's choice is the fastest the record shows."""
+    ctor, shape = CASES[case]
+    gm, x, analysis = pruned(ctor, shape)
+    probes = [x, torch.randn((2,) + tuple(shape[1:]))]
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(cases):
+        return {k: {"median_ms": float(torch.randint(1, 4, (1,), generator=g))} for k in cases}
+
+    for align, measurer in ((4, None), ("auto", noisy)):
+        res = RemoveZeroChannels(analysis, align=align, lanes=4, min_macs=0)(gm, PassContext(x, measurer=measurer))
+        v = verify_equivalence(gm, res.gm, probes, rtol=1e-4, record=res.record)
+        assert v.passed, f"--align {align}: max_rel={v.max_rel} first diverging node {v.first_diverging_node}"
+        assert first_diverging_node(gm, res.gm, (x,), record=res.record) is None
+        assert res.record.alignment.groups  # pruned() zeroed channels in every removable group
+        for rec in res.record.alignment.groups:
+            least = rec.size - rec.removable
+            up = next((k for k in range(least, rec.size + 1) if k * rec.unit % 4 == 0), least)
+            assert rec.chosen in (least, up) and rec.size - rec.removed >= rec.chosen
+            if align == 4:
+                assert rec.chosen == up
+            timed = {c["kept"]: c["median_ms"] for c in rec.candidates if "median_ms" in c}
+            if timed:
+                assert timed[rec.chosen] == min(timed.values())
+
+
 class Preferring:
     """A fake measurer: each candidate's time is 1 ms, or 0.5 ms for the count it prefers per group
     (keyed by the smallest candidate). Records what it was given."""
@@ -221,6 +254,40 @@ def test_measurer_gets_the_layers_at_each_count(traced):
     cases = next(c for c in fake.calls if min(c) == 14)  # c3's group: c3 and the linear after the mean
     fc = {k: next(m for name, m, _ in layers if name == "fc") for k, layers in cases.items()}
     assert {k: (m.in_features, m.out_features) for k, m in fc.items()} == {14: (14, 10), 16: (16, 10)}
+
+
+class Inverted(nn.Module):
+    """An inverted residual's expand -> depthwise -> project; expand rows 0-4 zeroed: the depthwise
+    channels after them are constant, so 5 of 24 channels go (19 kept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand, self.bn = nn.Conv2d(8, 24, 1), nn.BatchNorm2d(24)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.project = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.relu(self.dw(torch.relu(self.bn(self.expand(x))))))
+
+
+def test_depthwise_layers_are_measured_at_each_count():
+    torch.manual_seed(0)
+    net = Inverted().eval()
+    randomize_norms(net, 0)
+    with torch.no_grad():
+        net.expand.weight[:5] = 0
+    x = torch.randn(1, 8, 12, 12)
+    fake = Preferring({19: 24})
+    result = RemoveZeroChannels(align="auto", lanes=8, min_macs=0)(trace_model(net, x).gm, PassContext(x, measurer=fake))
+    cases = next(c for c in fake.calls if min(c) == 19)
+    for k, layers in cases.items():
+        convs = {name: (m.in_channels, m.out_channels, m.groups) for name, m, _ in layers}
+        assert convs == {"expand": (8, k, 1), "dw": (k, k, k), "project": (k, 8, 1)}
+    assert result.gm.dw.weight.shape[0] == 24 and result.record.alignment.groups[0].kept_for_alignment == 5
+    with torch.no_grad():
+        assert _rel(net(x), result.gm(x)) <= 1e-5
+    off = remove_zero_channels(trace_model(net, x).gm, x)
+    assert off.gm.dw.weight.shape[0] == 19  # without alignment the 5 constant channels go
 
 
 @pytest.mark.parametrize("seed", range(4))
