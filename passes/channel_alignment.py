@@ -252,6 +252,8 @@ def _layer_shapes(g: ChannelGroup, gone: list[int], counts: list[int], sel: Sele
         layers.setdefault(view.node.name, (view, []))[1].append(s)
     if not layers:
         return "no layer produces or reads the channels"
+    order = {name: i for i, name in enumerate(views)}  # graph order
+    layers = dict(sorted(layers.items(), key=lambda item: order[item[0]]))
     out: dict[int, list[LayerShape]] = {}
     for k in counts:
         extra, cases = gone[:k - counts[0]], []
