@@ -42,6 +42,7 @@ from rwdeploy.io import atomic_file
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.layer_stats import layer_stats, totals
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
+from rwdeploy.runtime.align_timing import OrtLayerTimer, target_lanes
 from rwdeploy.passes.trace import trace_model
 from rwdeploy.passes.verify import compare_on
 from rwdeploy.runtime.environment import environment
@@ -125,11 +126,15 @@ def _worst_error(reference: nn.Module, candidate: nn.Module, probes: list[torch.
     return check.max_abs, check.max_rel
 
 
-def ours(zeroed: nn.Module, example: torch.Tensor) -> tuple[nn.Module, float]:
+def ours(zeroed: nn.Module, example: torch.Tensor, align: str = "off") -> tuple[nn.Module, float, int]:
+    """Our slim model, the pass's wall time, and the zero channels kept for alignment."""
     t0 = time.perf_counter()
     gm = trace_model(zeroed, example).gm
-    result = remove_zero_channels(gm, example, analysis=analyze_channel_groups(gm, example))
-    return result.gm, time.perf_counter() - t0
+    measurer = OrtLayerTimer("onnx") if align == "auto" else None
+    result = remove_zero_channels(gm, example, analysis=analyze_channel_groups(gm, example), align=align,
+                                  lanes=target_lanes("onnx"), measurer=measurer)
+    kept = sum(g.kept_for_alignment for g in result.record.alignment.groups) if result.record.alignment else 0
+    return result.gm, time.perf_counter() - t0, kept
 
 
 def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
@@ -149,12 +154,12 @@ def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
     return model, time.perf_counter() - t0
 
 
-def measure_pair(dense: nn.Module, slim: nn.Module, example: torch.Tensor, workdir: Path,
-                 args: argparse.Namespace) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
-    """ORT latency of both models per batch size, their calls alternating (dense, slim, dense,
-    ...) so that load drifting on a shared machine hits both alike; and their ONNX file sizes."""
+def measure_variants(variants: dict[str, nn.Module], example: torch.Tensor, workdir: Path,
+                     args: argparse.Namespace) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+    """ORT latency of every model per batch size, their calls alternating (dense, slim, dense,
+    ...) so that load drifting on a shared machine hits all alike; and their ONNX file sizes."""
     runners, sizes = {}, {}
-    for variant, module in (("dense", dense), ("slim", slim)):
+    for variant, module in variants.items():
         path = workdir / f"{variant}.onnx"
         sizes[variant] = export_onnx(module, example, path).size_bytes
         runners[variant] = OrtRunner(path, threads=args.threads)
@@ -180,7 +185,7 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
     zeroed = copy.deepcopy(net)
     filters = zero_smallest_filters(zeroed, groups, rate)
 
-    slim, our_s = ours(zeroed, example)
+    slim, our_s, _ = ours(zeroed, example, args.aligns[0])
     our_err = _worst_error(zeroed, slim, probes)
     t_dense, t_slim = totals(zeroed, layer_stats(zeroed, example)), totals(slim, layer_stats(slim, example))
     row: dict[str, Any] = {
@@ -189,8 +194,15 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
         "params_dense": t_dense.params, "params_slim": t_slim.params,
         "macs_dense": t_dense.macs, "macs_slim": t_slim.macs,
         "state_bytes_dense": _state_bytes(zeroed), "state_bytes_slim": _state_bytes(slim),
-        "ours_s": our_s, "ours_max_abs": our_err[0], "ours_max_rel": our_err[1],
+        "ours_s": our_s, "ours_max_abs": our_err[0], "ours_max_rel": our_err[1], "align": args.aligns[0],
     }
+    aligned: dict[str, nn.Module] = {}
+    for align in args.aligns[1:]:  # the same zeroed model with channels kept for alignment
+        aligned[align], _, kept = ours(zeroed, example, align)
+        err = _worst_error(zeroed, aligned[align], probes)
+        row.setdefault("aligned", {})[align] = {
+            "kept_for_alignment": kept, "macs_slim": totals(aligned[align], layer_stats(aligned[align], example)).macs,
+            "max_abs": err[0], "max_rel": err[1]}
     if args.torch_pruning:
         try:
             theirs, tp_s = torch_pruning_prune(zeroed, example, filters)
@@ -200,13 +212,16 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
         except Exception as err:  # record, do not hide: a failure is a result too
             row["tp_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if not args.no_measure:
-        latency, sizes = measure_pair(zeroed, slim, example, workdir, args)
+        latency, sizes = measure_variants({"dense": zeroed, "slim": slim, **{f"align {a}": m for a, m in aligned.items()}},
+                                          example, workdir, args)
         row["onnx_bytes_dense"], row["onnx_bytes_slim"] = sizes["dense"], sizes["slim"]
         mac_reduction = t_dense.macs / t_slim.macs
         row["latency"] = {}
         for b, lat in latency.items():
             speedup = lat["dense"]["median_ms"] / lat["slim"]["median_ms"]
             row["latency"][str(b)] = {**lat, "speedup": speedup, "speedup_per_mac_reduction": speedup / mac_reduction}
+            for a in aligned:
+                row["aligned"][a].setdefault("speedup", {})[str(b)] = lat["dense"]["median_ms"] / lat[f"align {a}"]["median_ms"]
     return row
 
 
@@ -227,6 +242,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = ["model", "rate", "params dense→slim", "MACs dense→slim", "stored / ONNX bytes slim÷dense"]
     for b in batches:
         head += [f"ORT b{b} ms dense→slim", f"b{b} speed-up (÷MAC red.)"]
+    aligns = meta.get("aligns", ["off"])[1:]
+    head += [f"b{b} speed-up, align {a} (kept)" for a in aligns for b in batches]
     head += ["ours: s, max rel err", "torch-pruning: s, max rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -242,6 +259,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                           f"{lat['speedup']:.2f}× ({lat['speedup_per_mac_reduction']:.2f})"]
             else:
                 cells += ["-", "-"]
+        for a in aligns:
+            al = r.get("aligned", {}).get(a, {})
+            for b in batches:
+                sp = al.get("speedup", {}).get(str(b))
+                cells.append(f"{sp:.2f}× ({al['kept_for_alignment']})" if sp is not None else "-")
         cells.append(f"{r['ours_s']:.2f}, {r['ours_max_rel']:.1e}")
         if "tp_s" in r:
             cells.append(f"{r['tp_s']:.2f}, {r['tp_max_rel']:.1e}")
@@ -267,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", dest="min_time", type=float, default=2.0,
                    help="seconds of alternating timed runs at least, per batch size")
     p.add_argument("--no-measure", action="store_true")
+    p.add_argument("--align", default="off",
+                   help="comma list of compile --align values (off, N, auto); the first gives the main row, "
+                        "the others are extra slim variants timed in the same interleaved run")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batch.split(",")]
+    args.aligns = [a.strip() for a in args.align.split(",") if a.strip()] or ["off"]
     try:
         import torch_pruning  # noqa: F401
         args.torch_pruning = True
@@ -281,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "benchmark": "structured", "batches": args.batches, "threads": args.threads, "runs": args.runs,
         "min_time_s": args.min_time, "loadavg_before": list(os.getloadavg()), "environment": environment(),
-        "torch_pruning": _torch_pruning_version(), "input_shapes": {},
+        "torch_pruning": _torch_pruning_version(), "input_shapes": {}, "aligns": args.aligns,
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
