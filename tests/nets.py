@@ -277,6 +277,20 @@ class AdaptiveMaxPool(nn.Module):
         return self.out(F.adaptive_max_pool2d(x, 4))
 
 
+class TensorIndex(nn.Module):
+    """Rows gathered by a tensor index (`y[:, :, rows]`, as Swin-V2's relative-position tables
+    do): the indexed value's channels stay, the layers after it still lose theirs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+        self.register_buffer("rows", torch.tensor([3, 1, 0, 2, 7, 5, 4, 6, 11, 9, 8, 10, 15, 13, 12, 14]))
+
+    def forward(self, x):
+        return self.out(self.b(self.a(x)[:, :, self.rows]))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -293,4 +307,5 @@ TEST_NETS = {
     "instance_norm": (InstanceNorms, (1, 3, 8, 8)),
     "adaptive_max_pool": (AdaptiveMaxPool, (1, 3, 16, 16)),
     "ghost": (Ghost, (1, 3, 16, 16)),
+    "tensor_index": (TensorIndex, (1, 3, 16, 16)),
 }

@@ -145,6 +145,8 @@ class Index(ChannelArgs):
 
     def rewrite(self, node: fx.Node, sel: Any, x: fx.Node, shape: Shape) -> bool:
         items = index_items(node.args[1], len(shape))
+        if items is None:  # a tensor index: `record` pinned the value, so nothing along it was removed
+            return False
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         new, changed, pos = [], False, 0
         for e in idx:
