@@ -4,7 +4,9 @@
 layer alone with its weights as constants. Packed forms run rwdeploy's sparse kernels (the
 same emission as the artifact's converters, `runtime.tvm_sparse`); the dense form is the
 plain Relax conv2d / matmul that the artifact's CPU pipeline schedules (`tvm_build.cpu_pipeline`),
-with a conv's input and output in NHWC, the layout that pipeline computes dense convs in.
+with a conv's input and output in NHWC, the layout that pipeline computes dense convs in;
+except a depthwise conv, which a packed artifact runs in rwdeploy's dense kernel in the packed
+layers' NCHW (`tvm_sparse.dense_in_packed_layout`), so that is what its "dense" times.
 `build_candidates` compiles them all in one build for a target (host or aarch64).
 
 Measurers: `time_candidates` (this machine, TVM's time_evaluator) and
@@ -41,9 +43,16 @@ class Candidate:
     def function(self) -> str:
         return f"cand{self.index}_" + "".join(ch if ch.isalnum() else "_" for ch in self.key)
 
+    @property
+    def packed_layout(self) -> bool:
+        """The dense form of a conv that a packed artifact runs in the packed (NCHW) layout."""
+        layer = self.layer
+        return isinstance(layer, torch.nn.Conv2d) and (
+            self.matrix is not None or tvm_sparse.dense_in_packed_layout(tuple(layer.weight.shape), layer.groups))
+
     def input_shape(self) -> tuple[int, ...]:
-        """The shape the candidate function takes (NHWC for a dense conv)."""
-        if self.matrix is None and isinstance(self.layer, torch.nn.Conv2d):
+        """The shape the candidate function takes (NHWC for a dense conv TVM computes)."""
+        if isinstance(self.layer, torch.nn.Conv2d) and not self.packed_layout:
             b, c, h, w = self.in_shape
             return (b, h, w, c)
         return self.in_shape
@@ -73,6 +82,10 @@ def _emit_dense(bb: relax.BlockBuilder, c: Candidate, x: relax.Var) -> relax.Exp
     w = layer.weight.detach().float()
     if isinstance(layer, torch.nn.Linear):
         y = bb.emit(op.matmul(x, _const(w.t().contiguous())))
+    elif c.packed_layout:   # bias and all in the kernel, as the artifact's converter emits it
+        return tvm_sparse.emit_conv(bb, tvm_sparse.dense_conv_call(
+            bb, x, w.numpy(), _bias(layer), tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation),
+            layer.groups))
     else:
         y = bb.emit(op.nn.conv2d(x, _const(w.permute(2, 3, 1, 0).contiguous()), tuple(layer.stride),
                                  tuple(layer.padding), tuple(layer.dilation), layer.groups,

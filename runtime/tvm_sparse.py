@@ -139,10 +139,16 @@ def _numpy_offsets(columns: np.ndarray, geometry: np.ndarray) -> np.ndarray:
     return off.astype(np.int32)
 
 
+def _constant(expr: Any) -> np.ndarray | None:
+    """The numpy value of a Relax constant, else None."""
+    value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.GenericConst) else None
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
 def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
     """Evaluate in numpy what the converters derived from weights, once they are constants:
-    each conv's input offsets (`offsets_func` calls) and folded batch-norm scales / biases
-    (elementwise add, subtract, multiply, divide, sqrt of constants).
+    each conv's input offsets (`offsets_func` calls), folded batch-norm scales / biases
+    (elementwise add, subtract, multiply, divide, sqrt of constants) and reshaped weights.
 
     TVM's FoldConstant does the same by building and running every call (~2 s each, a
     minute and more for a MobileNet); this takes milliseconds. Run it right after import.
@@ -152,8 +158,7 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
         def _value(self, arg: relax.Expr) -> np.ndarray | None:
             if isinstance(arg, relax.Var):
                 arg = self.lookup_binding(arg)
-            value = getattr(arg, "value", None) if isinstance(arg, tvm.ir.expr.GenericConst) else None
-            return value.numpy() if hasattr(value, "numpy") else None
+            return _constant(arg)
 
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
@@ -162,6 +167,10 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
             if call.op.name == "relax.call_tir" and call.args[0].name_hint.startswith("rw_conv2d_offsets_"):
                 columns, geometry = (self._value(a) for a in call.args[1].fields)
                 return call if columns is None or geometry is None else relax.const(_numpy_offsets(columns, geometry))
+            if call.op.name == "relax.reshape" and isinstance(call.args[1], relax.ShapeExpr):
+                value = self._value(call.args[0])   # a dense weight as the conv kernel's values
+                return call if value is None else \
+                    relax.const(value.reshape([int(v) for v in call.args[1].values]))
             if call.op.name in _FOLDABLE:
                 values = [self._value(a) for a in call.args]
                 if all(v is not None and v.dtype == np.float32 for v in values):
@@ -464,20 +473,95 @@ def _pair(v: Any, default: int) -> tuple[int, int]:
     return (v or default,) * 2
 
 
-@_fusing
-def _convert_dense_conv2d(node, importer) -> relax.Expr:
-    args = list(importer.retrieve_args(node)) + [None] * 7
-    _, w, bias, stride, padding, dilation, groups = args[:7]
-    bb: relax.BlockBuilder = importer.block_builder
-    o, cg, kh, kw = _shape(w)
+def dense_in_packed_layout(weight_shape: tuple[int, ...], groups: int) -> bool:
+    """Whether a dense conv beside packed layers runs rwdeploy's conv kernel, in the packed
+    layers' NCHW, instead of TVM's NHWC conv: depthwise convs (one input channel per group).
+
+    TVM's CPU pipeline computes dense convs in NHWC (`tvm_schedule.prepare_passes`), so one
+    between NCHW kernels costs a transpose before and after it, which took more than the conv
+    itself in MobileNetV2 (nine multiply-adds per output: a depthwise conv is memory-bound). A dense
+    depthwise conv in rwdeploy's kernel also fuses the 1x1 conv feeding it (`_emit_fused`).
+    """
+    return groups > 1 and weight_shape[1] == 1
+
+
+def dense_conv_call(bb: relax.BlockBuilder, x: relax.Expr | None, w: relax.Expr | np.ndarray,
+                    bias: relax.Expr | None, stride: tuple[int, int], padding: tuple[int, int],
+                    dilation: tuple[int, int], groups: int, in_shape: tuple[int, ...] | None = None) -> ConvCall:
+    """The ConvCall of a dense conv: the sparse kernel walking a CSR that holds every weight
+    (`w` (O, C/groups, KH, KW): a numpy array, or a Relax weight)."""
+    value = w if isinstance(w, np.ndarray) else _constant(w)
+    o, cg, kh, kw = value.shape if value is not None else _shape(w)
     kcol = cg * kh * kw
-    # the dense conv kernel is the sparse one walking a CSR that holds every weight
-    vals = bb.emit(relax.op.reshape(w, (o * kcol, 1, 1)))
+    if value is not None:   # a constant: reshaped here, nothing for the build to fold
+        vals = relax.const(np.ascontiguousarray(value.reshape(o * kcol, 1, 1), dtype=np.float32))
+    else:
+        vals = bb.emit(relax.op.reshape(w, (o * kcol, 1, 1)))
     columns = np.tile(np.arange(kcol), o)
     ptr = relax.const((np.arange(o + 1) * kcol).astype(np.int32))
-    return _with_input(node, importer, lambda x, in_shape: conv_call(
-        bb, x, (o, cg, kh, kw), vals, columns, ptr, bias, _pair(stride, 1), _pair(padding, 0), _pair(dilation, 1),
-        int(groups or 1), (1, 1), "dense", None, in_shape))
+    return conv_call(bb, x, (o, cg, kh, kw), vals, columns, ptr, bias, stride, padding, dilation, groups,
+                     (1, 1), "dense", None, in_shape)
+
+
+def _conv_args(node: fx.Node, importer: Any) -> tuple[Any, ...]:
+    """(weight, bias, stride, padding, dilation, groups, transposed) of aten.conv2d /
+    aten.convolution (whose groups come after transposed and output_padding)."""
+    args = list(importer.retrieve_args(node)) + [None] * 9
+    if node.target.__name__.startswith("convolution"):
+        _, w, bias, stride, padding, dilation, transposed, _, groups = args[:9]
+    else:
+        (_, w, bias, stride, padding, dilation, groups), transposed = args[:7], False
+    return (w, bias, _pair(stride, 1), _pair(padding, 0), _pair(dilation, 1), int(groups or 1),
+            bool(transposed))
+
+
+@_fusing
+def _convert_dense_conv2d(node, importer) -> relax.Expr:
+    w, bias, stride, padding, dilation, groups, _ = _conv_args(node, importer)
+    return _with_input(node, importer, lambda x, in_shape: dense_conv_call(
+        importer.block_builder, x, w, bias, stride, padding, dilation, groups, in_shape))
+
+
+_PASS_THROUGH = (*_ACTIVATIONS, *_BATCH_NORMS, "getitem")
+
+
+def _is_packed(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and "rwdeploy" in str(node.target)
+
+
+def _through(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and \
+        getattr(node.target, "__name__", "") in _PASS_THROUGH
+
+
+def beside_packed(node: fx.Node) -> bool:
+    """A packed layer computes the node's input or reads its output, through batch norms,
+    activations and getitem (which the packed kernels fuse)."""
+    src = node.args[0]
+    while _through(src):
+        src = src.args[0]
+    if _is_packed(src):
+        return True
+    users = list(node.users)
+    while users:
+        user = users.pop()
+        if _is_packed(user):
+            return True
+        if _through(user):
+            users.extend(user.users)
+    return False
+
+
+@_fusing
+def _convert_conv_beside_packed(node, importer) -> relax.Expr:
+    """A dense conv of a packed model: a depthwise one beside packed layers runs rwdeploy's
+    kernel in their layout (`dense_in_packed_layout`); any other converts as TVM does."""
+    w, bias, stride, padding, dilation, groups, transposed = _conv_args(node, importer)
+    if transposed or len(_shape(w)) != 4 or not dense_in_packed_layout(tuple(_shape(w)), groups) \
+            or not beside_packed(node):
+        return _fallback(node, importer)
+    return _with_input(node, importer, lambda x, in_shape: dense_conv_call(
+        importer.block_builder, x, w, bias, stride, padding, dilation, groups, in_shape))
 
 
 def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
@@ -486,8 +570,11 @@ def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
     With `dense_kernels`, dense conv2d / linear also run rwdeploy's scheduled TIR kernels
     instead of the default Relax lowering, which leaves them unscheduled on CPU (~100x
     slower); the program must then be imported without decomposition, so that conv2d and
-    linear reach the converter as themselves. The activation / add entries fuse into a
-    preceding conv kernel where they can and otherwise convert as TVM does.
+    linear reach the converter as themselves. Without it (the artifact's build of a packed
+    model), a dense depthwise conv beside a packed layer still runs rwdeploy's kernel, in the
+    packed layers' layout (`dense_in_packed_layout`), and every other dense conv / linear is
+    TVM's. The activation / add entries fuse into a preceding conv kernel where they can and
+    otherwise convert as TVM does.
     """
     cmap: dict[str, Callable] = {"sparse_linear.default": _convert_sparse_linear,
                                  "sparse_conv2d.default": _convert_sparse_conv2d,
@@ -497,6 +584,9 @@ def convert_map(dense_kernels: bool = True) -> dict[str, Callable]:
     cmap["getitem"] = _convert_getitem
     if dense_kernels:
         cmap.update({"linear.default": _convert_dense_linear, "conv2d.default": _convert_dense_conv2d})
+    else:
+        cmap.update({"conv2d.default": _convert_conv_beside_packed,
+                     "convolution.default": _convert_conv_beside_packed})
     return cmap
 
 
