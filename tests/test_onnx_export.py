@@ -221,3 +221,39 @@ def test_adaptive_avg_pool_that_divides_stays_a_pooling_op(tmp_path):
     with torch.no_grad():
         ref = net(x)
     assert _rel_err(ref, OrtRunner(tmp_path / "pool.onnx").run(x.numpy())) < 1e-5
+
+
+class FoldNet(nn.Module):
+    """Outlook-attention style: unfold, mix, fold back (VOLO); fold is aten::col2im, which the
+    TorchScript exporter refuses below opset 18."""
+
+    def __init__(self, kernel: int, stride: int, padding: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Conv1d(4 * kernel * kernel, 4 * kernel * kernel, 1)
+        self.k, self.s, self.p, self.d = kernel, stride, padding, dilation
+        self.fold_module = nn.Fold(output_size=(13, 11), kernel_size=kernel, stride=stride, padding=padding,
+                                   dilation=dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        cols = self.mix(F.unfold(y, self.k, dilation=self.d, padding=self.p, stride=self.s))
+        z = F.fold(cols, y.shape[-2:], self.k, dilation=self.d, padding=self.p, stride=self.s)
+        return z + self.fold_module(cols)
+
+
+@pytest.mark.parametrize("geometry", [(3, 2, 1, 1), (3, 1, 1, 1), (2, 2, 0, 1), (3, 2, 2, 2)])
+@pytest.mark.parametrize("form", ["fx", "export"])
+def test_fold_exports_as_a_transposed_convolution(tmp_path, geometry, form):
+    """F.fold / nn.Fold / aten.col2im: written as a grouped ConvTranspose with a one-hot kernel."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 13, 11)
+    net = FoldNet(*geometry).eval()
+    module = torch.fx.symbolic_trace(net) if form == "fx" else torch.export.export(net, (x,)).module()
+    export_onnx(module, x, tmp_path / "fold.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "fold.onnx")).graph.node}
+    assert "ConvTranspose" in ops and "Col2Im" not in ops
+    probe = torch.randn(2, 3, 13, 11, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(probe)
+    assert _rel_err(ref, OrtRunner(tmp_path / "fold.onnx").run(probe.numpy())) < 1e-5
