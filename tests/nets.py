@@ -291,6 +291,25 @@ class TensorIndex(nn.Module):
         return self.out(self.b(self.a(x)[:, :, self.rows]))
 
 
+class InPlaceResize(nn.Module):
+    """In-place elementwise ops and bicubic resizing between pruned layers; a .pt2 keeps them as
+    aten.div_, aten.dropout_, aten.sub_, aten.sigmoid_ and aten.upsample_bicubic2d (CrossViT,
+    ConViT, TNT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.drop = nn.Dropout(0.1, inplace=True)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y.div_(2.0)
+        y = self.drop(F.interpolate(y, scale_factor=2, mode="bicubic"))
+        y.sub_(0.5)
+        return self.out(self.b(y.sigmoid_()))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -308,4 +327,5 @@ TEST_NETS = {
     "adaptive_max_pool": (AdaptiveMaxPool, (1, 3, 16, 16)),
     "ghost": (Ghost, (1, 3, 16, 16)),
     "tensor_index": (TensorIndex, (1, 3, 16, 16)),
+    "in_place_resize": (InPlaceResize, (1, 3, 8, 8)),
 }

@@ -245,6 +245,18 @@ def test_the_patterns_of_the_conformance_suite_are_understood(name, form):
     assert any(g.removable and g.slices_with("producer") for g in a.groups)
 
 
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_in_place_ops_and_bicubic_resize_are_understood(form):
+    ctor, shape = nets.TEST_NETS["in_place_resize"]
+    torch.manual_seed(0)
+    model, x = ctor().eval(), torch.randn(shape)
+    gm = trace_model(model, x).gm if form == "module" else torch.export.export(model, (x,)).module()
+    a = analyze_channel_groups(gm, x)
+    assert not [r for g in a.groups for r in g.pinned if "not understood" in r or "analysis failed" in r]
+    for producer in ("a.0.weight", "b.0.weight"):
+        assert group_with(a, producer, "producer").removable
+
+
 def test_fused_attention_loses_whole_heads_and_class_tokens_follow_the_channels():
     a = analysis_of(*nets_families.TEST_NETS["deit"])
     heads = group_with(a, "attn.qkv.weight", "producer")

@@ -44,7 +44,10 @@ UNARY = Match(
           "detach", "contiguous", "to_copy", "clamp", "clamp_min", "clamp_max", "exp", "abs", "sqrt", "rsqrt",
           "neg", "erf", "log", "square", "reciprocal", "to", "type_as", "sin", "cos", "log1p", "expm1", "sign",
           "floor", "ceil", "round", "trunc", "logical_not", "bitwise_not", "gelu_", "elu_", "leaky_relu_", "celu",
-          "selu", "softshrink", "hardshrink", "log_sigmoid", "lift_fresh_copy"),
+          "selu", "softshrink", "hardshrink", "log_sigmoid", "lift_fresh_copy",
+          # in-place forms, as a .pt2 of a module that calls them keeps them
+          "dropout_", "sigmoid_", "tanh_", "exp_", "clamp_", "clamp_min_", "clamp_max_", "hardsigmoid_",
+          "mish_", "abs_", "neg_", "sqrt_", "rsqrt_", "erf_", "celu_", "selu_"),
 )
 BINARY = Match(
     functions=(operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
@@ -53,7 +56,7 @@ BINARY = Match(
                torch.pow),
     methods=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum",
              "true_divide"),
-    aten=("add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "pow"),
+    aten=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow", "pow_"),
 )
 # input + value * t1 * t2 (or / t2): three operands, coupled position by position like two
 TERNARY = Match(functions=(torch.addcmul, torch.addcdiv), methods=("addcmul", "addcmul_", "addcdiv", "addcdiv_"),
