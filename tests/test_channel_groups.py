@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import nets
 import nets_families
@@ -152,7 +153,7 @@ def test_channels_last_layer_norm_pins_the_stream_but_not_the_mlp():
 def test_unknown_op_and_output_pin_with_reasons():
     a = analysis_of(*nets.TEST_NETS["unknown_op"])
     g = group_with(a, "b.0.weight", "producer")
-    assert any("cumsum" in r and "not understood" in r for r in g.pinned)
+    assert any("atan" in r and "not understood" in r for r in g.pinned)
     assert group_with(a, "a.0.weight", "producer").removable
     out = group_with(a, "out.weight", "producer")
     assert out.pinned == ["model output"]
@@ -289,3 +290,27 @@ def test_a_linear_over_tokens_passes_the_channels_through():
     stream = group_with(a, "embed.weight", "producer")
     assert stream.removable and not any(s.tensor == "tokens.weight" for s in stream.slices)
     assert {"n1.alpha", "n1.beta", "ls1", "ls2"} <= {s.tensor for s in stream.slices_with("follower")}
+
+
+class RunningSums(nn.Module):
+    """cumsum over H keeps a's channels apart (EdgeNeXt's positional mask); over channels it
+    couples b's channels into one class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(torch.cumsum(self.b(torch.relu(self.a(x)).cumsum(2)), dim=1))
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_cumsum_couples_only_the_dim_it_runs_along(form):
+    torch.manual_seed(0)
+    model, x = RunningSums().eval(), torch.randn(1, 3, 8, 8)
+    gm = trace_model(model, x).gm if form == "module" else torch.export.export(model, (x,)).module()
+    a = analyze_channel_groups(gm, x)
+    assert not [r for g in a.groups for r in g.pinned if "not understood" in r]
+    assert group_with(a, "a.weight", "producer").size == 8  # eight classes of one channel each
+    assert group_with(a, "b.weight", "producer").size == 1  # one class: the channels go together

@@ -89,7 +89,7 @@ def test_record_lists_shapes_removed_and_pinned_groups():
     layers = {layer["name"]: layer for layer in rec["layers"]}
     assert layers["a.0"]["before"]["weight"] == [8, 3, 3, 3]
     assert layers["a.0"]["after"]["weight"][0] == 4
-    assert any("cumsum" in reason for g in rec["pinned_groups"] for reason in g["reasons"])
+    assert any("atan" in reason for g in rec["pinned_groups"] for reason in g["reasons"])
     assert all(g["removed"] > 0 and g["why"] for g in rec["removed_groups"])
 
 

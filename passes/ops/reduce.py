@@ -1,4 +1,4 @@
-"""Reductions, norms, softmax and normalize: ops that combine positions along some dims.
+"""Reductions, norms, softmax, normalize and cumsum: ops that combine positions along some dims.
 
 Reducing over dims that do not carry channels keeps the classes (global pooling by `mean`, a
 GRN's spatial norm); reducing over channels mixes them, so they are unified: all go together
@@ -90,4 +90,7 @@ register(
                             methods=("softmax", "log_softmax"), aten=("softmax", "log_softmax")),
            along_dim_rule(None)),
     OpSpec("normalize", Match(functions=(torch.nn.functional.normalize,)), along_dim_rule(1)),
+    # a running sum mixes the positions before each one along its dim (EdgeNeXt's positional
+    # encoding sums a mask over H and W): over channels it couples them like softmax
+    OpSpec("cumsum", Match(functions=(torch.cumsum,), methods=("cumsum",), aten=("cumsum",)), along_dim_rule(None)),
 )
