@@ -121,11 +121,15 @@ class AlignmentRecord:
     measured_on: str | None
     groups: list[GroupAlignment]
     note: str | None = None  # the caller's word on how it measured (e.g. why nothing was)
+    # auto decided for the whole model (`passes/whole_model_alignment.py`): every candidate's median,
+    # the original's, the chosen candidate and why; `groups` are then the chosen plan's
+    whole_model: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "multiple": self.multiple, "measured_on": self.measured_on, "note": self.note,
                 "kept_for_alignment": sum(g.kept_for_alignment for g in self.groups),
-                "groups": [g.to_dict() for g in self.groups]}
+                "groups": [g.to_dict() for g in self.groups],
+                **({"whole_model": self.whole_model} if self.whole_model is not None else {})}
 
 
 def _gone(g: ChannelGroup, sel: Selection) -> list[int]:
