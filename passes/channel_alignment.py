@@ -22,6 +22,9 @@ is rounded (a multiple of `multiple` tensor channels).
   when the tail is longer than half a vector, i.e. when it keeps fewer than `lanes / 2` extra
   tensor channels.
 
+`compile --align auto` runs this per-group plan as one candidate among whole models (off, N =
+lanes / 2, N = lanes), the fastest measured kept: `passes/whole_model_alignment.py`.
+
 Which channels are kept back is deterministic: the removable ones with the lowest indices.
 This module decides; it never measures (the measurer comes from the caller) and never prints.
 """
