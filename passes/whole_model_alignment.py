@@ -111,6 +111,8 @@ def _attach(record: RemovalRecord, lanes: int, whole: dict[str, Any]) -> None:
     if record.alignment is None:  # `off` chosen: no group keeps anything
         record.alignment = AlignmentRecord("auto", lanes, whole["measured_on"], [])
     al = record.alignment
+    if al.measured_on is not None:  # the per-group plan's layer timings: say where, before the record says whole models
+        whole["groups_measured_on"] = al.measured_on
     al.mode, al.whole_model = "auto", whole
     if whole["measured_on"] is not None:
         al.measured_on = whole["measured_on"]

@@ -279,7 +279,9 @@ def _alignment_view(al: dict[str, Any]) -> list[Block]:
             f"{al['kept_for_alignment']} removable zero channels kept ({how}).")
     if whole:
         head = (f"The chosen plan ({whole['chosen']}): {al['kept_for_alignment']} removable zero channels kept"
-                + (" (no group keeps any)." if not al["groups"] else "."))
+                + (" (no group keeps any)" if not al["groups"] else "")
+                + (f"; its groups' layers timed on {whole['groups_measured_on']}." if whole.get("groups_measured_on")
+                   else "."))
     rows = [[str(g["id"]), str(g["size"]), str(g["removable"]), str(g["removed"]), str(g["kept_for_alignment"]),
              str(g["kept"]), g["reason"]] for g in al["groups"]]
     blocks.append(Paragraph(head + (f" {al['note']}." if al.get("note") else "")))

@@ -487,6 +487,21 @@ def test_whole_model_auto_can_choose_off(traced):
     assert al.whole_model["chosen"] == "off" and al.groups == [] and al.to_dict()["kept_for_alignment"] == 0
 
 
+def test_whole_model_per_group_candidate_uses_the_layer_measurer(traced):
+    net, gm = traced
+    # c1's group timed (21 preferred over 32); c3's too small to time: the cost model rounds it to 16
+    layers = Preferring({21: 21})
+    fake = WholeFake(net, {(21, 19, 16): 0.3})
+    result = choose_alignment(gm, X, measurer=fake, lanes=16, layer_measurer=layers)
+    assert [sorted(c) for c in layers.calls] == [[21, 32]] and fake.calls[0]["per-group"] == (21, 19, 16)
+    assert _out_channels(result.gm) == {"c1": 21, "c2": 19, "c3": 16}
+    whole = result.record.alignment.whole_model
+    assert whole["chosen"] == "per-group" and whole["groups_measured_on"] == "fake"
+    assert result.record.alignment.measured_on == "fake whole-model timer"
+    md = report_mod.markdown(report_mod.view({"alignment": result.record.alignment.to_dict()}))
+    assert "its groups' layers timed on fake." in md
+
+
 def test_whole_model_candidates_that_are_the_same_model_are_timed_once(traced):
     net, gm = traced
     # 32 lanes: N=16 (32, 19, 16); N=32 (32, 19, 14); the per-group cost model rounds c1 to 32 (21 costs 42)
