@@ -42,8 +42,9 @@ from rwdeploy.io import atomic_file
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.layer_stats import layer_stats, totals
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
-from rwdeploy.runtime.align_timing import OrtLayerTimer, target_lanes
 from rwdeploy.passes.trace import trace_model
+from rwdeploy.passes.whole_model_alignment import choose_alignment
+from rwdeploy.runtime.align_timing import OrtLayerTimer, OrtModelTimer, target_lanes
 from rwdeploy.passes.verify import compare_on
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
@@ -126,15 +127,24 @@ def _worst_error(reference: nn.Module, candidate: nn.Module, probes: list[torch.
     return check.max_abs, check.max_rel
 
 
-def ours(zeroed: nn.Module, example: torch.Tensor, align: str = "off") -> tuple[nn.Module, float, int]:
-    """Our slim model, the pass's wall time, and the zero channels kept for alignment."""
+def ours(zeroed: nn.Module, example: torch.Tensor, align: str = "off", threads: int = 1,
+         measure: bool = True) -> tuple[nn.Module, float, int, dict[str, Any] | None]:
+    """Our slim model, the pass's wall time, the zero channels kept for alignment, and for `auto`
+    the whole-model choice (as compile makes it: the candidates timed as whole models in ORT at
+    batch 1, interleaved, by `OrtModelTimer`; the per-group plan's groups by `OrtLayerTimer`); with
+    `measure` off, auto is the per-group plan by the cost model, as `compile --no-measure`."""
     t0 = time.perf_counter()
     gm = trace_model(zeroed, example).gm
-    measurer = OrtLayerTimer("onnx") if align == "auto" else None
-    result = remove_zero_channels(gm, example, analysis=analyze_channel_groups(gm, example), align=align,
-                                  lanes=target_lanes("onnx"), measurer=measurer)
-    kept = sum(g.kept_for_alignment for g in result.record.alignment.groups) if result.record.alignment else 0
-    return result.gm, time.perf_counter() - t0, kept
+    analysis = analyze_channel_groups(gm, example)
+    if align == "auto" and measure:
+        result = choose_alignment(gm, example, measurer=OrtModelTimer(example[:1], "onnx", threads=threads),
+                                  lanes=target_lanes("onnx"), analysis=analysis,
+                                  layer_measurer=OrtLayerTimer("onnx", threads=threads), batch=1)
+    else:
+        result = remove_zero_channels(gm, example, analysis=analysis, align=align, lanes=target_lanes("onnx"))
+    al = result.record.alignment
+    kept = sum(g.kept_for_alignment for g in al.groups) if al else 0
+    return result.gm, time.perf_counter() - t0, kept, al.whole_model if al else None
 
 
 def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
@@ -185,7 +195,7 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
     zeroed = copy.deepcopy(net)
     filters = zero_smallest_filters(zeroed, groups, rate)
 
-    slim, our_s, _ = ours(zeroed, example, args.aligns[0])
+    slim, our_s, _, _ = ours(zeroed, example, args.aligns[0], args.threads, not args.no_measure)
     our_err = _worst_error(zeroed, slim, probes)
     t_dense, t_slim = totals(zeroed, layer_stats(zeroed, example)), totals(slim, layer_stats(slim, example))
     row: dict[str, Any] = {
@@ -198,11 +208,11 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
     }
     aligned: dict[str, nn.Module] = {}
     for align in args.aligns[1:]:  # the same zeroed model with channels kept for alignment
-        aligned[align], _, kept = ours(zeroed, example, align)
+        aligned[align], _, kept, whole = ours(zeroed, example, align, args.threads, not args.no_measure)
         err = _worst_error(zeroed, aligned[align], probes)
         row.setdefault("aligned", {})[align] = {
             "kept_for_alignment": kept, "macs_slim": totals(aligned[align], layer_stats(aligned[align], example)).macs,
-            "max_abs": err[0], "max_rel": err[1]}
+            "max_abs": err[0], "max_rel": err[1], **({"whole_model": whole} if whole else {})}
     if args.torch_pruning:
         try:
             theirs, tp_s = torch_pruning_prune(zeroed, example, filters)
@@ -263,7 +273,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             al = r.get("aligned", {}).get(a, {})
             for b in batches:
                 sp = al.get("speedup", {}).get(str(b))
-                cells.append(f"{sp:.2f}× ({al['kept_for_alignment']})" if sp is not None else "-")
+                chose = f", {al['whole_model']['chosen']}" if al.get("whole_model") else ""
+                cells.append(f"{sp:.2f}× ({al['kept_for_alignment']}{chose})" if sp is not None else "-")
         cells.append(f"{r['ours_s']:.2f}, {r['ours_max_rel']:.1e}")
         if "tp_s" in r:
             cells.append(f"{r['tp_s']:.2f}, {r['tp_max_rel']:.1e}")
@@ -274,7 +285,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += ["", f"ONNX Runtime {meta['environment']['onnxruntime']}, CPU provider, {meta['threads']} thread(s), "
               f"median of ≥{meta['runs']} runs, dense and slim calls alternating; {meta['environment']['cpu']}; load average before: {load}. "
               f"Inputs: {', '.join(f'{m} {s}' for m, s in meta['input_shapes'].items())}. "
-              "Max relative error = max |slim − zeroed| / max |zeroed| over probe batches."]
+              "Max relative error = max |slim − zeroed| / max |zeroed| over probe batches."
+              + (" Align columns: speed-up over dense (zero channels kept for alignment; for auto, the candidate its "
+                 "whole-model choice took: off, N=8, N=16 or per-group, timed at batch 1 before this run)."
+                 if "auto" in aligns else "")]
     return "\n".join(lines) + "\n"
 
 

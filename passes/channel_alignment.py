@@ -22,6 +22,9 @@ is rounded (a multiple of `multiple` tensor channels).
   when the tail is longer than half a vector, i.e. when it keeps fewer than `lanes / 2` extra
   tensor channels.
 
+`compile --align auto` runs this per-group plan as one candidate among whole models (off, N =
+lanes / 2, N = lanes), the fastest measured kept: `passes/whole_model_alignment.py`.
+
 Which channels are kept back is deterministic: the removable ones with the lowest indices.
 This module decides; it never measures (the measurer comes from the caller) and never prints.
 """
@@ -121,11 +124,15 @@ class AlignmentRecord:
     measured_on: str | None
     groups: list[GroupAlignment]
     note: str | None = None  # the caller's word on how it measured (e.g. why nothing was)
+    # auto decided for the whole model (`passes/whole_model_alignment.py`): every candidate's median,
+    # the original's, the chosen candidate and why; `groups` are then the chosen plan's
+    whole_model: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "multiple": self.multiple, "measured_on": self.measured_on, "note": self.note,
                 "kept_for_alignment": sum(g.kept_for_alignment for g in self.groups),
-                "groups": [g.to_dict() for g in self.groups]}
+                "groups": [g.to_dict() for g in self.groups],
+                **({"whole_model": self.whole_model} if self.whole_model is not None else {})}
 
 
 def _gone(g: ChannelGroup, sel: Selection) -> list[int]:

@@ -80,3 +80,31 @@ def _sequence(runs: list[Any]) -> Any:
         for run in runs:
             run()
     return call
+
+
+class OrtModelTimer:
+    """Times whole candidate models in ONNX Runtime (CPU provider) on this host, for `--align auto`'s
+    whole-model choice (`passes/whole_model_alignment.py`): `timer({name: nn.Module})` exports each
+    to ONNX at `example`'s shape (static batch), and calls them all in alternation (`time_interleaved`)
+    for at least `min_time_s` per model in all. Returns {name: {"median_ms", "p90_ms", "n"}}."""
+
+    def __init__(self, example: torch.Tensor, target: str = "onnx", *, threads: int = 1, warmup: int = 3,
+                 min_runs: int = 10, max_runs: int = 2000, min_time_s: float = 0.5) -> None:
+        self.example, self.threads = example, threads
+        self.warmup, self.min_runs, self.max_runs, self.min_time_s = warmup, min_runs, max_runs, min_time_s
+        self.where = (f"onnxruntime CPUExecutionProvider on this host, {threads} thread(s), "
+                      f"batch {int(example.shape[0])}, whole models interleaved")
+        if target == "cpu":
+            self.where += " (proxy for the TVM build)"
+
+    def __call__(self, models: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+        x = self.example.numpy().astype(np.float32)
+        calls = {}
+        with tempfile.TemporaryDirectory(prefix="rwdeploy-align-model-") as tmp:
+            for i, (name, module) in enumerate(models.items()):
+                path = Path(tmp) / f"m{i}.onnx"
+                export_onnx(module, self.example, path, dynamic_batch=False)
+                calls[name] = OrtRunner(path, threads=self.threads).bind(x)
+            stats = time_interleaved(calls, warmup=self.warmup, min_runs=self.min_runs, max_runs=self.max_runs,
+                                     min_time_s=self.min_time_s * len(models))
+        return {name: {"median_ms": s.median_ms, "p90_ms": s.p90_ms, "n": s.n} for name, s in stats.items()}

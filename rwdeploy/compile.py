@@ -84,31 +84,42 @@ def stage_analyze(ctx: CompileContext) -> None:
     ctx.analysis = analyze_channel_groups(ctx.original, ctx.example_input)
 
 
-# --align auto measures a group's layers where the target's runtime runs: here, for these targets
+# --align auto measures where the target's runtime runs: here, for these targets
 ALIGN_MEASURED_TARGETS = (ONNX_TARGET, "cpu")
+ALIGN_MIN_TIME_S = 0.5  # --align auto: seconds of interleaved whole-model calls per candidate, at most
 
 
 def stage_remove_zero_channels(ctx: CompileContext) -> None:
-    """`--align auto` gives the pass the target's vector width and, for the targets that run on this
-    host (unless --no-measure), an ONNX Runtime timer of each group's layers (`runtime.align_timing`);
-    elsewhere the pass decides by its cost model. The pass never measures by itself."""
+    """`--align auto`, for the targets that run on this host (unless --no-measure): the slim model
+    with align off, N = lanes / 2, N = lanes and the per-group plan, timed as whole models with the
+    original in ONNX Runtime at batch 1 (`runtime.align_timing.OrtModelTimer`), the fastest kept
+    (`passes.whole_model_alignment`); the per-group plan's groups timed by `OrtLayerTimer`. Elsewhere
+    the per-group plan alone, decided by the cost model. The passes never measure by themselves."""
     from rwdeploy.passes.channel_alignment import parse_align
     from rwdeploy.passes.remove_zero_channels import remove_zero_channels
-    from rwdeploy.runtime.align_timing import OrtLayerTimer, target_lanes
+    from rwdeploy.passes.whole_model_alignment import choose_alignment
+    from rwdeploy.runtime.align_timing import OrtLayerTimer, OrtModelTimer, target_lanes
 
     opts = ctx.options
     auto = parse_align(opts.align) == "auto"
-    measurer, note = None, None
-    if auto and not opts.measure:
-        note = "--no-measure: every group decided by the cost model"
-    elif auto and opts.target not in ALIGN_MEASURED_TARGETS:
-        note = f"--target {opts.target} is not measured on this host: every group decided by the cost model"
-    elif auto:
-        measurer = OrtLayerTimer(opts.target, threads=opts.threads)
-    result = remove_zero_channels(ctx.original, ctx.example_input, analysis=ctx.analysis,
-                                  masks=ctx.loaded.masks or None, align=opts.align,
-                                  lanes=target_lanes(opts.target) if auto else 1, measurer=measurer)
-    if result.record.alignment is not None:
+    masks = ctx.loaded.masks or None
+    note = None
+    if auto and opts.measure and opts.target in ALIGN_MEASURED_TARGETS:
+        batch = ctx.fixed_batch or 1
+        timer = OrtModelTimer(ctx.loaded.example_input(batch=batch, seed=opts.seed), opts.target,
+                              threads=opts.threads, min_time_s=min(ALIGN_MIN_TIME_S, opts.min_time_s))
+        result = choose_alignment(ctx.original, ctx.example_input, measurer=timer, lanes=target_lanes(opts.target),
+                                  analysis=ctx.analysis, masks=masks,
+                                  layer_measurer=OrtLayerTimer(opts.target, threads=opts.threads), batch=batch)
+    else:
+        if auto and not opts.measure:
+            note = "--no-measure: no whole-model choice, every group decided by the cost model"
+        elif auto:
+            note = (f"--target {opts.target} is not measured on this host: no whole-model choice, every group "
+                    "decided by the cost model")
+        result = remove_zero_channels(ctx.original, ctx.example_input, analysis=ctx.analysis, masks=masks,
+                                      align=opts.align, lanes=target_lanes(opts.target) if auto else 1)
+    if result.record.alignment is not None and note is not None:
         result.record.alignment.note = note
     ctx.slim = result.gm
     ctx.records["remove_zero_channels"] = result.record

@@ -50,7 +50,7 @@ class CompileOptions:
     seed: int = 0
     opset: int = 17
     sparse: str = "auto"  # pack sparse layers as CSR/BSR: auto (where measured faster) | off | csr | bsr
-    # keep removable zero channels for aligned counts: off | auto (measured per group) | N (a multiple of N)
+    # keep removable zero channels for aligned counts: off | auto (whole-model candidates timed) | N (multiples of N)
     align: str = "off"
     gpu_arch: str | None = None  # --target gpu: sm_XY (default: the visible GPU's, else sm_90)
     tune: int = 0  # MetaSchedule trials for the TVM cpu/arm build (0: hand schedules only)

@@ -196,6 +196,9 @@ def summary(doc: dict[str, Any]) -> list[Block]:
         src = model.get("path") or model.get("source")
         blocks.append(Paragraph(f"Source: `{src}` ({model.get('source')}), input shape {model.get('input_shape')}, "
                                 f"traced with `{doc.get('trace', {}).get('method', '?')}`."))
+    whole = (doc.get("alignment") or {}).get("whole_model")
+    if whole and whole.get("candidates"):
+        blocks.append(Paragraph(alignment_line(whole)))
     if doc.get("target_failure"):
         blocks.append(Paragraph(f"FAILED {doc['target_failure']['summary']}."))
     notes = [f"{name}: {note}" for name, section in doc.get("targets", {}).items() for note in section.get("notes", [])]
@@ -246,16 +249,45 @@ def _channels_view(ch: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def alignment_line(whole: dict[str, Any]) -> str:
+    """`--align auto`'s whole-model choice in one line: the chosen candidate's speed-up over the
+    original, then the others' (e.g. "alignment: auto chose N=16 (1.39x vs original; off 0.74x)")."""
+    rows = {r["name"]: r for r in whole["candidates"]}
+    chosen = rows[whole["chosen"]]
+    others = ", ".join(f"{n} {r['speedup_vs_original']:.2f}x" for n, r in rows.items() if n != whole["chosen"])
+    return f"alignment: auto chose {whole['chosen']} ({chosen['speedup_vs_original']:.2f}x vs original; {others})"
+
+
 def _alignment_view(al: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = []
+    whole = al.get("whole_model")
+    if whole:
+        head = (f"`--align auto` chose `{whole['chosen']}` for the whole model: {whole['reason']}"
+                + (f" (measured on {whole['measured_on']})." if whole.get("measured_on") else "."))
+        blocks.append(Paragraph(head))
+        if whole.get("candidates"):
+            rows = [[r["name"] + (" (chosen)" if r["name"] == whole["chosen"] else ""), r["align"],
+                     str(r["kept_for_alignment"]), f"{r['params']:,}", f"{r['median_ms']:.4g}",
+                     f"{r['speedup_vs_original']:.2f}×" + (f" (same model as {r['same_as']})" if r.get("same_as") else "")]
+                    for r in whole["candidates"]]
+            rows.append(["original (dense, reference)", "", "", "", f"{whole['original_ms']:.4g}", "1.00×"])
+            blocks.append(Table(["candidate", "align", "kept for alignment", "params", "median ms", "vs original"], rows))
     how = (f"measured on {al['measured_on']}" if al.get("measured_on") else "nothing measured")
     rule = ("where faster (measured, else by the cost model)" if al["mode"] == "auto"
             else "where the group has that many")
     head = (f"`--align {al['mode']}`: kept counts rounded up to multiples of {al['multiple']} tensor channels {rule}; "
             f"{al['kept_for_alignment']} removable zero channels kept ({how}).")
+    if whole:
+        head = (f"The chosen plan ({whole['chosen']}): {al['kept_for_alignment']} removable zero channels kept"
+                + (" (no group keeps any)" if not al["groups"] else "")
+                + (f"; its groups' layers timed on {whole['groups_measured_on']}." if whole.get("groups_measured_on")
+                   else "."))
     rows = [[str(g["id"]), str(g["size"]), str(g["removable"]), str(g["removed"]), str(g["kept_for_alignment"]),
              str(g["kept"]), g["reason"]] for g in al["groups"]]
-    return [Paragraph(head + (f" {al['note']}." if al.get("note") else "")),
-            Table(["group", "channels", "removable", "removed", "kept for alignment", "kept", "why"], rows)]
+    blocks.append(Paragraph(head + (f" {al['note']}." if al.get("note") else "")))
+    if rows:
+        blocks.append(Table(["group", "channels", "removable", "removed", "kept for alignment", "kept", "why"], rows))
+    return blocks
 
 
 def _sparse_view(sp: dict[str, Any]) -> list[Block]:

@@ -11,6 +11,7 @@ from torch import nn
 
 import rwdeploy.compile as compile_mod
 from rwdeploy import models
+from rwdeploy import report as report_mod
 from rwdeploy.errors import OptionError
 from rwdeploy.io import Checkpoint, save_checkpoint
 from rwdeploy.passes.channel_alignment import aligned_count, candidate_counts, parse_align, tail_cost
@@ -18,6 +19,9 @@ from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.remove_zero_channels import RemoveZeroChannels, remove_zero_channels
 from rwdeploy.passes.protocol import PassContext
 from rwdeploy.passes.trace import trace_model
+from rwdeploy.passes.whole_model_alignment import choose_alignment
+from rwdeploy.runtime import align_timing
+from rwdeploy.runtime.align_timing import target_lanes
 from rwdeploy.passes.verify import first_diverging_node, verify_equivalence
 from rwdeploy.runtime.ort_runner import OrtRunner
 from channel_helpers import randomize_norms, zero_filters
@@ -387,24 +391,162 @@ def test_compile_align_off_has_no_section(tmp_path):
 
 def test_compile_auto_without_measuring_uses_the_cost_model(tmp_path):
     al = _compile(tmp_path, "auto", measure=False).report["alignment"]
-    assert al["measured_on"] is None and al["note"].startswith("--no-measure")
+    assert al["measured_on"] is None and al["note"].startswith("--no-measure: no whole-model choice")
+    assert "whole_model" not in al
     choices = [g for g in al["groups"] if len(g["candidates"]) > 1]  # the others: nothing to choose
     assert choices and all(g["reason"].startswith("cost model (not measured: no measurer)") for g in choices)
 
 
 def test_compile_auto_measures_in_onnx_runtime(tmp_path):
-    """The real measurer, once (no assertion on the times themselves): the larger groups are timed in
-    ONNX Runtime, the chosen count is the fastest in the record, the result is exact."""
-    doc = _compile(tmp_path, "auto", runs=3, warmup=1, min_time_s=0.0).report
-    al = doc["alignment"]
-    assert al["mode"] == "auto" and "onnxruntime" in al["measured_on"]
-    measured = [g for g in al["groups"] if g["reason"].startswith("measured fastest")]
-    assert measured, al
-    for g in measured:
-        times = {c["kept"]: c["median_ms"] for c in g["candidates"]}
-        assert times[g["chosen"]] == min(times.values()) and g["kept"] == g["chosen"]
-        assert g["layers"]
-    assert doc["verification"]["max_rel"] <= 1e-5
+    """The real measurers, once (no assertion on the times themselves): four candidates and the
+    original timed as whole models in ONNX Runtime, the chosen one the fastest in the record, exact."""
+    result = _compile(tmp_path, "auto", runs=3, warmup=1, min_time_s=0.0)
+    doc = result.report
+    al, whole = doc["alignment"], doc["alignment"]["whole_model"]
+    assert al["mode"] == "auto" and "onnxruntime" in al["measured_on"] and "batch 1" in whole["measured_on"]
+    rows = {r["name"]: r for r in whole["candidates"]}
+    assert list(rows) == ["off", f"N={LANES // 2}", f"N={LANES}", "per-group"]
+    assert rows[whole["chosen"]]["median_ms"] == min(r["median_ms"] for r in rows.values())
+    assert whole["original_ms"] > 0 and doc["verification"]["max_rel"] <= 1e-5
+    assert report_mod.alignment_line(whole) in (result.out / "report.md").read_text()
+
+
+# --- whole-model choice -------------------------------------------------------------------------------
+
+LANES = target_lanes("onnx")
+
+
+def _shape_key(model: nn.Module) -> tuple[int, int, int]:
+    return tuple(model.get_submodule(name).weight.shape[0] for name in SIZES)
+
+
+class WholeFake:
+    """A fake whole-model measurer: a model's time is looked up by its conv widths (`times`, else 1 ms),
+    so it tells the candidates apart by what they are, not by their names; checks each model it is
+    given against the original net on the probes."""
+
+    where = "fake whole-model timer"
+
+    def __init__(self, net: nn.Module, times: dict[tuple[int, int, int], float]) -> None:
+        self.net, self.times, self.calls = net, times, []
+
+    def __call__(self, models):
+        self.calls.append({name: _shape_key(m) for name, m in models.items()})
+        for m in models.values():
+            _exact(self.net, m)  # every candidate (and the reference) computes the original
+        return {name: {"median_ms": self.times.get(_shape_key(m), 1.0), "n": 7} for name, m in models.items()}
+
+
+# the candidates' conv widths for Net with 16 lanes: off, N=8, N=16 (c2: no multiple of 16 in 19..24),
+# per-group without a layer measurer (cost model: c1 21 of 26 < 32, c3 16 of 16 < 28)
+WIDTHS_16 = {"off": (21, 19, 14), "N=8": (24, 24, 16), "N=16": (32, 19, 16), "per-group": (21, 19, 16)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_whole_model_auto_chooses_the_fastest_measured(traced, seed):
+    net, gm = traced
+    g = torch.Generator().manual_seed(seed)
+    times = {w: float(t) for w, t in zip(WIDTHS_16.values(), torch.rand(4, generator=g) + 0.1)}
+    times[(32, 24, 16)] = 0.5  # the original
+    fake = WholeFake(net, times)
+    result = choose_alignment(gm, X, measurer=fake, lanes=16, batch=1)
+    assert fake.calls == [{"original": (32, 24, 16), **WIDTHS_16}]
+    fastest = min(WIDTHS_16, key=lambda n: times[WIDTHS_16[n]])
+    assert _out_channels(result.gm) == dict(zip(SIZES, WIDTHS_16[fastest]))
+    _exact(net, result.gm)
+    whole = result.record.alignment.whole_model
+    medians = {r["name"]: r["median_ms"] for r in whole["candidates"]}
+    assert whole["chosen"] == fastest and medians[fastest] == min(medians.values())
+    assert medians == {n: times[w] for n, w in WIDTHS_16.items()} and whole["original_ms"] == 0.5
+    for r in whole["candidates"]:
+        assert r["speedup_vs_original"] == pytest.approx(0.5 / times[WIDTHS_16[r["name"]]], rel=1e-12)
+    assert result.record.alignment.mode == "auto" and result.record.alignment.measured_on == "fake whole-model timer"
+
+
+def test_whole_model_auto_records_the_chosen_plan_and_renders(traced):
+    net, gm = traced
+    fake = WholeFake(net, {WIDTHS_16["N=8"]: 0.4, (32, 24, 16): 0.6})
+    rec = choose_alignment(gm, X, measurer=fake, lanes=16, batch=1).record
+    al = rec.to_dict()["alignment"]
+    assert al["whole_model"]["chosen"] == "N=8" and al["multiple"] == 8
+    assert al["kept_for_alignment"] == (24 - 21) + (24 - 19) + (16 - 14)  # the N=8 plan's rows
+    assert {g["kept"] for g in al["groups"]} == {24, 16}
+    line = report_mod.alignment_line(al["whole_model"])
+    assert line == "alignment: auto chose N=8 (1.50x vs original; off 0.60x, N=16 0.60x, per-group 0.60x)"
+    md = report_mod.markdown(report_mod.view({"alignment": al}))
+    assert "`--align auto` chose `N=8` for the whole model" in md and "| N=8 (chosen) | 8 | 10 |" in md
+    assert "| original (dense, reference) |" in md
+
+
+def test_whole_model_auto_can_choose_off(traced):
+    net, gm = traced
+    fake = WholeFake(net, {WIDTHS_16["off"]: 0.3})
+    result = choose_alignment(gm, X, measurer=fake, lanes=16)
+    assert _out_channels(result.gm) == MIN_KEPT
+    al = result.record.alignment
+    assert al.whole_model["chosen"] == "off" and al.groups == [] and al.to_dict()["kept_for_alignment"] == 0
+
+
+def test_whole_model_per_group_candidate_uses_the_layer_measurer(traced):
+    net, gm = traced
+    # c1's group timed (21 preferred over 32); c3's too small to time: the cost model rounds it to 16
+    layers = Preferring({21: 21})
+    fake = WholeFake(net, {(21, 19, 16): 0.3})
+    result = choose_alignment(gm, X, measurer=fake, lanes=16, layer_measurer=layers)
+    assert [sorted(c) for c in layers.calls] == [[21, 32]] and fake.calls[0]["per-group"] == (21, 19, 16)
+    assert _out_channels(result.gm) == {"c1": 21, "c2": 19, "c3": 16}
+    whole = result.record.alignment.whole_model
+    assert whole["chosen"] == "per-group" and whole["groups_measured_on"] == "fake"
+    assert result.record.alignment.measured_on == "fake whole-model timer"
+    md = report_mod.markdown(report_mod.view({"alignment": result.record.alignment.to_dict()}))
+    assert "its groups' layers timed on fake." in md
+
+
+def test_whole_model_candidates_that_are_the_same_model_are_timed_once(traced):
+    net, gm = traced
+    # 32 lanes: N=16 (32, 19, 16); N=32 (32, 19, 14); the per-group cost model rounds c1 to 32 (21 costs 42)
+    # and can round neither c2 nor c3 (no multiple of 32 within 24 or 16 channels): the N=32 model
+    fake = WholeFake(net, {(32, 19, 16): 0.9, (32, 19, 14): 0.7, (21, 19, 14): 0.8})
+    result = choose_alignment(gm, X, measurer=fake, lanes=32)
+    assert fake.calls == [{"original": (32, 24, 16), "off": (21, 19, 14), "N=16": (32, 19, 16), "N=32": (32, 19, 14)}]
+    rows = {r["name"]: r for r in result.record.alignment.whole_model["candidates"]}
+    assert rows["per-group"]["same_as"] == "N=32" and rows["per-group"]["median_ms"] == 0.7
+    assert result.record.alignment.whole_model["chosen"] == "N=32"  # the earlier of two equal models
+
+
+def test_whole_model_measurement_failure_keeps_the_per_group_plan(traced):
+    net, gm = traced
+
+    def broken(models):
+        raise RuntimeError("no runtime")
+
+    result = choose_alignment(gm, X, measurer=broken, lanes=16)
+    assert _out_channels(result.gm) == dict(zip(SIZES, WIDTHS_16["per-group"]))
+    whole = result.record.alignment.whole_model
+    assert whole["chosen"] == "per-group" and whole["candidates"] == []
+    assert whole["reason"].startswith("whole-model measurement failed (RuntimeError: no runtime)")
+    _exact(net, result.gm)
+
+
+def test_compile_auto_uses_the_injected_whole_model_timer(tmp_path, monkeypatch):
+    """compile's stage hands the whole-model choice an ORT timer at batch 1; with a fake in its place,
+    the compiled model is the candidate the fake says is fastest, and the report says so."""
+    made = []
+
+    def fake_timer(example, target, **kw):
+        made.append((tuple(example.shape), target, kw))
+        return WholeFake(make_net(), {WIDTHS_16["N=16"]: 0.2, (32, 24, 16): 0.5})
+
+    monkeypatch.setattr(align_timing, "OrtModelTimer", fake_timer)
+    monkeypatch.setattr(align_timing, "target_lanes", lambda target: 16)
+    result = _compile(tmp_path, "auto", measure=True, runs=1, warmup=0, min_time_s=0.0)
+    assert made and made[0][0] == (1, 3, 16, 16) and made[0][1] == "onnx"
+    doc = result.report
+    shapes = {row["name"]: row["shape_after"][0] for row in doc["layers"] if row["name"] in SIZES}
+    assert shapes == dict(zip(SIZES, WIDTHS_16["N=16"])) and doc["verification"]["max_rel"] <= 1e-5
+    assert doc["alignment"]["whole_model"]["chosen"] == "N=16"
+    md = (result.out / "report.md").read_text()
+    assert "alignment: auto chose N=16 (2.50x vs original; off 0.50x, N=8 0.50x, per-group 0.50x)" in md
 
 
 def _lenet_zeroed() -> nn.Module:

@@ -102,7 +102,8 @@ def summary_table(report: dict[str, Any], out: Path) -> Group:
               help="Store sparse Conv/Linear layers as CSR/BSR: auto = per layer where measured faster.")
 @click.option("--align", default="off", show_default=True, metavar="auto|off|N",
               help="Keep a few removable zero channels (exact) so that kept counts are multiples of N tensor "
-                   "channels; auto: of the target's vector width, per channel group where measured faster.")
+                   "channels; auto: the fastest of off, N = the target's vector width and half of it, and a "
+                   "per-group plan, timed as whole models (onnx/cpu; else the per-group cost model).")
 @click.option("--rpc", default=None, metavar="HOST:PORT",
               help="arm targets: measure on this device's TVM RPC server (default: the emulated aarch64 device).")
 @click.option("--tracker", default=None, metavar="HOST:PORT", help="arm targets: get the device from this TVM RPC tracker.")
