@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from torch import fx, nn
 
 from rwdeploy.errors import ExportError
-from rwdeploy.runtime.onnx_fold import folds_as_conv_transposes
+from rwdeploy.runtime.onnx_windows import folds_as_conv_transposes, unfolds_as_slices
 
 MIN_OPSET = 17
 # The newest ONNX IR version ONNX Runtime 1.18+ loads; files above it are rejected at load.
@@ -54,13 +54,14 @@ def _exportable_copy(module: nn.Module, example_input: torch.Tensor) -> nn.Modul
     the TorchScript exporter calls; rebuilding it as a plain GraphModule over the same graph and
     submodules removes that restriction without changing what it computes. A GraphModule's
     graph is then made exportable by the TorchScript exporter (see `_bind_optional_inputs`,
-    `_sizes_as_methods`, `_adaptive_pools_as_matmuls`, `onnx_fold.folds_as_conv_transposes`).
+    `_sizes_as_methods`, `_adaptive_pools_as_matmuls`, `onnx_windows`: folds and unfolds).
     """
     clone = copy.deepcopy(module)
     if isinstance(clone, fx.GraphModule):
         clone = fx.GraphModule(clone, clone.graph)
         changed = _bind_optional_inputs(clone.graph) + _sizes_as_methods(clone.graph)
         changed += _adaptive_pools_as_matmuls(clone, example_input) + folds_as_conv_transposes(clone)
+        changed += unfolds_as_slices(clone, example_input)
         if changed:
             clone.graph.lint()
             clone.recompile()

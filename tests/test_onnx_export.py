@@ -257,3 +257,33 @@ def test_fold_exports_as_a_transposed_convolution(tmp_path, geometry, form):
     with torch.no_grad():
         ref = net(probe)
     assert _rel_err(ref, OrtRunner(tmp_path / "fold.onnx").run(probe.numpy())) < 1e-5
+
+
+class BlockedWindows(nn.Module):
+    """HaloNet-style blocked windows: `Tensor.unfold` twice over H and W of a padded map, which
+    the TorchScript exporter cannot size in an ATen graph ("input size not accessible")."""
+
+    def __init__(self, size: int, step: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.size, self.step = size, step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.pad(self.conv(x), [2, 2, 2, 2])
+        windows = y.unfold(2, self.size, self.step).unfold(3, self.size, self.step)
+        return windows.flatten(1)
+
+
+@pytest.mark.parametrize("window", [(4, 4), (6, 3), (5, 2)])
+@pytest.mark.parametrize("form", ["fx", "export"])
+def test_unfold_exports_as_slices(tmp_path, window, form):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 12)
+    net = BlockedWindows(*window).eval()
+    module = torch.fx.symbolic_trace(net) if form == "fx" else torch.export.export(net, (x,)).module()
+    export_onnx(module, x, tmp_path / "unfold.onnx")
+    batch = 2 if form == "fx" else 1  # a program exported at batch 1 keeps that batch in its reshape
+    probe = torch.randn(batch, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(probe)
+    assert _rel_err(ref, OrtRunner(tmp_path / "unfold.onnx").run(probe.numpy())) < 1e-6

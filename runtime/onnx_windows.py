@@ -1,11 +1,18 @@
-"""`F.fold` / `nn.Fold` / `aten.col2im` for exporters that lack it.
+"""Sliding-window ops the TorchScript ONNX exporter cannot write, rewritten into ones it can.
 
+`F.fold` / `nn.Fold` / `aten.col2im`:
 ONNX's Col2Im needs opset 18 and the TorchScript exporter refuses `aten::col2im` below it, yet
 fold is a plain linear map: each of the C*kh*kw input rows adds its L sliding-window values into
 one kernel position of one channel. That is a grouped transposed convolution (groups = C) whose
 kernel is one-hot - row c*kh*kw + i*kw + j puts a 1 at position (i, j) - over the input viewed
 as (N, C*kh*kw, Lh, Lw); `output_padding` restores the rows and columns no window reaches.
 VOLO's outlook attention ends in a fold.
+
+`Tensor.unfold(dim, size, step)` / `aten.unfold`: the exporter needs the unfolded dim's size
+from ONNX shape inference, which a graph with a dynamic batch often loses ("input size not
+accessible"; HaloNet's blocked attention). With the size read from the example input the
+windows are `size`-long slices stacked along `dim`, the window axis moved last: Slice, Concat
+and Transpose.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -63,6 +71,45 @@ def folds_as_conv_transposes(gm: fx.GraphModule) -> int:
             continue
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(fold_by_conv_transpose, call)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        replaced += 1
+    return replaced
+
+
+def unfold_by_slices(x: torch.Tensor, dim: int, size: int, step: int, length: int) -> torch.Tensor:
+    """`x.unfold(dim, size, step)` for an `x` whose size along `dim` is `length`, from slices."""
+    d = dim % x.dim()
+    windows = [x.narrow(d, i * step, size) for i in range((length - size) // step + 1)]
+    return torch.stack(windows, dim=d).movedim(d + 1, -1)
+
+
+def _unfold_call(node: fx.Node) -> tuple[Any, Any, Any, Any] | None:
+    """(input, dim, size, step) of a `Tensor.unfold` / `aten.unfold` node, else None."""
+    if (node.op == "call_method" and node.target == "unfold") or (
+            node.op == "call_function" and node.target is torch.ops.aten.unfold.default):
+        names = ("self", "dimension", "size", "step")
+        return tuple(node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(names))
+    return None
+
+
+def unfolds_as_slices(gm: fx.GraphModule, example_input: Any) -> int:
+    """Replace every `unfold` in `gm` whose input size is known at the example input by
+    `unfold_by_slices`; returns how many."""
+    nodes = [node for node in gm.graph.nodes if _unfold_call(node) is not None]
+    if not nodes:
+        return 0
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+    replaced = 0
+    for node in nodes:
+        x, dim, size, step = _unfold_call(node)  # read now: an earlier replacement may feed it
+        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        if meta is None or not all(isinstance(v, int) for v in (dim, size, step)):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(unfold_by_slices, (x, dim, size, step, int(meta.shape[dim])))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
