@@ -247,16 +247,21 @@ class FoldNet(nn.Module):
 def test_fold_exports_as_a_transposed_convolution(tmp_path, geometry, form):
     """F.fold / nn.Fold / aten.col2im: written as a grouped ConvTranspose with a one-hot kernel."""
     torch.manual_seed(0)
-    x = torch.randn(1, 3, 13, 11)
-    net = FoldNet(*geometry).eval()
-    module = torch.fx.symbolic_trace(net) if form == "fx" else torch.export.export(net, (x,)).module()
-    export_onnx(module, x, tmp_path / "fold.onnx")
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "fold.onnx")).graph.node}
+    ops, err = _export_in_form(FoldNet(*geometry).eval(), torch.randn(1, 3, 13, 11), form, tmp_path, probe_batch=2)
     assert "ConvTranspose" in ops and "Col2Im" not in ops
-    probe = torch.randn(2, 3, 13, 11, generator=torch.Generator().manual_seed(1))
+    assert err < 1e-5
+
+
+def _export_in_form(net: nn.Module, x: torch.Tensor, form: str, folder, *, probe_batch: int) -> tuple[set[str], float]:
+    """Export `net` as a traced module ("fx") or a torch.export program ("export"); the ONNX ops
+    and ORT's relative error against torch on a fresh input of `probe_batch` items."""
+    module = torch.fx.symbolic_trace(net) if form == "fx" else torch.export.export(net, (x,)).module()
+    export_onnx(module, x, folder / "m.onnx")
+    probe = torch.randn((probe_batch, *x.shape[1:]), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = net(probe)
-    assert _rel_err(ref, OrtRunner(tmp_path / "fold.onnx").run(probe.numpy())) < 1e-5
+    ops = {n.op_type for n in onnx.load(str(folder / "m.onnx")).graph.node}
+    return ops, _rel_err(ref, OrtRunner(folder / "m.onnx").run(probe.numpy()))
 
 
 class BlockedWindows(nn.Module):
@@ -278,12 +283,7 @@ class BlockedWindows(nn.Module):
 @pytest.mark.parametrize("form", ["fx", "export"])
 def test_unfold_exports_as_slices(tmp_path, window, form):
     torch.manual_seed(0)
-    x = torch.randn(1, 3, 12, 12)
-    net = BlockedWindows(*window).eval()
-    module = torch.fx.symbolic_trace(net) if form == "fx" else torch.export.export(net, (x,)).module()
-    export_onnx(module, x, tmp_path / "unfold.onnx")
     batch = 2 if form == "fx" else 1  # a program exported at batch 1 keeps that batch in its reshape
-    probe = torch.randn(batch, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = net(probe)
-    assert _rel_err(ref, OrtRunner(tmp_path / "unfold.onnx").run(probe.numpy())) < 1e-6
+    _, err = _export_in_form(BlockedWindows(*window).eval(), torch.randn(1, 3, 12, 12), form, tmp_path,
+                             probe_batch=batch)
+    assert err < 1e-6
