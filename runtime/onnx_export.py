@@ -94,12 +94,15 @@ def _bind_optional_inputs(graph: fx.Graph) -> int:
 _SLICE_TO_END = 2**62
 
 
-def copy_into(base: torch.Tensor, src: torch.Tensor, chain: tuple[tuple[Any, ...], ...]) -> torch.Tensor:
-    """`base` with the view `chain` of it replaced by `src` (broadcast, cast to base's dtype), out
-    of place: what `aten.copy_(view, src)` leaves in `base`. `chain` holds ("slice", dim, start,
+def copy_into(base: torch.Tensor, src: torch.Tensor | float, chain: tuple[tuple[Any, ...], ...]) -> torch.Tensor:
+    """`base` with the view `chain` of it replaced by `src` (a tensor, broadcast and cast to base's
+    dtype, or a number), out of place: what `aten.copy_(view, src)` / `aten.fill_(view, src)` leave
+    in `base`. `chain` holds ("slice", dim, start,
     end) (step 1) and ("select", dim, index) steps, applied in turn. The result is built from
     slices and concatenations of `base`, which every exporter lowers exactly."""
     if not chain:
+        if not isinstance(src, torch.Tensor):
+            return torch.full_like(base, src)
         return src.to(base.dtype).expand_as(base)
     kind, dim, *where = chain[0]
     head = (slice(None),) * dim
@@ -133,19 +136,21 @@ def _view_step(node: fx.Node) -> tuple[Any, ...] | None:
 
 
 def _copies_out_of_place(graph: fx.Graph) -> int:
-    """Rewrite each `aten.copy_(view, src)` of a graph from `torch.export`, where `view` is a chain
+    """Rewrite each `aten.copy_(view, src)` (or `aten.fill_(view, value)`) of a graph from `torch.export`, where `view` is a chain
     of slices/selects of a tensor `base` that is no view itself (timm's `attn[:, :, i:, j:] = ...`,
-    `rel_indices[:, :, :, 2] = ...`), as `new = copy_into(base, src, chain)`, and make the nodes after
+    `rel_indices[:, :, :, 2] = ...`, `t[:, 1:3, 0] = 5.0`), as `new = copy_into(base, src, chain)`, and make the nodes after
     it read `new` instead of `base`. The TorchScript exporter turns such in-place writes into
     ONNX ops that lose or misplace the write (mvitv2's relative positions, convit's position
     indices). A copy is left alone where another view of `base`, taken before it, is read after
     it (it would see the write). Returns how many copies were rewritten."""
+    aten = torch.ops.aten
+    writes = (aten.copy_.default, aten.fill_.Tensor, aten.fill_.Scalar)
     order = {n: i for i, n in enumerate(graph.nodes)}
     rewritten = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.copy_.default or node.users:
+        if node.op != "call_function" or node.target not in writes or node.users:
             continue
-        if len(node.args) != 2 or node.kwargs.get("non_blocking") or not isinstance(node.args[1], fx.Node):
+        if len(node.args) != 2 or node.kwargs.get("non_blocking"):
             continue
         chain, view = [], node.args[0]
         while isinstance(view, fx.Node) and _view_step(view) is not None:
@@ -191,6 +196,7 @@ def _aten_tables() -> None:
         aten._unsafe_view.default: "view", aten.expand.default: "expand", aten.repeat.default: "repeat",
         aten.unflatten.int: "unflatten", aten.new_zeros.default: "new_zeros", aten.new_ones.default: "new_ones",
         aten.new_full.default: "new_full", aten.new_empty.default: "new_empty",
+        aten.lift_fresh_copy.default: "clone",  # a tensor constant written in forward(); no ONNX symbolic
     })
     _ATEN_AS_FUNCTION.update({
         aten.zeros.default: torch.zeros, aten.ones.default: torch.ones, aten.full.default: torch.full,
