@@ -128,21 +128,37 @@ def _view_step(node: fx.Node) -> tuple[Any, ...] | None:
     args = list(node.args) + [None] * 5
     if node.op != "call_function" or node.kwargs or any(isinstance(a, fx.Node) for a in node.args[1:]):
         return None
-    if node.target is aten.select.int:
+    if node.target is aten.select.int and args[1] >= 0:
         return ("select", args[1], args[2])
-    if node.target is aten.slice.Tensor and args[4] in (None, 1):
+    if node.target is aten.slice.Tensor and args[4] in (None, 1) and (args[1] is None or args[1] >= 0):
         return ("slice", 0 if args[1] is None else args[1], args[2], args[3])
-    return None
+    return None  # a negative dim would need the rank: such writes are left to the exporter
+
+
+def _read_after(base: fx.Node, write: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether a value computed from `base` before `write` (a view of it above all, which would
+    see the write) is read after it."""
+    here, stack, seen = order[write], list(base.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen or order[node] >= here:
+            continue
+        seen.add(node)
+        if any(order[user] > here for user in node.users):
+            return True
+        stack.extend(node.users)
+    return False
 
 
 def _copies_out_of_place(graph: fx.Graph) -> int:
-    """Rewrite each `aten.copy_(view, src)` (or `aten.fill_(view, value)`) of a graph from `torch.export`, where `view` is a chain
-    of slices/selects of a tensor `base` that is no view itself (timm's `attn[:, :, i:, j:] = ...`,
-    `rel_indices[:, :, :, 2] = ...`, `t[:, 1:3, 0] = 5.0`), as `new = copy_into(base, src, chain)`, and make the nodes after
-    it read `new` instead of `base`. The TorchScript exporter turns such in-place writes into
-    ONNX ops that lose or misplace the write (mvitv2's relative positions, convit's position
-    indices). A copy is left alone where another view of `base`, taken before it, is read after
-    it (it would see the write). Returns how many copies were rewritten."""
+    """Rewrite each `aten.copy_(view, src)` (or `aten.fill_(view, value)`) of a graph from
+    `torch.export`, where `view` is a chain of slices/selects of a tensor `base` that is no view
+    itself (timm's `attn[:, :, i:, j:] = ...`, `rel_indices[:, :, :, 2] = ...`, `t[:, 1:3, 0] = 5.0`),
+    as `new = copy_into(base, src, chain)`, and make the nodes after it read `new` instead of
+    `base`. The TorchScript exporter turns such in-place writes into ONNX ops that lose or
+    misplace the write (mvitv2's relative positions at a dynamic batch, convit's position
+    indices). A write is left alone where a value computed from `base` before it (a view, which
+    would see the write) is read after it. Returns how many copies were rewritten."""
     aten = torch.ops.aten
     writes = (aten.copy_.default, aten.fill_.Tensor, aten.fill_.Scalar)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -162,9 +178,9 @@ def _copies_out_of_place(graph: fx.Graph) -> int:
         if base.op == "call_function" and getattr(base.target, "_schema", None) is not None and any(
                 a.alias_info is not None for a in base.target._schema.returns):
             continue  # base is itself a view (or an in-place result) of another tensor
+        if _read_after(base, node, order):
+            continue
         here = order[node]
-        if any(order[u] < here and any(order[w] > here for w in u.users) for u in base.users):
-            continue  # an alias (or a value) taken before the write is read after it
         with graph.inserting_after(node):
             new = graph.call_function(copy_into, (base, node.args[1], tuple(chain)))
         new.meta = dict(base.meta)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwdeploy.runtime.onnx_export import MAX_ORT_IR_VERSION, MIN_OPSET, copy_into, export_onnx
+from rwdeploy.runtime.onnx_export import (MAX_ORT_IR_VERSION, MIN_OPSET, _copies_out_of_place, copy_into,
+                                          export_onnx)
 from rwdeploy.runtime.ort_runner import OrtRunner
 
 
@@ -297,3 +298,28 @@ def test_copy_into_equals_the_in_place_write(index, chain):
     got = copy_into(base, src, chain)
     assert torch.equal(got, expected)
     assert torch.equal(base, torch.arange(4 * 5 * 3, dtype=torch.float32).view(4, 5, 3))  # out of place
+
+
+class AliasReadAfterWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        v = a[:, 0:2]  # a view taken before the write: it sees the write
+        a[:, 1] = 7.0
+        return v.sum(-1, keepdim=True) + a
+
+
+@pytest.mark.parametrize("net_cls,shape,rewritten", [(SelectWrite, (4, 4), 3), (AliasReadAfterWrite, (4,), 0)])
+def test_writes_rewritten_only_where_no_alias_reads_them(net_cls, shape, rewritten):
+    torch.manual_seed(0)
+    net = net_cls().eval()
+    gm = torch.export.export(net, (torch.randn(2, *shape),)).module()
+    gm = torch.fx.GraphModule(gm, gm.graph)
+    assert _copies_out_of_place(gm.graph) == rewritten
+    gm.recompile()
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x), rtol=1e-6, atol=1e-6)
