@@ -47,7 +47,8 @@ def trace_model(module: nn.Module, example_input: torch.Tensor) -> TraceResult:
 
     `symbolic_trace` keeps submodules as `call_module` nodes, which the channel passes edit.
     Models with data-dependent Python control flow cannot be traced symbolically; they go
-    through `torch.export(...).module()`, whose graph holds aten ops (analysed conservatively).
+    through `torch.export(...).module()`, whose graph holds aten ops (analysed conservatively),
+    with a dynamic batch dimension where the model allows one (see `_export_batch_dynamic`).
     """
     was_training = module.training
     module.eval()
@@ -62,8 +63,7 @@ def trace_model(module: nn.Module, example_input: torch.Tensor) -> TraceResult:
         module.train(was_training)
     try:
         module.eval()
-        with torch.no_grad():
-            gm = torch.export.export(module, (example_input,)).module()
+        gm = _export_batch_dynamic(module, example_input)
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(
             f"model {type(module).__name__} can be traced neither by torch.fx ({reason}) "
@@ -80,3 +80,18 @@ def trace_model(module: nn.Module, example_input: torch.Tensor) -> TraceResult:
             hint="make the model traceable by torch.fx.symbolic_trace",
         )
     return TraceResult(gm, "torch.export", reason)
+
+
+def _export_batch_dynamic(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """`torch.export(module).module()` with the batch dimension dynamic where the model allows it,
+    else at the example's shape. A program exported at the example's batch runs at that batch
+    only; the compile would then fix its batch size to that of the example, which for a `.pt2`
+    saved with a dynamic batch is the batch the file was saved with, not the user's."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    # An example of batch 1 would specialise the batch dimension to 1; export with 2.
+    example = torch.cat([example_input, example_input])[:2]
+    with torch.no_grad():
+        try:
+            return torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
+        except Exception:  # noqa: BLE001 - a model that fixes its batch size exports static
+            return torch.export.export(module, (example_input,)).module()

@@ -54,12 +54,14 @@ def _exportable_copy(module: nn.Module, example_input: torch.Tensor) -> nn.Modul
     the TorchScript exporter calls; rebuilding it as a plain GraphModule over the same graph and
     submodules removes that restriction without changing what it computes. A GraphModule's
     graph is then made exportable by the TorchScript exporter (see `_bind_optional_inputs`,
-    `_sizes_as_methods`, `_adaptive_pools_as_matmuls`, `onnx_windows`: folds and unfolds).
+    `_sizes_as_methods`, `_adaptive_pools_as_matmuls`, `_copies_out_of_place`, `onnx_windows`:
+    folds and unfolds).
     """
     clone = copy.deepcopy(module)
     if isinstance(clone, fx.GraphModule):
         clone = fx.GraphModule(clone, clone.graph)
-        changed = _bind_optional_inputs(clone.graph) + _sizes_as_methods(clone.graph)
+        changed = _bind_optional_inputs(clone.graph) + _copies_out_of_place(clone.graph)
+        changed += _sizes_as_methods(clone.graph)
         changed += _adaptive_pools_as_matmuls(clone, example_input) + folds_as_conv_transposes(clone)
         changed += unfolds_as_slices(clone, example_input)
         if changed:
@@ -91,6 +93,113 @@ def _bind_optional_inputs(graph: fx.Graph) -> int:
     return bound
 
 
+# A slice end at least this large means "to the end" (torch.export writes sys.maxsize).
+_SLICE_TO_END = 2**62
+
+
+def copy_into(base: torch.Tensor, src: torch.Tensor | float, chain: tuple[tuple[Any, ...], ...]) -> torch.Tensor:
+    """`base` with the view `chain` of it replaced by `src` (a tensor, broadcast and cast to base's
+    dtype, or a number), out of place: what `aten.copy_(view, src)` / `aten.fill_(view, src)` leave
+    in `base`. `chain` holds ("slice", dim, start,
+    end) (step 1) and ("select", dim, index) steps, applied in turn. The result is built from
+    slices and concatenations of `base`, which every exporter lowers exactly."""
+    if not chain:
+        if not isinstance(src, torch.Tensor):
+            return torch.full_like(base, src)
+        return src.to(base.dtype).expand_as(base)
+    kind, dim, *where = chain[0]
+    head = (slice(None),) * dim
+    if kind == "select":
+        (index,) = where
+        inner = copy_into(base.select(dim, index), src, chain[1:]).unsqueeze(dim)
+        before = base[(*head, slice(None, index))] if index != 0 else None
+        after = base[(*head, slice(index + 1, None))] if index != -1 else None
+    else:
+        start, end = where
+        start = 0 if start is None else start
+        end = None if end is None or end >= _SLICE_TO_END else end
+        inner = copy_into(base[(*head, slice(start, end))], src, chain[1:])
+        before = base[(*head, slice(None, start))] if start != 0 else None
+        after = base[(*head, slice(end, None))] if end is not None else None
+    parts = [t for t in (before, inner, after) if t is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _view_step(node: fx.Node) -> tuple[Any, ...] | None:
+    """The `copy_into` step of a slice (step 1) or select node with constant arguments, else None."""
+    aten = torch.ops.aten
+    args = list(node.args) + [None] * 5
+    if node.op != "call_function" or node.kwargs or any(isinstance(a, fx.Node) for a in node.args[1:]):
+        return None
+    if node.target is aten.select.int and args[1] >= 0:
+        return ("select", args[1], args[2])
+    if node.target is aten.slice.Tensor and args[4] in (None, 1) and (args[1] is None or args[1] >= 0):
+        return ("slice", 0 if args[1] is None else args[1], args[2], args[3])
+    return None  # a negative dim would need the rank: such writes are left to the exporter
+
+
+def _read_after(base: fx.Node, write: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether a value computed from `base` before `write` (a view of it above all, which would
+    see the write) is read after it."""
+    here, stack, seen = order[write], list(base.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen or order[node] >= here:
+            continue
+        seen.add(node)
+        if any(order[user] > here for user in node.users):
+            return True
+        stack.extend(node.users)
+    return False
+
+
+def _copies_out_of_place(graph: fx.Graph) -> int:
+    """Rewrite each `aten.copy_(view, src)` (or `aten.fill_(view, value)`) of a graph from
+    `torch.export`, where `view` is a chain of slices/selects of a tensor `base` that is no view
+    itself (timm's `attn[:, :, i:, j:] = ...`, `rel_indices[:, :, :, 2] = ...`, `t[:, 1:3, 0] = 5.0`),
+    as `new = copy_into(base, src, chain)`, and make the nodes after it read `new` instead of
+    `base`. The TorchScript exporter turns such in-place writes into ONNX ops that lose or
+    misplace the write (mvitv2's relative positions at a dynamic batch, convit's position
+    indices). A write is left alone where a value computed from `base` before it (a view, which
+    would see the write) is read after it. Returns how many copies were rewritten."""
+    aten = torch.ops.aten
+    writes = (aten.copy_.default, aten.fill_.Tensor, aten.fill_.Scalar)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in writes or node.users:
+            continue
+        if len(node.args) != 2 or node.kwargs.get("non_blocking"):
+            continue
+        chain, view = [], node.args[0]
+        while isinstance(view, fx.Node) and _view_step(view) is not None:
+            chain.insert(0, _view_step(view))
+            view = view.args[0]
+        base = view
+        if not chain or not isinstance(base, fx.Node) or _view_step(base) is not None:
+            continue
+        if base.op == "call_function" and getattr(base.target, "_schema", None) is not None and any(
+                a.alias_info is not None for a in base.target._schema.returns):
+            continue  # base is itself a view (or an in-place result) of another tensor
+        if _read_after(base, node, order):
+            continue
+        here = order[node]
+        with graph.inserting_after(node):
+            new = graph.call_function(copy_into, (base, node.args[1], tuple(chain)))
+        new.meta = dict(base.meta)
+        for user in [u for u in base.users if order.get(u, here + 1) > here and u is not new]:
+            user.replace_input_with(base, new)
+        dst = node.args[0]
+        graph.erase_node(node)
+        while isinstance(dst, fx.Node) and not dst.users and _view_step(dst) is not None:
+            parent = dst.args[0]
+            graph.erase_node(dst)
+            dst = parent
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        rewritten += 1
+    return rewritten
+
+
 # ATen calls in graphs unlifted from `torch.export` that take sizes, and the Tensor method or
 # torch function with the same arguments. Called as ATen overloads, they make the TorchScript
 # tracer record a size read from the input (`x.size(0)`, the batch) as a constant; called
@@ -106,6 +215,7 @@ def _aten_tables() -> None:
         aten._unsafe_view.default: "view", aten.expand.default: "expand", aten.repeat.default: "repeat",
         aten.unflatten.int: "unflatten", aten.new_zeros.default: "new_zeros", aten.new_ones.default: "new_ones",
         aten.new_full.default: "new_full", aten.new_empty.default: "new_empty",
+        aten.lift_fresh_copy.default: "clone",  # a tensor constant written in forward(); no ONNX symbolic
     })
     _ATEN_AS_FUNCTION.update({
         aten.zeros.default: torch.zeros, aten.ones.default: torch.ones, aten.full.default: torch.full,

@@ -202,6 +202,35 @@ def test_untraceable_model_falls_back_to_torch_export_and_is_slimmed():
     assert res.gm.get_parameter("b.weight").shape == (4, 5, 3, 3)
 
 
+def test_torch_export_fallback_keeps_the_batch_dynamic():
+    """The fallback trace of an untraceable model runs at other batch sizes (a `.pt2` saved with
+    a dynamic batch and loaded with its batch-2 example must not come out fixed at batch 2)."""
+    torch.manual_seed(0)
+    model = ShapeDependent().eval()
+    randomize_norms(model)
+    for example_batch in (1, 2):
+        tr = trace_model(model, torch.randn(example_batch, 3, 8, 8))
+        assert tr.method == "torch.export"
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+            with torch.no_grad():
+                torch.testing.assert_close(tr.gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class FixedBatchBranch(ShapeDependent):
+    def forward(self, x):
+        return super().forward(x).view(1, -1)  # fixes the batch size to 1
+
+
+def test_torch_export_fallback_of_a_fixed_batch_model_stays_static():
+    model = FixedBatchBranch().eval()
+    x = torch.randn(1, 3, 8, 8)
+    tr = trace_model(model, x)
+    assert tr.method == "torch.export"
+    with torch.no_grad():
+        torch.testing.assert_close(tr.gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
                                   "net:instance_norm", "net:adaptive_max_pool",
                                   "net:shared_conv", "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net",
