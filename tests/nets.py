@@ -310,6 +310,21 @@ class InPlaceResize(nn.Module):
         return self.out(self.b(y.sigmoid_()))
 
 
+class RepeatInterleave(nn.Module):
+    """Channels repeated in place (`repeat_interleave(2, dim=1)`: channel c becomes 2c, 2c+1, as
+    GC-ViT repeats its global queries) and a zeros tensor added (aten.zeros in a .pt2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(16, 8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x).repeat_interleave(2, dim=1)
+        y = y + torch.zeros(1, 1, 8, 8, device=x.device)  # constant over channels, varying over H, W
+        return self.out(self.b(y))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -328,4 +343,5 @@ TEST_NETS = {
     "ghost": (Ghost, (1, 3, 16, 16)),
     "tensor_index": (TensorIndex, (1, 3, 16, 16)),
     "in_place_resize": (InPlaceResize, (1, 3, 8, 8)),
+    "repeat_interleave": (RepeatInterleave, (1, 3, 8, 8)),
 }

@@ -247,8 +247,9 @@ def test_the_patterns_of_the_conformance_suite_are_understood(name, form):
 
 
 @pytest.mark.parametrize("form", ["module", "export"])
-def test_in_place_ops_and_bicubic_resize_are_understood(form):
-    ctor, shape = nets.TEST_NETS["in_place_resize"]
+@pytest.mark.parametrize("name", ["in_place_resize", "repeat_interleave"])
+def test_in_place_ops_resizing_repeats_and_factories_are_understood(form, name):
+    ctor, shape = nets.TEST_NETS[name]
     torch.manual_seed(0)
     model, x = ctor().eval(), torch.randn(shape)
     gm = trace_model(model, x).gm if form == "module" else torch.export.export(model, (x,)).module()

@@ -177,6 +177,8 @@ register(
     OpSpec("placeholder", Match(), lambda st, node: st.pinned_fresh(st.values[node.name], f"model input {node.name}")),
     OpSpec("get_attr", Match(), rule_get_attr),
     OpSpec("output", Match(), rule_output),
-    OpSpec("constant", Match(functions=FACTORY_FUNCTIONS), rule_constant),
+    OpSpec("constant", Match(functions=FACTORY_FUNCTIONS,
+                             aten=("zeros", "ones", "full", "arange", "eye", "linspace", "scalar_tensor",
+                                   "zeros_like", "ones_like", "full_like", "empty", "empty_like")), rule_constant),
     OpSpec("opaque", Match(), opaque),
 )

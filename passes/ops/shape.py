@@ -52,6 +52,17 @@ def rule_shape(st: AnalysisState, node: fx.Node) -> Any:
     return _compress_all(result)
 
 
+def rule_repeat_interleave(st: AnalysisState, node: fx.Node) -> Any:
+    """x.repeat_interleave(r, dim) with an int r: output position j along dim is input position
+    j // r, so the class maps repeat the same way (GC-ViT's global queries); removing a position
+    removes its r copies and the op needs no new arguments. Tensor repeats or no dim (a flatten)
+    are not followed."""
+    repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    if not isinstance(repeats, int) or not isinstance(dim, int):
+        return opaque(st, node, "repeat_interleave with tensor repeats or without a dim")
+    return rule_shape(st, node)
+
+
 def _constant_pieces_join(st: AnalysisState, node: fx.Node, result: torch.Tensor) -> torch.Tensor:
     """cat([cls_token.expand(B, -1, -1), x], 1): a constant piece joins the channels of the
     pieces it is concatenated with. Its values at channel c are then part of channel c (removed
@@ -251,6 +262,8 @@ register(
                  "roll", "movedim", "t", "swapaxes"),
         aten=("flatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "cat", "concat", "stack",
               "roll", "flip", "repeat", "expand_as")), rule_shape),
+    OpSpec("repeat_interleave", Match(functions=(torch.repeat_interleave,), methods=("repeat_interleave",),
+                                      aten=("repeat_interleave",)), rule_repeat_interleave),
     # sizes, dims, ints computed from shapes: reading shapes never couples channels
     OpSpec("shape_value", Match(), lambda st, node: None, SizeReads()),
 )
