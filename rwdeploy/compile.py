@@ -240,6 +240,9 @@ def stage_report(ctx: CompileContext) -> None:
     ctx.sections["files"] = ctx.files
     if ctx.latency:
         ctx.sections["latency"] = [row.to_dict() for row in ctx.latency]
+        choice = report_mod.fastest_runtimes(ctx.sections["latency"])
+        if choice:  # where TVM loses to ONNX Runtime, the report names the faster one
+            ctx.sections["runtime_choice"] = choice
     if ctx.target_failure is not None:
         ctx.sections["target_failure"] = ctx.target_failure.to_dict()
     ctx.sections["compile"] = {

@@ -104,6 +104,50 @@ def speedups(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "tvm": "TVM"}
+NOISE_RATIO = 1.05  # runtimes closer than this are not ranked: a shared machine's load moves them more
+
+
+def fastest_runtimes(latency: list[dict[str, Any]], variant: str = "slim") -> list[dict[str, Any]]:
+    """Per (batch, threads), the runtimes that timed `variant` in this process, fastest first.
+
+    Only batches timed by at least two runtimes count, and never emulated or remote rows
+    (their clock is not this machine's). The runtimes are timed in separate stages, not call
+    by call, so a ratio near 1 is within the noise of a shared machine."""
+    by_key: dict[tuple[int, Any], dict[str, dict[str, Any]]] = {}
+    for row in latency:
+        if row["variant"] != variant or row.get("emulated") or row.get("device"):
+            continue
+        by_key.setdefault((row["batch"], row["threads"]), {})[row["runtime"]] = row
+    out = []
+    for (batch, threads), rows in sorted(by_key.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        if len(rows) < 2:
+            continue
+        ranked = sorted(rows.values(), key=lambda r: r["median_ms"])
+        best = ranked[0]
+        out.append({"batch": batch, "threads": threads, "variant": variant, "fastest": best["runtime"],
+                    "target": best["target"],
+                    "median_ms": {r["runtime"]: r["median_ms"] for r in ranked},
+                    "slower_by": {r["runtime"]: r["median_ms"] / best["median_ms"] for r in ranked[1:]
+                                  if best["median_ms"] > 0}})
+    return out
+
+
+def runtime_choice_line(choice: dict[str, Any]) -> str:
+    """One sentence: which runtime to ship the slim model with at this batch, and by how much."""
+    best = choice["fastest"]
+    ms = choice["median_ms"]
+    others = ", ".join(f"{RUNTIME_NAMES.get(r, r)} {ms[r]:.3f} ms ({x:.2f}× slower)"
+                       for r, x in choice["slower_by"].items())
+    if all(x < NOISE_RATIO for x in choice["slower_by"].values()):
+        ship = f"within {NOISE_RATIO - 1:.0%} of each other (timed in separate stages), either runtime"
+    else:
+        ship = {"onnxruntime": "ship `slim.onnx` with ONNX Runtime",
+                "tvm": f"ship the TVM module for `{choice['target']}`"}.get(best, f"use {best}")
+    return (f"Fastest for the {choice['variant']} model at b={choice['batch']} t={choice['threads']}: "
+            f"{RUNTIME_NAMES.get(best, best)} {ms[best]:.3f} ms; {others}: {ship}{'' if ship.startswith('within') else ' on this machine'}.")
+
+
 # The blocks of the view (what a reader sees), which markdown() (report.md) and the CLI's
 # terminal renderer know how to draw.
 class Heading(NamedTuple):
@@ -199,6 +243,8 @@ def summary(doc: dict[str, Any]) -> list[Block]:
     whole = (doc.get("alignment") or {}).get("whole_model")
     if whole and whole.get("candidates"):
         blocks.append(Paragraph(alignment_line(whole)))
+    for choice in doc.get("runtime_choice", []):
+        blocks.append(Paragraph(runtime_choice_line(choice)))
     if doc.get("target_failure"):
         blocks.append(Paragraph(f"FAILED {doc['target_failure']['summary']}."))
     notes = [f"{name}: {note}" for name, section in doc.get("targets", {}).items() for note in section.get("notes", [])]
@@ -396,6 +442,7 @@ SECTION_VIEWS: dict[str, tuple[str, Callable[[Any], list[Block]]]] = {
     "quantization": ("Quantization", _quantization_view),
     "files": ("Files", _files_view),
     "latency": ("Latency", _latency_view),
+    "runtime_choice": ("Fastest runtime", lambda rows: [Bullets([runtime_choice_line(c) for c in rows])]),
     "targets": ("Targets", _targets_view),
     "environment": ("Environment", _entries),
 }

@@ -9,7 +9,8 @@ from torch import nn
 
 from rwdeploy.passes.layer_stats import layer_stats
 from rwdeploy.report import (REPORT_JSON, REPORT_MD, SCHEMA, SECTION_VIEWS, channels_section, layer_rows,
-                             make_report, markdown, render_markdown, speedups, summary, write_report)
+                             fastest_runtimes, make_report, markdown, render_markdown, speedups, summary,
+                             write_report)
 
 
 def _chain(c1: int, c2: int) -> nn.Module:
@@ -47,6 +48,28 @@ def test_speedups_pair_original_and_slim():
     got = {r["batch"]: r["speedup"] for r in speedups(rows)}
     assert got == {1: 4.0, 8: 3.0}
     assert speedups(rows[:1]) == []  # no slim row: nothing to compare
+
+
+def test_fastest_runtime_names_onnxruntime_where_tvm_is_slower():
+    def row(runtime, variant, batch, ms, **extra):
+        return {"runtime": runtime, "target": "cpu", "variant": variant, "batch": batch, "threads": 1,
+                "median_ms": ms, "p90_ms": ms, "n": 5, **extra}
+
+    rows = [row("onnxruntime", "original", 1, 2.0), row("onnxruntime", "slim", 1, 1.0), row("tvm", "slim", 1, 1.5),
+            row("onnxruntime", "slim", 8, 6.0), row("tvm", "slim", 8, 4.0),
+            row("tvm", "slim", 16, 1.0),  # one runtime at this batch: nothing to compare
+            row("tvm", "slim", 1, 0.1, emulated=True)]  # emulated clocks never decide
+    got = fastest_runtimes(rows)
+    assert [(c["batch"], c["fastest"]) for c in got] == [(1, "onnxruntime"), (8, "tvm")]
+    assert got[0]["slower_by"] == {"tvm": 1.5}
+    assert abs(got[1]["slower_by"]["onnxruntime"] - 1.5) < 1e-12
+    doc = make_report({"latency": rows, "runtime_choice": got})
+    text = markdown(summary(doc))
+    assert "at b=1 t=1: ONNX Runtime 1.000 ms; TVM 1.500 ms (1.50× slower): ship `slim.onnx` with ONNX Runtime" in text
+    assert "at b=8 t=1: TVM 4.000 ms; ONNX Runtime 6.000 ms (1.50× slower): ship the TVM module for `cpu`" in text
+    assert "## Fastest runtime" in render_markdown(doc)
+    close = fastest_runtimes([row("onnxruntime", "slim", 1, 1.0), row("tvm", "slim", 1, 1.03)])
+    assert "within 5% of each other" in markdown(summary(make_report({"runtime_choice": close})))
 
 
 def test_channels_section_lists_pinned_groups_with_reasons():
