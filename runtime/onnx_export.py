@@ -7,12 +7,15 @@ module: it works on a deep copy, put in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -332,6 +335,29 @@ def _adaptive_pools_as_matmuls(gm: fx.GraphModule, example_input: torch.Tensor) 
     return replaced
 
 
+@contextlib.contextmanager
+def _exporter_output_discarded() -> Iterator[None]:
+    """Discard what the TorchScript exporter writes to the process's stdout/stderr.
+
+    torch 2.13's `setup_onnx_logging` tests a function object for truth, so its C++ ONNX log is
+    always on: a failed export dumps the whole TorchScript graph (hundreds of lines) before
+    raising. The error it raises is reported instead, in one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy_ in zip((1, 2), saved):
+                os.dup2(copy_, fd)
+                os.close(copy_)
+
+
 def export_onnx(
     module: nn.Module,
     example_input: torch.Tensor,
@@ -361,7 +387,7 @@ def export_onnx(
     exportable = _exportable_copy(module, example_input)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _exporter_output_discarded():
             # The TorchScript exporter is deprecated in favour of dynamo=True, which cannot pin
             # opset 17; the warning is expected and says nothing about this model.
             warnings.simplefilter("ignore")

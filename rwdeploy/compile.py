@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from rwdeploy.quant.compile_stage import stage_export_quantized, stage_tvm_quant
 from rwdeploy.quant.program import quant_extra_files
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import LatencyRow
-from rwdeploy.runtime.onnx_export import export_onnx
+from rwdeploy.runtime.onnx_export import OnnxExportError, export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
 from rwdeploy.runtime.targets import TARGETS
 from rwdeploy.tvm_stages import target_stages
@@ -181,10 +182,27 @@ def stage_export_pt2(ctx: CompileContext) -> None:
 
 
 def stage_export_onnx(ctx: CompileContext) -> None:
+    """Both models as ONNX with a dynamic batch; where that cannot export (a conv whose `groups`
+    is the batch size, as CondConv's per-sample kernels: ONNX wants a constant), at the example
+    input's batch, which the ORT check and the measurements then use, and the report says so."""
     for variant, module in ctx.variants().items():
         name = ONNX_FILES[variant]
-        info = export_onnx(module, ctx.example_input, ctx.path(name), opset=ctx.options.opset,
-                           dynamic_batch=ctx.fixed_batch is None)
+        dynamic = ctx.fixed_batch is None and ctx.onnx_batch is None
+        try:
+            info = export_onnx(module, ctx.example_input, ctx.path(name), opset=ctx.options.opset,
+                               dynamic_batch=dynamic)
+        except OnnxExportError as err:
+            if not dynamic:
+                raise
+            try:
+                info = export_onnx(module, ctx.example_input, ctx.path(name), opset=ctx.options.opset,
+                                   dynamic_batch=False)
+            except OnnxExportError:
+                raise err from None
+            ctx.onnx_batch = int(ctx.example_input.shape[0])
+            ctx.batches = (ctx.onnx_batch,)
+            ctx.sections["trace"]["onnx_fixed_batch"] = {
+                "batch": ctx.onnx_batch, "why": f"a dynamic batch does not export: {err.message.split('  [Caused by')[0]}"}
         ctx.files[f"{variant}_onnx"] = {"path": name, "bytes": info.size_bytes, "opset": info.opset,
                                         "ir_version": info.ir_version, "dynamic_batch": info.dynamic_batch}
 
@@ -195,11 +213,18 @@ def stage_ort_check(ctx: CompileContext) -> None:
     for variant, module in ctx.variants().items():
         name = ONNX_FILES[variant]
         runner = OrtRunner(ctx.path(name), threads=ctx.options.threads)
-        check = ctx.check(module, lambda x: runner.run(x.numpy()),
+        check = ctx.check(module, _ort_call(runner, ctx.onnx_batch),
                           f"ONNX Runtime output of {name} differs from the {variant} torch model",
                           hint="an exporter or runtime problem; please report it with the model")
         section[variant] = check.to_dict()
     ctx.sections.setdefault("verification", {})["onnxruntime"] = section
+
+
+def _ort_call(runner: OrtRunner, fixed_batch: int | None) -> Callable[[torch.Tensor], np.ndarray]:
+    """ONNX Runtime on a torch batch; a file that fixes its batch runs it in slices of that size."""
+    if fixed_batch is None:
+        return lambda x: runner.run(x.numpy())
+    return lambda x: np.concatenate([runner.run(part.numpy()) for part in x.split(fixed_batch)])
 
 
 def stage_measure_ort(ctx: CompileContext) -> None:

@@ -165,6 +165,7 @@ class CompileContext:
     probe_inputs: list[torch.Tensor]
     batches: tuple[int, ...] = ()  # the batch sizes measured (options.batches unless the model fixes one)
     fixed_batch: int | None = None  # trace: the only batch size the model accepts, if it has one
+    onnx_batch: int | None = None  # export_onnx: the batch the ONNX files fix when a dynamic one cannot export
     original: nn.Module | None = None  # trace: the traced original (a GraphModule)
     analysis: ChannelAnalysis | None = None  # analyze
     slim: nn.Module | None = None  # remove_zero_channels; pack_sparse replaces it by the packed model

@@ -243,6 +243,11 @@ def summary(doc: dict[str, Any]) -> list[Block]:
     whole = (doc.get("alignment") or {}).get("whole_model")
     if whole and whole.get("candidates"):
         blocks.append(Paragraph(alignment_line(whole)))
+    fixed = doc.get("trace", {}).get("onnx_fixed_batch")
+    if fixed:
+        pt2 = "keeps its batch dynamic" if files.get("slim_pt2", {}).get("dynamic_batch") else "fixes it too"
+        blocks.append(Paragraph(f"The ONNX files fix the batch at {fixed['batch']} ({fixed['why']}); "
+                                f"`slim.pt2` {pt2}."))
     for choice in doc.get("runtime_choice", []):
         blocks.append(Paragraph(runtime_choice_line(choice)))
     if doc.get("target_failure"):

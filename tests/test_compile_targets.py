@@ -53,6 +53,14 @@ def _slim_onnx_computes(net: nn.Module, folder: Path, shape: tuple[int, ...]) ->
     assert compare(ref, OrtRunner(folder / "slim.onnx").run(x.numpy()), tolerance=1e-4).passed
 
 
+def _compile_pickled(net: nn.Module, tmp_path: Path, *options: str) -> tuple[int, Path]:
+    """`rwdeploy compile` of `net` pickled, at input 1x3x8x8: the exit code and the output folder."""
+    path, out = tmp_path / "net.pt", tmp_path / "out"
+    torch.save(net, path)
+    code = main(["compile", str(path), "--trust-pickle", "--input-shape", "1,3,8,8", "--out", str(out), *options, *QUICK])
+    return code, out
+
+
 class RReLUHead(nn.Module):
     """A conv net whose activation is nn.RReLU: torch.export keeps it as
     aten.rrelu_with_noise_functional, an op TVM 0.27's Relax importer has no converter for (nor
@@ -73,10 +81,7 @@ def test_tvm_import_failure_keeps_the_verified_model(tmp_path, capsys):
     net = RReLUHead().eval()
     with torch.no_grad():
         net.conv2.weight[::2] = 0
-    path = tmp_path / "rrelu.pt"
-    torch.save(net, path)
-    out = tmp_path / "out"
-    code = main(["compile", str(path), "--trust-pickle", "--input-shape", "1,3,8,8", "--out", str(out), *QUICK])
+    code, out = _compile_pickled(net, tmp_path)
     captured = capsys.readouterr()
     assert code == TargetStepError.exit_code == 4, captured.err
     assert _files(out) == VERIFIED  # no half-built model.cpu.so / original.cpu.so
@@ -161,3 +166,40 @@ def test_target_options_of_onnx(lenet_checkpoint, tmp_path, capsys):
     code = main(["compile", str(lenet_checkpoint[0]), "--target", "onnx", "--tune", "4", "--out", str(tmp_path / "o")])
     assert code == 2 and "--target onnx builds none" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+class PerSampleKernels(nn.Module):
+    """CondConv's trick: each sample mixes its own kernel from experts, and one grouped conv with
+    `groups` = batch size applies them all. ONNX's Conv takes `group` as a constant, so no file
+    with a dynamic batch can hold this; one at a fixed batch can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.route = nn.Linear(8, 2)
+        self.experts = nn.Parameter(torch.randn(2, 6 * 8 * 3 * 3) * 0.2)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        b = x.shape[0]
+        mix = torch.sigmoid(self.route(x.mean(dim=(2, 3))))  # (b, experts)
+        kernels = (mix @ self.experts).view(b * 6, 8, 3, 3)
+        y = nn.functional.conv2d(x.reshape(1, b * 8, *x.shape[2:]), kernels, padding=1, groups=b)
+        return self.head(y.view(b, 6, *y.shape[2:]).mean(dim=(2, 3)))
+
+
+def test_onnx_fixes_the_batch_where_a_dynamic_one_cannot_export(tmp_path, capfd):
+    torch.manual_seed(0)
+    net = PerSampleKernels().eval()
+    with torch.no_grad():
+        net.stem.weight[::2] = 0
+    code, out = _compile_pickled(net, tmp_path, "--target", "onnx")
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert "Torch IR graph" not in captured.out + captured.err  # the exporter's failed attempt stays quiet
+    report = json.loads((out / "report.json").read_text())
+    assert report["trace"]["onnx_fixed_batch"]["batch"] == 1
+    assert not report["files"]["slim_onnx"]["dynamic_batch"] and report["verification"]["passed"]
+    assert "fix the batch at 1" in captured.out
+    _slim_onnx_computes(net, out, (1, 3, 8, 8))  # independent check, at the batch the file fixes
