@@ -325,6 +325,27 @@ class RepeatInterleave(nn.Module):
         return self.out(self.b(y))
 
 
+class GathersAndWindows(nn.Module):
+    """Ops real models use that .pt2 graphs spell in ATen: a bias gathered from a table by a
+    tensor index along positions (aten.index; Swin-V2's and ViT-relpos's relative position
+    biases), dropout2d (aten.feature_dropout; BAT), a variance over H and W
+    (aten.var; EvoNorm) and windows unfolded along H and W (aten.unfold; HaloNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.table = nn.Parameter(torch.randn(15))  # a bias per relative position
+        self.register_buffer("index", torch.tensor([3, 14, 0, 7, 7, 2, 9, 11]))  # a position per column
+        self.drop = nn.Dropout2d(0.2)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.drop(self.a(x)) + self.table[self.index][None, None, None, :]  # varies along W only
+        y = y / (y.var(dim=(2, 3), keepdim=True) + 1).sqrt()
+        y = y.unfold(2, 4, 4).unfold(3, 4, 4).mean(dim=(4, 5))  # 8x8 -> 2x2 windows of 4x4
+        return self.out(self.b(y))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -344,4 +365,5 @@ TEST_NETS = {
     "tensor_index": (TensorIndex, (1, 3, 16, 16)),
     "in_place_resize": (InPlaceResize, (1, 3, 8, 8)),
     "repeat_interleave": (RepeatInterleave, (1, 3, 8, 8)),
+    "gathers_and_windows": (GathersAndWindows, (1, 3, 8, 8)),
 }

@@ -30,7 +30,8 @@ UNARY = Match(
              nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
     functions=(F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.elu,
                F.leaky_relu, F.mish, F.softplus, F.hardtanh, F.selu, F.celu, F.logsigmoid, F.softsign,
-               F.dropout, F.dropout1d, F.dropout2d, F.threshold, torch.relu, torch.sigmoid, torch.tanh,
+               F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+               F.threshold, torch.relu, torch.sigmoid, torch.tanh,
                torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.clamp, torch.clip, torch.neg, torch.erf,
                torch.log, torch.sin, torch.cos, torch.square, torch.log1p, torch.expm1, torch.reciprocal,
                torch.sign, torch.floor, torch.ceil, torch.round, torch.trunc, operator.neg, operator.invert),
@@ -47,7 +48,9 @@ UNARY = Match(
           "selu", "softshrink", "hardshrink", "log_sigmoid", "lift_fresh_copy",
           # in-place forms, as a .pt2 of a module that calls them keeps them
           "dropout_", "sigmoid_", "tanh_", "exp_", "clamp_", "clamp_min_", "clamp_max_", "hardsigmoid_",
-          "mish_", "abs_", "neg_", "sqrt_", "rsqrt_", "erf_", "celu_", "selu_"),
+          "mish_", "abs_", "neg_", "sqrt_", "rsqrt_", "erf_", "celu_", "selu_",
+          # dropout2d / alpha dropout: the identity at inference, as the module forms above
+          "feature_dropout", "alpha_dropout", "feature_alpha_dropout"),
 )
 BINARY = Match(
     functions=(operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,

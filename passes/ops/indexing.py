@@ -1,4 +1,5 @@
-"""Ops that take pieces of a value by offsets: split, chunk, unbind, slice, narrow, select, x[...].
+"""Ops that take pieces of a value by offsets: split, chunk, unbind, slice, narrow, select, x[...];
+and ops that gather or window along positions only (aten.index, Tensor.unfold).
 
 Their classes follow from running the op on the class maps (`shape.rule_shape`). The offsets
 they name along a channel dim are what changes: the analysis records that every piece keeps
@@ -172,6 +173,32 @@ class Index(ChannelArgs):
         return changed
 
 
+class AlongPositions(ChannelArgs):
+    """An op that addresses some dims of its input and must leave the channel dims alone:
+    aten.index(x, [t0, None, ...]) gathers along the dims its tensors index (a relative-position
+    table read by positions), x.unfold(dim, size, step) cuts windows along `dim` (HaloNet's
+    blocks). Fine where those dims carry no channels, and then nothing needs rewriting."""
+
+    def __init__(self, dims: Any) -> None:
+        self.dims = dims  # node -> the input dims the op addresses, None when not literal
+
+    def record(self, st: AnalysisState, node: fx.Node, x: fx.Node, m: torch.Tensor, shape: Shape) -> bool:
+        dims = self.dims(node)
+        return dims is not None and all(m.shape[d % len(shape)] == 1 for d in dims)
+
+    def rewrite(self, node: fx.Node, sel: Any, x: fx.Node, shape: Shape) -> bool:
+        return False
+
+
+def _indexed_dims(node: fx.Node) -> list[int]:
+    return [d for d, t in enumerate(node.args[1]) if t is not None]
+
+
+def _unfolded_dim(node: fx.Node) -> list[int] | None:
+    dim = arg(node, 1, "dimension")
+    return [dim] if isinstance(dim, int) else None
+
+
 register(
     OpSpec("slice", Match(aten=("slice",)), rule_shape, Range("slice")),
     OpSpec("split", Match(functions=(torch.split,), methods=("split",), aten=("split", "split_with_sizes")),
@@ -184,4 +211,6 @@ register(
     OpSpec("select", Match(functions=(torch.select,), methods=("select",), aten=("select",)), rule_shape,
            Range("select")),
     OpSpec("getitem", Match(functions=(operator.getitem,)), rule_shape, Index()),
+    OpSpec("index", Match(aten=("index",)), rule_shape, AlongPositions(_indexed_dims)),
+    OpSpec("unfold", Match(methods=("unfold",), aten=("unfold",)), rule_shape, AlongPositions(_unfolded_dim)),
 )

@@ -81,7 +81,7 @@ register(
     OpSpec("reduce", Match(functions=(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
                                       torch.logsumexp, torch.prod),
                            methods=("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"),
-                           aten=("mean", "sum", "amax", "amin")), reduce_rule(1)),
+                           aten=("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod")), reduce_rule(1)),
     OpSpec("norm", Match(functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",),
                          aten=("norm", "linalg_vector_norm")), reduce_rule(2)),
     OpSpec("softmax", Match(modules=(nn.Softmax, nn.LogSoftmax),
