@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from rwdeploy.errors import ModelFileError
+from rwdeploy.passes.inline_autocast import inline_inactive_autocast
 
 
 class _NodeValues(fx.Interpreter):
@@ -54,6 +55,7 @@ def trace_model(module: nn.Module, example_input: torch.Tensor) -> TraceResult:
     module.eval()
     try:
         gm = fx.symbolic_trace(module)
+        inline_inactive_autocast(gm, example_input.device.type)  # a loaded .pt2: disabled autocast regions
         with torch.no_grad():
             gm(example_input)  # a trace that cannot run is not a trace
         return TraceResult(gm, "symbolic_trace")
@@ -64,6 +66,7 @@ def trace_model(module: nn.Module, example_input: torch.Tensor) -> TraceResult:
     try:
         module.eval()
         gm = _export_batch_dynamic(module, example_input)
+        inline_inactive_autocast(gm, example_input.device.type)
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(
             f"model {type(module).__name__} can be traced neither by torch.fx ({reason}) "
