@@ -424,7 +424,8 @@ def run_case(spec: ModelSpec, size_name: str, form: str, *, tvm: tuple[str, ...]
         if report is not None:
             _from_report(record, report)
             t0 = time.perf_counter()
-            batch = 2 if report["files"]["slim_onnx"].get("dynamic_batch") else input_shape[0]
+            fixed = report.get("trace", {}).get("onnx_fixed_batch")  # ONNX files at the compile's batch
+            batch = 2 if report["files"]["slim_onnx"].get("dynamic_batch") else fixed["batch"] if fixed else input_shape[0]
             inputs = probe_inputs(prepared, batch)
             slim = ort_max_rel(out / report["files"]["slim_onnx"]["path"], prepared.module, inputs)
             original = ort_max_rel(out / report["files"]["original_onnx"]["path"], prepared.module, inputs)
