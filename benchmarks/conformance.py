@@ -295,6 +295,8 @@ def pin_categories(r: dict[str, Any]) -> dict[str, int]:
     # the recorded counts are used, the raw reasons only add categories the record lacks
     out = Counter({_normalise(c): n for c, n in (pins.get("pinned_groups_by_category") or {}).items()})
     for reason, n in raw.items():
+        if reason.endswith("more distinct reasons)"):  # the tail `top_reasons` summed up: no category
+            continue
         cat = _normalise(pin_category(reason))
         if cat not in out:
             out[cat] = n
