@@ -341,7 +341,7 @@ class GathersAndWindows(nn.Module):
 
     def forward(self, x):
         y = self.drop(self.a(x)) + self.table[self.index][None, None, None, :]  # varies along W only
-        y = y / (y.var(dim=(2, 3), keepdim=True) + 1).sqrt()
+        y = y / (torch.var(y, (2, 3), False, True) + 1).sqrt()  # (x, dim, unbiased, keepdim)
         y = y.unfold(2, 4, 4).unfold(3, 4, 4).mean(dim=(4, 5))  # 8x8 -> 2x2 windows of 4x4
         return self.out(self.b(y))
 

@@ -26,8 +26,10 @@ def _reduce_dims(node: fx.Node, ndim: int, at: int) -> list[int] | None:
     return sorted(d % ndim for d in dims)
 
 
-def reduce_rule(dim_at: int) -> Any:
-    """The rule of a reduction whose `dim` is argument `dim_at` and `keepdim` the next one."""
+def reduce_rule(dim_at: int, keepdim_at: int | None = None) -> Any:
+    """The rule of a reduction whose `dim` is argument `dim_at` and `keepdim` the next one (or
+    argument `keepdim_at`: `var(x, dim, unbiased, keepdim)`)."""
+    keepdim_at = dim_at + 1 if keepdim_at is None else keepdim_at
 
     def rule(st: AnalysisState, node: fx.Node) -> Any:
         got = single_input(st, node)
@@ -40,7 +42,7 @@ def reduce_rule(dim_at: int) -> Any:
             return opaque(st, node, "reduction over dims computed at run time")
         given = arg(node, dim_at, "dim") is not None
         dims = list(range(m.dim())) if dims is None else dims
-        keepdim = bool(arg(node, dim_at + 1, "keepdim", False)) if given else False
+        keepdim = bool(arg(node, keepdim_at, "keepdim", False)) if given else False
         if any(d in varying_dims(m) for d in dims):
             st.uf.union_all(m)  # a reduction over channels mixes them: they go together or stay
             known = m[m >= 0]
@@ -78,10 +80,12 @@ def along_dim_rule(default_dim: int | None) -> Any:
 
 
 register(
-    OpSpec("reduce", Match(functions=(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
-                                      torch.logsumexp, torch.prod),
-                           methods=("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"),
-                           aten=("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod")), reduce_rule(1)),
+    OpSpec("reduce", Match(functions=(torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp, torch.prod),
+                           methods=("mean", "sum", "amax", "amin", "logsumexp", "prod"),
+                           aten=("mean", "sum", "amax", "amin", "logsumexp", "prod")), reduce_rule(1)),
+    # var(x, dim, unbiased, keepdim) (aten.var.dim too); var.correction takes keepdim by name
+    OpSpec("variance", Match(functions=(torch.std, torch.var), methods=("std", "var"), aten=("std", "var")),
+           reduce_rule(1, keepdim_at=3)),
     OpSpec("norm", Match(functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",),
                          aten=("norm", "linalg_vector_norm")), reduce_rule(2)),
     OpSpec("softmax", Match(modules=(nn.Softmax, nn.LogSoftmax),
