@@ -346,6 +346,23 @@ class GathersAndWindows(nn.Module):
         return self.out(self.b(y))
 
 
+class PatchesAsColumns(nn.Module):
+    """im2col (`F.unfold` / nn.Unfold / aten.im2col, as T2T-ViT, TNT and VOLO cut patches): a
+    padded 2x2 unfold turns channel c into rows 4c..4c+3 of each column, which a Linear over
+    the columns reads as features; removed channels' constants meet the padding's zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.unfold = nn.Unfold(kernel_size=2, padding=1, stride=2)
+        self.fc = nn.Linear(8 * 4, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        cols = self.unfold(self.a(x)).transpose(1, 2)  # (N, L, C*4)
+        return self.out(torch.relu(self.fc(cols)).mean(dim=1))
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -366,4 +383,5 @@ TEST_NETS = {
     "in_place_resize": (InPlaceResize, (1, 3, 8, 8)),
     "repeat_interleave": (RepeatInterleave, (1, 3, 8, 8)),
     "gathers_and_windows": (GathersAndWindows, (1, 3, 8, 8)),
+    "patches_as_columns": (PatchesAsColumns, (1, 3, 8, 8)),
 }

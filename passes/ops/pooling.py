@@ -1,4 +1,4 @@
-"""Pooling, padding and resizing: per channel, over the trailing spatial dims.
+"""Pooling, padding, resizing and im2col: per channel, over the trailing spatial dims.
 
 Channels pass through unchanged as long as they do not sit on a spatial dim. Max pooling that
 also returns indices (`aten.adaptive_max_pool2d` always does) gives both outputs the input's
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from rwdeploy.passes.channel_state import AnalysisState, TensorMeta, varying_dims
+from rwdeploy.passes.channel_state import CONST, AnalysisState, TensorMeta, compress, varying_dims
 from rwdeploy.passes.ops.common import arg, op_name, opaque, single_input
 from rwdeploy.passes.ops.spec import Match, OpSpec, base_name, register
 
@@ -51,6 +52,37 @@ def _padded_dims(st: AnalysisState, node: fx.Node, ndim: int) -> set[int]:
     return {-(i // 2) - 1 for i in range(0, len(pad), 2) if tuple(pad[i:i + 2]) != (0, 0)}
 
 
+def _im2col_args(st: AnalysisState, node: fx.Node) -> tuple[Any, Any, Any, Any]:
+    if node.op == "call_module":
+        mod = st.module(node)
+        return mod.kernel_size, mod.dilation, mod.padding, mod.stride
+    return (arg(node, 1, "kernel_size"), arg(node, 2, "dilation", 1), arg(node, 3, "padding", 0),
+            arg(node, 4, "stride", 1))
+
+
+def rule_im2col(st: AnalysisState, node: fx.Node) -> Any:
+    """F.unfold / nn.Unfold / aten.im2col: (N, C, H, W) -> (N, C*kh*kw, L), where row
+    c*kh*kw + j copies channel c at kernel offset j or the zero padding. T2T-ViT, TNT and VOLO
+    cut patches this way. A map that varies along channels only repeats each channel kh*kw
+    times; any other goes through the same gather (ids shifted so that the padding's zeros
+    stay apart from them, and become constants)."""
+    got = single_input(st, node)
+    out = st.values[node.name]
+    if got is None or not isinstance(out, TensorMeta) or len(st.shape(got[0])) != 4:
+        return opaque(st, node, "im2col with an unexpected signature")
+    x, m = got
+    kernel, dilation, padding, stride = _im2col_args(st, node)
+    if set(varying_dims(m)) <= {1}:
+        # channels only: every element of row c*kh*kw + j belongs to channel c, the padding's
+        # zeros included (they go with the row), so the map varies along the rows alone
+        taps = out.shape[1] // st.shape(x)[1]
+        return m.reshape(-1).repeat_interleave(taps).reshape(1, -1, 1)
+    shifted = m.expand(st.shape(x)).to(torch.float64) + 2  # ids are exact in float64 up to 2**53
+    cols = F.unfold(shifted, kernel, dilation=dilation, padding=padding, stride=stride).round().long() - 2
+    cols[cols == -2] = CONST
+    return compress(cols)
+
+
 register(
     OpSpec("pool", Match(
         modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -70,4 +102,5 @@ register(
     OpSpec("pad", Match(modules=(nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
                                  nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d),
                         functions=(F.pad,), aten=("pad", "constant_pad_nd")), spatial_rule(_padded_dims)),
+    OpSpec("im2col", Match(modules=(nn.Unfold,), functions=(F.unfold,), aten=("im2col",)), rule_im2col),
 )
