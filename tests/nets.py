@@ -363,6 +363,26 @@ class PatchesAsColumns(nn.Module):
         return self.out(torch.relu(self.fc(cols)).mean(dim=1))
 
 
+class OutlookAndMax(nn.Module):
+    """VOLO's patterns: windows cut by im2col, weighted per tap and folded back (`F.fold` /
+    aten.col2im: a channel's k*k rows add up into it), and a class head that takes the
+    maximum over tokens (`max(1)[0]`: (values, indices) along a dim that carries no channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.fold = nn.Fold(output_size=(8, 8), kernel_size=3, padding=1)
+        self.b = cbr(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        cols = torch.relu(nn.functional.unfold(y, 3, padding=1) - 0.1)  # (N, 8*9, 64)
+        y = self.b(self.fold(cols) / 9)
+        tokens = y.flatten(2).transpose(1, 2)  # (N, 64, 8)
+        return self.head(tokens.max(1)[0])
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -384,4 +404,5 @@ TEST_NETS = {
     "repeat_interleave": (RepeatInterleave, (1, 3, 8, 8)),
     "gathers_and_windows": (GathersAndWindows, (1, 3, 8, 8)),
     "patches_as_columns": (PatchesAsColumns, (1, 3, 8, 8)),
+    "outlook_and_max": (OutlookAndMax, (1, 3, 8, 8)),
 }

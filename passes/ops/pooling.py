@@ -1,4 +1,4 @@
-"""Pooling, padding, resizing and im2col: per channel, over the trailing spatial dims.
+"""Pooling, padding, resizing, im2col and col2im: per channel, over the trailing spatial dims.
 
 Channels pass through unchanged as long as they do not sit on a spatial dim. Max pooling that
 also returns indices (`aten.adaptive_max_pool2d` always does) gives both outputs the input's
@@ -83,6 +83,25 @@ def rule_im2col(st: AnalysisState, node: fx.Node) -> Any:
     return compress(cols)
 
 
+def rule_col2im(st: AnalysisState, node: fx.Node) -> Any:
+    """F.fold / nn.Fold / aten.col2im, the inverse of im2col: (N, C*kh*kw, L) -> (N, C, H, W),
+    channel c summing its kh*kw rows over the overlapping windows (VOLO folds its outlook
+    attention back). A channel's rows go together, so their classes are unified and the
+    output channel takes that class."""
+    got = single_input(st, node)
+    out = st.values[node.name]
+    if got is None or not isinstance(out, TensorMeta) or len(st.shape(got[0])) != 3 or len(out.shape) != 4:
+        return opaque(st, node, "col2im with an unexpected signature")
+    x, m = got
+    if not set(varying_dims(m)) <= {1}:
+        return opaque(st, node, "col2im of a value whose classes vary along positions")
+    channels, rows = out.shape[1], st.shape(x)[1]
+    blocks = m.reshape(-1).expand(rows).reshape(channels, rows // channels)
+    for block in blocks:
+        st.uf.union_all(block)
+    return compress(st.canon(blocks[:, 0]).expand(channels).reshape(1, channels, 1, 1))
+
+
 register(
     OpSpec("pool", Match(
         modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -103,4 +122,5 @@ register(
                                  nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d),
                         functions=(F.pad,), aten=("pad", "constant_pad_nd")), spatial_rule(_padded_dims)),
     OpSpec("im2col", Match(modules=(nn.Unfold,), functions=(F.unfold,), aten=("im2col",)), rule_im2col),
+    OpSpec("col2im", Match(modules=(nn.Fold,), functions=(F.fold,), aten=("col2im",)), rule_col2im),
 )

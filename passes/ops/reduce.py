@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from rwdeploy.passes.channel_state import CONST, AnalysisState, TensorMeta, varying_dims
 from rwdeploy.passes.ops.common import arg, opaque, single_input
+from rwdeploy.passes.ops.elementwise import rule_binary
 from rwdeploy.passes.ops.spec import Match, OpSpec, base_name, register
 
 
@@ -58,6 +59,30 @@ def reduce_rule(dim_at: int, keepdim_at: int | None = None) -> Any:
     return rule
 
 
+def rule_max_min(st: AnalysisState, node: fx.Node) -> Any:
+    """max / min in their three forms: of two tensors (elementwise, as `maximum`), of every
+    element (a reduction), or along one dim, returning (values, indices) that both keep the
+    classes of the dims left (VOLO's class head takes `max(1)[0]` over tokens)."""
+    dim = arg(node, 1, "dim")
+    if isinstance(dim, fx.Node):
+        return rule_binary(st, node)
+    out = st.values[node.name]
+    if isinstance(out, TensorMeta):
+        return reduce_rule(1)(st, node)
+    got = single_input(st, node)
+    if got is None or not isinstance(dim, int) or not isinstance(out, tuple) or len(out) != 2:
+        return opaque(st, node, "max/min with an unexpected signature")
+    m = got[1]
+    d, keepdim = dim % m.dim(), bool(arg(node, 2, "keepdim", False))
+    if d in varying_dims(m):  # over channels: they mix, as in any reduction
+        st.uf.union_all(m)
+        known = m[m >= 0]
+        r = torch.full([1] * len(out[0].shape), int(known.min()) if known.numel() else CONST, dtype=torch.long)
+    else:
+        r = m.narrow(d, 0, 1) if keepdim else m.narrow(d, 0, 1).squeeze(d)
+    return r, r
+
+
 def along_dim_rule(default_dim: int | None) -> Any:
     """The rule of an op that combines positions along one dim and keeps the shape (softmax,
     normalize): over a channel dim it unifies the channels."""
@@ -83,6 +108,8 @@ register(
     OpSpec("reduce", Match(functions=(torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp, torch.prod),
                            methods=("mean", "sum", "amax", "amin", "logsumexp", "prod"),
                            aten=("mean", "sum", "amax", "amin", "logsumexp", "prod")), reduce_rule(1)),
+    OpSpec("max_min", Match(functions=(torch.max, torch.min), methods=("max", "min"), aten=("max", "min")),
+           rule_max_min),
     # var(x, dim, unbiased, keepdim) (aten.var.dim too); var.correction takes keepdim by name
     OpSpec("variance", Match(functions=(torch.std, torch.var), methods=("std", "var"), aten=("std", "var")),
            reduce_rule(1, keepdim_at=3)),
