@@ -383,6 +383,29 @@ class OutlookAndMax(nn.Module):
         return self.head(tokens.max(1)[0])
 
 
+class EinsumAttention(Attention):
+    """The same attention written with einsum over a [batch, tokens, heads, width] layout
+    (MViT-V2, EVA and many research models spell their products this way), plus a term of the
+    queries against a position table shared by the heads (MViT-V2's relative positions)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 16) -> None:
+        super().__init__(dim, heads)
+        self.table = nn.Parameter(torch.randn(tokens, dim // heads))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (f(x).reshape(b, n, self.heads, c // self.heads) for f in (self.q, self.k, self.v))
+        attn = torch.einsum("bqhd,bkhd->bhqk", q, k) * (c // self.heads) ** -0.5
+        attn = attn + torch.einsum("bqhd,kd->bhqk", q, self.table[:n])
+        return self.proj(torch.einsum("bhqk,bkhd->bqhd", attn.softmax(dim=-1), v).reshape(b, n, c))
+
+
+class EinsumAttentionNet(AttentionNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = EinsumAttention(16, 4)
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -405,4 +428,5 @@ TEST_NETS = {
     "gathers_and_windows": (GathersAndWindows, (1, 3, 8, 8)),
     "patches_as_columns": (PatchesAsColumns, (1, 3, 8, 8)),
     "outlook_and_max": (OutlookAndMax, (1, 3, 8, 8)),
+    "einsum_attention": (EinsumAttentionNet, (1, 3, 16, 16)),
 }

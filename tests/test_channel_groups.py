@@ -269,6 +269,35 @@ def test_fused_attention_loses_whole_heads_and_class_tokens_follow_the_channels(
         assert slice_of(stream, token, "follower").dim == 2
 
 
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_einsum_attention_loses_whole_heads(form):
+    ctor, shape = nets.TEST_NETS["einsum_attention"]
+    torch.manual_seed(0)
+    model, x = ctor().eval(), torch.randn(shape)
+    gm = trace_model(model, x).gm if form == "module" else torch.export.export(model, (x,)).module()
+    heads = group_with(analyze_channel_groups(gm, x), "attn.q.weight", "producer")
+    assert heads.removable and heads.size == 4 and heads.unit == 4  # 4 heads of width 4
+    assert {s.tensor for s in heads.slices if s.role == "producer"} >= {"attn.q.weight", "attn.k.weight",
+                                                                        "attn.v.weight"}
+
+
+def test_einsum_with_a_per_head_table_pins_the_heads():
+    """A constant indexed by the heads would have to be sliced with them: not followed."""
+
+    class PerHeadTable(nets.EinsumAttention):
+        def forward(self, x):
+            b, n, c = x.shape
+            q = self.q(x).reshape(b, n, self.heads, c // self.heads)
+            table = self.table[:self.heads * 2].reshape(self.heads, 2, c // self.heads)
+            return torch.einsum("bqhd,hkd->bqhk", q, table).reshape(b, n, -1).mean(-1, keepdim=True)
+
+    model, x = PerHeadTable(16, 4).eval(), torch.randn(1, 16, 16)
+    a = analyze_channel_groups(trace_model(model, x).gm, x)
+    heads = group_with(a, "q.weight", "producer")
+    assert not heads.removable
+    assert any("constant operand along entries that carry channels" in r for r in heads.pinned)
+
+
 def test_levit_attention_bias_table_follows_its_heads():
     a = analysis_of(*nets_families.TEST_NETS["levit"])
     heads = group_with(a, "attn.qkv.linear.weight", "producer")

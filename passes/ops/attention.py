@@ -78,9 +78,49 @@ def rule_sdpa(st: AnalysisState, node: fx.Node) -> Any:
     return compress(entries)
 
 
+def _einsum_operands(node: fx.Node) -> tuple[str, list[Any]]:
+    """(equation, operands) of torch.einsum(eq, *ops), torch.einsum(eq, [ops]), aten.einsum(eq, ops)."""
+    rest = list(node.args[1:])
+    if len(rest) >= 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])
+    return str(node.args[0]).replace(" ", ""), rest
+
+
+def rule_einsum(st: AnalysisState, node: fx.Node) -> Any:
+    """An einsum of activations is a product like matmul: the output letters that every
+    activation operand shares index its entries (batch, heads, positions), and everything
+    feeding one entry goes together. The output's classes vary along those letters only. A
+    constant operand (MViT-V2's relative-position table) is fine where none of its letters
+    indexes entries that differ in class: removing an entry then never needs a slice of it."""
+    eq, operands = _einsum_operands(node)
+    out = st.values[node.name]
+    if "->" not in eq or "..." in eq or not isinstance(out, TensorMeta):
+        return opaque(st, node, "einsum with an ellipsis or an implicit output")
+    lhs, rhs = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands) or not all(_is_tensor(st, o) for o in operands) \
+            or any(len(t) != len(st.shape(o)) or len(set(t)) != len(t) for t, o in zip(terms, operands)):
+        return opaque(st, node, "einsum with an unexpected signature")
+    maps = [st.canon(st.maps[o.name]) for o in operands]
+    active = [i for i, m in enumerate(maps) if not bool((m == CONST).all())]
+    batch = [letter for letter in rhs if all(letter in terms[i] for i in active)]
+    flat = []
+    for i in active:
+        t, full = terms[i], maps[i].expand(st.shape(operands[i]))
+        order = [t.index(letter) for letter in batch] + [j for j, letter in enumerate(t) if letter not in batch]
+        flat.append(full.permute(order).reshape(*[full.shape[t.index(letter)] for letter in batch], -1).unsqueeze(-1))
+    entries = compress(union_entries(st, flat, len(batch)).reshape([out.shape[rhs.index(c)] for c in batch]))
+    varying = {letter for letter, n in zip(batch, entries.shape) if n > 1}
+    if any(set(terms[i]) & varying for i in range(len(operands)) if i not in active):
+        return opaque(st, node, "einsum with a constant operand along entries that carry channels")
+    # batch letters are in the output's order: the entries' map, with 1 for the other letters
+    return compress(entries.reshape([entries.shape[batch.index(letter)] if letter in batch else 1 for letter in rhs]))
+
+
 register(
     OpSpec("matmul", Match(functions=(torch.matmul, operator.matmul, torch.bmm), methods=("matmul", "bmm"),
                            aten=("matmul", "bmm")), rule_matmul),
+    OpSpec("einsum", Match(functions=(torch.einsum,), aten=("einsum",)), rule_einsum),
     OpSpec("scaled_dot_product_attention", Match(functions=(F.scaled_dot_product_attention,),
                                                  aten=("scaled_dot_product_attention",)), rule_sdpa),
 )
