@@ -65,4 +65,16 @@ def conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
     finally:
         for h in handles:
             h.remove()
-    return total
+    return total or _aten_conv_linear_macs(model, x)
+
+
+def _aten_conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """The same count for a graph of ATen calls (a torch.export fallback has no layer modules),
+    by torch's own FLOP counter: convolutions and the matrix products of linear layers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    aten = torch.ops.aten
+    counted = {aten.convolution, aten._convolution, aten.addmm, aten.mm}
+    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if op in counted) // 2

@@ -406,6 +406,22 @@ class EinsumAttentionNet(AttentionNet):
         self.attn = EinsumAttention(16, 4)
 
 
+class SliceWrite(nn.Module):
+    """An in-place write into a slice (`y[:, :, 1:, 1:] = ...`: aten.copy_ into a view; MViT-V2
+    adds its relative positions to the logits this way): the written positions join the
+    classes of what is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(3, 8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y, z = self.a(x), self.b(x)
+        y[:, :, 1:, 1:] = z[:, :, 1:, 1:] * 2
+        return self.out(y)
+
+
 TEST_NETS = {
     "chain": (Chain, (1, 3, 16, 16)),
     "concat": (Concat, (1, 3, 16, 16)),
@@ -429,4 +445,5 @@ TEST_NETS = {
     "patches_as_columns": (PatchesAsColumns, (1, 3, 8, 8)),
     "outlook_and_max": (OutlookAndMax, (1, 3, 8, 8)),
     "einsum_attention": (EinsumAttentionNet, (1, 3, 16, 16)),
+    "slice_write": (SliceWrite, (1, 3, 8, 8)),
 }

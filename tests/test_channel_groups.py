@@ -247,7 +247,8 @@ def test_the_patterns_of_the_conformance_suite_are_understood(name, form):
 
 
 @pytest.mark.parametrize("form", ["module", "export"])
-@pytest.mark.parametrize("name", ["in_place_resize", "repeat_interleave", "gathers_and_windows", "outlook_and_max"])
+@pytest.mark.parametrize("name", ["in_place_resize", "repeat_interleave", "gathers_and_windows", "outlook_and_max",
+                                  "slice_write"])
 def test_in_place_ops_resizing_repeats_and_factories_are_understood(form, name):
     ctor, shape = nets.TEST_NETS[name]
     torch.manual_seed(0)

@@ -58,8 +58,11 @@ BINARY = Match(
                torch.mul, torch.multiply, torch.div, torch.true_divide, torch.maximum, torch.minimum,
                torch.pow),
     methods=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum",
-             "true_divide"),
-    aten=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow", "pow_"),
+             "true_divide", "copy_"),
+    # copy_(view, src) writes src into a view of a value: the view's positions and src's join
+    # classes as an add's operands do (MViT-V2 writes its relative positions into the logits)
+    aten=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow", "pow_",
+          "copy_"),
 )
 # input + value * t1 * t2 (or / t2): three operands, coupled position by position like two
 TERNARY = Match(functions=(torch.addcmul, torch.addcdiv), methods=("addcmul", "addcmul_", "addcdiv", "addcdiv_"),
