@@ -328,7 +328,8 @@ class RepeatInterleave(nn.Module):
 class GathersAndWindows(nn.Module):
     """Ops real models use that .pt2 graphs spell in ATen: a bias gathered from a table by a
     tensor index along positions (aten.index; Swin-V2's and ViT-relpos's relative position
-    biases), dropout2d (aten.feature_dropout; BAT), a variance over H and W
+    biases; an activation's rows gathered the same way, as MaxViT's relative-position MLP output
+    is), dropout2d (aten.feature_dropout; BAT), a variance over H and W
     (aten.var; EvoNorm) and windows unfolded along H and W (aten.unfold; HaloNet)."""
 
     def __init__(self) -> None:
@@ -341,6 +342,7 @@ class GathersAndWindows(nn.Module):
 
     def forward(self, x):
         y = self.drop(self.a(x)) + self.table[self.index][None, None, None, :]  # varies along W only
+        y = y[:, :, self.index.remainder(8)]  # rows gathered by an index tensor (getitem / aten.index)
         y = y / (torch.var(y, (2, 3), False, True) + 1).sqrt()  # (x, dim, unbiased, keepdim)
         y = y.unfold(2, 4, 4).unfold(3, 4, 4).mean(dim=(4, 5))  # 8x8 -> 2x2 windows of 4x4
         return self.out(self.b(y))
@@ -361,6 +363,20 @@ class PatchesAsColumns(nn.Module):
     def forward(self, x):
         cols = self.unfold(self.a(x)).transpose(1, 2)  # (N, L, C*4)
         return self.out(torch.relu(self.fc(cols)).mean(dim=1))
+
+
+class PatchesOfTheInput(nn.Module):
+    """TNT's pixel embedding: im2col of the model input itself (its channels are one pinned
+    class), then Linear layers over the patch columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3 * 16, 12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        cols = nn.functional.unfold(x, 4, stride=4).transpose(1, 2)  # (N, L, 3*16)
+        return self.fc(torch.relu(self.embed(cols))).mean(dim=1)
 
 
 class OutlookAndMax(nn.Module):
@@ -443,6 +459,7 @@ TEST_NETS = {
     "repeat_interleave": (RepeatInterleave, (1, 3, 8, 8)),
     "gathers_and_windows": (GathersAndWindows, (1, 3, 8, 8)),
     "patches_as_columns": (PatchesAsColumns, (1, 3, 8, 8)),
+    "patches_of_the_input": (PatchesOfTheInput, (1, 3, 8, 8)),
     "outlook_and_max": (OutlookAndMax, (1, 3, 8, 8)),
     "einsum_attention": (EinsumAttentionNet, (1, 3, 16, 16)),
     "slice_write": (SliceWrite, (1, 3, 8, 8)),

@@ -232,7 +232,7 @@ def test_torch_export_fallback_of_a_fixed_batch_model_stays_static():
 
 
 @pytest.mark.parametrize("case", ["zoo:resnet20", "net:grouped_depthwise", "net:attention", "net:split_chunk", "net:norms",
-                                  "net:instance_norm", "net:adaptive_max_pool", "net:gathers_and_windows", "net:patches_as_columns",
+                                  "net:instance_norm", "net:adaptive_max_pool", "net:gathers_and_windows", "net:patches_as_columns", "net:patches_of_the_input",
                                   "net:outlook_and_max", "net:einsum_attention", "net:slice_write",
                                   "net:shared_conv", "family:shufflenet_v2", "family:mobilenet_v3", "family:res2net",
                                   "family:swin", "family:deit", "family:convnext_v2", "family:resmlp", "family:xcit",

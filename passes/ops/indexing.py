@@ -114,7 +114,7 @@ def index_items(idx: Any, ndim: int) -> list[tuple[int | None, Any]] | None:
             items.append((None, e))
         elif e is Ellipsis:
             d += ndim - consuming
-        elif isinstance(e, (int, slice)):
+        elif isinstance(e, (int, slice, fx.Node)):  # a node: a tensor of indices gathered along d
             items.append((d, e))
             d += 1
         else:
@@ -123,13 +123,20 @@ def index_items(idx: Any, ndim: int) -> list[tuple[int | None, Any]] | None:
 
 
 class Index(ChannelArgs):
-    """x[ints, slices, None, ...] with literal bounds; anything else along channels pins."""
+    """x[ints, slices, None, ..., index tensors] with literal bounds; integer index tensors only
+    along dims without channels (a relative-position table read by positions); anything
+    else along channels pins."""
 
     def record(self, st: AnalysisState, node: fx.Node, x: fx.Node, m: torch.Tensor, shape: Shape) -> bool:
         items = index_items(node.args[1], len(shape))
         if items is None:
             return False
         for dim, item in items:
+            if isinstance(item, fx.Node):  # integer indices gathered along a dim without channels only
+                meta = st.values.get(item.name)
+                if getattr(meta, "dtype", None) not in (torch.int64, torch.int32) or m.shape[dim] > 1:
+                    return False
+                continue
             if dim is None or m.shape[dim] == 1:
                 continue
             if isinstance(item, slice):
@@ -158,7 +165,7 @@ class Index(ChannelArgs):
             dim, item = items[pos]
             pos += 1
             keep = sel.present(x.name, dim, shape[dim])
-            if keep.all():
+            if keep.all() or isinstance(item, fx.Node):  # `record` allowed gathers along no channels only
                 new.append(item)
                 continue
             changed = True

@@ -75,8 +75,9 @@ def rule_im2col(st: AnalysisState, node: fx.Node) -> Any:
     if set(varying_dims(m)) <= {1}:
         # channels only: every element of row c*kh*kw + j belongs to channel c, the padding's
         # zeros included (they go with the row), so the map varies along the rows alone
-        taps = out.shape[1] // st.shape(x)[1]
-        return m.reshape(-1).repeat_interleave(taps).reshape(1, -1, 1)
+        channels = st.shape(x)[1]
+        per_channel = m.reshape(-1).expand(channels) if m.shape[1] == 1 else m.reshape(-1)
+        return compress(per_channel.repeat_interleave(out.shape[1] // channels).reshape(1, -1, 1))
     shifted = m.expand(st.shape(x)).to(torch.float64) + 2  # ids are exact in float64 up to 2**53
     cols = F.unfold(shifted, kernel, dilation=dilation, padding=padding, stride=stride).round().long() - 2
     cols[cols == -2] = CONST
