@@ -6,7 +6,9 @@ Besides the CNN blocks, the generator draws the patterns the timm conformance su
 GhostNet's depthwise features concatenated to their input, fused attention over the positions (SDPA), global response norm (norm, mean over channels,
 addcmul), an affine by addcmul, normalize, an expand_as gate, BatchNorm over flattened values
 back by reshape_as, a weight-standardised conv, one conv called twice, a class token
-concatenated to the positions, a Linear mixing positions, a channels-last pad.
+concatenated to the positions, a Linear mixing positions, a channels-last pad; and attention
+spelled with einsum, im2col windows folded back (VOLO), a variance over positions (EvoNorm),
+rows gathered by an index tensor (relative positions) and a maximum over positions.
 CI runs 200 examples; `RWDEPLOY_PROPERTY_EXAMPLES=1000` runs more.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ KINDS = ["conv", "depthwise", "grouped", "residual", "concat", "split", "se", "p
          "groupnorm", "prelu", "scale", "mlp_last", "upsample",
          # patterns of the conformance suite
          "ghost", "sdpa", "grn", "affine", "normalize", "gate_expand_as", "bn_reshape_as", "std_conv", "shared", "cls_token",
-         "token_linear", "pad_last"]
+         "token_linear", "pad_last", "einsum_heads", "fold_windows", "var_norm", "gather_rows", "max_positions"]
 
 
 class Block(nn.Module):
@@ -47,7 +49,7 @@ class Block(nn.Module):
         a = ACTS[act]
         if kind in ("grouped", "split", "shuffle") and cin % 2:
             kind = self.kind = "conv"
-        if kind == "sdpa" and cin % 2:
+        if kind in ("sdpa", "einsum_heads") and cin % 2:
             kind = self.kind = "depthwise"
         if kind not in ("conv", "grouped", "concat", "std_conv"):
             width = cin
@@ -87,8 +89,12 @@ class Block(nn.Module):
             self.f = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cin, cin, 3, 2, 1, bias=bias))
         elif kind == "ghost":  # depthwise features of x, concatenated to x itself
             self.f = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=bias), nn.BatchNorm2d(cin), a())
-        elif kind == "sdpa":  # heads of width 2 over the positions, residual
+        elif kind in ("sdpa", "einsum_heads"):  # heads of width 2 over the positions, residual
             self.qkv, self.proj = nn.Linear(cin, 3 * cin, bias=bias), nn.Linear(cin, cin)
+        elif kind == "fold_windows":
+            self.f = nn.Sequential(nn.Conv2d(cin, cin, 1, bias=bias), a())
+        elif kind == "gather_rows":
+            self.register_buffer("rows", torch.randperm(6))
         elif kind == "grn":
             self.gamma, self.beta = nn.Parameter(torch.rand(cin) + 0.2), nn.Parameter(torch.randn(cin) * 0.5)
         elif kind == "affine":
@@ -166,6 +172,19 @@ def _cls_token(blk: Block, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(blk.f(t))[:, 1:].transpose(1, 2).reshape(b, c, h, w)
 
 
+def _einsum_heads(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    q, k, v = blk.qkv(x.flatten(2).transpose(1, 2)).reshape(b, h * w, 3, c // 2, 2).unbind(2)
+    a = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(dim=-1)
+    y = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, h * w, c)
+    return x + blk.proj(y).transpose(1, 2).reshape(b, c, h, w)
+
+
+def _fold_windows(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    cols = torch.relu(F.unfold(blk.f(x), 3, padding=1) - 0.1)
+    return F.fold(cols, x.shape[-2:], 3, padding=1) / 9
+
+
 SUITE_FORWARD = {
     "ghost": lambda blk, x: torch.cat([x, blk.f(x)], 1),
     "sdpa": _sdpa,
@@ -178,6 +197,11 @@ SUITE_FORWARD = {
     "shared": lambda blk, x: blk.f(F.relu(blk.f(x))),
     "cls_token": _cls_token,
     "token_linear": lambda blk, x: blk.f(x),  # mixes the 6 positions along W, per channel
+    "einsum_heads": _einsum_heads,
+    "fold_windows": _fold_windows,
+    "var_norm": lambda blk, x: x / (torch.var(x, (2, 3), False, True) + 1).sqrt(),
+    "gather_rows": lambda blk, x: x[:, :, blk.rows % x.shape[2]],
+    "max_positions": lambda blk, x: x + x.max(dim=2, keepdim=True)[0],
     "pad_last": lambda blk, x: blk.f(F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, 1, 0, 1)))[:, :-1, :-1].permute(0, 3, 1, 2),
 }
 
