@@ -299,6 +299,42 @@ def test_einsum_with_a_per_head_table_pins_the_heads():
     assert any("constant operand along entries that carry channels" in r for r in heads.pinned)
 
 
+class _WholeVariance(nn.Module):
+    """var(x, unbiased): a bool where the dim would be, a reduction over every element."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.o(y.mean((2, 3)) / (torch.var(y, True) + 1))
+
+
+class _MaskIndex(_WholeVariance):
+    """y[:, mask] with a boolean mask over (C, H, W): a gather along the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.rand(8, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5)
+
+    def forward(self, x):
+        return self.o(self.a(x)[:, self.mask].mean(1, keepdim=True).expand(-1, 8))
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_whole_tensor_variance_couples_and_a_boolean_mask_pins(form):
+    x = torch.randn(1, 3, 4, 4)
+    for net, coupled in ((_WholeVariance(), True), (_MaskIndex(), False)):
+        net.eval()
+        gm = trace_model(net, x).gm if form == "module" else torch.export.export(net, (x,)).module()
+        group = group_with(analyze_channel_groups(gm, x), "a.weight", "producer")
+        if coupled:  # every channel feeds the one variance: they go together
+            assert group.size == 1 and group.unit == 8 and group.removable
+        else:
+            assert group.pinned and not group.removable
+
+
 def test_levit_attention_bias_table_follows_its_heads():
     a = analysis_of(*nets_families.TEST_NETS["levit"])
     heads = group_with(a, "attn.qkv.linear.weight", "producer")

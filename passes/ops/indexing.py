@@ -187,21 +187,26 @@ class AlongPositions(ChannelArgs):
     blocks). Fine where those dims carry no channels, and then nothing needs rewriting."""
 
     def __init__(self, dims: Any) -> None:
-        self.dims = dims  # node -> the input dims the op addresses, None when not literal
+        self.dims = dims  # (state, node) -> the input dims the op addresses, None when not known
 
     def record(self, st: AnalysisState, node: fx.Node, x: fx.Node, m: torch.Tensor, shape: Shape) -> bool:
-        dims = self.dims(node)
+        dims = self.dims(st, node)
         return dims is not None and all(m.shape[d % len(shape)] == 1 for d in dims)
 
     def rewrite(self, node: fx.Node, sel: Any, x: fx.Node, shape: Shape) -> bool:
         return False
 
 
-def _indexed_dims(node: fx.Node) -> list[int]:
-    return [d for d, t in enumerate(node.args[1]) if t is not None]
+def _indexed_dims(st: AnalysisState, node: fx.Node) -> list[int] | None:
+    """The dims integer index tensors gather along; None for a boolean mask (it spans dims)."""
+    indices = node.args[1]
+    if any(t is not None and getattr(st.values.get(t.name), "dtype", None) not in (torch.int64, torch.int32)
+           for t in indices):
+        return None
+    return [d for d, t in enumerate(indices) if t is not None]
 
 
-def _unfolded_dim(node: fx.Node) -> list[int] | None:
+def _unfolded_dim(st: AnalysisState, node: fx.Node) -> list[int] | None:
     dim = arg(node, 1, "dimension")
     return [dim] if isinstance(dim, int) else None
 

@@ -19,8 +19,14 @@ from rwdeploy.passes.ops.elementwise import rule_binary
 from rwdeploy.passes.ops.spec import Match, OpSpec, base_name, register
 
 
-def _reduce_dims(node: fx.Node, ndim: int, at: int) -> list[int] | None:
+def _dim_arg(node: fx.Node, at: int) -> Any:
+    """The `dim` argument; None for a whole-tensor reduction (var(x, unbiased) passes a bool there)."""
     dim = arg(node, at, "dim")
+    return None if isinstance(dim, bool) else dim
+
+
+def _reduce_dims(node: fx.Node, ndim: int, at: int) -> list[int] | None:
+    dim = _dim_arg(node, at)
     if dim is None or isinstance(dim, fx.Node):
         return None if dim is None else []
     dims = [dim] if isinstance(dim, int) else list(dim)
@@ -41,7 +47,7 @@ def reduce_rule(dim_at: int, keepdim_at: int | None = None) -> Any:
         dims = _reduce_dims(node, m.dim(), dim_at)
         if dims == []:
             return opaque(st, node, "reduction over dims computed at run time")
-        given = arg(node, dim_at, "dim") is not None
+        given = _dim_arg(node, dim_at) is not None
         dims = list(range(m.dim())) if dims is None else dims
         keepdim = bool(arg(node, keepdim_at, "keepdim", False)) if given else False
         if any(d in varying_dims(m) for d in dims):
