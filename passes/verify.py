@@ -167,3 +167,46 @@ def first_diverging_node(original: nn.Module, slim: nn.Module, args: tuple, *, r
         if check.mismatch or (not check.passed and check.max_abs > 1e-6):
             return node.name
     return None
+
+
+# A model can be ill-conditioned in float32 at some inputs (a trained-looking LeViT at 224 on
+# inputs of scale 5): float32 rounding alone then moves its output by more than the tolerance,
+# and two float32 evaluations of the same function (original and slim, or torch and ONNX
+# Runtime) differ by as much. Such a difference says nothing about the rewrite; these helpers
+# separate the two by evaluating in float64.
+NOISE_FACTOR = 4.0  # two float32 evaluations each sit about the noise floor away from the truth, in any direction
+
+
+def in_float64(module: nn.Module) -> nn.Module | None:
+    """A float64 copy of `module`, or None where it cannot be made."""
+    import copy
+
+    try:
+        return copy.deepcopy(module).double()
+    except Exception:  # noqa: BLE001 - a module that cannot be copied or cast: no float64 evidence
+        return None
+
+
+def float64_agreement(original: nn.Module, slim: nn.Module, probes: Iterable[torch.Tensor], *,
+                      tolerance: float) -> Closeness | None:
+    """`slim` against `original`, both evaluated in float64 on the probes; None where either
+    does not run in float64 (a graph that fixes a dtype)."""
+    o64, s64 = in_float64(original), in_float64(slim)
+    if o64 is None or s64 is None:
+        return None
+    try:
+        return compare_on(o64, s64, [x.double() for x in probes], tolerance=tolerance)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def float32_noise(original: nn.Module, probes: Iterable[torch.Tensor]) -> float | None:
+    """How far float32 rounding alone moves `original`'s output on the probes: max_rel of its
+    float32 evaluation against its float64 one (None where it does not run in float64)."""
+    o64 = in_float64(original)
+    if o64 is None:
+        return None
+    try:
+        return compare_on(lambda x: o64(x.double()), original, list(probes), tolerance=math.inf).max_rel
+    except Exception:  # noqa: BLE001
+        return None

@@ -243,6 +243,13 @@ def summary(doc: dict[str, Any]) -> list[Block]:
     whole = (doc.get("alignment") or {}).get("whole_model")
     if whole and whole.get("candidates"):
         blocks.append(Paragraph(alignment_line(whole)))
+    f64 = (ver or {}).get("float64")
+    if f64:
+        blocks.append(Paragraph(
+            f"Ill-conditioned in float32 at the probes: slim and original differ by {ver['max_rel']:.2e} in float32, "
+            f"as much as float32 rounding alone moves them (original {f64['float32_noise_of_original']:.2e}, "
+            f"slim {f64['float32_noise_of_slim']:.2e}, against their float64 values); in float64 they agree to "
+            f"{f64['max_rel']:.2e}."))
     fixed = doc.get("trace", {}).get("onnx_fixed_batch")
     if fixed:
         pt2 = "keeps its batch dynamic" if files.get("slim_pt2", {}).get("dynamic_batch") else "fixes it too"
