@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_alignment import (MAX_MEASURED_GROUPS, MIN_MEASURED_MACS, AlignmentRecord, finish,
@@ -64,6 +64,11 @@ class RemovalRecord:
     # layer node -> the parameter its weight, computed from parameters in forward(), became
     folded_weights: dict[str, str] = field(default_factory=dict)
     alignment: AlignmentRecord | None = None  # removable channels kept for aligned counts (align != "off")
+    # removable channels kept because their constants needed dense maps larger than what
+    # removing them saved (the slim model never stores more than the original)
+    kept_for_size: int = 0
+    # removed classes whose constants were folded as dense constant maps
+    map_feeders: set[int] = field(default_factory=set, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +79,7 @@ class RemovalRecord:
             "pinned_groups": self.pinned_groups,
             "folded_weights": self.folded_weights,
             **({"alignment": self.alignment.to_dict()} if self.alignment is not None else {}),
+            **({"kept_for_size": self.kept_for_size} if self.kept_for_size else {}),
         }
 
 
@@ -123,7 +129,22 @@ class RemoveZeroChannels:
         plan = None if align == "off" else partial(plan_alignment, align=align, lanes=self.lanes,
                                                    measurer=ctx.measurer, max_measured=self.max_measured,
                                                    min_macs=self.min_macs)
-        return PassResult(work, _remove(work, ctx.example_input, analysis, params_before, plan))
+        pristine, stored_before = copy.deepcopy(work), _stored_bytes(work)
+        record = _remove(work, ctx.example_input, analysis, params_before, plan)
+        keep_back: set[int] = set()
+        # Dense constant maps grow with the input's spatial size (MobileViT at 256): where they
+        # make the slim model store more than the original, the channels that need them stay.
+        while record.map_feeders - keep_back and _stored_bytes(work) > stored_before:
+            keep_back |= record.map_feeders
+            work = copy.deepcopy(pristine)
+            record = _remove(work, ctx.example_input, analysis, params_before, plan, keep_back=keep_back)
+            record.kept_for_size = len(keep_back)
+        return PassResult(work, record)
+
+
+def _stored_bytes(gm: nn.Module) -> int:
+    """Bytes of every tensor the module stores (parameters and buffers, constant maps included)."""
+    return sum(t.numel() * t.element_size() for t in gm.state_dict().values())
 
 
 def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: ChannelAnalysis | None = None,
@@ -136,12 +157,14 @@ def remove_zero_channels(gm: fx.GraphModule, example_input: Any, *, analysis: Ch
 
 
 def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
-            params_before: int, plan: Callable[..., tuple[set[int], AlignmentRecord]] | None = None) -> RemovalRecord:
+            params_before: int, plan: Callable[..., tuple[set[int], AlignmentRecord]] | None = None,
+            keep_back: set[int] = frozenset()) -> RemovalRecord:
     """Remove the zero channels of `work` in place; the record of what changed (`params_before`:
     of the model as given, before computed weights were folded). `plan(analysis, sel, views)`:
-    the classes alignment keeps back (`channel_alignment.plan_alignment`)."""
+    the classes alignment keeps back (`channel_alignment.plan_alignment`); `keep_back`: classes
+    kept whatever they hold."""
     found = candidates(analysis, work.state_dict())
-    sel = select(analysis, set(found))
+    sel = select(analysis, set(found) - set(keep_back))
     storage = {key: t.data_ptr() for key, t in work.state_dict(keep_vars=True).items()}
 
     views = {n.name: view for n in work.graph.nodes if (view := _layer(work, n, analysis)) is not None}
@@ -155,6 +178,8 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
     captured = _capture_inputs(work, example_input, sites, sel)
     folds = {v.node.name: _fold(v, captured[v.node.name], sel, analysis.values) for v in sites
              if v.node.name in captured}
+    map_feeders = {root for v in sites if (f := folds.get(v.node.name)) is not None and f[0] == "constant map"
+                   for root in _removed_classes_read(v, analysis, sel)}
 
     layers: list[LayerChange] = []
     shared = _shared_layers(views)
@@ -192,7 +217,15 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
         aliases=aliases,
         folded_weights=dict(analysis.folded_weights),
         alignment=alignment,
+        map_feeders=map_feeders,
     )
+
+
+def _removed_classes_read(view: LayerView, analysis: ChannelAnalysis, sel: Any) -> set[int]:
+    """The removed classes among the channels a layer reads."""
+    x = view.node.args[0] if view.node is not None and view.node.args else None
+    m = analysis.class_maps.get(x.name) if isinstance(x, fx.Node) else None
+    return set() if m is None else set(m.unique().tolist()) & sel.removed
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node, analysis: ChannelAnalysis) -> LayerView | None:

@@ -134,6 +134,12 @@ def _zero_rows(gm: fx.GraphModule, key: str, rows: list[int]) -> None:
 def test_a_channel_whose_depthwise_filter_is_zero_goes_when_its_input_is_read_by_nothing_else():
     _, x, gm = traced_chain(nets.GroupedDepthwise)
     _zero_rows(gm, "dw.0.weight", [1, 5, 9, 13])  # the depthwise filters only: one per group of `grouped`
+    # with their BN shifts, so that the removed channels carry zero: a constant through the padded
+    # dw2 would need a dense map larger than what four filters save, and then they stay (see
+    # test_constant_maps_never_make_the_slim_model_store_more)
+    with torch.no_grad():
+        gm.get_parameter("dw.1.bias")[[1, 5, 9, 13]] = 0
+        gm.get_buffer("dw.1.running_mean")[[1, 5, 9, 13]] = 0
     res = remove_zero_channels(gm, x)
     # the grouped conv's outputs feeding them went too, and dw2's two outputs of each
     assert res.gm.get_submodule("grouped.0").out_channels == 12 and res.gm.get_submodule("dw.0").groups == 12
@@ -248,3 +254,39 @@ def test_exported_programs_are_slimmed_exactly(case):
     assert verify_equivalence(gm, res.gm, [x, torch.randn(x.shape)], record=res.record).passed
     assert res.record.params_after < res.record.params_before
     assert not any("GuardsFn" in g["reasons"][0] for g in res.record.pinned_groups)
+
+
+class _TransposedAfterShift(nn.Module):
+    """A removed channel's BN shift reaches a transposed conv: its constant folds only as a
+    dense C_out x H x W map, which at a large input outweighs the weights removal saves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(self.a(x))
+
+
+def _stored(gm: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+
+
+@pytest.mark.parametrize("side,kept", [(32, True), (2, False)])
+def test_constant_maps_never_make_the_slim_model_store_more(side, kept):
+    torch.manual_seed(0)
+    net = _TransposedAfterShift().eval()
+    with torch.no_grad():
+        net.a[0].weight[:2] = 0
+        net.a[0].bias[:2] = 0
+        net.a[1].bias.copy_(torch.tensor([0.5, -0.3, 0.1, 0.2]))  # zero filters still carry relu(shift)
+    x = torch.randn(1, 3, side, side)
+    gm = trace_model(net, x).gm
+    res = remove_zero_channels(gm, x)
+    assert verify_equivalence(gm, res.gm, [x, torch.randn(x.shape)], record=res.record).passed
+    assert _stored(res.gm) <= _stored(gm)
+    if kept:  # a 2x64x64 map outweighs two filters: they stay, and the record says why
+        assert res.record.kept_for_size > 0 and res.record.params_after == res.record.params_before
+    else:  # a 2x4x4 map is cheaper than the two filters: they go
+        assert res.record.kept_for_size == 0 and res.record.params_after < res.record.params_before
