@@ -140,7 +140,7 @@ def stage_verify(ctx: CompileContext) -> None:
                                     "tolerance_rel": opts.tolerance}
     if not result.passed:
         exact = float64_agreement(ctx.original, ctx.slim, ctx.probe_inputs, tolerance=opts.tolerance)
-        floors = (ctx.float32_noise(), float32_noise(ctx.slim, ctx.probe_inputs))
+        floors = (float32_noise(ctx.original, ctx.probe_inputs), float32_noise(ctx.slim, ctx.probe_inputs))
         if exact is not None and exact.passed and None not in floors \
                 and result.max_rel <= opts.tolerance_with(max(floors)):
             ctx.sections["verification"].update(passed=True, float64={

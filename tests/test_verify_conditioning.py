@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from rwdeploy import report
 from rwdeploy.compile import stage_verify
 from rwdeploy.context import CompileContext, CompileOptions
 from rwdeploy.errors import VerificationError
 from rwdeploy.passes.verify import NOISE_FACTOR, float32_noise, float64_agreement
+from rwdeploy.report import markdown
 
 
 class Cancelling(nn.Module):
@@ -50,6 +52,8 @@ def test_verify_accepts_float32_rounding_and_says_so(tmp_path):
     f64 = ver["float64"]
     assert f64["max_rel"] < 1e-10 and ver["max_rel"] <= NOISE_FACTOR * max(f64["float32_noise_of_original"],
                                                                            f64["float32_noise_of_slim"])
+    summary = markdown(report.summary(report.make_report({"verification": ver})))
+    assert "Ill-conditioned in float32 at the probes" in summary and "in float64 they agree" in summary
 
 
 def test_verify_rejects_a_different_function_under_the_same_rounding(tmp_path):
