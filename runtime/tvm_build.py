@@ -81,6 +81,12 @@ def _has_rwdeploy_ops(program: torch.export.ExportedProgram) -> bool:
                for node in program.graph.nodes)
 
 
+def _uses(program: torch.export.ExportedProgram, names: tuple[str, ...]) -> bool:
+    """Whether the program calls one of the ATen ops `names` ("im2col.default", ...)."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and f"{n.target._opname}.{n.target._overloadname}" in names for n in program.graph.nodes)
+
+
 def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
                  example_input: torch.Tensor | tuple[torch.Tensor, ...],
                  converters: dict[str, Converter] | None = None) -> Any:
@@ -92,7 +98,7 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
     """
     from tvm.relax.frontend.torch import from_exported_program
 
-    from rwdeploy.runtime.tvm_convert import CONVERTERS
+    from rwdeploy.runtime.tvm_convert import CONVERTERS, KEEP_UNDECOMPOSED
 
     if isinstance(module_or_program, torch.export.ExportedProgram):
         program = module_or_program
@@ -104,8 +110,14 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
 
         converters = convert_map(dense_kernels=False)
     converters = {**CONVERTERS, **(converters or {})}
+    decompose = True
+    if _uses(program, KEEP_UNDECOMPOSED):  # decompose here, keeping the ops a converter handles whole
+        table = torch.export.default_decompositions()
+        for name in KEEP_UNDECOMPOSED:
+            table.pop(getattr(torch.ops.aten, name.split(".")[0]).default, None)
+        program, decompose = program.run_decompositions(table), False
     try:
-        mod = from_exported_program(program, keep_params_as_input=False,
+        mod = from_exported_program(program, keep_params_as_input=False, run_ep_decomposition=decompose,
                                     unwrap_unit_return_tuple=True, custom_convert_map=converters)
     except TvmImportError:
         raise

@@ -93,7 +93,61 @@ def amax(node: fx.Node, importer: Any) -> Any:
     return importer.block_builder.emit(relax.op.max(x, axis=list(dims) or None, keepdims=bool(keepdim)))
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _one_hot_taps(channels: int, kh: int, kw: int) -> Any:
+    """(C*kh*kw, 1, kh, kw) weights picking tap (i, j) of channel c into row c*kh*kw + i*kw + j:
+    im2col's row order, as a grouped conv (groups = C) or its transpose."""
+    import numpy as np
+
+    w = np.zeros((channels * kh * kw, 1, kh, kw), dtype="float32")
+    for c in range(channels):
+        for i in range(kh):
+            for j in range(kw):
+                w[(c * kh + i) * kw + j, 0, i, j] = 1.0
+    return w
+
+
+def im2col(node: fx.Node, importer: Any) -> Any:
+    """`aten.im2col(x, kernel_size, dilation, padding, stride)` (F.unfold): a grouped conv with
+    one-hot kernels, then the spatial dims flattened. torch's core-ATen decomposition turns it
+    into advanced indexing that TVM 0.27's importer cannot broadcast (VOLO, T2T-ViT)."""
+    from tvm import relax
+
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    n, c, _, _ = _static_dims(x, node)
+    (kh, kw), dil, pad, stride = (_pair(a) for a in node.args[1:5])
+    y = bb.emit(relax.op.nn.conv2d(x, relax.const(_one_hot_taps(c, kh, kw)), strides=stride, padding=pad,
+                                   dilation=dil, groups=c))
+    return bb.emit(relax.op.reshape(y, (n, c * kh * kw, -1)))
+
+
+def col2im(node: fx.Node, importer: Any) -> Any:
+    """`aten.col2im(x, output_size, kernel_size, dilation, padding, stride)` (F.fold), the
+    overlap-add inverse of im2col: a grouped transposed conv with the same one-hot kernels."""
+    from tvm import relax
+
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    n, rows, _ = _static_dims(x, node)
+    (oh, ow), (kh, kw), dil, pad, stride = (_pair(a) for a in node.args[1:6])
+    c = rows // (kh * kw)
+    bh = (oh + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1  # blocks along H and W
+    bw = (ow + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = bb.emit(relax.op.reshape(x, (n, rows, bh, bw)))
+    full_h = (bh - 1) * stride[0] - 2 * pad[0] + dil[0] * (kh - 1) + 1
+    full_w = (bw - 1) * stride[1] - 2 * pad[1] + dil[1] * (kw - 1) + 1
+    return bb.emit(relax.op.nn.conv2d_transpose(
+        cols, relax.const(_one_hot_taps(c, kh, kw)), strides=stride, padding=pad,
+        output_padding=(oh - full_h, ow - full_w), dilation=dil, groups=c))
+
+
 CONVERTERS: dict[str, Converter] = {
     "adaptive_max_pool2d.default": adaptive_max_pool2d,
     "amax.default": amax,
+    "im2col.default": im2col,
+    "col2im.default": col2im,
 }
+# Ops the importer's core-ATen decomposition would take apart before a converter sees them.
+KEEP_UNDECOMPOSED = ("im2col.default", "col2im.default")

@@ -95,3 +95,21 @@ def test_an_op_without_converter_names_the_node():
     assert "rrelu_with_noise_functional" in err.message and err.node and err.node in err.message
     assert "'act'" in err.message  # the module it comes from
     assert "--target onnx" in err.hint and "none" not in err.hint
+
+
+class Windows(nn.Module):
+    """im2col and col2im (F.unfold / F.fold) with padding, stride, dilation and a non-square
+    kernel: kept whole for TVM (torch decomposes them into indexing TVM 0.27 cannot import)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cols = F.unfold(x, 3, padding=1, stride=2)
+        y = F.fold(torch.relu(cols - 0.1), (x.shape[2], x.shape[3]), 3, padding=1, stride=2)
+        return torch.cat([y.flatten(1), F.unfold(x, (2, 3), dilation=(1, 2)).flatten(1)], 1)
+
+
+def test_im2col_and_col2im_match_torch():
+    model, x = Windows().eval(), torch.randn(2, 3, 7, 9)
+    script = tvm_build.import_relax(model, x).script()
+    assert "conv2d_transpose" in script  # col2im as a transposed conv, not decomposed indexing
+    _, check = _tvm_vs_torch(model, x)
+    assert check.max_rel <= 1e-6, check
