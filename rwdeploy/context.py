@@ -61,7 +61,7 @@ class CompileOptions:
     key: str | None = None
 
     def tolerance_with(self, float32_noise: float) -> float:
-        """--tolerance, or the original's float32 noise floor (times NOISE_FACTOR) where larger."""
+        """--tolerance, or the model's float32 noise floor (times NOISE_FACTOR) where larger."""
         return max(self.tolerance, NOISE_FACTOR * float32_noise)
 
     def validate(self) -> None:
@@ -194,7 +194,7 @@ class CompileContext:
     def check(self, reference: Callable[[Any], Any], candidate: Callable[[Any], Any], what: str,
               hint: str) -> Closeness:
         """`candidate` against `reference` on the probe inputs, to --tolerance (else `require_close`'s
-        error); to the original's float32 noise floor where that is larger (`float32_noise`)."""
+        error); to the model's float32 noise floor where that is larger (`float32_noise`)."""
         check = compare_on(reference, candidate, self.probe_inputs, tolerance=self.options.tolerance)
         if not check.passed and check.mismatch is None:
             floor = self.float32_noise()
