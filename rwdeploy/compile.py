@@ -128,9 +128,10 @@ def stage_remove_zero_channels(ctx: CompileContext) -> None:
 
 def stage_verify(ctx: CompileContext) -> None:
     """Slim against original on the probes. Where they differ by more than --tolerance, the
-    same comparison in float64 decides: if the two agree there and float32 rounding alone moves
-    the original that far, the model is ill-conditioned in float32 at these probes, not wrongly
-    rewritten; the report says so (`verification["float64"]`)."""
+    same comparison in float64 decides: if the two agree there and their float32 difference is
+    within NOISE_FACTOR times what float32 rounding alone moves either of them, the model is
+    ill-conditioned in float32 at these probes, not wrongly rewritten; the report says so
+    (`verification["float64"]`)."""
     from rwdeploy.passes.verify import float32_noise, float64_agreement, verify_equivalence
 
     opts = ctx.options
