@@ -530,8 +530,10 @@ def test_whole_model_measurement_failure_keeps_the_per_group_plan(traced):
 
 def test_compile_auto_uses_the_injected_whole_model_timer(tmp_path, monkeypatch):
     """compile's stage hands the whole-model choice an ORT timer at batch 1; with a fake in its place,
-    the compiled model is the candidate the fake says is fastest, and the report says so."""
+    the compiled model is the candidate the fake says is fastest, and the report says so. The layer
+    timer is faked too: real ORT timings would decide the per-group plan (c1 21 or 32) by the load."""
     made = []
+    monkeypatch.setattr(align_timing, "OrtLayerTimer", lambda target, **kw: Preferring({21: 21}))
 
     def fake_timer(example, target, **kw):
         made.append((tuple(example.shape), target, kw))
