@@ -92,6 +92,13 @@ def _segments_removable(parts: list[Segment], state_dict: dict[str, torch.Tensor
     return None
 
 
+def _present(k: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    dim = dim % k.dim()
+    if k.shape[dim] == 1:
+        return torch.full((size,), bool(k.any()))
+    return k.movedim(dim, 0).reshape(k.shape[dim], -1).any(1)
+
+
 class Selection:
     """The removed classes, with kept masks of every value in the graph."""
 
@@ -123,10 +130,11 @@ class Selection:
         k = self.node_kept(name)
         if k is None:
             return torch.ones(size, dtype=torch.bool)
-        dim = dim % k.dim()
-        if k.shape[dim] == 1:
-            return torch.full((size,), bool(k.any()))
-        return k.movedim(dim, 0).reshape(k.shape[dim], -1).any(1)
+        return _present(k, dim, size)
+
+    def present_map(self, m: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        """`present` for a class map given directly (an element of a node's tuple of values)."""
+        return _present(self.kept(m), dim, size)
 
     def roots_where(self, m: torch.Tensor, mask: torch.Tensor) -> set[int]:
         return set(m[mask & (m >= 0)].tolist()) & self.removed

@@ -261,7 +261,7 @@ def _fold(view: LayerView, x: torch.Tensor, sel: Selection, values: dict[str, An
     ("bias", vector) | ("border kernel", BorderKernel) | ("constant map", dense map) | None."""
     keep_in = sel.node_kept(view.input.name).expand(x.shape[:1] + values[view.input.name].shape[1:])
     x_gone = x * (~keep_in).to(x.dtype)
-    fold = _contribution(view, x_gone, sel)
+    fold = _contribution(view, x_gone, sel, values)
     geometry = view.geometry() if fold is not None and fold[0] == "constant map" else None
     if geometry is not None:
         keep_out = sel.present(view.node.name, 1, geometry.weight.shape[0])
@@ -271,13 +271,13 @@ def _fold(view: LayerView, x: torch.Tensor, sel: Selection, values: dict[str, An
     return fold
 
 
-def _contribution(view: LayerView, x_gone: torch.Tensor, sel: Selection) -> tuple | None:
+def _contribution(view: LayerView, x_gone: torch.Tensor, sel: Selection, values: dict[str, Any]) -> tuple | None:
     """What the removed input channels (`x_gone`: the input with kept channels zeroed) add to
     the consumer's output (float64), or None."""
     with torch.no_grad():
         c = view.consumer()(x_gone)
     out_dim = view.out_dim % c.dim()
-    keep_out = sel.present(view.node.name, out_dim, c.shape[out_dim])
+    keep_out = view.kept_consumer_out(sel, values, c.shape[out_dim])
     c = c.index_select(out_dim, keep_out.nonzero().flatten())
     scale = float(c.abs().max()) if c.numel() else 0.0
     if scale == 0.0:
@@ -310,7 +310,7 @@ def _shrink(view: LayerView, sel: Selection, values: dict[str, Any], fold: tuple
             cut_tensors: bool = True) -> LayerChange | None:
     x, node = view.input, view.node
     keep_in = sel.present(x.name, view.in_dim, values[x.name].shape[view.in_dim])
-    keep_out = sel.present(node.name, view.out_dim, values[node.name].shape[view.out_dim])
+    keep_out = view.kept_out(sel, values)
     if keep_in.all() and keep_out.all() and fold is None:
         return None
     before = view.shapes()

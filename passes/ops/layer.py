@@ -215,6 +215,15 @@ class LayerView:
         """Cut the layer to the kept input / output channels (per-channel layers: keep_in)."""
         raise NotImplementedError
 
+    def kept_out(self, sel: Any, values: dict[str, Any]) -> torch.Tensor:
+        """For each output channel (along `out_dim` of the node's value): is it kept."""
+        name = self.node.name
+        return sel.present(name, self.out_dim, values[name].shape[self.out_dim])
+
+    def kept_consumer_out(self, sel: Any, values: dict[str, Any], size: int) -> torch.Tensor:
+        """For each entry along `out_dim` of `consumer()`'s result (`size` of them): is it kept."""
+        return sel.present(self.node.name, self.out_dim, size)
+
     def cut(self, role: str, dim: int, mask: torch.Tensor) -> None:
         if role in self.tensors:
             replace_tensor(self.gm, self.tensors[role], keep(self.tensor(role), dim, mask))

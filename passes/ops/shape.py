@@ -103,7 +103,7 @@ def _materialize(st: AnalysisState, a: Any) -> Any:
         if isinstance(meta, TensorMeta):
             return m.expand(meta.shape)
         if isinstance(meta, (tuple, list)) and not isinstance(meta, torch.Size) and has_tensor(meta):
-            return tuple(mm.expand(mt.shape) if isinstance(mt, TensorMeta) else mt for mm, mt in zip(m, meta))
+            return _expand(m, meta)
         return meta
     if isinstance(a, (tuple, list)):
         return type(a)(_materialize(st, x) for x in a)
@@ -112,6 +112,16 @@ def _materialize(st: AnalysisState, a: Any) -> Any:
     if isinstance(a, slice):
         return slice(_materialize(st, a.start), _materialize(st, a.stop), _materialize(st, a.step))
     return a
+
+
+def _expand(m: Any, meta: Any) -> Any:
+    """A (nested) tuple of class maps at the shapes of the values they describe (nn.LSTM returns
+    (output, (h_n, c_n)))."""
+    if isinstance(meta, TensorMeta):
+        return m.expand(meta.shape)
+    if isinstance(meta, (tuple, list)) and not isinstance(meta, torch.Size) and has_tensor(meta):
+        return tuple(_expand(mm, mt) for mm, mt in zip(m, meta))
+    return meta
 
 
 def _matches(result: Any, meta: Any) -> bool:

@@ -1,0 +1,169 @@
+"""LSTM layers in the channel passes (`passes/ops/recurrent.py`), as module calls and as aten.lstm:
+input channels cut from weight_ih (constants folded into bias_ih), hidden units with zero gate
+rows or no readers removed in both directions alike, exact against the original model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+from rwdeploy.passes.channel_groups import analyze_channel_groups
+from rwdeploy.passes.remove_zero_channels import remove_zero_channels
+from rwdeploy.passes.trace import trace_model
+from rwdeploy.passes.verify import verify_equivalence
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+IN, HIDDEN, OUT = 12, 8, 5
+
+
+class Recurrent(nn.Module):
+    """Linear -> LSTM over a [batch, tokens, channels] sequence -> Linear."""
+
+    def __init__(self, bidirectional: bool = True, bias: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, IN)
+        self.rnn = nn.LSTM(IN, HIDDEN, batch_first=True, bidirectional=bidirectional, bias=bias)
+        self.head = nn.Linear(HIDDEN * (1 + bidirectional), OUT)
+
+    def forward(self, x):
+        y, _ = self.rnn(torch.relu(self.embed(x)))
+        return self.head(y)
+
+
+def _zeroed(bidirectional: bool = True, bias: bool = True) -> nn.Module:
+    """embed rows 0-3 zero with a bias (channels 0, 1 constant, 2, 3 zero); forward units 1 and 5
+    dead (zero gate rows and biases), backward unit 2 dead and unit 6 unread (zero weight_hh column
+    and head column); the head reads no output of forward unit 3."""
+    torch.manual_seed(0)
+    net = Recurrent(bidirectional, bias).eval()
+    with torch.no_grad():
+        net.embed.weight[:4] = 0
+        net.embed.bias[2:4] = 0
+        for unit in (1, 5):
+            _kill(net.rnn, "", unit)
+        net.head.weight[:, 3] = 0
+        if bidirectional:
+            _kill(net.rnn, "_reverse", 2)
+            net.rnn.weight_hh_l0_reverse[:, 6] = 0
+            net.head.weight[:, HIDDEN + 6] = 0
+    return net
+
+
+def _kill(rnn: nn.LSTM, suffix: str, unit: int) -> None:
+    rows = [unit + g * HIDDEN for g in range(4)]
+    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        t = getattr(rnn, f"{kind}_l0{suffix}", None)
+        if t is not None:
+            t[rows] = 0
+
+
+def _graph(net: nn.Module, x: torch.Tensor, form: str) -> fx.GraphModule:
+    if form == "module":
+        gm = trace_model(net, x).gm
+        assert any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.LSTM) for n in gm.graph.nodes)
+        return gm
+    program = torch.export.export(net, (x,)).module()
+    gm = fx.GraphModule(program, program.graph)
+    assert any("lstm" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    return gm
+
+
+def _lstm_shapes(gm: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k.rpartition(".")[2]: tuple(v.shape) for k, v in gm.state_dict().items() if "_l0" in k}
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_bidirectional_lstm_loses_input_channels_and_hidden_units_exactly(form):
+    net = _zeroed()
+    x = torch.randn(2, 7, 6)
+    gm = _graph(net, x, form)
+    res = remove_zero_channels(gm, x)
+    probes = [x, torch.randn(3, 7, 6) if form == "module" else torch.randn(2, 7, 6), 4 * torch.randn(2, 7, 6)]
+    assert verify_equivalence(net, res.gm, probes, record=res.record).passed
+    shapes = _lstm_shapes(res.gm)
+    # 12 inputs - 4 (zero embed rows); forward loses units 1, 5 (and 3 is read by weight_hh: kept),
+    # backward loses 2 and 6: 6 units in each direction
+    assert shapes["weight_ih_l0"] == (24, 8) and shapes["weight_hh_l0"] == (24, 6)
+    assert shapes["weight_ih_l0_reverse"] == (24, 8) and shapes["bias_hh_l0_reverse"] == (24,)
+    assert res.gm.get_submodule("head").weight.shape == (OUT, 12) if form == "module" else True
+    assert any(c.folded == "bias" for c in res.record.layers if "rnn" in c.name or "lstm" in c.name)
+    assert not any("lstm" in r for g in res.record.pinned_groups for r in g["reasons"])
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_directions_lose_the_same_number_of_units(form):
+    """Forward has two dead units, backward one: both keep HIDDEN - 1 (one hidden_size)."""
+    net = _zeroed()
+    with torch.no_grad():  # backward unit 6 read again
+        net.head.weight[:, HIDDEN + 6] = 1.0
+    x = torch.randn(2, 5, 6)
+    res = remove_zero_channels(_graph(net, x, form), x)
+    assert verify_equivalence(net, res.gm, [x, torch.randn(2, 5, 6)], record=res.record).passed
+    shapes = _lstm_shapes(res.gm)
+    assert shapes["weight_hh_l0"] == (28, 7) and shapes["weight_hh_l0_reverse"] == (28, 7)
+
+
+def test_unidirectional_lstm_in_both_forms():
+    net = _zeroed(bidirectional=False)
+    x = torch.randn(1, 9, 6)
+    for form in ("module", "export"):
+        res = remove_zero_channels(_graph(net, x, form), x)
+        assert verify_equivalence(net, res.gm, [x, torch.randn(1, 9, 6)], record=res.record).passed
+        assert _lstm_shapes(res.gm)["weight_hh_l0"] == (24, 6)
+
+
+def test_lstm_without_biases_keeps_its_inputs_and_says_why():
+    net = _zeroed(bias=False)
+    x = torch.randn(1, 4, 6)
+    a = analyze_channel_groups(trace_model(net, x).gm, x)
+    assert any("nowhere to fold" in r for g in a.groups for r in g.pinned)
+    res = remove_zero_channels(trace_model(net, x).gm, x)
+    assert verify_equivalence(net, res.gm, [x, torch.randn(1, 4, 6)], record=res.record).passed
+    assert _lstm_shapes(res.gm)["weight_ih_l0"][1] == IN
+
+
+def test_given_initial_state_and_stacked_lstms_are_pinned_with_their_reason():
+    class GivenState(Recurrent):
+        def forward(self, x):
+            h = torch.ones(2, x.shape[0], HIDDEN)
+            y, _ = self.rnn(self.embed(x), (h, h))
+            return self.head(y)
+
+    x = torch.randn(1, 4, 6)
+    a = analyze_channel_groups(trace_model(GivenState().eval(), x).gm, x)
+    assert any("LSTM called with extra arguments" in r for g in a.groups for r in g.pinned)
+    program = torch.export.export(GivenState().eval(), (x,)).module()
+    a = analyze_channel_groups(program, x)
+    assert any("initial state other than zeros" in r for g in a.groups for r in g.pinned)
+
+    stacked = Recurrent().eval()
+    stacked.rnn = nn.LSTM(IN, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
+    a = analyze_channel_groups(trace_model(stacked, x).gm, x)
+    assert any("stacked LSTM (num_layers=2)" in r for g in a.groups for r in g.pinned)
+
+
+class ReadsFinalState(Recurrent):
+    """Classifies from the sequence and from h_n (directions side by side)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state_head = nn.Linear(2 * HIDDEN, OUT)
+
+    def forward(self, x):
+        y, (h, _) = self.rnn(torch.relu(self.embed(x)))
+        return self.head(y).mean(1) + self.state_head(h.permute(1, 0, 2).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_a_read_final_state_keeps_removal_exact(form):
+    """h_n carries the units on [direction, unit]: a unit goes only where it goes in both directions."""
+    torch.manual_seed(0)
+    net = ReadsFinalState().eval()
+    with torch.no_grad():
+        for suffix in ("", "_reverse"):
+            _kill(net.rnn, suffix, 4)  # unit 4 dead in both directions: removable
+    x = torch.randn(2, 6, 6)
+    res = remove_zero_channels(_graph(net, x, form), x)
+    assert verify_equivalence(net, res.gm, [x, torch.randn(2, 6, 6)], record=res.record).passed
+    assert _lstm_shapes(res.gm)["weight_hh_l0"] == (28, 7)
