@@ -8,7 +8,8 @@ addcmul), an affine by addcmul, normalize, an expand_as gate, BatchNorm over fla
 back by reshape_as, a weight-standardised conv, one conv called twice, a class token
 concatenated to the positions, a Linear mixing positions, a channels-last pad; and attention
 spelled with einsum, im2col windows folded back (VOLO), a variance over positions (EvoNorm),
-rows gathered by an index tensor (relative positions) and a maximum over positions.
+rows gathered by an index tensor (relative positions), a maximum over positions, and an LSTM
+along each row of the map (Sequencer; both directions when the width is even).
 CI runs 200 examples; `RWDEPLOY_PROPERTY_EXAMPLES=1000` runs more.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ KINDS = ["conv", "depthwise", "grouped", "residual", "concat", "split", "se", "p
          "groupnorm", "prelu", "scale", "mlp_last", "upsample",
          # patterns of the conformance suite
          "ghost", "sdpa", "grn", "affine", "normalize", "gate_expand_as", "bn_reshape_as", "std_conv", "shared", "cls_token",
-         "token_linear", "pad_last", "einsum_heads", "fold_windows", "var_norm", "gather_rows", "max_positions"]
+         "token_linear", "pad_last", "einsum_heads", "fold_windows", "var_norm", "gather_rows", "max_positions",
+         "lstm_rows"]
 
 
 class Block(nn.Module):
@@ -118,6 +120,9 @@ class Block(nn.Module):
             self.f = nn.Linear(6, 6, bias=bias)
         elif kind == "pad_last":
             self.f = nn.Sequential(nn.Linear(cin, cin, bias=bias), a())
+        elif kind == "lstm_rows":  # units of both directions side by side make the cin outputs
+            two = cin % 2 == 0
+            self.f = nn.LSTM(cin, cin // 2 if two else cin, batch_first=True, bidirectional=two, bias=bias)
 
     def forward(self, x):
         kind = self.kind
@@ -185,6 +190,12 @@ def _fold_windows(blk: Block, x: torch.Tensor) -> torch.Tensor:
     return F.fold(cols, x.shape[-2:], 3, padding=1) / 9
 
 
+def _lstm_rows(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    y, _ = blk.f(x.permute(0, 2, 3, 1).reshape(b * h, w, c))
+    return y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
 SUITE_FORWARD = {
     "ghost": lambda blk, x: torch.cat([x, blk.f(x)], 1),
     "sdpa": _sdpa,
@@ -202,6 +213,7 @@ SUITE_FORWARD = {
     "var_norm": lambda blk, x: x / (torch.var(x, (2, 3), False, True) + 1).sqrt(),
     "gather_rows": lambda blk, x: x[:, :, blk.rows % x.shape[2]],
     "max_positions": lambda blk, x: x + x.max(dim=2, keepdim=True)[0],
+    "lstm_rows": _lstm_rows,
     "pad_last": lambda blk, x: blk.f(F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, 1, 0, 1)))[:, :-1, :-1].permute(0, 3, 1, 2),
 }
 
