@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from rwdeploy.passes.channel_state import AnalysisState, const_map
 from rwdeploy.passes.ops.common import base_name, opaque, state_tensor, value_users
-from rwdeploy.passes.ops.layer import CallForm, LayerView, ModuleForm, keep, read_layer, replace_tensor
+from rwdeploy.passes.ops.layer import CallForm, LayerView, ModuleForm, get_tensor, keep, read_layer, replace_tensor
 from rwdeploy.passes.ops.linear import channel_vector
 from rwdeploy.passes.ops.spec import Match, OpSpec, register
 
@@ -84,24 +84,65 @@ class LstmCallForm(CallForm):
         return self.args.get(setting, default)
 
     def set(self, setting: str, value: Any) -> None:
-        if setting == "hidden_size":  # the zeros of the initial state name the width literally
-            for state in self.args["hx"]:
+        if setting != "hidden_size":
+            return
+        for state in self.args["hx"]:  # the initial state's zeros name the width
+            if state.op == "get_attr":  # folded to a constant (a symbolic trace of a .pt2's module)
+                old = get_tensor(self.gm, state.target)
+                replace_tensor(self.gm, state.target, old.new_zeros((*old.shape[:-1], value)))
+            else:
                 size = list(state.args[0])
                 state.args = (size[:-1] + [value], *state.args[1:])
 
     def initial_state_is_zeros(self) -> bool:
+        """h0 and c0 are zeros this pass can resize: `aten.zeros` with a literal width, or a
+        zero constant; each read by this LSTM alone."""
         hx = self.args.get("hx")
         return isinstance(hx, (list, tuple)) and all(
-            isinstance(h, fx.Node) and h.op == "call_function" and base_name(h) == "zeros"
-            and isinstance(h.args[0], (list, tuple)) and isinstance(h.args[0][-1], int) and len(h.users) == 1
+            isinstance(h, fx.Node) and len(h.users) == 1 and (_zeros_call(h) or _zero_constant(self.gm, h))
             for h in hx)
+
+
+def _zeros_call(h: fx.Node) -> bool:
+    return (h.op == "call_function" and base_name(h) == "zeros" and isinstance(h.args[0], (list, tuple))
+            and isinstance(h.args[0][-1], int))
+
+
+def _zero_constant(gm: nn.Module, h: fx.Node) -> bool:
+    if h.op != "get_attr":
+        return False
+    try:
+        t = get_tensor(gm, h.target)
+    except AttributeError:
+        return False
+    return isinstance(t, torch.Tensor) and t.dim() == 3 and not bool(t.any())
 
 
 class LstmView(LayerView):
     roles = tuple(f"{k}_l0{s}" for s in _SUFFIXES for k in _KINDS)
     required = ("weight_ih_l0", "weight_hh_l0")
+    kernel = True  # counted in layer statistics (weight, bias, MACs below)
     in_dim = out_dim = -1
     generic_type = "LSTM"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """For statistics: every gate row of both directions, [weight_ih | weight_hh]."""
+        return torch.cat([torch.cat([self.tensor(f"weight_ih_l0{s}"), self.tensor(f"weight_hh_l0{s}")], 1)
+                          for s in self.suffixes]).detach()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        parts = [self.tensor(f"{k}_l0{s}") for s in self.suffixes for k in ("bias_ih", "bias_hh")
+                 if f"{k}_l0{s}" in self.tensors]
+        return torch.cat(parts).detach() if parts else None
+
+    def macs(self, inp: torch.Tensor | None, out: Any) -> int:
+        """Every step of every sequence: each gate row reads the input and the hidden state."""
+        y = out[0] if isinstance(out, (tuple, list)) else out
+        batch = 1 if y.dim() < 3 else y.shape[0 if self.setting("batch_first") else 1]
+        rows, width = self.weight.shape  # per sample, as the other layers count
+        return int(y.numel() // y.shape[-1] // batch * rows * width)
 
     @classmethod
     def of(cls, gm: nn.Module, node: fx.Node) -> LayerView | None:
