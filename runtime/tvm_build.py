@@ -146,16 +146,19 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from rwdeploy.runtime.tvm_legalize import legalize_passes
     from rwdeploy.runtime.tvm_schedule import prepare_passes, schedule_cpu_pass, vector_lanes
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.cpu_pipeline")
     def pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             tuned = [relax.transform.MetaScheduleApplyDatabase(tuning_db)] if tuning_db else []
+            legalize = (cpu.legalize_passes(target) if os.environ.get("RW_LEGACY")
+                        else legalize_passes(target))
             return tvm.transform.Sequential([
                 *prepare_passes(vector_lanes(target)),
                 *cpu.library_dispatch_passes(target),
-                *cpu.legalize_passes(target),
+                *legalize,
                 *tuned,
                 schedule_cpu_pass(target, stats),
                 *cpu.dataflow_lower_passes(target),
