@@ -24,6 +24,7 @@ SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
 # Accumulator vectors of one register tile, by the ISA's vector registers (32 with AVX-512
 # and NEON, 16 with AVX2/SSE): the rest hold the weight vectors and the broadcast input.
 ACCUMULATORS = {32: 24, 16: 12}
+ACCUMULATOR_BYTES = 16 << 10  # accumulators of the tiles one parallel iteration computes
 DEPTHWISE_ROW_TILE = 4  # output pixels (along a row) per depthwise tile
 # Weights up to this size stay cached while all output pixels stream past them; larger ones
 # (VGG's 3x3x512x512, a classifier) are read once instead, one output-channel tile at a time,
@@ -214,22 +215,32 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
         outer = [co_outer, *pix_outer]
     else:  # weights stay cached while the pixels stream past them
         outer = [*pix_outer, co_outer]
+    # The accumulator buffer is allocated once per iteration of the parallel loop (a call
+    # into TVM's workspace pool, which costs as much as a depthwise tile's FMAs): each
+    # parallel iteration covers a group of tiles, a rectangle of the tile loops whose
+    # accumulators fit in half the L1 cache, written back (with the epilogue) after them.
+    tile_bytes = math.prod(tile.pixels) * tile.channels * 4
+    group = pixel_tile([int(sch.get(loop).extent) for loop in outer], max(1, ACCUMULATOR_BYTES // tile_bytes))
+    parallel, serial = [], []
+    for loop, size in zip(outer, group):
+        o, i = sch.split(loop, [None, size])
+        parallel.append(o)
+        serial.append(i)
     # A tile of several vectors is unrolled over vector-wide pieces: LLVM scalarises parts of
     # a 48-lane vector type, it does not split it into three registers.
     vectors = [co_inner] if tile.vectors == 1 else list(sch.split(co_inner, [None, tile.width]))
-    sch.reorder(*outer, *reduce, *pix_inner, *vectors)
+    sch.reorder(*parallel, *serial, *reduce, *pix_inner, *vectors)
     unrolled = ([sch.fuse(*pix_inner)] if pix_inner else []) + vectors[:-1]
     # Loop kinds are set while the block still carries its init: after decompose_reduction
     # the update block no longer counts as a reduction and vectorize/parallel refuse it.
     for loop in unrolled:
         sch.unroll(loop)
     sch.vectorize(vectors[-1])
-    if len(outer) > 1:
-        outer = [sch.fuse(*outer[:-1]), outer[-1]]
-    sch.parallel(outer[0])
+    chunk = sch.fuse(*parallel)
+    sch.parallel(chunk)
 
     accumulator = sch.cache_write(red, 0, "local")
-    sch.reverse_compute_at(accumulator, outer[-1])
+    sch.reverse_compute_at(accumulator, chunk)
     consumers = sch.get_consumers(accumulator)
     while len(consumers) == 1:  # the elementwise epilogue, applied on the tile
         try:
@@ -240,10 +251,11 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None
     if init is not None:
         sch.vectorize(sch.get_loops(init)[-1])
-    writeback = sch.get_loops(accumulator)[len(outer):]
+    writeback = sch.get_loops(accumulator)[1:]
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
         last = writeback[-1]
-        if tile.vectors > 1:
+        extent = int(sch.get(last).extent)
+        if extent > tile.width and extent % tile.width == 0:
             last = sch.split(last, [None, tile.width])[-1]
         sch.vectorize(last)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
