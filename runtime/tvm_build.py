@@ -165,6 +165,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from rwdeploy.runtime.tvm_legalize import legalize_passes
     from rwdeploy.runtime.tvm_schedule import prepare_passes, schedule_cpu_pass, vector_lanes
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.cpu_pipeline")
@@ -174,7 +175,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
             return tvm.transform.Sequential([
                 *prepare_passes(vector_lanes(target)),
                 *cpu.library_dispatch_passes(target),
-                *cpu.legalize_passes(target),
+                *legalize_passes(target),
                 *tuned,
                 schedule_cpu_pass(target, stats),
                 *cpu.dataflow_lower_passes(target),

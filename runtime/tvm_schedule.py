@@ -16,10 +16,20 @@ them (a dense layer runs ~100x slower than torch). This module supplies the miss
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
-MAX_ROW_TILE = 8  # output pixels per register tile (8 x 2 vectors of accumulators)
+# Accumulator vectors of one register tile, by the ISA's vector registers (32 with AVX-512
+# and NEON, 16 with AVX2/SSE): the rest hold the weight vectors and the broadcast input.
+ACCUMULATORS = {32: 24, 16: 12}
+ACCUMULATOR_BYTES = 16 << 10  # accumulators of the tiles one parallel iteration computes
+DEPTHWISE_ROW_TILE = 4  # output pixels (along a row) per depthwise tile
+# Weights up to this size stay cached while all output pixels stream past them; larger ones
+# (VGG's 3x3x512x512, a classifier) are read once instead, one output-channel tile at a time,
+# with all pixels computed against that tile before the next.
+CACHED_WEIGHT_BYTES = 1 << 20
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -29,16 +39,79 @@ def _largest_divisor(n: int, cap: int) -> int:
     return 1
 
 
-def _channel_tile(channels: int, lanes: int) -> int:
-    """Output-channel tile: two vectors, one vector, else the largest divisor <= two vectors.
-
-    A tile that does not divide the extent would put a predicate in the vector loop, which
-    measured slower than an odd-width vector, so only divisors are used.
-    """
-    for tile in (2 * lanes, lanes):
-        if channels % tile == 0:
-            return tile
+def vector_width(channels: int, lanes: int) -> int:
+    """Lanes of the vectors an output-channel tile is made of: a whole register where that
+    divides `channels`, else a half or a quarter of one (8 or 4 floats with AVX-512: 24
+    channels are three 8-float vectors rather than two 16-float ones with 8 wasted), else the
+    largest divisor <= two registers as one odd-width vector (a predicate in the vector loop
+    measured slower than that)."""
+    for width in (lanes, lanes // 2, lanes // 4):
+        if width >= 4 and channels % width == 0:
+            return width
     return _largest_divisor(channels, 2 * lanes)
+
+
+@dataclass(frozen=True)
+class RegisterTile:
+    """One register tile of accumulators: `pixels` per output pixel axis (outer to inner) by
+    `channels` output channels, in vectors of `width` lanes."""
+
+    pixels: tuple[int, ...]
+    channels: int
+    width: int
+
+    @property
+    def vectors(self) -> int:
+        return self.channels // self.width
+
+
+def register_tile(pixel_extents: list[int], channels: int, lanes: int, registers: int = 32) -> RegisterTile:
+    """The register tile of a convolution / dense layer with this output shape.
+
+    Per reduction step the tile loads one weight vector per channel vector, broadcasts one
+    input per pixel and issues pixels x vectors FMAs: the choice keeps at least 16
+    accumulators where the map allows (to cover the FMA latency), then the most FMAs per
+    load. `tvm_legalize` packs constant weights in blocks of the channel tile.
+    """
+    width = vector_width(channels, lanes)
+    budget = ACCUMULATORS.get(registers, 12)
+    best: tuple[tuple[int, float], RegisterTile] | None = None
+    for vectors in (4, 3, 2, 1):
+        if channels % (vectors * width):
+            continue
+        pixels = pixel_tile(pixel_extents, max(1, budget // vectors))
+        fmas = math.prod(pixels) * vectors
+        score = (min(fmas, 16), fmas / (math.prod(pixels) + vectors))
+        if best is None or score > best[0]:
+            best = (score, RegisterTile(tuple(pixels), vectors * width, width))
+    return best[1]
+
+
+def depthwise_tile(pixel_extents: list[int], channels: int, lanes: int) -> RegisterTile:
+    """The tile of a depthwise convolution: each input is loaded, not broadcast, so there is
+    no reuse across the tile to gain from a large one; two vectors of channels by a few
+    pixels of one row keep the taps' loads independent without spilling."""
+    width = vector_width(channels, lanes)
+    vectors = 2 if channels % (2 * width) == 0 and 2 * width <= 2 * lanes else 1
+    pixels = [1] * (len(pixel_extents) - 1) + [_largest_divisor(pixel_extents[-1], DEPTHWISE_ROW_TILE)]
+    return RegisterTile(tuple(pixels), vectors * width, width)
+
+
+def pixel_tile(extents: list[int], max_pixels: int) -> list[int]:
+    """The register tile over the output's pixel axes (outer to inner, e.g. N, H, W): the
+    largest rectangle of at most `max_pixels` that divides the map evenly: a divisor of the
+    innermost extent, or whole rows and a divisor of the next extent, and so on (on a 2x2 map
+    at batch 8, two whole images). Tiles stay rectangles because the fused epilogue is placed
+    per tile by its bounding box."""
+    best, best_size, inner = [1] * len(extents), 1, 1
+    for axis in range(len(extents) - 1, -1, -1):
+        d = _largest_divisor(extents[axis], max(1, max_pixels // inner))
+        if inner * d > best_size:
+            best, best_size = [1] * axis + [d] + extents[axis + 1:], inner * d
+        inner *= extents[axis]
+        if inner > max_pixels:
+            break
+    return best
 
 
 def _has_loop_schedule(sch: Any) -> bool:
@@ -59,9 +132,33 @@ def _has_loop_schedule(sch: Any) -> bool:
     return False
 
 
-def schedule_reduction(func: Any, lanes: int) -> Any | None:
-    """The scheduled PrimFunc, or None when `func` does not have the recognised shape."""
+def _weight_bytes(block: Any, pixel_vars: list[Any]) -> int:
+    """Bytes of the operands the block reads without indexing by output pixel (the weights)."""
+    from tvm.tirx.analysis import undefined_vars
+
+    pixel = {id(v) for v in pixel_vars}
+    total = 0
+    for region in block.reads:
+        used = [v for r in region.region for v in undefined_vars(r.min)]
+        if not any(id(v) in pixel or any(v.same_as(p) for p in pixel_vars) for v in used):
+            n = 1
+            for d in region.source.ty.shape:
+                n *= int(d)
+            total += n * 4
+    return total
+
+
+def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None:
+    """The scheduled PrimFunc, or None when `func` does not have the recognised shape.
+
+    The shape: one reduction block whose spatial axes are output pixels (any number, e.g.
+    N, H, W or a batch) then output channels. The tile is `pixel_tile` x `channel_tile`
+    accumulators, reduction loops outside it; output-channel tiles outermost when the
+    weights exceed `CACHED_WEIGHT_BYTES`, else innermost of the tile loops.
+    """
     from tvm import s_tir
+
+    from rwdeploy.runtime.tvm_legalize import DEPTHWISE, PAD
 
     sch = s_tir.Schedule(func)
     if _has_loop_schedule(sch):  # a hand-written kernel (e.g. the sparse ones): keep it
@@ -72,7 +169,8 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
     if len(reductions) != 1:
         return None
     red = reductions[0]
-    kinds = [iv.iter_type for iv in sch.get(red).iter_vars]
+    block = sch.get(red)
+    kinds = [iv.iter_type for iv in block.iter_vars]
     n_spatial = kinds.count(SPATIAL)
     if kinds != [SPATIAL] * n_spatial + [REDUCE] * (len(kinds) - n_spatial) or n_spatial == 0:
         return None
@@ -81,43 +179,66 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
         return None
     extents = [int(sch.get(loop).extent) for loop in loops]
     spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+    pixel_vars = [iv.var for iv in block.iter_vars[:n_spatial - 1]]
 
-    # Producers (the padding stage of a conv) run as their own parallel loop nest.
+    # The padding stage: inlined into a depthwise convolution (its few taps per output cannot
+    # pay for a copy of the whole input), else its own parallel loop nest.
     for producer in sch.get_producers(red):
+        name = sch.get(producer).name_hint
+        if name == PAD and block.name_hint == DEPTHWISE:
+            sch.compute_inline(producer)
+            continue
         producer_loops = sch.get_loops(producer)
         if producer_loops:
             sch.parallel(producer_loops[0])
 
-    co_outer, co_inner = sch.split(spatial[-1], [None, _channel_tile(extents[n_spatial - 1], lanes)])
-    width = extents[n_spatial - 2] if n_spatial >= 2 else 1
-    row_tile = _largest_divisor(width, MAX_ROW_TILE)
-    if n_spatial >= 3:
-        # Rows and columns as one pixel axis: on small feature maps (4x4, 2x2 at the end of
-        # VGG/ResNet) a tile of several whole rows streams the large weights once per tile
-        # instead of once per short row. Tiles must stay rectangles (whole rows, or a
-        # divisor of a row): the epilogue is placed per tile by its bounding box.
-        pixels = width * extents[n_spatial - 3]
-        whole_rows = [t for t in range(width, MAX_ROW_TILE + 1, width) if pixels % t == 0]
-        if whole_rows and whole_rows[-1] > row_tile:
-            row_tile = whole_rows[-1]
-            spatial = [*spatial[:-3], sch.fuse(spatial[-3], spatial[-2]), spatial[-1]]
-    if n_spatial >= 2:
-        row_outer, row_inner = sch.split(spatial[-2], [None, row_tile])
-        outer = [*spatial[:-2], row_outer, co_outer]
-        inner = [row_inner, co_inner]
-    else:
-        outer, inner = [co_outer], [co_inner]
-    sch.reorder(*outer, *reduce, *inner)
+    depthwise = block.name_hint == DEPTHWISE
+    pixel_extents, channels = extents[:n_spatial - 1], extents[n_spatial - 1]
+    tile = (depthwise_tile(pixel_extents, channels, lanes) if depthwise
+            else register_tile(pixel_extents, channels, lanes, registers))
+    co_outer, co_inner = sch.split(spatial[-1], [None, tile.channels])
+    pix_outer, pix_inner = [], []
+    for loop, size in zip(spatial[:-1], tile.pixels):
+        o, i = sch.split(loop, [None, size])
+        pix_outer.append(o)
+        pix_inner.append(i)
+    if depthwise:
+        # Output rows outermost, then channel tiles, then the row's pixels: one channel
+        # tile of the few input rows a row of taps reads stays in L1 (all channels of
+        # them would not).
+        outer = [*pix_outer[:-1], co_outer, pix_outer[-1]]
+    elif _weight_bytes(block, pixel_vars) > CACHED_WEIGHT_BYTES:
+        # Large weights (VGG's 3x3x512x512, a classifier) are read once: all pixels are
+        # computed against one output-channel tile's block before the next.
+        outer = [co_outer, *pix_outer]
+    else:  # weights stay cached while the pixels stream past them
+        outer = [*pix_outer, co_outer]
+    # The accumulator buffer is allocated once per iteration of the parallel loop (a call
+    # into TVM's workspace pool, which costs as much as a depthwise tile's FMAs): each
+    # parallel iteration covers a group of tiles, a rectangle of the tile loops whose
+    # accumulators fit in half the L1 cache, written back (with the epilogue) after them.
+    tile_bytes = math.prod(tile.pixels) * tile.channels * 4
+    group = pixel_tile([int(sch.get(loop).extent) for loop in outer], max(1, ACCUMULATOR_BYTES // tile_bytes))
+    parallel, serial = [], []
+    for loop, size in zip(outer, group):
+        o, i = sch.split(loop, [None, size])
+        parallel.append(o)
+        serial.append(i)
+    # A tile of several vectors is unrolled over vector-wide pieces: LLVM scalarises parts of
+    # a 48-lane vector type, it does not split it into three registers.
+    vectors = [co_inner] if tile.vectors == 1 else list(sch.split(co_inner, [None, tile.width]))
+    sch.reorder(*parallel, *serial, *reduce, *pix_inner, *vectors)
+    unrolled = ([sch.fuse(*pix_inner)] if pix_inner else []) + vectors[:-1]
     # Loop kinds are set while the block still carries its init: after decompose_reduction
     # the update block no longer counts as a reduction and vectorize/parallel refuse it.
-    if len(inner) == 2:
-        sch.unroll(inner[0])
-    sch.vectorize(inner[-1])
-    sch.parallel(sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0])
-    loops_above_tile = min(len(outer), 2)  # after the fuse
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(vectors[-1])
+    chunk = sch.fuse(*parallel)
+    sch.parallel(chunk)
 
     accumulator = sch.cache_write(red, 0, "local")
-    sch.reverse_compute_at(accumulator, outer[-1])
+    sch.reverse_compute_at(accumulator, chunk)
     consumers = sch.get_consumers(accumulator)
     while len(consumers) == 1:  # the elementwise epilogue, applied on the tile
         try:
@@ -128,10 +249,20 @@ def schedule_reduction(func: Any, lanes: int) -> Any | None:
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None
     if init is not None:
         sch.vectorize(sch.get_loops(init)[-1])
-    writeback = sch.get_loops(accumulator)[loops_above_tile:]
+    writeback = sch.get_loops(accumulator)[1:]
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
-        sch.vectorize(writeback[-1])
+        last = writeback[-1]
+        extent = int(sch.get(last).extent)
+        if extent > tile.width and extent % tile.width == 0:
+            last = sch.split(last, [None, tile.width])[-1]
+        sch.vectorize(last)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def vector_registers(target: Any) -> int:
+    """Vector registers of the target's ISA: 32 with AVX-512 and on AArch64, else 16."""
+    keys = str(target.attrs.get("mtriple", "")) + str(target.attrs.get("mattr", ""))
+    return 32 if vector_lanes(target) >= 16 or "aarch64" in keys or "arm64" in keys else 16
 
 
 def vector_lanes(target: Any) -> int:
@@ -153,7 +284,7 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
     import tvm
     from tvm import tirx
 
-    lanes = vector_lanes(target)
+    lanes, registers = vector_lanes(target), vector_registers(target)
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.ScheduleCPU")
     def schedule(mod: Any, _ctx: Any) -> Any:
@@ -167,7 +298,7 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
                     stats.setdefault("tuned", []).append(name)
                 continue
             try:
-                scheduled = schedule_reduction(func, lanes)
+                scheduled = schedule_reduction(func, lanes, registers)
             except Exception:  # a shape this schedule cannot handle: leave it to LLVM
                 scheduled = None
             if scheduled is not None:
@@ -183,16 +314,20 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
 
 
 def _padded_width(channels: int, lanes: int) -> int:
-    return -(-channels // lanes) * lanes
+    """The next multiple of half a register (of `lanes` when that is 4 or less)."""
+    unit = max(4, lanes // 2) if lanes > 4 else lanes
+    return -(-channels // unit) * unit
 
 
 def pad_channels_pass(lanes: int) -> Any:
-    """Pad output channels of constant-weight convs/matmuls to a multiple of `lanes`.
+    """Pad output channels of constant-weight convs/matmuls to a multiple of half a register.
 
     A vector tile of odd width (50 channels -> 25 lanes) is legalised by LLVM into element
     inserts and shuffles: LeNet-5's second conv ran ~20x slower than its FLOPs allow. Zero
-    filters appended to the weight make the width a multiple of the vector length; a slice
-    right after the layer drops them again, so the function is unchanged.
+    filters appended to the weight make the width a multiple of half a vector register (the
+    tile is then made of half-register vectors, see `vector_width`, rather than of whole ones
+    with up to half of them wasted); a slice right after the layer drops them again, so the
+    function is unchanged.
     """
     import numpy as np
     import tvm

@@ -20,11 +20,12 @@ def tuning_module(mod: Any, target: Any) -> Any:
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from rwdeploy.runtime.tvm_legalize import legalize_passes
     from rwdeploy.runtime.tvm_schedule import prepare_passes, vector_lanes
 
     with target:
         return tvm.transform.Sequential([*prepare_passes(vector_lanes(target)), *cpu.library_dispatch_passes(target),
-                                         *cpu.legalize_passes(target)])(mod)
+                                         *legalize_passes(target)])(mod)
 
 
 def tune_cpu(mod: Any, target: Any, work_dir: str, trials: int) -> None:

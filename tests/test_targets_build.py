@@ -46,7 +46,7 @@ def test_cpu_build_exports_and_matches_torch(cpu_artifact, model):
 def test_cpu_kernels_are_scheduled(cpu_artifact):
     scheduled = cpu_artifact.kernels.get("scheduled", [])
     assert any("conv2d" in k for k in scheduled), cpu_artifact.kernels
-    assert any("matmul" in k for k in scheduled), cpu_artifact.kernels
+    assert any("dense" in k for k in scheduled), cpu_artifact.kernels  # Linear: packed-weight dense
     assert not any("conv2d" in k for k in cpu_artifact.kernels.get("unscheduled", []))
 
 
@@ -72,20 +72,23 @@ def test_cpu_build_at_batch_2_matches_torch(model):
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
 
 
-def _scheduled_vs_naive(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+def _scheduled_vs_naive(model: torch.nn.Module, x: torch.Tensor, packed: bool = True) -> dict[str, float]:
     """Every kernel the hand schedule accepts, run scheduled and naive on the same random
-    arguments: kernel name -> max abs difference. Also checks the schedule vectorised it."""
+    arguments: kernel name -> max abs difference. Also checks the schedule vectorised it.
+    `packed`: legalised as the build does (packed weights, tvm_legalize), else by TVM's TOPI
+    computes (what grouped convolutions and other layouts still get)."""
     import tvm
     from tvm import tirx
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from rwdeploy.runtime import tvm_schedule
+    from rwdeploy.runtime import tvm_legalize, tvm_schedule
 
     target = reg.get_target("cpu", threads=1).tvm()
     lanes = tvm_schedule.vector_lanes(target)
+    legalize = tvm_legalize.legalize_passes(target) if packed else cpu.legalize_passes(target)
     with target:
         mod = tvm.transform.Sequential([*tvm_schedule.prepare_passes(lanes),
-                                        *cpu.legalize_passes(target)])(tvm_build.import_relax(model, x))
+                                        *legalize])(tvm_build.import_relax(model, x))
     rng = np.random.default_rng(0)
     diffs = {}
     for gvar, func in mod.functions.items():
@@ -107,16 +110,54 @@ def _scheduled_vs_naive(model: torch.nn.Module, x: torch.Tensor) -> dict[str, fl
     return diffs
 
 
+def _layer_mix() -> torch.nn.Module:
+    """Every kind of layer the CPU build lowers itself, with channel counts of 1 to 4 whole
+    AVX-512 vectors and of half vectors: 3x3 (3 vectors), 1x1 (24 = three half vectors),
+    depthwise stride 1 and 2, strided 3x3 with padding 2 (4 vectors), a grouped conv (TVM's
+    own lowering), a classifier (dense)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(48, 24, 1), nn.ReLU6(),
+        nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.ReLU(),
+        nn.Conv2d(24, 64, 3, stride=2, padding=2), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64),
+        nn.Conv2d(64, 32, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 10)).eval()
+
+
 def test_schedules_keep_every_kernel_result():
-    """The hand schedules (tiles across rows, fused epilogues, padded channels) compute what
-    the naive kernels compute, kernel by kernel, on random arguments."""
-    diffs = _scheduled_vs_naive(tiny_model(), tiny_input())
+    """The hand schedules (register tiles across rows and images, channel tiles of whole and
+    half vectors, fused epilogues, padded channels) compute what the unscheduled kernels
+    compute, kernel by kernel, on random arguments: packed-weight kernels at batch 1 and 3,
+    TVM's TOPI kernels (grouped convolutions keep them) too."""
+    diffs = {f"topi.{k}": v for k, v in _scheduled_vs_naive(tiny_model(), tiny_input(), packed=False).items()}
     assert sum("conv2d" in k for k in diffs) >= 3 and any("matmul" in k for k in diffs), diffs
+    for batch in (1, 3):
+        got = _scheduled_vs_naive(_layer_mix(), torch.randn(batch, 3, 12, 12))
+        assert sum("depthwise" in k for k in got) == 2 and any("dense" in k for k in got), got
+        assert sum("conv2d" in k and "depthwise" not in k for k in got) >= 4, got  # 3 packed + grouped
+        diffs.update({f"b{batch}.{k}": v for k, v in got.items()})
     # A 4x4 map with 8-pixel tiles spanning two rows, and a 5x5 map (tile = one row).
     small = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(32, 24, 3, stride=2, padding=2)).eval()
     diffs.update({f"small.{k}": v for k, v in _scheduled_vs_naive(small, torch.randn(1, 8, 4, 4)).items()})
     assert max(diffs.values()) < 1e-4, diffs
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_packed_weight_build_matches_torch(batch):
+    """The packed weights (conv, depthwise, dense) and the padding stages compute the model:
+    the whole build against torch, at a batch whose tiles span several images."""
+    model = _layer_mix()
+    x = torch.randn(batch, 3, 12, 12, generator=torch.Generator().manual_seed(batch))
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    assert not art.kernels.get("unscheduled", []) or all("conv" not in k and "dense" not in k
+                                                          for k in art.kernels["unscheduled"]), art.kernels
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
 
 
 def test_arm_cross_build_is_an_aarch64_elf(model, tmp_path):
@@ -171,8 +212,9 @@ def test_gpu_run_matches_torch(model, tmp_path):
 
 
 def test_odd_channel_counts_are_padded_to_whole_vectors():
-    """10 and 7 output channels become 16-wide (zero filters), sliced back; ReLU6 (clip)
-    becomes max/min so it keeps the NHWC layout: the same function as torch."""
+    """10 and 7 output channels become 16- and 8-wide (zero filters up to a multiple of half an
+    AVX-512 register), sliced back; ReLU6 (clip) becomes max/min so it keeps the NHWC layout:
+    the same function as torch."""
     import tvm
 
     from rwdeploy.runtime import tvm_schedule
@@ -188,7 +230,7 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
         mod = tvm.transform.Sequential(tvm_schedule.prepare_passes(16))(tvm_build.import_relax(model, x))
     script = mod.script()
     assert script.count("R.strided_slice") == 2 and "R.clip" not in script
-    assert "R.Tensor((1, 6, 6, 16)" in script and "R.Tensor((1, 16)" in script  # widened outputs
+    assert "R.Tensor((1, 6, 6, 16)" in script and "R.Tensor((1, 8)" in script  # widened outputs
     art = tvm_build.build(model, x, "cpu", threads=1)
     with torch.no_grad():
         ref = model(x).numpy()

@@ -1,0 +1,206 @@
+"""Convolutions and dense layers with constant weights, lowered for CPUs with packed weights.
+
+TVM's default legalisation turns `conv2d(NHWC, HWIO)` and `matmul` into TOPI computes that read
+the weight in its given layout: for an output-channel tile of T lanes, consecutive reduction
+steps read T floats that lie a whole row of output channels apart (2 KiB for 512 channels), so
+large weights stream from memory in scattered pieces, and a padding stage copies the whole
+input on every call, also for 1x1 convolutions that pad nothing. Here the weight is packed at
+compile time (it is a constant) so that the schedule's access order is the storage order:
+
+* conv2d, groups 1: HWIO -> (CO/T, KH, KW, CI, T) ("OHWI{T}o"), out[n, h, w, o] =
+  sum pad(x)[n, h*s + rh*d, w*s + rw*d, c] * W[o // T, rh, rw, c, o % T];
+* depthwise conv2d (groups = channels): the HWIO weight is already channel-innermost;
+* dense (matmul with a constant 2-D right operand (K, N)): -> (N/T, K, T).
+
+T is the channel tile of `tvm_schedule.register_tile` for the layer's output shape, the tile
+`ScheduleCPU` splits the output channels by, so that one tile's weights are one contiguous block. Padding is a separate stage
+only where there is some (the schedule inlines or places it); none for unpadded convolutions.
+Anything else (grouped convs, dilation in the weight, other layouts, non-constant weights)
+keeps TVM's default legalisation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+# Names of the compute stages; the schedule recognises the stages by them.
+CONV = "rw_conv2d_nhwc_packed"
+DEPTHWISE = "rw_depthwise_conv2d_nhwc"
+DENSE = "rw_dense_packed"
+PAD = "rw_pad"
+STAGES = (CONV, DEPTHWISE, DENSE)
+
+
+def pack_conv_weight(weight_hwio: np.ndarray, tile: int) -> np.ndarray:
+    """(KH, KW, CI, CO) -> (CO/tile, KH, KW, CI, tile); `tile` divides CO."""
+    kh, kw, ci, co = weight_hwio.shape
+    return np.ascontiguousarray(weight_hwio.reshape(kh, kw, ci, co // tile, tile).transpose(3, 0, 1, 2, 4))
+
+
+def pack_dense_weight(weight_kn: np.ndarray, tile: int) -> np.ndarray:
+    """(K, N) -> (N/tile, K, tile); `tile` divides N."""
+    k, n = weight_kn.shape
+    return np.ascontiguousarray(weight_kn.reshape(k, n // tile, tile).transpose(1, 0, 2))
+
+
+def _pad_nhwc(data: Any, padding: tuple[int, int, int, int]) -> Any:
+    """Zero padding (top, left, bottom, right) of an NHWC tensor, or `data` when there is none."""
+    from tvm import te, tirx
+
+    top, left, bottom, right = padding
+    if not any(padding):
+        return data
+    n, h, w, c = data.shape
+
+    def value(i: Any, y: Any, x: Any, ch: Any) -> Any:
+        inside = tirx.all(y >= top, y < h + top, x >= left, x < w + left)
+        return tirx.if_then_else(inside, data[i, y - top, x - left, ch], tirx.const(0.0, data.dtype))
+
+    return te.compute((n, h + top + bottom, w + left + right, c), value, name=PAD)
+
+
+def _out_size(size: Any, kernel: int, stride: int, dilation: int, before: int, after: int) -> Any:
+    return (size + before + after - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def conv2d_nhwc_packed(data: Any, packed: Any, strides: tuple[int, int], padding: tuple[int, int, int, int],
+                       dilation: tuple[int, int]) -> Any:
+    """NHWC convolution with a (CO/T, KH, KW, CI, T) packed weight."""
+    from tvm import te
+
+    n, h, w, ci = data.shape
+    co_tiles, kh, kw, _, tile = (int(v) for v in packed.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = _out_size(h, kh, sh, dh, padding[0], padding[2])
+    ow = _out_size(w, kw, sw, dw, padding[1], padding[3])
+    padded = _pad_nhwc(data, padding)
+    rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, ci), "rc")
+    return te.compute(
+        (n, oh, ow, co_tiles * tile),
+        lambda i, y, x, o: te.sum(padded[i, y * sh + rh * dh, x * sw + rw * dw, rc]
+                                  * packed[o // tile, rh, rw, rc, o % tile], axis=[rh, rw, rc]),
+        name=CONV)
+
+
+def depthwise_conv2d_nhwc(data: Any, weight: Any, strides: tuple[int, int], padding: tuple[int, int, int, int],
+                          dilation: tuple[int, int]) -> Any:
+    """NHWC depthwise convolution (one filter per channel) with an HWIO (KH, KW, 1, C) weight."""
+    from tvm import te
+
+    n, h, w, c = data.shape
+    kh, kw = int(weight.shape[0]), int(weight.shape[1])
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = _out_size(h, kh, sh, dh, padding[0], padding[2])
+    ow = _out_size(w, kw, sw, dw, padding[1], padding[3])
+    padded = _pad_nhwc(data, padding)
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    return te.compute(
+        (n, oh, ow, c),
+        lambda i, y, x, ch: te.sum(padded[i, y * sh + rh * dh, x * sw + rw * dw, ch] * weight[rh, rw, 0, ch],
+                                   axis=[rh, rw]),
+        name=DEPTHWISE)
+
+
+def dense_packed(data: Any, packed: Any) -> Any:
+    """(B, K) x packed (N/T, K, T) -> (B, N)."""
+    from tvm import te
+
+    b, k = data.shape
+    tiles, _, tile = (int(v) for v in packed.shape)
+    rk = te.reduce_axis((0, k), "rk")
+    return te.compute((b, tiles * tile), lambda i, o: te.sum(data[i, rk] * packed[o // tile, rk, o % tile], axis=rk),
+                      name=DENSE)
+
+
+def _constant(expr: Any) -> np.ndarray | None:
+    import tvm
+
+    if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy"):
+        return expr.value.numpy()
+    return None
+
+
+def _ints(values: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def _float32(call: Any) -> bool:
+    return all(getattr(a.ty, "dtype", None) == "float32" for a in call.args) and call.ty.dtype == "float32"
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    try:
+        return [int(d) for d in expr.ty.shape]
+    except (TypeError, ValueError, AttributeError):  # a symbolic dimension
+        return None
+
+
+def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
+    """`relax.nn.conv2d` -> packed conv / depthwise conv where it applies, else TVM's default."""
+    from tvm.relax.transform.legalize_ops import nn as default_nn
+
+    from rwdeploy.runtime.tvm_schedule import register_tile
+
+    def legalize(bb: Any, call: Any) -> Any:
+        attrs = call.attrs
+        weight = _constant(call.args[1])
+        out_shape = _static_shape(call)
+        if (weight is None or out_shape is None or not _float32(call) or attrs.data_layout != "NHWC"
+                or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"):
+            return default_nn._nn_conv2d(bb, call)
+        kh, kw, ci_per_group, co = weight.shape
+        groups = int(attrs.groups)
+        strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _ints(attrs.padding)
+        if len(padding) == 2:
+            padding = (*padding, *padding)
+        from tvm import relax
+
+        if groups == 1:
+            tile = register_tile(out_shape[:-1], co, lanes, registers)
+            packed = relax.const(pack_conv_weight(weight, tile.channels))
+            return bb.call_te(conv2d_nhwc_packed, call.args[0], packed, strides, padding, dilation,
+                              primfunc_name_hint="conv2d")
+        if ci_per_group == 1 and groups == co:
+            return bb.call_te(depthwise_conv2d_nhwc, call.args[0], call.args[1], strides, padding, dilation,
+                              primfunc_name_hint="depthwise_conv2d")
+        return default_nn._nn_conv2d(bb, call)
+
+    return legalize
+
+
+def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
+    """`relax.matmul(x[B, K], W[K, N])` with a constant W -> packed dense, else TVM's default."""
+    from tvm.relax.transform.legalize_ops import linear_algebra as default_la
+
+    from rwdeploy.runtime.tvm_schedule import register_tile
+
+    def legalize(bb: Any, call: Any) -> Any:
+        from tvm import relax
+
+        weight = _constant(call.args[1])
+        out_shape = _static_shape(call)
+        if weight is None or weight.ndim != 2 or out_shape is None or len(out_shape) != 2 or not _float32(call):
+            return default_la._matmul(bb, call)
+        tile = register_tile(out_shape[:1], weight.shape[1], lanes, registers)
+        packed = relax.const(pack_dense_weight(weight, tile.channels))
+        return bb.call_te(dense_packed, call.args[0], packed, primfunc_name_hint="dense")
+
+    return legalize
+
+
+def legalize_passes(target: Any) -> list[Any]:
+    """TVM's CPU legalisation passes, with conv2d and matmul lowered as above."""
+    import tvm
+
+    from rwdeploy.runtime.tvm_schedule import vector_lanes, vector_registers
+
+    lanes, registers = vector_lanes(target), vector_registers(target)
+    return [
+        tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers),
+                                         "relax.matmul": matmul_legalizer(lanes, registers)}),
+        tvm.relax.transform.AnnotateTIROpPattern(),
+        tvm.relax.transform.FoldConstant(),
+        tvm.relax.transform.FuseOps(),
+        tvm.relax.transform.FuseTIR(),
+    ]
