@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,6 +51,7 @@ from rwdeploy.passes.verify import compare_on
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
+from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.ort_runner import OrtRunner
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -175,8 +178,18 @@ def measure_variants(variants: dict[str, nn.Module], example: torch.Tensor, work
         runners[variant] = OrtRunner(path, threads=args.threads)
     out: dict[int, dict[str, Any]] = {}
     for b in args.batches:
-        x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b)).numpy()
-        stats = time_interleaved({v: r.bind(x) for v, r in runners.items()}, warmup=args.warmup,
+        x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b))
+        calls = {v: r.bind(x.numpy()) for v, r in runners.items()}
+        if args.tvm:  # rwdeploy's cpu build of each variant at this batch, timed in the same rounds
+            for variant in variants:
+                art = tvm_build.build(variants[variant], x, "cpu", threads=args.threads)
+                calls[f"tvm {variant}"], got = tvm_build.bind_local(art, x)
+                with torch.no_grad():
+                    want = variants[variant](x).numpy()
+                err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+                if err > 1e-4:
+                    raise RuntimeError(f"TVM build of {variant} disagrees with torch: max rel error {err:.1e}")
+        stats = time_interleaved(calls, warmup=args.warmup,
                                  min_runs=args.runs, max_runs=max(args.runs, 2000), min_time_s=args.min_time)
         out[b] = {v: {"median_ms": st.median_ms, "p90_ms": st.p90_ms, "n": st.n} for v, st in stats.items()}
     return out, sizes
@@ -232,6 +245,14 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
             row["latency"][str(b)] = {**lat, "speedup": speedup, "speedup_per_mac_reduction": speedup / mac_reduction}
             for a in aligned:
                 row["aligned"][a].setdefault("speedup", {})[str(b)] = lat["dense"]["median_ms"] / lat[f"align {a}"]["median_ms"]
+                if f"tvm align {a}" in lat:
+                    row["aligned"][a].setdefault("tvm_speedup", {})[str(b)] = (
+                        lat["tvm dense"]["median_ms"] / lat[f"tvm align {a}"]["median_ms"])
+            if "tvm slim" in lat:
+                tvm_speedup = lat["tvm dense"]["median_ms"] / lat["tvm slim"]["median_ms"]
+                row["latency"][str(b)]["tvm"] = {"speedup": tvm_speedup,
+                                                 "speedup_per_mac_reduction": tvm_speedup / mac_reduction,
+                                                 "tvm_over_ort_slim": lat["tvm slim"]["median_ms"] / lat["slim"]["median_ms"]}
     return row
 
 
@@ -250,10 +271,13 @@ def _fmt_count(n: float) -> str:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     batches = meta["batches"]
     head = ["model", "rate", "params dense→slim", "MACs dense→slim", "stored / ONNX bytes slim÷dense"]
+    tvm = meta.get("tvm")
     for b in batches:
         head += [f"ORT b{b} ms dense→slim", f"b{b} speed-up (÷MAC red.)"]
+        if tvm:
+            head += [f"TVM b{b} ms dense→slim", f"TVM b{b} speed-up (÷MAC red.)"]
     aligns = meta.get("aligns", ["off"])[1:]
-    head += [f"b{b} speed-up, align {a} (kept)" for a in aligns for b in batches]
+    head += [f"b{b} speed-up, align {a}{' ORT / TVM' if tvm else ''} (kept)" for a in aligns for b in batches]
     head += ["ours: s, max rel err", "torch-pruning: s, max rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -269,12 +293,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                           f"{lat['speedup']:.2f}× ({lat['speedup_per_mac_reduction']:.2f})"]
             else:
                 cells += ["-", "-"]
+            if tvm:
+                t = (lat or {}).get("tvm")
+                cells += ([f"{lat['tvm dense']['median_ms']:.2f}→{lat['tvm slim']['median_ms']:.2f}",
+                           f"{t['speedup']:.2f}× ({t['speedup_per_mac_reduction']:.2f})"] if t else ["-", "-"])
         for a in aligns:
             al = r.get("aligned", {}).get(a, {})
             for b in batches:
                 sp = al.get("speedup", {}).get(str(b))
+                tsp = al.get("tvm_speedup", {}).get(str(b))
                 chose = f", {al['whole_model']['chosen']}" if al.get("whole_model") else ""
-                cells.append(f"{sp:.2f}× ({al['kept_for_alignment']}{chose})" if sp is not None else "-")
+                tvm_part = f" / TVM {tsp:.2f}×" if tsp is not None else ""
+                cells.append(f"{sp:.2f}×{tvm_part} ({al['kept_for_alignment']}{chose})" if sp is not None else "-")
         cells.append(f"{r['ours_s']:.2f}, {r['ours_max_rel']:.1e}")
         if "tp_s" in r:
             cells.append(f"{r['tp_s']:.2f}, {r['tp_max_rel']:.1e}")
@@ -282,6 +312,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             cells.append(r.get("tp_error", "not installed"))
         lines.append("| " + " | ".join(cells) + " |")
     load = ", ".join(f"{x:.2f}" for x in meta["loadavg_before"])
+    for label, key in (("ONNX Runtime", None), ("TVM", "tvm")) if tvm else (("ONNX Runtime", None),):
+        for b in batches:
+            for rate in sorted({r["rate"] for r in rows}):
+                at = sorted(x for r in rows if r["rate"] == rate and (x := _ratio(r, b, key)) is not None)
+                if at:
+                    lines.append(f"- {label}, b{b}, {rate:.0%}: median speed-up ÷ MAC reduction "
+                                 f"{statistics.median(at):.2f} over {len(at)} models")
     lines += ["", f"ONNX Runtime {meta['environment']['onnxruntime']}, CPU provider, {meta['threads']} thread(s), "
               f"median of ≥{meta['runs']} runs, dense and slim calls alternating; {meta['environment']['cpu']}; load average before: {load}. "
               f"Inputs: {', '.join(f'{m} {s}' for m, s in meta['input_shapes'].items())}. "
@@ -290,6 +327,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  "whole-model choice took: off, N=8, N=16 or per-group, timed at batch 1 before this run)."
                  if "auto" in aligns else "")]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(row: dict[str, Any], batch: int, runtime: str | None) -> float | None:
+    lat = row.get("latency", {}).get(str(batch))
+    if not lat:
+        return None
+    if runtime is None:
+        return lat["speedup_per_mac_reduction"]
+    return lat.get(runtime, {}).get("speedup_per_mac_reduction")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--align", default="off",
                    help="comma list of compile --align values (off, N, auto); the first gives the main row, "
                         "the others are extra slim variants timed in the same interleaved run")
+    p.add_argument("--tvm", action="store_true",
+                   help="also build dense and slim with rwdeploy's cpu TVM build and time them in the same rounds")
+    p.add_argument("--name", default="structured", help="stem of the result files (NAME.json, NAME.md)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batch.split(",")]
@@ -321,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "benchmark": "structured", "batches": args.batches, "threads": args.threads, "runs": args.runs,
         "min_time_s": args.min_time, "loadavg_before": list(os.getloadavg()), "environment": environment(),
-        "torch_pruning": _torch_pruning_version(), "input_shapes": {}, "aligns": args.aligns,
+        "torch_pruning": _torch_pruning_version(), "input_shapes": {}, "aligns": args.aligns, "tvm": args.tvm,
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -337,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_after"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, meta)
-    with atomic_file(args.out / "structured.json") as tmp:
+    with atomic_file(args.out / f"{args.name}.json") as tmp:
         tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    with atomic_file(args.out / "structured.md") as tmp:
+    with atomic_file(args.out / f"{args.name}.md") as tmp:
         tmp.write_text(table)
     print(table)
     return 0
