@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,22 @@ def _warm_up() -> None:
         export_onnx(net, x, Path(tmp) / "w.onnx")
 
 
+def code_version() -> str:
+    """The rwdeploy commit this run's records come from ("<sha>-dirty" with local changes;
+    "unknown" outside a git checkout)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+CODE_VERSION = code_version()
+
+
 def _child(case: Case, out: Path, log: Path, tvm: tuple[str, ...]) -> None:
     """Runs in the forked/spawned process: one case, its record written as JSON."""
     os.setpgrp()  # the parent kills the whole group (compilers TVM started) on timeout
@@ -173,6 +190,7 @@ def _child(case: Case, out: Path, log: Path, tvm: tuple[str, ...]) -> None:
                   "size": case.size, "status": "error", "compiled": False, "exact": False,
                   "failed_stage": "harness", "error": conformance_check.one_line(err)}
     record["kind"] = case.kind
+    record["code"] = CODE_VERSION  # the records of a table may come from several runs
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     os.replace(tmp, out)
@@ -428,6 +446,10 @@ def render(summaries: list[dict[str, Any]], records: dict[str, dict[str, Any]], 
              f"{', '.join(f'{x:.2f}' for x in meta['loadavg'])} at the end; not a timing benchmark). "
              f"timm {meta['versions'].get('timm')}, torch {meta['versions'].get('torch')}, "
              f"onnxruntime {meta['versions'].get('onnxruntime')}, TVM {meta['versions'].get('tvm')}.",
+             "",
+             "Records by the rwdeploy commit that made them (records older than this field: "
+             "\"unrecorded\"): " + ", ".join(f"{code} {n}" for code, n in sorted(
+                 Counter(r.get("code", "unrecorded") for r in records.values()).items(), key=lambda kv: -kv[1])) + ".",
              "",
              "Each model: random init, trained-looking weights (non-trivial norm affines and biases, "
              "BatchNorm statistics calibrated on random batches), 30-50% of the filters of every conv "
