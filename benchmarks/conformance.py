@@ -40,7 +40,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
