@@ -24,12 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-# Names of the compute stages; the schedule recognises the stages by them.
-CONV = "rw_conv2d_nhwc_packed"
-DEPTHWISE = "rw_depthwise_conv2d_nhwc"
-DENSE = "rw_dense_packed"
-PAD = "rw_pad"
-STAGES = (CONV, DEPTHWISE, DENSE)
+# The compute stages' names: the schedule recognises the stages by them (they live there so
+# that the schedule need not import this module).
+from rwdeploy.runtime.tvm_schedule import CONV, DENSE, DEPTHWISE, PAD, STAGES  # noqa: F401
 
 
 def pack_conv_weight(weight_hwio: np.ndarray, tile: int) -> np.ndarray:

@@ -21,6 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
+# Names of the compute stages `tvm_legalize` emits (packed-weight conv, depthwise conv, dense,
+# and their padding stage); `schedule_reduction` recognises the stages by them.
+CONV = "rw_conv2d_nhwc_packed"
+DEPTHWISE = "rw_depthwise_conv2d_nhwc"
+DENSE = "rw_dense_packed"
+PAD = "rw_pad"
+STAGES = (CONV, DEPTHWISE, DENSE)
 # Accumulator vectors of one register tile, by the ISA's vector registers (32 with AVX-512
 # and NEON, 16 with AVX2/SSE): the rest hold the weight vectors and the broadcast input.
 ACCUMULATORS = {32: 24, 16: 12}
@@ -157,8 +164,6 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     weights exceed `CACHED_WEIGHT_BYTES`, else innermost of the tile loops.
     """
     from tvm import s_tir
-
-    from rwdeploy.runtime.tvm_legalize import DEPTHWISE, PAD
 
     sch = s_tir.Schedule(func)
     if _has_loop_schedule(sch):  # a hand-written kernel (e.g. the sparse ones): keep it
