@@ -60,11 +60,11 @@ class TvmArtifact:
             "size_bytes": self.size_bytes,
             "device_modules": self.device_modules,
             "cuda_binary": self.cuda_binary,
-            "kernels": {k: len(v) for k, v in self.kernels.items()},
+            "kernels": {k: len(v) for k, v in self.kernels.items() if k != "notes"},
             "unscheduled_kernels": self.kernels.get("unscheduled", []),
             "tuned_trials": self.tuned_trials,
             "tuning_db": self.tuning_db,
-            "notes": list(self.target.notes),
+            "notes": list(self.target.notes) + list(self.kernels.get("notes", [])),
         }
 
 
@@ -173,7 +173,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
         with target:
             tuned = [relax.transform.MetaScheduleApplyDatabase(tuning_db)] if tuning_db else []
             return tvm.transform.Sequential([
-                *prepare_passes(vector_lanes(target)),
+                *prepare_passes(vector_lanes(target), stats),
                 *cpu.library_dispatch_passes(target),
                 *legalize_passes(target),
                 *tuned,

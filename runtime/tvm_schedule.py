@@ -410,7 +410,7 @@ def clip_to_min_max_pass() -> Any:
     return rewrite
 
 
-def prepare_passes(lanes: int | None = None) -> list[Any]:
+def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None = None) -> list[Any]:
     """Relax passes run before legalisation: BN folding, NHWC/HWIO layout, constant folding,
     and (with `lanes`) output channels padded to whole vectors.
 
@@ -424,7 +424,31 @@ def prepare_passes(lanes: int | None = None) -> list[Any]:
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
         clip_to_min_max_pass(),
-        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+        nhwc_or_as_given_pass(stats),
         relax.transform.FoldConstant(),
         *([pad_channels_pass(lanes)] if lanes else []),
     ]
+
+
+def nhwc_or_as_given_pass(stats: dict[str, list[str]] | None = None) -> Any:
+    """ConvertLayout to NHWC/HWIO, or the module unchanged where TVM's ConvertLayout fails.
+
+    TVM 0.27's ConvertLayout raises on some graphs (NextViT: `std::bad_alloc` from the pass
+    itself, on the unpruned model too). The convolutions then stay NCHW: they build with TVM's
+    own lowering, slower but correct, and `stats["notes"]` says so.
+    """
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="rwdeploy.NhwcOrAsGiven")
+    def convert(mod: Any, _ctx: Any) -> Any:
+        try:
+            return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+        except Exception as err:  # noqa: BLE001 - a TVM failure in an optional optimisation
+            if stats is not None:
+                stats.setdefault("notes", []).append(
+                    f"layout kept as given (NCHW): TVM's ConvertLayout failed "
+                    f"({type(err).__name__}: {str(err).strip().splitlines()[-1][:120] if str(err).strip() else ''})")
+            return mod
+
+    return convert

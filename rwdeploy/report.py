@@ -432,6 +432,10 @@ def _targets_view(targets: dict[str, Any]) -> list[Block]:
         if rows:  # gpu kernels: TVM's default (dlight) schedules, not counted
             blocks.append(Table(["variant", "batch", "file", "build s", "size", "device code", "kernels scheduled"],
                                 rows))
+        notes = sorted({n for b in section.get("builds", []) for n in b.get("notes") or []}
+                       - set(section.get("notes") or []))
+        if notes:
+            blocks.append(Bullets(notes))
     return blocks
 
 
