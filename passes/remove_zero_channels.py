@@ -175,9 +175,16 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
             sel = select(analysis, sel.removed - keep_back)
         finish(alignment, analysis, sel)
     sites = [views[name] for name in analysis.fold_sites if name in views]
-    captured = _capture_inputs(work, example_input, sites, sel)
-    folds = {v.node.name: _fold(v, captured[v.node.name], sel, analysis.values) for v in sites
-             if v.node.name in captured}
+    while True:
+        captured = _capture_inputs(work, example_input, sites, sel)
+        folds = {v.node.name: _fold(v, captured[v.node.name], sel, analysis.values) for v in sites
+                 if v.node.name in captured}
+        # a layer that can only fold a bias (an LSTM) keeps the removed inputs whose constant varies
+        unfoldable = {root for v in sites if not v.folds_maps and (f := folds.get(v.node.name)) is not None
+                      and f[0] != "bias" for root in _removed_classes_read(v, analysis, sel)}
+        if not unfoldable:
+            break
+        sel = select(analysis, sel.removed - unfoldable)
     map_feeders = {root for v in sites if (f := folds.get(v.node.name)) is not None and f[0] == "constant map"
                    for root in _removed_classes_read(v, analysis, sel)}
 

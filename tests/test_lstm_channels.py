@@ -206,3 +206,28 @@ def test_compile_ships_an_exact_slim_onnx_of_an_lstm(tmp_path, form):
     assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4 * float(want.abs().max())
     shapes = {row["name"]: row["shape_after"] for row in result.report["layers"]}
     assert [v for k, v in shapes.items() if "rnn" in k or "lstm" in k] == [[48, 14]]  # 2 x 4 x 6 units, 8 + 6
+
+
+class StepVaryingInput(Recurrent):
+    """A learned table added per step: a zeroed embed row's channel is then a constant that
+    varies along the sequence, which no bias of the LSTM can stand for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = nn.Parameter(torch.randn(7, IN))
+
+    def forward(self, x):
+        y, _ = self.rnn(torch.relu(self.embed(x)) + self.steps)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_inputs_whose_constant_varies_along_the_sequence_stay(form):
+    torch.manual_seed(0)
+    net = StepVaryingInput().eval()
+    with torch.no_grad():
+        net.embed.weight[:4] = 0
+    x = torch.randn(2, 7, 6)
+    res = remove_zero_channels(_graph(net, x, form), x)
+    assert verify_equivalence(net, res.gm, [x, 3 * torch.randn(2, 7, 6)], record=res.record).passed
+    assert _lstm_shapes(res.gm)["weight_ih_l0"] == (4 * HIDDEN, IN)  # all 12 inputs kept

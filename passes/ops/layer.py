@@ -141,6 +141,7 @@ class LayerView:
     call_args: tuple[str, ...] | dict[str, tuple[str, ...]] = ("input", "weight", "bias")
     implied: dict[str, Any] = {}
     kernel = False  # a weight matrix/kernel mixing input channels into output channels
+    folds_maps = True  # a removed input's position-dependent constant can follow the layer as a map
     in_dim = out_dim = 1  # the channel dim of the input and of the output
     weight_dims = (0, 1)  # the weight's output-channel and input-channel dims (kernels)
     generic_type = "Layer"  # the module class a call of this family corresponds to

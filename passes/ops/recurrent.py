@@ -122,6 +122,9 @@ class LstmView(LayerView):
     roles = tuple(f"{k}_l0{s}" for s in _SUFFIXES for k in _KINDS)
     required = ("weight_ih_l0", "weight_hh_l0")
     kernel = True  # counted in layer statistics (weight, bias, MACs below)
+    # a removed input's constant enters every gate inside the recurrence: it folds into bias_ih
+    # when it is the same at every step, and has nowhere to go when it varies along the sequence
+    folds_maps = False
     in_dim = out_dim = -1
     generic_type = "LSTM"
 
