@@ -162,11 +162,15 @@ def _android_clang() -> str:
 
 
 @lru_cache(maxsize=1)
-def host_cpu() -> str:
-    """The real host CPU name for LLVM (`mcpu=native` silently compiles generic code)."""
+def host_cpu() -> str | None:
+    """The real host CPU name for LLVM (`mcpu=native` silently compiles generic code); None
+    where only TVM's runtime is installed (loading and running an artifact needs no LLVM)."""
     import tvm
 
-    return str(tvm.target.codegen.llvm_get_system_cpu())
+    try:
+        return str(tvm.target.codegen.llvm_get_system_cpu())
+    except AttributeError:  # the function lives in TVM's compiler library
+        return None
 
 
 def cuda_gpu_arch() -> str | None:
@@ -217,7 +221,8 @@ _NDK_CLANG = Requirement(
 )
 _CUDA_GPU = Requirement("a CUDA GPU + driver", "run", _have_cuda_gpu,
                         "run on a machine with an NVIDIA GPU (the build works without one)")
-_NVCC = Requirement("nvcc (cubin instead of CUDA source compiled at load)", "optional",
+_NVCC = Requirement("nvcc (a cubin without a driver here; CUDA source needs TVM's compiler "
+                    "on the GPU machine)", "optional",
                     _have_program("nvcc"), "install the CUDA toolkit")
 
 
@@ -317,7 +322,8 @@ def get_target(name: str, *, gpu_arch: str | None = None, threads: int | None = 
         if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
             raise OptionError(f"--gpu-arch {arch!r} is not a CUDA architecture",
                               hint="use the form sm_XY, e.g. sm_80, sm_90")
-        host = dict(base.host or {"kind": "llvm"}, mcpu=host_cpu())
+        cpu = host_cpu()
+        host = dict(base.host or {"kind": "llvm"}, **({"mcpu": cpu} if cpu else {}))
         return dataclasses.replace(base, tvm_target=dict(base.tvm_target, arch=arch),
                                    host=host, notes=notes)
     entry = base

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,23 @@ def _cuda_module(executable: Any) -> Any | None:
     return None
 
 
+def cuda_runtime_loads() -> bool:
+    """Whether TVM's CUDA runtime library is loaded (it needs a driver's libcuda.so.1)."""
+    import tvm
+
+    return bool(tvm.runtime.enabled("cuda"))
+
+
+def cubin_needs_stand_in() -> bool:
+    """No driver here, but nvcc and gcc are: a cubin can still be built (runtime.cuda_cubin).
+
+    Without one the CUDA module stays source, which a GPU machine can load only with TVM's
+    compiler installed (measured: TVM's runtime alone fails on it).
+    """
+    return (not cuda_runtime_loads() and shutil.which("nvcc") is not None
+            and shutil.which("gcc") is not None and not os.environ.get("RWDEPLOY_CUDA_SOURCE"))
+
+
 def check_tuning_options(target: Target, tune: int,
                          tuning_db: str | os.PathLike | None) -> str | None:
     """Validate --tune/--tuning-db for `target`; returns the database folder (absolute) or None."""
@@ -244,6 +262,10 @@ def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
     tgt = resolve_target(target, gpu_arch=gpu_arch, threads=threads)
     tgt.require("build")
     db = check_tuning_options(tgt, tune, tuning_db)
+    if tgt.family == "gpu" and not converters and cubin_needs_stand_in():
+        from rwdeploy.runtime.cuda_cubin import build_with_cubin
+
+        return build_with_cubin(module_or_program, example_input, target=tgt, out_dir=out_dir)
 
     t0 = time.perf_counter()
     mod = import_relax(module_or_program, example_input, converters)
@@ -282,7 +304,9 @@ def export(artifact: TvmArtifact, path: str | os.PathLike) -> Path:
     fcompile = artifact.target.fcompile()
     with atomic_file(path) as tmp:
         try:
-            if fcompile is None:
+            if artifact.executable is None:  # built in another process (a cubin build): its file
+                shutil.copyfile(artifact.path, tmp)
+            elif fcompile is None:
                 artifact.executable.export_library(str(tmp))
             else:
                 artifact.executable.export_library(str(tmp), fcompile=fcompile)
@@ -315,14 +339,14 @@ def _device(target: Target) -> Any:
 def load_local(artifact: TvmArtifact) -> Callable[..., Any]:
     """The model's `main` in a relax VM of this process, loaded from the exported file."""
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # TVM's runtime alone is enough: no compiler import
 
     if artifact.target.runs_on != RUNS_LOCAL:
         raise OptionError(f"target {artifact.target.name!r} runs on a device over RPC, "
                           "not in this process")
     artifact.target.require("run")
     module = tvm.runtime.load_module(str(artifact.path)) if artifact.path else artifact.executable
-    vm = relax.VirtualMachine(module, _device(artifact.target))
+    vm = VirtualMachine(module, _device(artifact.target))
     return vm["main"]
 
 

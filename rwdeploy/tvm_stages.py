@@ -46,6 +46,9 @@ def stage_tvm_build(ctx: CompileContext) -> None:
             ctx.tvm_artifacts[(variant, batch)] = art
             section["builds"].append({"variant": variant, "batch": batch, **art.to_dict(),
                                       "path": name if ship else None})
+    if any(b.get("cuda_binary") is False for b in section["builds"]):
+        section["notes"].append("the CUDA kernels are source: the GPU machine needs TVM's compiler "
+                                "to load them (with nvcc on the build host they are a cubin)")
 
 
 def stage_tvm_measure(ctx: CompileContext) -> None:

@@ -77,6 +77,17 @@ def test_gpu_stages_build_cuda_and_say_latency_was_skipped(tmp_path):
         assert not [r for r in ctx.latency if r.runtime == "tvm"]
 
 
+def test_gpu_source_kernels_are_named_in_the_notes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RWDEPLOY_CUDA_SOURCE", "1")  # what a build host without nvcc ships
+    ctx = _context(tmp_path, "gpu", batches=(1,), gpu_arch="sm_80")
+    _run(ctx)
+    section = ctx.sections["targets"]["gpu"]
+    if all(b["cuda_binary"] is False for b in section["builds"]):
+        assert any("needs TVM's compiler" in n for n in section["notes"])
+    else:  # a driver is installed here: TVM builds a cubin by itself, and no note is due
+        assert not any("needs TVM's compiler" in n for n in section["notes"])
+
+
 def test_tvm_options_are_checked_before_the_pipeline_runs(tmp_path):
     with pytest.raises(OptionError, match="--gpu-arch"):
         CompileOptions(out=tmp_path, target="cpu", gpu_arch="sm_90").validate()
