@@ -192,12 +192,15 @@ def plan_alignment(analysis: ChannelAnalysis, sel: Selection, views: dict[str, L
     return keep, AlignmentRecord(mode, multiple, where, groups)
 
 
-def finish(record: AlignmentRecord, analysis: ChannelAnalysis, sel: Selection) -> None:
-    """Fill in what each group lost in the end (the structural constraints may keep more)."""
+def finish(record: AlignmentRecord, analysis: ChannelAnalysis, sel: Selection,
+           aligned: Selection | None = None) -> None:
+    """Fill in what each group lost in the end: `sel` is the final selection, `aligned` the one
+    right after alignment (default `sel`). Between the two the removal may keep more for other
+    reasons (an LSTM that cannot fold a varying constant); those are not counted as alignment's."""
     by_id = {g.id: g for g in analysis.groups}
     for rec in record.groups:
         rec.removed = len(_gone(by_id[rec.id], sel))
-        rec.kept_for_alignment = rec.removable - rec.removed
+        rec.kept_for_alignment = rec.removable - len(_gone(by_id[rec.id], aligned or sel))
 
 
 def _measure(pending: list[tuple[GroupAlignment, dict[int, list[LayerShape]] | str]], measurer: Measurer | None,

@@ -173,7 +173,7 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
         keep_back, alignment = plan(analysis, sel, views)
         if keep_back:
             sel = select(analysis, sel.removed - keep_back)
-        finish(alignment, analysis, sel)
+    aligned_sel = sel
     sites = [views[name] for name in analysis.fold_sites if name in views]
     while True:
         captured = _capture_inputs(work, example_input, sites, sel)
@@ -185,6 +185,8 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
         if not unfoldable:
             break
         sel = select(analysis, sel.removed - unfoldable)
+    if alignment is not None:
+        finish(alignment, analysis, sel, aligned_sel)
     map_feeders = {root for v in sites if (f := folds.get(v.node.name)) is not None and f[0] == "constant map"
                    for root in _removed_classes_read(v, analysis, sel)}
 

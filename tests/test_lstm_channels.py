@@ -231,3 +231,18 @@ def test_inputs_whose_constant_varies_along_the_sequence_stay(form):
     res = remove_zero_channels(_graph(net, x, form), x)
     assert verify_equivalence(net, res.gm, [x, 3 * torch.randn(2, 7, 6)], record=res.record).passed
     assert _lstm_shapes(res.gm)["weight_ih_l0"] == (4 * HIDDEN, IN)  # all 12 inputs kept
+
+
+def test_alignment_record_counts_what_the_lstm_kept_as_not_removed():
+    """With --align the record is filled in once the selection is final: the embed channels the
+    LSTM could not fold stay, and are neither counted removed nor kept for alignment."""
+    torch.manual_seed(0)
+    net = StepVaryingInput().eval()
+    with torch.no_grad():
+        net.embed.weight[:4] = 0
+    x = torch.randn(2, 7, 6)
+    res = remove_zero_channels(_graph(net, x, "module"), x, align=4)
+    assert _lstm_shapes(res.gm)["weight_ih_l0"] == (4 * HIDDEN, IN)
+    embed = [g for g in res.record.alignment.groups if g.size == IN]
+    assert embed and all(g.removed == 0 and g.kept_for_alignment == 0 for g in embed)
+    assert verify_equivalence(net, res.gm, [x], record=res.record).passed
