@@ -5,7 +5,7 @@ Two steps, because building needs TVM's compiler but no GPU, and running needs a
 TVM's runtime (as when a build host ships `model.gpu.so` to a GPU box):
 
     python benchmarks/gpu.py build DIR [--models lenet5,resnet20] [--batches 1,8] [--arch sm_90]
-    python benchmarks/gpu.py cli DIR        # optional: `rwdeploy compile --target gpu` output
+    python benchmarks/gpu.py cli DIR        # optional: `rwdeploy compile --target gpu` outputs
     python benchmarks/gpu.py measure DIR [--out benchmarks/results] [--name gpu]
 
 `build` writes, per model/variant/batch, the artifact `rwdeploy compile --target gpu` ships
@@ -124,52 +124,88 @@ def build(work: Path, models: list[str], batches: list[int], arch: str, flavours
     manifest_path.write_text(json.dumps(manifest, indent=1))
 
 
-def cli_build(work: Path, arch: str) -> None:
-    """`rwdeploy compile --target gpu` on a ResNet-20 checkpoint with half the filters of every
-    conv zeroed, as a user runs it; the probe input (batch 1, the shipped build's batch) and
-    torch's output of the zeroed model go beside the output folder."""
-    import rwdeploy.models as zoo
-
-    cli = work / "cli"
-    cli.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    module = zoo.create("resnet20").eval()
+def _zero_half_the_filters(module: torch.nn.Module) -> None:
     gen = torch.Generator().manual_seed(3)
     for m in module.modules():
         if isinstance(m, torch.nn.Conv2d) and m.out_channels > 3:
             with torch.no_grad():
                 m.weight[torch.randperm(m.out_channels, generator=gen)[: m.out_channels // 2]] = 0
-    calibrate_batchnorm(module, zoo.input_shape("resnet20"))
-    torch.save(module.state_dict(), cli / "resnet20_zeroed.pt")
-    out = cli / "out"
-    cmd = [sys.executable, "-m", "rwdeploy", "compile", str(cli / "resnet20_zeroed.pt"),
-           "--arch", "resnet20", "--target", "gpu", "--gpu-arch", arch, "--out", str(out),
-           "--batch", "1", "--no-measure"]
-    subprocess.run(cmd, check=True)
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        np.savez(cli / "probe.npz", input=x.numpy(), output=module(x).numpy())
-    (cli / "resnet20_zeroed.pt").unlink()  # the GPU side needs only the compile's output
+
+
+def _zero_90_percent_of_the_weights(module: torch.nn.Module) -> None:
+    """Irregular 90% in every conv/Linear weight of at least 5,000 entries."""
+    gen = torch.Generator().manual_seed(3)
+    for p in module.parameters():
+        if p.dim() > 1 and p.numel() >= 5000:
+            with torch.no_grad():
+                p[torch.rand(p.shape, generator=gen) < 0.9] = 0
+
+
+# name -> (zoo architecture, how the checkpoint is pruned)
+CLI_CASES = {
+    "resnet20_filters50": ("resnet20", _zero_half_the_filters),
+    "lenet5_irregular90": ("lenet5", _zero_90_percent_of_the_weights),
+    "mobilenet_v2_irregular90": ("mobilenet_v2", _zero_90_percent_of_the_weights),
+}
+
+
+def cli_build(work: Path, arch: str, cases: list[str]) -> None:
+    """`rwdeploy compile CKPT --target gpu` as a user runs it, for each case: a pruned checkpoint
+    (half the filters zeroed, or 90% irregular, which `--sparse auto` packs where it measures a
+    gain); the probe input (batch 1, the shipped build's batch) and torch's output of the pruned
+    model go beside the output folder."""
+    import rwdeploy.models as zoo
+
+    for case in cases:
+        arch_name, prune = CLI_CASES[case]
+        folder = work / "cli" / case
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        module = zoo.create(arch_name).eval()
+        prune(module)
+        calibrate_batchnorm(module, zoo.input_shape(arch_name))
+        ckpt = folder / f"{case}.pt"
+        torch.save(module.state_dict(), ckpt)
+        cmd = [sys.executable, "-m", "rwdeploy", "compile", str(ckpt), "--arch", arch_name,
+               "--target", "gpu", "--gpu-arch", arch, "--out", str(folder / "out"),
+               "--batch", "1", "--no-measure"]
+        subprocess.run(cmd, check=True)
+        x = torch.randn(zoo.input_shape(arch_name), generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            np.savez(folder / "probe.npz", input=x.numpy(), output=module(x).numpy())
+        ckpt.unlink()  # the GPU side needs only the compile's output
+        manifest_path = work / "manifest.json"
+        if not manifest_path.exists():  # a cli-only folder: no zoo cases
+            import tvm
+
+            manifest_path.write_text(json.dumps({"arch": arch, "cases": [], "built_with": {
+                "torch": torch.__version__, "tvm": tvm.__version__, "host": platform.node()}}))
+        for extra in ("original.onnx", "slim.onnx", "slim.pt2"):
+            (folder / "out" / extra).unlink(missing_ok=True)
 
 
 def _check_cli(work: Path) -> list[dict[str, Any]]:
-    """The shipped `model.gpu.so` / `original.gpu.so` through rwdeploy's own loader."""
+    """Each case's shipped `model.gpu.so` / `original.gpu.so` through rwdeploy's own loader."""
     from rwdeploy.runtime.targets import get_target
     from rwdeploy.runtime.tvm_build import TvmArtifact, measure_local
 
-    cli = work / "cli"
-    probe = np.load(cli / "probe.npz")
-    x, ref = torch.from_numpy(probe["input"]), probe["output"]
     rows = []
-    for name in ("model.gpu.so", "original.gpu.so"):
-        path = cli / "out" / name
-        art = TvmArtifact(target=get_target("gpu"), path=path, build_s=0.0, export_s=0.0,
-                          size_bytes=path.stat().st_size, device_modules=["cuda"])
-        stats, err = measure_local(art, x, ref, warmup=20, min_runs=100, min_time_s=1.0)
-        rel = err / (float(np.abs(ref).max()) or 1.0)
-        rows.append({"file": name, "max_rel": rel, "exact": rel <= TOLERANCE_REL,
-                     "median_ms": round(stats.median_ms, 4), "n": stats.n})
-        print(f"cli {name:16s} max rel {rel:.1e}  {stats.median_ms:.3f} ms", flush=True)
+    for probe_path in sorted((work / "cli").glob("*/probe.npz")):
+        folder = probe_path.parent
+        probe = np.load(probe_path)
+        x, ref = torch.from_numpy(probe["input"]), probe["output"]
+        report = json.loads((folder / "out" / "report.json").read_text())
+        packed = (report.get("sparse") or {}).get("packed_layers", 0)
+        for name in ("model.gpu.so", "original.gpu.so"):
+            path = folder / "out" / name
+            art = TvmArtifact(target=get_target("gpu"), path=path, build_s=0.0, export_s=0.0,
+                              size_bytes=path.stat().st_size, device_modules=["cuda"])
+            stats, err = measure_local(art, x, ref, warmup=20, min_runs=100, min_time_s=1.0)
+            rel = err / (float(np.abs(ref).max()) or 1.0)
+            rows.append({"case": folder.name, "file": name, "packed_layers": packed if name == "model.gpu.so" else 0,
+                         "max_rel": rel, "exact": rel <= TOLERANCE_REL,
+                         "median_ms": round(stats.median_ms, 4), "n": stats.n})
+            print(f"cli {folder.name:26s} {name:16s} max rel {rel:.1e}  {stats.median_ms:.3f} ms", flush=True)
     return rows
 
 
@@ -295,7 +331,7 @@ def measure(work: Path, out_dir: Path, name: str) -> dict[str, Any]:
         rows.append(row)
         line = "  ".join(f"{k} {s.median_ms:7.3f}" for k, s in stats.items())
         print(f"{case['case']:28s} {line}  (ms median)", flush=True)
-    cli_rows = _check_cli(work) if (work / "cli" / "probe.npz").exists() else []
+    cli_rows = _check_cli(work)
     doc = {"gpu": _gpu_info(), "built_with": manifest["built_with"], "arch": manifest["arch"],
            "tolerance_rel": TOLERANCE_REL, "loadavg_before": [round(v, 2) for v in load_before],
            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
@@ -340,11 +376,13 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | " + " | ".join(cells)
                      + f" | {ratio} | {notes} |")
     if doc.get("cli"):
-        lines += ["", "`rwdeploy compile resnet20_zeroed.pt --arch resnet20 --target gpu` (half the "
-                  "filters of every conv zeroed), its shipped files loaded by rwdeploy's "
-                  "`tvm_build.measure_local` on this GPU, checked against torch's output of the "
-                  "zeroed model:", "", "| file | max rel error | median ms (b1) |", "|---|---|---|"]
-        lines += [f"| {r['file']} | {r['max_rel']:.1e} | {r['median_ms']:.3f} |" for r in doc["cli"]]
+        lines += ["", "`rwdeploy compile CKPT --arch A --target gpu` on pruned checkpoints, the shipped "
+                  "files loaded by rwdeploy's `tvm_build.measure_local` on this GPU and checked "
+                  "against torch's output of the pruned model (`slim` = model.gpu.so, with the layers "
+                  "`--sparse auto` packed; `original` = original.gpu.so, dense):", "",
+                  "| case | file | packed layers | max rel error | median ms (b1) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['file']} | {r['packed_layers']} | {r['max_rel']:.1e} | "
+                  f"{r['median_ms']:.3f} |" for r in doc["cli"]]
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cli", help="rwdeploy compile --target gpu on a zeroed ResNet-20")
     c.add_argument("work", type=Path)
     c.add_argument("--arch", default="sm_90")
+    c.add_argument("--cases", default=",".join(CLI_CASES))
     m = sub.add_parser("measure", help="check and time them (the GPU machine)")
     m.add_argument("work", type=Path)
     m.add_argument("--out", type=Path, default=RESULTS)
@@ -372,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
               args.arch, args.flavours.split(","), args.onnx)
         print(f"built in {time.perf_counter() - t0:.0f} s -> {args.work}")
     elif args.step == "cli":
-        cli_build(args.work, args.arch)
+        cli_build(args.work, args.arch, args.cases.split(","))
     else:
         measure(args.work, args.out, args.name)
     return 0

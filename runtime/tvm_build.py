@@ -82,6 +82,17 @@ def _has_rwdeploy_ops(program: torch.export.ExportedProgram) -> bool:
                for node in program.graph.nodes)
 
 
+def _has_packed_layers(module_or_program: torch.nn.Module | torch.export.ExportedProgram) -> bool:
+    """Whether the model calls rwdeploy's CSR/BSR ops (packed modules or ATen-graph calls)."""
+    if isinstance(module_or_program, torch.export.ExportedProgram):
+        return _has_rwdeploy_ops(module_or_program)
+    from rwdeploy.sparse.modules import _Packed
+
+    return any(isinstance(m, _Packed) or (isinstance(m, torch.fx.GraphModule) and any(
+        n.op == "call_function" and "rwdeploy" in str(n.target) for n in m.graph.nodes))
+        for m in module_or_program.modules())
+
+
 def _uses(program: torch.export.ExportedProgram, names: tuple[str, ...]) -> bool:
     """Whether the program calls one of the ATen ops `names` ("im2col.default", ...)."""
     return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
@@ -262,6 +273,11 @@ def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
     tgt = resolve_target(target, gpu_arch=gpu_arch, threads=threads)
     tgt.require("build")
     db = check_tuning_options(tgt, tune, tuning_db)
+    if tgt.family == "gpu" and _has_packed_layers(module_or_program):
+        raise RwdeployError(f"target {tgt.name!r}: the model has packed (CSR/BSR) layers, whose "
+                            "kernels are CPU code; a CUDA build would run them on the host over "
+                            "device memory", hint="build the model before packing (compile's "
+                                                  "--sparse auto keeps gpu layers dense)")
     if tgt.family == "gpu" and not converters and cubin_needs_stand_in():
         from rwdeploy.runtime.cuda_cubin import build_with_cubin
 

@@ -162,6 +162,13 @@ def stage_pack_sparse(ctx: CompileContext) -> None:
     from rwdeploy.sparse.timing import layer_timer
 
     opts = ctx.options  # the pass never measures: this stage gives it the target's layer timer
+    if TARGETS.get(opts.target) is not None and TARGETS[opts.target].family == "gpu":
+        # the packed kernels are CPU code: in a CUDA build they would run on the host over device
+        # memory (measured: a segfault on an H200), so on a GPU every layer stays dense
+        ctx.sections["sparse"] = {"mode": opts.sparse, "target": opts.target, "packed_layers": 0,
+                                  "skipped": f"target {opts.target} has no packed (CSR/BSR) kernels: "
+                                             "every layer stays dense"}
+        return
     result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target,
                          timer=layer_timer(opts.target, rpc=opts.rpc, tracker=opts.tracker, key=opts.key))
     check = ctx.check(ctx.slim, result.gm, "packed model differs from the slim model",

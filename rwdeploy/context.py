@@ -80,6 +80,11 @@ class CompileOptions:
         if self.target not in COMPILE_TARGETS:
             raise OptionError(f"unknown --target {self.target!r}",
                               hint=f"known targets: {', '.join(sorted(COMPILE_TARGETS))}")
+        if self.sparse in ("csr", "bsr") and self.target in TARGETS and TARGETS[self.target].family == "gpu":
+            raise OptionError(f"--sparse {self.sparse} with --target {self.target}: the packed kernels "
+                              "are CPU kernels, a GPU build has none",
+                              hint="use --sparse auto|off (layers stay dense on the GPU), or --target "
+                                   "onnx for the compact CSR/BSR weights")
         self._validate_device()
         self._validate_tvm()
 

@@ -221,7 +221,9 @@ def summary(doc: dict[str, Any]) -> list[Block]:
             ratio_row(f"{name} insns/inference", insns["original"]["insns_per_inference"],
                       insns["slim"]["insns_per_inference"])
     sparse = doc.get("sparse")
-    if sparse:
+    if sparse and sparse.get("skipped"):
+        rows.append(["packed layers", "", "none", f"--sparse {sparse['mode']}: {sparse['target']} has no packed kernels"])
+    elif sparse:
         packed = [l for l in sparse["layers"] if l["chosen"] != "dense"]
         kinds = ", ".join(sorted({l["chosen"] for l in packed})) or "none faster"
         rows.append([f"packed layers ({kinds})", "", f"{len(packed)}/{len(sparse['layers'])}",
@@ -349,6 +351,8 @@ def _alignment_view(al: dict[str, Any]) -> list[Block]:
 
 
 def _sparse_view(sp: dict[str, Any]) -> list[Block]:
+    if sp.get("skipped"):
+        return [Paragraph(f"`--sparse {sp['mode']}`: {sp['skipped']}.")]
     head = (f"`--sparse {sp['mode']}`: {sp['packed_layers']} of {len(sp['layers'])} layers packed, "
             f"{_bytes(sp['bytes_saved'])} of weights saved; timed on {sp.get('measured_on') or 'nothing (forced)'}; "
             f"packed vs slim max relative error {sp.get('max_rel_vs_slim', float('nan')):.3g}.")

@@ -99,3 +99,37 @@ def test_compile_packs_and_ships_compact_onnx(sparse_lenet, tmp_path, capsys):
 def test_compile_sparse_off_packs_nothing(sparse_lenet, tmp_path, capsys):
     report, text = _compile(sparse_lenet[0], tmp_path / "out", "off", capsys)
     assert "sparse" not in report and "packed layers" not in text
+
+
+def test_gpu_target_keeps_every_layer_dense(sparse_lenet, tmp_path):
+    """The packed kernels are CPU code (a CUDA build ran them on the host over device memory and
+    crashed on a GPU): with --target gpu, --sparse auto packs nothing and says why."""
+    path, net = sparse_lenet
+    out = tmp_path / "gpu"
+    assert main(["compile", str(path), "--target", "gpu", "--gpu-arch", "sm_90", "--out", str(out), *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparse"]["packed_layers"] == 0 and "no packed" in report["sparse"]["skipped"]
+    assert "has no packed (CSR/BSR) kernels" in (out / "report.md").read_text()
+    program = torch.export.load(str(out / compile_mod.SLIM_PT2))
+    assert not any("rwdeploy" in str(n.target) for n in program.graph.nodes)
+    assert (out / "model.gpu.so").is_file()
+
+
+def test_forced_packing_for_a_gpu_is_an_option_error(sparse_lenet, tmp_path, capsys):
+    path, _ = sparse_lenet
+    code = main(["compile", str(path), "--target", "gpu", "--sparse", "csr", "--out", str(tmp_path / "o"), *FAST])
+    assert code == 2 and not (tmp_path / "o").exists()
+    assert "--sparse csr with --target gpu" in capsys.readouterr().err
+
+
+def test_a_packed_model_is_refused_by_the_gpu_build(sparse_lenet, tmp_path):
+    from rwdeploy.errors import RwdeployError
+    from rwdeploy.passes.pack_sparse import pack_sparse
+    from rwdeploy.runtime import tvm_build
+
+    _, net = sparse_lenet
+    x = torch.randn(1, 1, 28, 28)
+    packed = pack_sparse(torch.fx.symbolic_trace(net), x, mode="csr").gm
+    with pytest.raises(RwdeployError, match="packed .CSR/BSR. layers"):
+        tvm_build.build(packed, x, "gpu", gpu_arch="sm_90", out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
