@@ -209,6 +209,45 @@ def _check_cli(work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def build_timm(work: Path, names: list[str], arch: str) -> None:
+    """Published architectures (timm, random init made trained-looking as in the conformance
+    suite) at batch 1 and their default input size: the gpu artifact and torch's CPU output.
+    The GPU side checks and times TVM alone (timm there is another version: other weights)."""
+    sys.path.insert(0, str(ROOT / "tests" / "conformance"))
+    from conformance_prepare import make_trained_looking
+    from torchvision_shim import import_timm
+
+    from rwdeploy.runtime.cuda_cubin import build_with_cubin
+    from rwdeploy.runtime.targets import get_target
+
+    timm = import_timm()
+    work.mkdir(parents=True, exist_ok=True)
+    manifest_path = work / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
+        "arch": arch, "cases": [], "built_with": {"torch": torch.__version__, "host": platform.node()}}
+    for name in names:
+        torch.manual_seed(0)
+        module = timm.create_model(name, pretrained=False).eval()
+        shape = (1, *module.default_cfg["input_size"])
+        make_trained_looking(module, shape, seed=1)
+        case = f"{name}.timm.b1"
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = module(x).numpy()
+        np.save(work / f"{case}.input.npy", x.numpy())
+        np.save(work / f"{case}.ref.npy", ref)
+        art = build_with_cubin(module, x, target=get_target("gpu", gpu_arch=arch), out_dir=work / f"{case}.cubin")
+        manifest["cases"] = [c for c in manifest["cases"] if c["case"] != case] + [{
+            "case": case, "model": name, "variant": "timm", "batch": 1, "timm": True,
+            "artifacts": {"cubin": {"file": str(art.path.relative_to(work)), "build_s": round(art.build_s, 2),
+                                    "size_bytes": art.size_bytes, "cuda_binary": art.cuda_binary}}}]
+        print(f"{case:28s} cubin  build {art.build_s:5.1f} s {art.size_bytes / 1e6:5.2f} MB", flush=True)
+    import tvm
+
+    manifest["built_with"]["tvm"] = tvm.__version__
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+
+
 def _gpu_info() -> dict[str, Any]:
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                             "device": torch.cuda.get_device_name(0)}
@@ -279,28 +318,30 @@ def measure(work: Path, out_dir: Path, name: str) -> dict[str, Any]:
     modules: dict[tuple[str, str], torch.nn.Module] = {}
     for case in manifest["cases"]:
         model, variant, batch = case["model"], case["variant"], case["batch"]
-        key = (model, variant)
-        if key not in modules:  # the same seed as the build: the output check below proves it
-            modules[key] = _variants(model)[variant].cuda().eval()
-        module = modules[key]
         x_np = np.load(work / f"{case['case']}.input.npy")
         ref = np.load(work / f"{case['case']}.ref.npy")
         scale = float(np.abs(ref).max()) or 1.0
-        x_gpu = torch.from_numpy(x_np).cuda()
+        runs: dict[str, Any] = {}
+        row: dict[str, Any] = {"model": model, "variant": variant, "batch": batch, "artifacts": {}}
+        if not case.get("timm"):  # zoo models: torch eager on the GPU beside TVM
+            key = (model, variant)
+            if key not in modules:  # the same seed as the build: the output check below proves it
+                modules[key] = _variants(model)[variant].cuda().eval()
+            module = modules[key]
+            x_gpu = torch.from_numpy(x_np).cuda()
 
-        def torch_run() -> None:
+            def torch_run(module: Any = module, x_gpu: Any = x_gpu) -> None:
+                with torch.no_grad():
+                    module(x_gpu)
+                torch.cuda.synchronize()
+
             with torch.no_grad():
-                module(x_gpu)
-            torch.cuda.synchronize()
-
-        with torch.no_grad():
-            torch_err = float(np.abs(module(x_gpu).cpu().numpy() - ref).max())
-        if torch_err > TOLERANCE_REL * scale:
-            raise SystemExit(f"{case['case']}: torch on the GPU differs from the build host's "
-                             f"torch by {torch_err / scale:.2e} (max rel): not the same weights?")
-        runs = {"torch": torch_run}
-        row: dict[str, Any] = {"model": model, "variant": variant, "batch": batch,
-                               "torch_max_rel": torch_err / scale, "artifacts": {}}
+                torch_err = float(np.abs(module(x_gpu).cpu().numpy() - ref).max())
+            if torch_err > TOLERANCE_REL * scale:
+                raise SystemExit(f"{case['case']}: torch on the GPU differs from the build host's "
+                                 f"torch by {torch_err / scale:.2e} (max rel): not the same weights?")
+            runs["torch"] = torch_run
+            row["torch_max_rel"] = torch_err / scale
         for flavour, art in case["artifacts"].items():
             status: dict[str, Any] = {"cuda_binary": art["cuda_binary"]}
             try:
@@ -325,7 +366,7 @@ def measure(work: Path, out_dir: Path, name: str) -> dict[str, Any]:
             row["ort_cuda_max_rel"] = ort_err
             if ort_err <= TOLERANCE_REL:
                 runs["ort_cuda"] = lambda: sess.run(None, feed)
-        stats = time_interleaved(runs, warmup=20, min_runs=100, min_time_s=1.0)
+        stats = time_interleaved(runs, warmup=20, min_runs=100, min_time_s=1.0) if runs else {}
         row["latency_ms"] = {k: {"median": round(s.median_ms, 4), "p90": round(s.p90_ms, 4),
                                  "min": round(s.min_ms, 4), "n": s.n} for k, s in stats.items()}
         rows.append(row)
@@ -369,7 +410,7 @@ def markdown(doc: dict[str, Any]) -> str:
         lat = r["latency_ms"]
         cells = [f"{lat[k]['median']:.3f}" if k in lat else "–" for k in runtimes]
         tvm_best = min((lat[k]["median"] for k in lat if k.startswith("tvm_")), default=None)
-        ratio = f"{tvm_best / lat['torch']['median']:.2f}" if tvm_best else "–"
+        ratio = f"{tvm_best / lat['torch']['median']:.2f}" if tvm_best and "torch" in lat else "–"
         notes = "; ".join(
             f"{f}: " + (f"max rel {a['max_rel']:.1e}" if a.get("loaded") else f"did not load ({a['error']})")
             for f, a in r["artifacts"].items())
@@ -396,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--arch", default="sm_90")
     b.add_argument("--flavours", default="source,cubin")
     b.add_argument("--onnx", action="store_true", help="also export ONNX (for ORT's CUDA provider)")
+    b.add_argument("--timm", default="", help="also these timm architectures (cubin, batch 1)")
     c = sub.add_parser("cli", help="rwdeploy compile --target gpu on a zeroed ResNet-20")
     c.add_argument("work", type=Path)
     c.add_argument("--arch", default="sm_90")
@@ -407,8 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.step == "build":
         t0 = time.perf_counter()
-        build(args.work, args.models.split(","), [int(v) for v in args.batches.split(",")],
-              args.arch, args.flavours.split(","), args.onnx)
+        if args.models:
+            build(args.work, args.models.split(","), [int(v) for v in args.batches.split(",")],
+                  args.arch, args.flavours.split(","), args.onnx)
+        if args.timm:
+            build_timm(args.work, args.timm.split(","), args.arch)
         print(f"built in {time.perf_counter() - t0:.0f} s -> {args.work}")
     elif args.step == "cli":
         cli_build(args.work, args.arch, args.cases.split(","))
