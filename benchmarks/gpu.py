@@ -141,11 +141,12 @@ def _zero_90_percent_of_the_weights(module: torch.nn.Module) -> None:
                 p[torch.rand(p.shape, generator=gen) < 0.9] = 0
 
 
-# name -> (zoo architecture, how the checkpoint is pruned)
+# name -> (zoo architecture, how the checkpoint is pruned, int8 weights per channel)
 CLI_CASES = {
-    "resnet20_filters50": ("resnet20", _zero_half_the_filters),
-    "lenet5_irregular90": ("lenet5", _zero_90_percent_of_the_weights),
-    "mobilenet_v2_irregular90": ("mobilenet_v2", _zero_90_percent_of_the_weights),
+    "resnet20_filters50": ("resnet20", _zero_half_the_filters, False),
+    "lenet5_irregular90": ("lenet5", _zero_90_percent_of_the_weights, False),
+    "mobilenet_v2_irregular90": ("mobilenet_v2", _zero_90_percent_of_the_weights, False),
+    "resnet20_filters50_int8": ("resnet20", _zero_half_the_filters, True),
 }
 
 
@@ -157,7 +158,7 @@ def cli_build(work: Path, arch: str, cases: list[str]) -> None:
     import rwdeploy.models as zoo
 
     for case in cases:
-        arch_name, prune = CLI_CASES[case]
+        arch_name, prune, int8 = CLI_CASES[case]
         folder = work / "cli" / case
         folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
@@ -165,14 +166,30 @@ def cli_build(work: Path, arch: str, cases: list[str]) -> None:
         prune(module)
         calibrate_batchnorm(module, zoo.input_shape(arch_name))
         ckpt = folder / f"{case}.pt"
-        torch.save(module.state_dict(), ckpt)
+        if int8:
+            from rwdeploy.io import Checkpoint, save_checkpoint
+            from rwdeploy.quant import quantize_model
+
+            spec = quantize_model(module, 8, per_channel=True)
+            save_checkpoint(Checkpoint(arch_name, module.state_dict(), zoo.input_shape(arch_name),
+                                       metadata={"quantization": spec.to_dict()}), ckpt)
+        else:
+            torch.save(module.state_dict(), ckpt)
         cmd = [sys.executable, "-m", "rwdeploy", "compile", str(ckpt), "--arch", arch_name,
                "--target", "gpu", "--gpu-arch", arch, "--out", str(folder / "out"),
                "--batch", "1", "--no-measure"]
         subprocess.run(cmd, check=True)
         x = torch.randn(zoo.input_shape(arch_name), generator=torch.Generator().manual_seed(9))
+        probe = {"input": x.numpy()}
         with torch.no_grad():
-            np.savez(folder / "probe.npz", input=x.numpy(), output=module(x).numpy())
+            probe["output"] = module(x).numpy()
+        qdq = folder / "out" / "slim.qdq.onnx"
+        if qdq.exists():  # the int8 graph's own output, from ONNX Runtime on this host
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
+            probe["qdq_output"] = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        np.savez(folder / "probe.npz", **probe)
         ckpt.unlink()  # the GPU side needs only the compile's output
         manifest_path = work / "manifest.json"
         if not manifest_path.exists():  # a cli-only folder: no zoo cases
@@ -180,7 +197,7 @@ def cli_build(work: Path, arch: str, cases: list[str]) -> None:
 
             manifest_path.write_text(json.dumps({"arch": arch, "cases": [], "built_with": {
                 "torch": torch.__version__, "tvm": tvm.__version__, "host": platform.node()}}))
-        for extra in ("original.onnx", "slim.onnx", "slim.pt2"):
+        for extra in ("original.onnx", "slim.onnx", "slim.pt2", "slim.qdq.onnx", "slim.qdq.tvm.so"):
             (folder / "out" / extra).unlink(missing_ok=True)
 
 
@@ -196,8 +213,12 @@ def _check_cli(work: Path) -> list[dict[str, Any]]:
         x, ref = torch.from_numpy(probe["input"]), probe["output"]
         report = json.loads((folder / "out" / "report.json").read_text())
         packed = (report.get("sparse") or {}).get("packed_layers", 0)
-        for name in ("model.gpu.so", "original.gpu.so"):
+        for name in ("model.gpu.so", "original.gpu.so", "slim.qdq.gpu.so"):
             path = folder / "out" / name
+            if not path.exists():
+                continue
+            if name == "slim.qdq.gpu.so":  # the int8 graph: against its own (ORT) output
+                ref = probe["qdq_output"]
             art = TvmArtifact(target=get_target("gpu"), path=path, build_s=0.0, export_s=0.0,
                               size_bytes=path.stat().st_size, device_modules=["cuda"])
             stats, err = measure_local(art, x, ref, warmup=20, min_runs=100, min_time_s=1.0)

@@ -5,6 +5,7 @@ compiles as the float model it holds."""
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 
 import numpy as np
@@ -102,3 +103,18 @@ def test_pt2_without_a_spec_compiles_as_float(quantized_lenet, tmp_path, capsys)
     report = _compile(quantized_lenet[4], tmp_path / "out", capsys, "--target", "onnx")
     assert "quantization" not in report and not (tmp_path / "out" / "slim.qdq.onnx").exists()
     assert "slim_qdq_onnx" not in report["files"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("gcc") is None, reason="needs nvcc and gcc")
+def test_quantized_gpu_build_is_a_cubin_here(quantized_lenet, tmp_path, capsys):
+    """Without a driver the int8 gpu build's kernels are compiled to a cubin (CUDA source did not
+    load on a GPU machine with TVM's runtime alone); whether it runs: benchmarks/gpu.py."""
+    from rwdeploy.runtime.tvm_build import cuda_runtime_loads
+
+    if cuda_runtime_loads():
+        pytest.skip("a driver is installed: TVM builds cubins by itself")
+    report = _compile(quantized_lenet[2], tmp_path / "gpu", capsys, "--target", "gpu", "--gpu-arch", "sm_90")
+    device = report["quantization"]["tvm"]["device_build"]
+    data = (tmp_path / "gpu" / device["path"]).read_bytes()
+    assert device["target"] == "gpu" and device["library_bytes"] == len(data)
+    assert b"sm_90" in data and b"__global__" not in data and data.count(b"\x7fELF") == 2

@@ -50,10 +50,15 @@ def build_onnx(model: onnx.ModelProto, target: Target | None = None, path: str |
     except ImportError as err:
         raise ToolchainError(f"TVM is not importable ({err})", hint="install apache-tvm as in pyproject.toml") from None
     from rwdeploy.runtime.targets import get_target
-    from rwdeploy.runtime.tvm_build import _cuda_module
+    from rwdeploy.runtime.tvm_build import _cuda_module, cubin_needs_stand_in
 
     tgt = target or get_target("cpu")
     tgt.require("build")
+    if tgt.family == "gpu" and path is not None and cubin_needs_stand_in():
+        from rwdeploy.runtime.cuda_cubin import build_onnx_with_cubin
+
+        info = build_onnx_with_cubin(model, target=tgt, path=path)
+        return TvmBuild(str(path), info["library_bytes"], info["build_s"], tgt.tvm_target), None
     tvm_target = tgt.tvm()
     t0 = time.perf_counter()
     mod = from_onnx(model, keep_params_in_input=False)
