@@ -415,16 +415,21 @@ def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None 
     and (with `lanes`) output channels padded to whole vectors.
 
     FoldConstant must run between FoldBatchnormToConv2D and ConvertLayout: on the unfolded
-    result ConvertLayout segfaults (TVM 0.27, ResNet-20).
+    result ConvertLayout segfaults (TVM 0.27, ResNet-20). The weight arithmetic is folded in
+    numpy first (`tvm_fold`): FoldConstant builds every call with LLVM, most of a build's time.
     """
     from tvm import relax
+
+    from rwdeploy.runtime.tvm_fold import fold_weight_arithmetic_pass
 
     return [
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
+        fold_weight_arithmetic_pass(),
         relax.transform.FoldConstant(),
         clip_to_min_max_pass(),
         nhwc_or_as_given_pass(stats),
+        fold_weight_arithmetic_pass(),
         relax.transform.FoldConstant(),
         *([pad_channels_pass(lanes)] if lanes else []),
     ]

@@ -39,6 +39,7 @@ from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
     ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, describe, fused_name,
     fused_pointwise_depthwise_kernel, fused_scratch_shapes, OFFSET_LAYOUTS, offsets_func, offsets_geometry,
     offsets_name, pointwise_geometry, residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
+from rwdeploy.runtime.tvm_fold import evaluate  # noqa: E402
 from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
@@ -122,8 +123,8 @@ def _offsets(bb: relax.BlockBuilder, g: ConvGeometry, columns: relax.Expr | np.n
                                   relax.TensorType(_shape(columns), "int32")))
 
 
-_FOLDABLE = {"relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
-             "relax.divide": np.divide, "relax.sqrt": np.sqrt}
+# folded batch-norm scales / biases and reshaped weights (the rest is `tvm_fold`'s, later)
+_FOLDABLE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.sqrt", "relax.reshape"}
 
 
 def _numpy_offsets(columns: np.ndarray, geometry: np.ndarray) -> np.ndarray:
@@ -167,15 +168,11 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
             if call.op.name == "relax.call_tir" and call.args[0].name_hint.startswith("rw_conv2d_offsets_"):
                 columns, geometry = (self._value(a) for a in call.args[1].fields)
                 return call if columns is None or geometry is None else relax.const(_numpy_offsets(columns, geometry))
-            if call.op.name == "relax.reshape" and isinstance(call.args[1], relax.ShapeExpr):
-                value = self._value(call.args[0])   # a dense weight as the conv kernel's values
-                return call if value is None else \
-                    relax.const(value.reshape([int(v) for v in call.args[1].values]))
-            if call.op.name in _FOLDABLE:
-                values = [self._value(a) for a in call.args]
-                if all(v is not None and v.dtype == np.float32 for v in values):
-                    return relax.const(_FOLDABLE[call.op.name](*values).astype(np.float32))
-            return call
+            if call.op.name not in _FOLDABLE:
+                return call
+            values = [self._value(a) for a in call.args if not isinstance(a, relax.ShapeExpr)]
+            out = None if any(v is None for v in values) else evaluate(call.op.name, call, values)
+            return call if out is None else relax.const(out)
 
     folder = Fold(mod)
     for gvar, func in mod.functions_items():
