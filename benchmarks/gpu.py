@@ -76,7 +76,6 @@ def build(work: Path, models: list[str], batches: list[int], arch: str, flavours
     import rwdeploy.models as zoo
     from rwdeploy.runtime import tvm_build
     from rwdeploy.runtime.onnx_export import export_onnx
-    from rwdeploy.runtime.targets import get_target
 
     work.mkdir(parents=True, exist_ok=True)
     manifest_path = work / "manifest.json"
@@ -98,11 +97,10 @@ def build(work: Path, models: list[str], batches: list[int], arch: str, flavours
                                          "batch": batch, "artifacts": {}}
                 for flavour in flavours:
                     out = work / f"{case}.{flavour}"
-                    if flavour == "cubin":
-                        from rwdeploy.runtime.cuda_cubin import build_with_cubin
-
-                        art = build_with_cubin(module, x, target=get_target("gpu", gpu_arch=arch),
-                                               out_dir=out)
+                    if flavour == "cubin":  # a cubin where nvcc is installed and no driver
+                        art = tvm_build.build(module, x, "gpu", gpu_arch=arch, out_dir=out)
+                        if not art.cuda_binary:
+                            raise SystemExit("cubin flavour: this host kept CUDA source (no nvcc?)")
                     else:  # what a build host without nvcc ships
                         os.environ["RWDEPLOY_CUDA_SOURCE"] = "1"
                         try:
@@ -238,8 +236,7 @@ def build_timm(work: Path, names: list[str], arch: str) -> None:
     from conformance_prepare import make_trained_looking
     from torchvision_shim import import_timm
 
-    from rwdeploy.runtime.cuda_cubin import build_with_cubin
-    from rwdeploy.runtime.targets import get_target
+    from rwdeploy.runtime import tvm_build
 
     timm = import_timm()
     work.mkdir(parents=True, exist_ok=True)
@@ -257,7 +254,7 @@ def build_timm(work: Path, names: list[str], arch: str) -> None:
             ref = module(x).numpy()
         np.save(work / f"{case}.input.npy", x.numpy())
         np.save(work / f"{case}.ref.npy", ref)
-        art = build_with_cubin(module, x, target=get_target("gpu", gpu_arch=arch), out_dir=work / f"{case}.cubin")
+        art = tvm_build.build(module, x, "gpu", gpu_arch=arch, out_dir=work / f"{case}.cubin")
         manifest["cases"] = [c for c in manifest["cases"] if c["case"] != case] + [{
             "case": case, "model": name, "variant": "timm", "batch": 1, "timm": True,
             "artifacts": {"cubin": {"file": str(art.path.relative_to(work)), "build_s": round(art.build_s, 2),

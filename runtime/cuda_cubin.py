@@ -6,8 +6,8 @@ keeps CUDA source. Here the build runs in a child process that finds a stand-in
 `libcuda.so.1` (every call fails: it is only there to be loaded, never to run anything) and
 nvcc, so the artifact carries machine code for `arch` and the GPU box needs no compiler.
 
-    art = build_with_cubin(module, example_input, target=get_target("gpu", gpu_arch="sm_90"),
-                           out_dir="out")   # -> out/model.gpu.so
+    figures = build_with_cubin(module, example_input, target=get_target("gpu", gpu_arch="sm_90"),
+                               out_dir="out")   # -> out/model.gpu.so
 
 `tvm_build.build(..., "gpu", out_dir=...)` comes here by itself on a host without a driver
 where nvcc and gcc are installed (`RWDEPLOY_CUDA_SOURCE=1` keeps the CUDA source instead).
@@ -28,7 +28,6 @@ import torch
 from rwdeploy import errors
 from rwdeploy.errors import RwdeployError, ToolchainError
 from rwdeploy.runtime.targets import Target
-from rwdeploy.runtime.tvm_build import TvmArtifact
 
 # The driver entry points TVM's CUDA runtime library resolves at load time.
 _STUB_SOURCE = """
@@ -124,11 +123,11 @@ def _run_child(code: str, args: list[str], arch: str, tmp: Path) -> dict:
 
 def build_with_cubin(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
                      example_input: torch.Tensor | tuple[torch.Tensor, ...], *, target: Target,
-                     out_dir: str | os.PathLike | None = None) -> TvmArtifact:
+                     out_dir: str | os.PathLike | None = None) -> dict:
     """Build `model.gpu.so` for `target` (its arch) with the kernels as a cubin; needs nvcc, gcc.
-
-    The artifact has a file and no in-memory executable (the build ran in a child process);
-    without `out_dir` the file lives in a temporary folder removed at exit, and
+    Returns the child's figures (`path`, `build_s`, `export_s`, `size_bytes`, `device_modules`),
+    from which `tvm_build.build` makes its artifact: it has a file and no in-memory executable.
+    Without `out_dir` the file lives in a temporary folder removed at exit, and
     `tvm_build.export` copies it where it ships.
     """
     arch = target.tvm_target["arch"]
@@ -144,12 +143,8 @@ def build_with_cubin(module_or_program: torch.nn.Module | torch.export.ExportedP
                 program = torch.export.export(module_or_program, inputs)
         torch.export.save(program, tmp / "model.pt2")
         torch.save(list(inputs), tmp / "inputs.pt")
-        info = _run_child(_CHILD_TORCH, [str(tmp / "model.pt2"), str(tmp / "inputs.pt"), arch,
+        return _run_child(_CHILD_TORCH, [str(tmp / "model.pt2"), str(tmp / "inputs.pt"), arch,
                                          str(out_dir)], arch, tmp)
-    return TvmArtifact(target=target, path=Path(info["path"]),
-                       build_s=info["build_s"], export_s=info["export_s"],
-                       size_bytes=info["size_bytes"], device_modules=info["device_modules"],
-                       cuda_binary=True)
 
 
 def build_onnx_with_cubin(model: "onnx.ModelProto", *, target: Target, path: str | os.PathLike) -> dict:

@@ -281,7 +281,10 @@ def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
     if tgt.family == "gpu" and not converters and cubin_needs_stand_in():
         from rwdeploy.runtime.cuda_cubin import build_with_cubin
 
-        return build_with_cubin(module_or_program, example_input, target=tgt, out_dir=out_dir)
+        info = build_with_cubin(module_or_program, example_input, target=tgt, out_dir=out_dir)
+        return TvmArtifact(target=tgt, path=Path(info["path"]), build_s=info["build_s"],
+                           export_s=info["export_s"], size_bytes=info["size_bytes"],
+                           device_modules=info["device_modules"], cuda_binary=True)
 
     t0 = time.perf_counter()
     mod = import_relax(module_or_program, example_input, converters)
