@@ -143,11 +143,30 @@ def col2im(node: fx.Node, importer: Any) -> Any:
         output_padding=(oh - full_h, ow - full_w), dilation=dil, groups=c))
 
 
+def unfold(node: fx.Node, importer: Any) -> Any:
+    """`aten.unfold(x, dim, size, step)` (`Tensor.unfold`, HaloNet's halo windows): window i
+    along `dim` becomes index i there, its `size` elements a new last axis. Built as `size`
+    strided slices (element k of every window) stacked on that axis."""
+    from tvm import relax
+
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    dims = _static_dims(x, node)
+    dim, size, step = (int(a) for a in node.args[1:4])
+    dim = dim % len(dims) if dims else 0
+    if not dims:  # a 0-d tensor unfolds to shape (size,) = (1,)
+        return bb.emit(relax.op.reshape(x, (1,)))
+    windows = (dims[dim] - size) // step + 1
+    taps = [bb.emit(relax.op.strided_slice(x, axes=[dim], begin=[k], end=[k + (windows - 1) * step + 1],
+                                           strides=[step])) for k in range(size)]
+    return bb.emit(relax.op.stack(taps, axis=len(dims)))
+
+
 CONVERTERS: dict[str, Converter] = {
     "adaptive_max_pool2d.default": adaptive_max_pool2d,
     "amax.default": amax,
     "im2col.default": im2col,
     "col2im.default": col2im,
+    "unfold.default": unfold,
 }
 # Ops the importer's core-ATen decomposition would take apart before a converter sees them.
 KEEP_UNDECOMPOSED = ("im2col.default", "col2im.default")

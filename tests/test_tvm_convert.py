@@ -113,3 +113,20 @@ def test_im2col_and_col2im_match_torch():
     assert "conv2d_transpose" in script  # col2im as a transposed conv, not decomposed indexing
     _, check = _tvm_vs_torch(model, x)
     assert check.max_rel <= 1e-6, check
+
+
+class HaloWindows(nn.Module):
+    """Tensor.unfold as HaloNet uses it (overlapping windows: size > step) along two dims, and a
+    non-overlapping one on the last dim, whose length the windows do not divide."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halo = x.unfold(2, 4, 2).unfold(3, 5, 3)          # (N, C, 3, 2, 4, 5) for 8x9 maps
+        tail = x.unfold(-1, 2, 2)                          # (N, C, 8, 4, 2): the 9th column unused
+        return torch.cat([halo.flatten(1), torch.relu(tail).flatten(1)], 1)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 9), (1, 2, 10, 11)])
+def test_unfold_matches_torch(shape):
+    model, x = HaloWindows().eval(), torch.randn(*shape)
+    _, check = _tvm_vs_torch(model, x)
+    assert check.max_abs == 0.0, check  # windows only copy values
