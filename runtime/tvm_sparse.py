@@ -38,7 +38,8 @@ from tvm import relax  # noqa: E402
 from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
     ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, describe, fused_name,
     fused_pointwise_depthwise_kernel, fused_scratch_shapes, OFFSET_LAYOUTS, offsets_func, offsets_geometry,
-    offsets_name, pointwise_geometry, residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
+    offsets_name, fused_input_geometry, fused_input_transform, fused_pointwise_geometry, fused_transform_name,
+    residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
 from rwdeploy.runtime.tvm_fold import evaluate  # noqa: E402
 from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
@@ -192,20 +193,31 @@ def _scale(call: ConvCall) -> relax.Expr:
     return call.scale if call.scale is not None else relax.const(np.ones(scale_shape(call.spec), np.float32))
 
 
+def _describe_transform(g: ConvGeometry, C: int, H: int, W: int) -> str:
+    return (f"{g.layout} input {C}x{H}x{W} -> {g.slots} slots of {g.plane} "
+            f"(k{g.kernel[0]}x{g.kernel[1]} s{g.step[0]} p{g.padding[0]})")
+
+
 def _emit_fused(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
-    """A 1x1 conv and the depthwise conv it feeds, in one kernel (see tvm_conv_kernels)."""
+    """A 1x1 conv and the depthwise conv it feeds, in one kernel (see tvm_conv_kernels), after
+    the 1x1 conv's input is rearranged in the depthwise conv's layout."""
     pw, s = call.producer, call.spec
     residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
-    poff = _offsets(bb, pointwise_geometry(pw.spec), pw.columns) if pw.spec.nnz_blocks else pw.offsets
-    args = [pw.x, pw.values, poff, pw.indptr, _scale(pw), pw.bias,
-            call.values, call.offsets, call.indptr, _scale(call), call.bias, residual,
-            relax.const(slot_origins(conv_geometry(s), np))]
-    kernel = bb.add_func(_scheduled(fused_pointwise_depthwise_kernel(pw.spec, s),
-                                    f"{describe(pw.spec)}, into {describe(s)}"), fused_name(pw.spec, s))
-    outs = [relax.TensorType(sh, "float32") for sh in fused_scratch_shapes(pw.spec, s)]
+    poff = _offsets(bb, fused_pointwise_geometry(pw.spec, s), pw.columns) if pw.spec.nnz_blocks else pw.offsets
+    gi = fused_input_geometry(pw.spec, s)
+    p = pw.spec
+    layer = _describe_transform(gi, p.in_channels, p.height, p.width)
+    transform = bb.add_func(_scheduled(fused_input_transform(p, s), layer), fused_transform_name(p, s))
+    xt = bb.emit(relax.call_tir(transform, [pw.x, relax.const(slot_origins(gi, np))],
+                                relax.TensorType((p.batch, gi.slots, gi.plane), "float32")))
+    args = [xt, pw.values, poff, pw.indptr, _scale(pw), pw.bias,
+            call.values, call.offsets, call.indptr, _scale(call), call.bias, residual]
+    kernel = bb.add_func(_scheduled(fused_pointwise_depthwise_kernel(p, s),
+                                    f"{describe(p)}, into {describe(s)}"), fused_name(p, s))
+    outs = [relax.TensorType(sh, "float32") for sh in fused_scratch_shapes(p, s)]
     outs.append(relax.TensorType((s.batch, s.out_channels, *s.out_hw), "float32"))
     res = bb.emit(relax.call_tir(kernel, args, outs))
-    return bb.emit(relax.TupleGetItem(res, 2))
+    return bb.emit(relax.TupleGetItem(res, len(outs) - 1))
 
 
 def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
@@ -228,8 +240,7 @@ def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
         xt = bb.emit(relax.op.reshape(call.x, (B, C, H * W)))
     else:
         # named (and described) by its geometry: convs with the same input layout share it
-        layer = (f"{g.layout} input {C}x{H}x{W} -> {g.slots} slots of {g.plane} "
-                 f"(k{g.kernel[0]}x{g.kernel[1]} s{g.step[0]} p{g.padding[0]})")
+        layer = _describe_transform(g, C, H, W)
         transform = bb.add_func(_scheduled(transform_for(s), layer), s.transform_name())
         xt = bb.emit(relax.call_tir(transform, [call.x, origins], relax.TensorType((B, g.slots, g.plane), "float32")))
     return bb.emit(relax.call_tir(kernel, [xt, *weights], out))

@@ -46,9 +46,12 @@ def _dense(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple,
 class ConvCase:
     """One conv kernel call: spec, arrays, and the torch reference output."""
 
-    def __init__(self, rng, c, o, h, w, k, stride, pad, dil, groups, block, act, residual, int8, sparsity):
+    def __init__(self, rng, c, o, h, w, k, stride, pad, dil, groups, block, act, residual, int8, sparsity,
+                 weight=None):
         self.w = rng.standard_normal((o, c // groups, *k)).astype(np.float32)
         self.w[rng.random(self.w.shape) < sparsity] = 0
+        if weight is not None:
+            self.w = weight
         m = pack(torch.from_numpy(self.w.reshape(o, -1)), block)
         nnzb = m.nnz_blocks
         self.spec = K.ConvSpec(2, c, h, w, o, k, stride, pad, dil, groups, "sparse", nnzb, block, "int32",
@@ -154,24 +157,47 @@ def test_conv_kernels_match_torch(which):
 
 
 def test_pointwise_depthwise_fusion_matches_torch():
-    """A 1x1 conv (+ scale, clip) computed inside the depthwise kernel that reads it."""
+    """A 1x1 conv (+ scale, clip) computed inside the depthwise kernel that reads it, from its
+    input rearranged in the depthwise layout: strides 1 and 2, odd and even sides, a dilated
+    and a 5x5 depthwise conv, filters that read one stride phase only, all-zero filters and
+    an all-zero 1x1 conv; the scratch starts as NaN, so a padding zero the kernel fails to
+    write shows."""
     rng = np.random.default_rng(3)
-    for stride, hw, int8 in [(1, 9, False), (2, 12, True), (2, 7, False)]:
-        pw = ConvCase(rng, 6, 12, hw, hw, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1), "clip", False, int8, 0.6)
-        dw = ConvCase(rng, 12, 12, hw, hw, (3, 3), (stride, stride), (1, 1), (1, 1), 12, (1, 1), "relu", False,
-                      False, 0.5)
-        dw.x = pw.ref   # the depthwise conv reads the 1x1 conv's output
+    cases = [  # (stride, side, int8, depthwise kernel, padding, dilation, dw sparsity, 1x1 sparsity)
+        (1, 9, False, 3, 1, 1, 0.5, 0.6), (2, 12, True, 3, 1, 1, 0.5, 0.6), (2, 7, False, 3, 1, 1, 0.5, 0.6),
+        (2, 11, False, 3, 1, 1, 0.9, 0.6), (1, 10, False, 5, 2, 1, 0.8, 0.6), (1, 13, False, 3, 2, 2, 0.7, 0.6),
+        (2, 9, False, 3, 1, 1, 0.0, 0.6), (2, 8, False, 3, 1, 1, 0.5, 1.0), (1, 5, False, 3, 1, 1, 0.9, 0.0),
+    ]
+    for stride, hw, int8, k, pad, dil, dw_sparsity, pw_sparsity in cases:
+        pw = ConvCase(rng, 6, 12, hw, hw, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1), "clip", False, int8, pw_sparsity)
+        weight = None
+        if dw_sparsity == 0.9:   # one stored tap per filter: most filters read one stride phase of four
+            weight = np.zeros((12, 1, k, k), np.float32)
+            weight[np.arange(12), 0, rng.integers(0, k, 12), rng.integers(0, k, 12)] = rng.standard_normal(12)
+            weight[rng.random(12) < 0.3] = 0     # and some filters store nothing
+        dw = ConvCase(rng, 12, 12, hw, hw, (k, k), (stride, stride), (pad, pad), (dil, dil), 12, (1, 1), "relu",
+                      False, False, dw_sparsity, weight)
         ref = F.conv2d(torch.from_numpy(pw.ref), torch.from_numpy(dw.w * dw.weights[3].reshape(-1, 1, 1, 1)),
-                       torch.from_numpy(dw.weights[4]), stride, 1, 1, 12).relu().numpy()
-        kernel = K.fused_pointwise_depthwise_kernel(pw.spec, dw.spec)
-        lib = tvm.compile(tvm.IRModule({"f": kernel.with_attr("global_symbol", "f")}), target=host_target())
-        poff = K.slot_offsets_numpy(K.pointwise_geometry(pw.spec), pack(torch.from_numpy(pw.w.reshape(12, -1))).indices.numpy(), np)
-        vals, _, ptr, scale, bias, _ = pw.weights
+                       torch.from_numpy(dw.weights[4]), stride, pad, dil, 12).relu().numpy()
+        lib = tvm.compile(tvm.IRModule({
+            "f": K.fused_pointwise_depthwise_kernel(pw.spec, dw.spec).with_attr("global_symbol", "f"),
+            "t": K.fused_input_transform(pw.spec, dw.spec).with_attr("global_symbol", "t")}), target=host_target())
+        gi = K.fused_input_geometry(pw.spec, dw.spec)
+        xt = _tensor(np.full((2, gi.slots, gi.plane), np.nan, np.float32))
+        lib["t"](_tensor(pw.x), _tensor(K.slot_origins(gi, np)), xt)
+        poff = K.slot_offsets_numpy(K.fused_pointwise_geometry(pw.spec, dw.spec),
+                                    pack(torch.from_numpy(pw.w.reshape(12, -1))).indices.numpy(), np)
+        vals, off, ptr, scale, bias, _ = pw.weights
+        if pw.spec.nnz_blocks == 0:
+            poff = off
         outs = [_tensor(np.full(s, np.nan, np.float32)) for s in K.fused_scratch_shapes(pw.spec, dw.spec)]
         y = _tensor(np.full(ref.shape, np.nan, np.float32))
-        lib["f"](_tensor(pw.x), _tensor(vals), _tensor(poff), _tensor(ptr), _tensor(scale), _tensor(bias),
-                 *[_tensor(a) for a in dw.weights], _tensor(dw.origins), *outs, y)
-        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+        lib["f"](xt, _tensor(vals), _tensor(poff), _tensor(ptr), _tensor(scale), _tensor(bias),
+                 *[_tensor(a) for a in dw.weights], *outs, y)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())),
+                                   err_msg=f"stride {stride} side {hw} k{k} p{pad} d{dil}")
+
+
 
 
 @pytest.mark.parametrize("int8", [False, True])
