@@ -99,7 +99,7 @@ class ConvSpec:
         return f"rw_conv2d_{self.fmt}_{_digest(self)}"
 
     def transform_name(self) -> str:
-        return f"rw_conv2d_layout_{_digest(conv_geometry(self))}"
+        return layout_name(conv_geometry(self), self.batch)
 
 
 def describe(s: ConvSpec) -> str:
@@ -116,6 +116,12 @@ def describe(s: ConvSpec) -> str:
 
 def _digest(obj) -> str:
     return hashlib.sha1(repr(astuple(obj)).encode()).hexdigest()[:12]
+
+
+def layout_name(g: "ConvGeometry", batch: int) -> str:
+    """The input rearrangement's symbol: convs whose inputs share a geometry share it, but only
+    at the same batch (the geometry has no batch; one symbol for two batches is a build error)."""
+    return f"rw_conv2d_layout_{_digest(g)}" + ("" if batch == 1 else f"_b{batch}")
 
 
 @dataclass(frozen=True)
@@ -625,7 +631,7 @@ def fused_name(pw: ConvSpec, dw: ConvSpec) -> str:
 
 
 def fused_transform_name(pw: ConvSpec, dw: ConvSpec) -> str:
-    return f"rw_conv2d_layout_{_digest(fused_input_geometry(pw, dw))}"
+    return layout_name(fused_input_geometry(pw, dw), pw.batch)
 
 
 @lru_cache(maxsize=None)

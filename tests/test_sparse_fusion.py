@@ -113,3 +113,28 @@ def test_int8_packed_model_matches_its_float_twin(packed_block):
         assert "int8" in mod.script()
         vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
         _check(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), ref)
+
+
+class TwoBatches(nn.Module):
+    """Two 3x3 convs of one shape, one over the batch and one over its first image: their
+    input rearrangements have the same geometry but not the same batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x[:1])
+
+
+def test_convs_at_two_batch_sizes_build_and_match():
+    model = _sparsify(TwoBatches(), 0.7, 3)
+    x = torch.randn(2, 4, 10, 10, generator=torch.Generator().manual_seed(4))
+    res = pack_sparse(torch.fx.symbolic_trace(model), x, mode="csr", min_sparsity=0.3)
+    assert len(res.record.packed) == 2
+    with torch.no_grad():
+        ref = model(x).numpy()
+    mod = tvm_sparse.import_exported_program(torch.export.export(res.gm, (x,)))
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
+    _check(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), ref)
