@@ -122,10 +122,15 @@ def import_relax(module_or_program: torch.nn.Module | torch.export.ExportedProgr
 
         converters = convert_map(dense_kernels=False)
     converters = {**CONVERTERS, **(converters or {})}
+    keep = KEEP_UNDECOMPOSED
+    if _has_rwdeploy_ops(program):
+        from rwdeploy.runtime.tvm_sparse import KEPT_ACTIVATIONS
+
+        keep = (*keep, *KEPT_ACTIVATIONS)
     decompose = True
-    if _uses(program, KEEP_UNDECOMPOSED):  # decompose here, keeping the ops a converter handles whole
+    if _uses(program, keep):  # decompose here, keeping the ops a converter handles whole
         table = torch.export.default_decompositions()
-        for name in KEEP_UNDECOMPOSED:
+        for name in keep:
             table.pop(getattr(torch.ops.aten, name.split(".")[0]).default, None)
         program, decompose = program.run_decompositions(table), False
     try:

@@ -49,7 +49,7 @@ ACC_FLOATS = 128    # cap on accumulator floats of a BSR block row (BR x TQ)
 STEP_COST = 1.5     # per stored weight and tile: index and value loads, address arithmetic
 COPY_COST = 0.15    # per float copied into the rearranged input by row copies (vectorised)
 COPY_COST_SMALL = 0.8   # per float when rows are <= 8 floats (one select per element)
-ACTIVATIONS = ("none", "relu", "clip")
+ACTIVATIONS = ("none", "relu", "clip", "hardswish", "silu")
 WORKERS = 16        # parallel chunks of a grouped conv; each reuses one scratch region (see _workers)
 
 
@@ -295,6 +295,10 @@ def _epilogue(s: ConvSpec, v, o, residual, scale, bias):
         v = T.max(v, T.float32(0))
     elif s.act == "clip":
         v = T.min(T.max(v, T.float32(s.clip[0])), T.float32(s.clip[1]))
+    elif s.act == "hardswish":   # torch: x * relu6(x + 3) / 6
+        v = v * T.min(T.max(v + T.float32(3), T.float32(0)), T.float32(6)) / T.float32(6)
+    elif s.act == "silu":
+        v = v * T.sigmoid(v)
     return v
 
 

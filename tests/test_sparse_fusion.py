@@ -138,3 +138,40 @@ def test_convs_at_two_batch_sizes_build_and_match():
     mod = tvm_sparse.import_exported_program(torch.export.export(res.gm, (x,)))
     vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
     _check(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), ref)
+
+
+class MobileActivations(nn.Module):
+    """conv-BN-hardswish; 1x1-BN-hardswish -> depthwise s2-BN-SiLU -> 1x1-SiLU (MobileNetV3 /
+    EfficientNet activations after packed convs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.pw, self.bp = nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48)
+        self.dw, self.bd = nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48, bias=False), nn.BatchNorm2d(48)
+        self.pj = nn.Conv2d(48, 24, 1)
+
+    def forward(self, x):
+        y = nn.functional.hardswish(self.b1(self.c1(x)))
+        y = nn.functional.silu(self.bd(self.dw(nn.functional.hardswish(self.bp(self.pw(y))))))
+        return nn.functional.silu(self.pj(y))
+
+
+def test_hardswish_and_silu_are_conv_epilogues_and_match():
+    """The product build keeps hardswish / SiLU whole after a packed conv and runs them in the
+    kernel's epilogue (the 1x1 conv's inside the fused depthwise kernel), not as separate passes."""
+    from rwdeploy.runtime.tvm_build import build, import_relax
+
+    model = _sparsify(MobileActivations(), 0.6, 5)
+    x = torch.randn(2, 3, 14, 14, generator=torch.Generator().manual_seed(6)) * 2
+    res = pack_sparse(torch.fx.symbolic_trace(model), x, mode="csr", min_sparsity=0.3)
+    assert len(res.record.packed) == 4
+    with torch.no_grad():
+        ref = model(x).numpy()
+    layers = [str(f.attrs["rwdeploy.layer"]) for f in import_relax(res.gm, x).functions.values()
+              if f.attrs is not None and "rwdeploy.layer" in f.attrs]
+    assert sum("+hardswish" in d for d in layers) == 2 and sum("+silu" in d for d in layers) == 2, layers
+    assert any("+hardswish, into" in d and d.endswith("+silu") for d in layers), layers   # fused pair
+    art = build(res.gm, x, "cpu")
+    vm = tvm.relax.VirtualMachine(art.executable, tvm.cpu())
+    _check(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), ref)
