@@ -78,7 +78,8 @@ class ConvCase:
                        groups)
         if residual:
             ref = ref + torch.from_numpy(res)
-        ref = {"none": ref, "relu": torch.relu(ref), "clip": ref.clamp(-0.5, 0.75)}[act]
+        ref = {"none": ref, "relu": torch.relu(ref), "clip": ref.clamp(-0.5, 0.75),
+               "hardswish": F.hardswish(ref), "silu": F.silu(ref)}[act]
         self.ref = ref.numpy()
         self.weights = [vals, off, m.indptr.numpy(), scale, bias, res]
         self.origins = K.slot_origins(g, np)
@@ -116,7 +117,7 @@ def _random_cases(seed: int, n: int) -> list[ConvCase]:
         pad = tuple(int(rng.integers(0, kk)) for kk in k)
         h, w = (int(v) for v in rng.integers(max(k) * 2, 20, 2))
         br = int(rng.choice([1, 1, 4])) if (o // groups) % 4 == 0 else 1
-        act = str(rng.choice(["none", "relu", "clip"]))
+        act = str(rng.choice(["none", "relu", "clip", "hardswish", "silu"]))
         cases.append(ConvCase(rng, c, o, h, w, k, stride, pad, dil, groups, (br, 1), act,
                               bool(rng.random() < 0.4), bool(rng.random() < 0.3), float(rng.uniform(0.3, 0.97))))
     return cases
@@ -230,3 +231,30 @@ def test_linear_kernels_match_torch(int8):
         lib[spec.name()](*[_tensor(a) for a in arrays], *scratch, y)
         np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())),
                                    err_msg=str(spec))
+
+
+def test_epilogue_exp_matches_numpy_over_the_float_range():
+    """The SiLU epilogue's polynomial exp (vectorised): relative error against float64 exp
+    over [-87, 88] (where it is not clamped), and SiLU against torch far outside it."""
+    from tvm.script import tirx as T
+
+    n = 1 << 14
+
+    @T.prim_func
+    def f(x: T.Buffer((n,), "float32"), e: T.Buffer((n,), "float32"), s: T.Buffer((n,), "float32")):
+        for o in range(n // 16):
+            for i in T.vectorized(16):
+                e[o * 16 + i] = K._exp(x[o * 16 + i])
+                s[o * 16 + i] = x[o * 16 + i] / (T.float32(1) + K._exp(-x[o * 16 + i]))
+
+    lib = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}), target=host_target())
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-87, 88, n // 2), rng.standard_normal(n // 4) * 4,
+                        rng.uniform(-1e4, 1e4, n // 4)]).astype(np.float32)
+    e, s = (_tensor(np.full(n, np.nan, np.float32)) for _ in range(2))
+    lib["f"](_tensor(x), e, s)
+    inside = np.abs(x) <= 87
+    exact = np.exp(x[inside].astype(np.float64))
+    assert np.max(np.abs(e.numpy()[inside] - exact) / exact) < 5e-7
+    ref = F.silu(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(s.numpy(), ref, rtol=5e-7, atol=1e-6)
