@@ -31,6 +31,8 @@ runs on this machine overlap.
   python benchmarks/sparse.py                          # e2e, layers, int8, onnx (~40 min)
   python benchmarks/sparse.py --sections arm           # aarch64 instruction counts (~30 min)
   python benchmarks/sparse.py --sections e2e --models resnet18 --sparsities 0.95 --rounds 11
+  python benchmarks/sparse.py --sections e2e --models timm:mobilenetv3_large_100,timm:efficientnet_b0 \
+      --sparsities 0.9 --name sparse_timm                 # published architectures (bench extra)
 """
 from __future__ import annotations
 
@@ -92,19 +94,36 @@ def sparsified_model(name: str, sparsity: float, *, int8: bool = False):
     `int8`: then weights on the 8-bit per-output-channel power-of-two grid (as `prune --quantize 8`)."""
     import torch
 
-    from rwdeploy import models
     from rwdeploy.quant.fixed_point import fake_quantize
 
     torch.manual_seed(0)
-    model = models.create(name).eval()
+    model = _create(name)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
                 m.weight.copy_(_prune(m.weight, sparsity))
                 if int8:
                     m.weight.copy_(fake_quantize(m.weight, 8, axis=0))
-    _recalibrate_batch_norms(model, models.input_shape(name))
+    _recalibrate_batch_norms(model, input_shape(name))
     return model
+
+
+def _create(name: str):
+    """A zoo model, or "timm:<name>": a timm architecture (random weights; the bench extra)."""
+    from rwdeploy import models
+
+    if not name.startswith("timm:"):
+        return models.create(name).eval()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "conformance"))
+    from torchvision_shim import import_timm   # timm imports torchvision, which needs two op schemas
+
+    return import_timm().create_model(name[5:], pretrained=False).eval()
+
+
+def input_shape(name: str) -> tuple[int, ...]:
+    from rwdeploy import models
+
+    return (1, 3, 224, 224) if name.startswith("timm:") else models.input_shape(name)
 
 
 def _recalibrate_batch_norms(model, shape: tuple[int, ...], batches: int = 4) -> None:
@@ -203,7 +222,6 @@ def run_e2e(args, threads: int, tmp: Path) -> list[dict]:
     import tvm
     from torch.fx.experimental.optimization import fuse
 
-    from rwdeploy import models
     from rwdeploy.passes.pack_sparse import pack_sparse
     from rwdeploy.runtime.tvm_build import build
     from rwdeploy.runtime.tvm_profile import by_category, profile_calls
@@ -216,7 +234,7 @@ def run_e2e(args, threads: int, tmp: Path) -> list[dict]:
                 load0 = os.getloadavg()
                 model = sparsified_model(name, sparsity)
                 traced = torch.fx.symbolic_trace(model)
-                x = torch.randn(models.input_shape(name), generator=torch.Generator().manual_seed(2))
+                x = torch.randn(input_shape(name), generator=torch.Generator().manual_seed(2))
                 with torch.no_grad():
                     ref = model(x).numpy()
                 t0 = time.perf_counter()
@@ -380,7 +398,6 @@ def run_int8(args, threads: int, tmp: Path) -> list[dict]:
     import torch
     import tvm
 
-    from rwdeploy import models
     from rwdeploy.passes.pack_sparse import pack_sparse
     from rwdeploy.quant.export import export_float_onnx, write_qdq_onnx
     from rwdeploy.quant.tvm_qdq import build_onnx
@@ -396,7 +413,7 @@ def run_int8(args, threads: int, tmp: Path) -> list[dict]:
             load0 = os.getloadavg()
             model = sparsified_model(name, sparsity, int8=True)
             traced = torch.fx.symbolic_trace(model)
-            x = torch.randn(models.input_shape(name), generator=torch.Generator().manual_seed(2))
+            x = torch.randn(input_shape(name), generator=torch.Generator().manual_seed(2))
             with torch.no_grad():
                 ref = model(x).numpy()
             packed = pack_sparse(traced, x, timer=HostLayerTimer()).gm
@@ -466,7 +483,6 @@ def run_arm(args, threads: int, tmp: Path) -> list[dict]:
     import numpy as np
     import torch
 
-    from rwdeploy import models
     from rwdeploy.passes.pack_sparse import pack_sparse
     from rwdeploy.runtime import arm_emulator
     from rwdeploy.runtime.arm_layer_timer import arm_layer_timer
@@ -478,7 +494,7 @@ def run_arm(args, threads: int, tmp: Path) -> list[dict]:
         sparsity = args.arm_sparsity
         model = sparsified_model(name, sparsity)
         traced = torch.fx.symbolic_trace(model)
-        x = torch.randn(models.input_shape(name), generator=torch.Generator().manual_seed(2))
+        x = torch.randn(input_shape(name), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             ref = model(x).numpy()
         timer = arm_layer_timer("arm")
