@@ -114,7 +114,9 @@ def _create(name: str):
 
     if not name.startswith("timm:"):
         return models.create(name).eval()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "conformance"))
+    shim = str(Path(__file__).resolve().parent.parent / "tests" / "conformance")
+    if shim not in sys.path:
+        sys.path.insert(0, shim)
     from torchvision_shim import import_timm   # timm imports torchvision, which needs two op schemas
 
     return import_timm().create_model(name[5:], pretrained=False).eval()
