@@ -271,11 +271,15 @@ def vector_registers(target: Any) -> int:
 
 
 def vector_lanes(target: Any) -> int:
-    """float32 lanes of the target's widest vector register (16 with AVX-512, 4 with NEON)."""
+    """float32 lanes of the target's widest vector register (16 with AVX-512, 8 with AVX2, 4 with NEON)."""
     import tvm
 
+    codegen = tvm.target.codegen
     try:
-        bits = int(tvm.target.codegen.llvm_get_vector_width(target))
+        bits = int(codegen.llvm_get_vector_width(target))
+        # TVM 0.27 reports 512 for any x86 CPU name (haswell included): ask for the ISA instead
+        if bits > 128 and not codegen.target_has_features("avx512f", target):
+            bits = 256 if codegen.target_has_features("avx", target) else 128
     except Exception:
         bits = 128
     return max(1, bits // 32)
