@@ -256,12 +256,39 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
         sch.vectorize(sch.get_loops(init)[-1])
     writeback = sch.get_loops(accumulator)[1:]
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
-        last = writeback[-1]
-        extent = int(sch.get(last).extent)
-        if extent > tile.width and extent % tile.width == 0:
-            last = sch.split(last, [None, tile.width])[-1]
-        sch.vectorize(last)
+        _vectorize_writeback(sch, accumulator, writeback[-1], tile.width)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _vectorize_writeback(sch: Any, block: Any, last: Any, width: int) -> None:
+    """Vectorise the write-back's channel loop.
+
+    Where the output has fewer channels than the tile (`pad_channels_pass` padded the layer and
+    the slice back is fused here), the loop carries a predicate `channel < C`; vectorised as
+    one loop, TVM scalarises it and LLVM turned it into gathers and scatters (LeNet-5 slim's
+    10-channel conv1 at batch 8: 0.072 ms, 0.041 ms unpadded). The loop is partitioned
+    instead: whole vectors below C, power-of-two vectors for the rest of C (10 = 8 + 2), none
+    with a predicate, and the padding, which writes nothing.
+    """
+    extent = int(sch.get(last).extent)
+    written = sch.get(block).writes
+    valid = int(written[0].source.ty.shape[-1]) if len(written) == 1 else extent
+    if valid < extent:
+        # whole vectors of `width`, then power-of-two pieces of the rest (10 = 8 + 2)
+        parts = [valid // width * width] if valid >= width else []
+        rest = valid - sum(parts)
+        while rest:
+            parts.append(1 << (rest.bit_length() - 1))
+            rest -= parts[-1]
+        # the padding's part is inferred (TVM wants the given factors to sum below the extent)
+        for loop, size in zip(sch.loop_partition(last, parts + [None]), parts):
+            lanes = min(size, width)
+            if lanes > 1:
+                sch.vectorize(sch.split(loop, [None, lanes])[-1] if size > lanes else loop)
+        return
+    if extent > width and extent % width == 0:
+        last = sch.split(last, [None, width])[-1]
+    sch.vectorize(last)
 
 
 def vector_registers(target: Any) -> int:

@@ -239,6 +239,35 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
 
 
+def test_padded_channels_write_back_through_partitioned_loops():
+    """Padded layers (10 -> 16, 25 -> 32, 50 -> 56 channels) write only their real channels
+    back, in unpredicated vector pieces (8 + 2, 16 + 8 + 1, 48 + 2): kernel by kernel the same
+    as the unscheduled kernels, and the whole build the same as torch."""
+    import tvm
+    from tvm import tirx
+
+    from rwdeploy.runtime import tvm_legalize, tvm_schedule
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 25, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(25, 50, 1), nn.Flatten(), nn.Linear(50 * 6 * 6, 7)).eval()
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 8, 8)
+        diffs = _scheduled_vs_naive(model, x)
+        assert sum("strided_slice" in k for k in diffs) == 4 and max(diffs.values()) < 1e-4, diffs
+        target = reg.get_target("cpu", threads=1).tvm()
+        with target:
+            mod = tvm.transform.Sequential([*tvm_schedule.prepare_passes(16),
+                                            *tvm_legalize.legalize_passes(target)])(tvm_build.import_relax(model, x))
+        sliced = [f for g, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and "strided_slice" in g.name_hint]
+        assert all("_partition" in tvm_schedule.schedule_reduction(f, 16).script() for f in sliced)
+        art = tvm_build.build(model, x, "cpu", threads=1)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("RWDEPLOY_TEST_TUNING"),
                     reason="MetaSchedule costs ~2.5 CPU-minutes even for 2 trials (over this "
