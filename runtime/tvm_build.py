@@ -184,7 +184,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
 
     from rwdeploy.runtime.tvm_legalize import legalize_passes
     from rwdeploy.runtime.tvm_schedule import prepare_passes, schedule_cpu_pass, vector_lanes
-    from rwdeploy.runtime import tvm_window_ell
+    from rwdeploy.runtime import tvm_batch_split, tvm_window_ell
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.cpu_pipeline")
     def pipeline(mod: Any, _ctx: Any) -> Any:
@@ -192,9 +192,13 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
             tuned = [relax.transform.MetaScheduleApplyDatabase(tuning_db)] if tuning_db else []
             # batch-1 CSR Linear layers as window-ELL where the CPU has AVX-512
             window_ell = [tvm_window_ell.window_ell_pass()] if tvm_window_ell.supports(target) else []
+            # a batch whose first layers' tensors overflow this machine's cache runs them per image
+            split = [tvm_batch_split.batch_split_pass(tvm_batch_split.last_level_cache_bytes())] \
+                if not str(target.attrs.get("mtriple", "")) else []
             return tvm.transform.Sequential([
                 *window_ell,
                 *prepare_passes(vector_lanes(target), stats),
+                *split,
                 *cpu.library_dispatch_passes(target),
                 *legalize_passes(target),
                 *tuned,

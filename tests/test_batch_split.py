@@ -1,0 +1,118 @@
+"""Running the first layers of a batch one image at a time (`runtime.tvm_batch_split`): where
+the cut goes (after the large tensors, never inside a residual block, not at all when nothing
+is large or the batch is 1), and that the split build computes what torch does."""
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from rwdeploy.runtime import tvm_batch_split as split
+from rwdeploy.runtime import tvm_build, tvm_schedule
+
+nn = torch.nn
+
+
+class Block(nn.Module):
+    """conv -> relu -> conv, plus the input (a residual: two values live inside it)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.b(torch.relu(self.a(x))))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), Block(16),      # 16 x 16 x 16
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU6(),     # 32 x 8 x 8
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def _main(model: nn.Module, x: torch.Tensor):
+    with tvm.target.Target({"kind": "llvm"}):
+        mod = tvm.transform.Sequential(tvm_schedule.prepare_passes(16))(tvm_build.import_relax(model, x))
+    return mod["main"]
+
+
+def test_cut_follows_the_large_tensors_and_keeps_residual_blocks_whole():
+    x = torch.randn(4, 3, 16, 16)
+    main = _main(_net(), x)
+    bindings = list(main.body.blocks[0].bindings)
+    # 4 x 16 x 16 x 16 floats = 64 KiB: large against a 512 KiB "cache" (fraction 8 -> 64 KiB);
+    # the 4 x 8 x 8 x 32 ones (32 KiB) are not
+    cut = split.split_point(main, 512 << 10)
+    assert cut is not None
+    shape = [int(d) for d in bindings[cut].var.ty.shape]
+    assert shape == [4, 8, 8, 32]          # past the 16x16 stage, after the stride-2 conv's ReLU6
+    sizes = [split._tensor_bytes(b.var.ty) for b in bindings[cut + 1:]]
+    assert max(s for s in sizes if s is not None) < (512 << 10) // split.CACHE_FRACTION
+    # with a cache so small that the 8x8 tensors are large too, the cut moves on, but never
+    # to a point inside the residual block, where the block input is still live
+    later = split.split_point(main, 16 << 10)
+    assert later is None or later > cut
+    assert split.split_point(main, 1 << 30) is None                  # nothing large
+    assert split.split_point(_main(_net(), x[:1]), 1 << 10) is None  # batch 1
+
+
+class InvertedResidual(nn.Module):
+    """x + project(relu(expand(x))): the large tensor is inside the block, its input and
+    output are small (MobileNetV2's block)."""
+
+    def __init__(self, c: int, wide: int):
+        super().__init__()
+        self.expand, self.project = nn.Conv2d(c, wide, 1), nn.Conv2d(wide, c, 1)
+
+    def forward(self, x):
+        return x + self.project(torch.relu(self.expand(x)))
+
+
+def test_cut_is_never_inside_a_residual_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), InvertedResidual(8, 64),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 4)).eval()
+    main = _main(model, torch.randn(2, 3, 16, 16))
+    bindings = list(main.body.blocks[0].bindings)
+    # 2 x 16 x 16 x 64 = 128 KiB large, the 8-channel tensors (16 KiB) not
+    cut = split.split_point(main, 8 * (64 << 10))
+    residual = [i for i, b in enumerate(bindings) if getattr(b.value, "op", None) is not None
+                and b.value.op.name == "relax.add" and all(isinstance(a, tvm.relax.Var) for a in b.value.args)]
+    assert len(residual) == 1 and cut is not None and cut >= residual[0]   # not at the projection
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_split_build_matches_torch(batch, monkeypatch):
+    model = _net()
+    x = torch.randn(batch, 3, 16, 16)
+    cache = 96 * 1024 * batch   # the 16x16 stage (16 KiB an image) large, the 8x8 one (8 KiB) not
+    monkeypatch.setattr(split, "last_level_cache_bytes", lambda default=0: cache)
+    assert split.split_point(_main(model, x), cache) is not None
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_split_function_has_one_copy_per_image_and_the_same_output_type():
+    x = torch.randn(3, 3, 16, 16)
+    main = _main(_net(), x)
+    cut = split.split_point(main, 384 << 10)
+    out = split.split_batch(main, cut)
+
+    def convs(bindings) -> int:
+        return sum(getattr(getattr(b.value, "op", None), "name", "") == "relax.nn.conv2d" for b in bindings)
+
+    def concats(bindings) -> int:
+        return sum(getattr(getattr(b.value, "op", None), "name", "") == "relax.concat" for b in bindings)
+
+    before, after = list(main.body.blocks[0].bindings), list(out.body.blocks[0].bindings)
+    assert concats(after) == 1
+    assert convs(after) == 3 * convs(before[:cut + 1]) + convs(before[cut + 1:])
+    assert str(out.ret_ty) == str(main.ret_ty) == "R.Tensor((3, 10), dtype=\"float32\")"
+
+
+def test_last_level_cache_is_read_from_the_machine():
+    size = split.last_level_cache_bytes()
+    assert size >= 1 << 20
