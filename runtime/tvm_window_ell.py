@@ -136,9 +136,26 @@ def kernel(s: WindowEllSpec) -> Any:
     SC = (N,) if VT == "int8" else (1,)
     int8 = VT == "int8"
 
+    padded = K % WIN != 0      # the last window reads past x: windows come from a zero-padded copy
+
     def weights(vals, st):
         v = vals[T.ramp(st * L, 1, L)]
         return T.Cast("float32x16", v) if int8 else v
+
+    def finish(v, row, scale, bias):
+        return (v * scale[row] if int8 else v) + bias[row]
+
+    @T.macro
+    def store(y, scratch, scale, bias, b):
+        if N % L == 0:   # whole blocks: one vector store
+            for j in T.vectorized(L):
+                y[0, b * L + j] = finish(scratch[XP + b * 2 * L + j] + scratch[XP + b * 2 * L + L + j],
+                                         b * L + j, scale, bias)
+        else:
+            for j in range(L):
+                if b * L + j < N:
+                    y[0, b * L + j] = finish(scratch[XP + b * 2 * L + j] + scratch[XP + b * 2 * L + L + j],
+                                             b * L + j, scale, bias)
 
     @T.prim_func
     def f(x: T.Buffer((1, K), "float32"), vals: T.Buffer((S * L,), VT), idx: T.Buffer((S * L,), "uint8"),
@@ -146,18 +163,20 @@ def kernel(s: WindowEllSpec) -> Any:
           scale: T.Buffer(SC, "float32"), scratch: T.Buffer((XP + NB * 2 * L,), "float32"),
           y: T.Buffer((1, N), "float32")):
         T.func_attr({"tir.noalias": True})
-        for k in T.vectorized(K):
-            scratch[k] = x[0, k]
-        for k in range(K, XP):
-            scratch[k] = T.float32(0)
+        src = T.decl_buffer((XP,), "float32", data=scratch.data if padded else x.data)
+        if padded:
+            for k in T.vectorized(K):
+                scratch[k] = x[0, k]
+            for k in range(K, XP):
+                scratch[k] = T.float32(0)
         for b in T.parallel(NB):
             for j in T.vectorized(2 * L):
                 scratch[XP + b * 2 * L + j] = T.float32(0)
             for w in range(NW):
-                x0 = T.bind(scratch[T.ramp(w * WIN, 1, L)])
-                x1 = T.bind(scratch[T.ramp(w * WIN + 16, 1, L)])
-                x2 = T.bind(scratch[T.ramp(w * WIN + 32, 1, L)])
-                x3 = T.bind(scratch[T.ramp(w * WIN + 48, 1, L)])
+                x0 = T.bind(src[T.ramp(w * WIN, 1, L)])
+                x1 = T.bind(src[T.ramp(w * WIN + 16, 1, L)])
+                x2 = T.bind(src[T.ramp(w * WIN + 32, 1, L)])
+                x3 = T.bind(src[T.ramp(w * WIN + 48, 1, L)])
                 acc = T.bind(XP + b * 2 * L + w % 2 * L)
                 for st in range(step_ptr[b * NW + w], step_ptr[b * NW + w + 1]):
                     i = T.bind(T.Cast("int32x16", idx[T.ramp(st * L, 1, L)]))
@@ -165,10 +184,7 @@ def kernel(s: WindowEllSpec) -> Any:
                                         T.call_llvm_pure_intrin("float32x16", _PERMUTE, x2, i, x3),
                                         T.call_llvm_pure_intrin("float32x16", _PERMUTE, x0, i, x1)))
                     scratch[T.ramp(acc, 1, L)] = scratch[T.ramp(acc, 1, L)] + weights(vals, st) * g
-            for j in range(L):
-                if b * L + j < N:
-                    y[0, b * L + j] = (scratch[XP + b * 2 * L + j] + scratch[XP + b * 2 * L + L + j]) * (
-                        scale[b * L + j] if int8 else T.float32(1)) + bias[b * L + j]
+            store(y, scratch, scale, bias, b)
 
     return f.with_attr("global_symbol", s.name())
 
