@@ -30,6 +30,8 @@ PER_IMAGE_OPS = frozenset({
 })
 CACHE_FRACTION = 8   # split while a batch tensor is at least this fraction of the cache
 _LAYERS = ("relax.nn.conv2d", "relax.nn.max_pool2d", "relax.nn.avg_pool2d")
+_BROADCASTING = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
+                 "relax.minimum")
 
 
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
@@ -85,10 +87,18 @@ def split_point(func: Any, cache_bytes: int) -> int | None:
     prefix = 0   # bindings [0, prefix) are per-image ops on x and earlier prefix values
     for b in bindings:
         value = b.value
-        # every tensor operand: a constant, the input or an earlier split value
+        # every tensor operand: the input, an earlier split value, or a constant without a
+        # batch axis of its own (a (B, ...) constant would broadcast one image back to B)
+        def splittable(a: Any) -> bool:
+            if isinstance(a, relax.Var):
+                return a in defined
+            if not isinstance(a, tvm.ir.expr.Constant):
+                return False
+            dims = getattr(a.ty, "shape", None) or []
+            return value.op.name not in _BROADCASTING or len(dims) < len(shape) or int(dims[0]) == 1
+
         if not _per_image(value) or not all(
-                isinstance(a, tvm.ir.expr.Constant) or (isinstance(a, relax.Var) and a in defined)
-                for a in value.args if isinstance(getattr(a, "ty", None), relax.TensorType)):
+                splittable(a) for a in value.args if isinstance(getattr(a, "ty", None), relax.TensorType)):
             break
         out = getattr(b.var.ty, "shape", None)
         if out is None or int(out[0]) != batch or _tensor_bytes(b.var.ty) is None:

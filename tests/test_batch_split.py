@@ -116,3 +116,27 @@ def test_split_function_has_one_copy_per_image_and_the_same_output_type():
 def test_last_level_cache_is_read_from_the_machine():
     size = split.last_level_cache_bytes()
     assert size >= 1 << 20
+
+
+class AddsABatchShapedConstant(nn.Module):
+    """An early add of a constant with its own batch axis: one image plus it would be B images."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, stride=2, padding=1)
+        self.register_buffer("offset", torch.randn(batch, 16, 16, 16))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) + self.offset).flatten(1)
+
+
+def test_a_batch_shaped_constant_stops_the_split(monkeypatch):
+    model = AddsABatchShapedConstant(3).eval()
+    x = torch.randn(3, 3, 16, 16)
+    assert split.split_point(_main(model, x), 96 * 1024 * 3) is None
+    monkeypatch.setattr(split, "last_level_cache_bytes", lambda default=0: 96 * 1024 * 3)
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
