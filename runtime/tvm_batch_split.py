@@ -8,7 +8,8 @@ build lost to ONNX Runtime (67 vs 59 ms). One image's tensors (4.8 MB) stay in c
 
 `batch_split_pass(cache_bytes)` rewrites `main` (a Relax function of one batched tensor
 input, after `tvm_schedule.prepare_passes`): its leading layers, while they are only
-batch-independent ops (convs, elementwise ops, pooling, channel slices, an NHWC transpose),
+batch-independent ops (convs, elementwise ops, pooling, channel slices, an NHWC transpose, the
+tuple and getitem of a decomposed batch norm),
 run once per image on a slice of the input, up to a *cut*: the first point after the last
 tensor of at least `cache_bytes / 4` at which one tensor carries everything forward (a
 smaller one: it is concatenated in memory). The
@@ -85,28 +86,37 @@ def split_point(func: Any, cache_bytes: int) -> int | None:
     bindings = list(func.body.blocks[0].bindings)
     defined = {x}
     prefix = 0   # bindings [0, prefix) are per-image ops on x and earlier prefix values
+
+    def splittable(a: Any, broadcasting: bool) -> bool:
+        """An operand: the input, an earlier split value, or a constant without a batch axis
+        of its own (a (B, ...) constant would broadcast one image back to B)."""
+        if isinstance(a, relax.Var):
+            return a in defined
+        if not isinstance(a, tvm.ir.expr.Constant):
+            return False
+        dims = getattr(a.ty, "shape", None) or []
+        return not broadcasting or len(dims) < len(shape) or int(dims[0]) == 1
+
     for b in bindings:
         value = b.value
-        # every tensor operand: the input, an earlier split value, or a constant without a
-        # batch axis of its own (a (B, ...) constant would broadcast one image back to B)
-        def splittable(a: Any) -> bool:
-            if isinstance(a, relax.Var):
-                return a in defined
-            if not isinstance(a, tvm.ir.expr.Constant):
-                return False
-            dims = getattr(a.ty, "shape", None) or []
-            return value.op.name not in _BROADCASTING or len(dims) < len(shape) or int(dims[0]) == 1
-
-        if not _per_image(value) or not all(
-                splittable(a) for a in value.args if isinstance(getattr(a, "ty", None), relax.TensorType)):
-            break
-        out = getattr(b.var.ty, "shape", None)
-        if out is None or int(out[0]) != batch or _tensor_bytes(b.var.ty) is None:
-            break
+        if isinstance(value, relax.Tuple):      # e.g. a decomposed batch norm's (y, mean, var)
+            if not all(splittable(f, True) for f in value.fields):
+                break
+        elif isinstance(value, relax.TupleGetItem):
+            if value.tuple_value not in defined:
+                break
+        else:
+            if not _per_image(value) or not all(
+                    splittable(a, value.op.name in _BROADCASTING)
+                    for a in value.args if isinstance(getattr(a, "ty", None), relax.TensorType)):
+                break
+            out = getattr(b.var.ty, "shape", None)
+            if out is None or int(out[0]) != batch or _tensor_bytes(b.var.ty) is None:
+                break
         defined.add(b.var)
         prefix += 1
     threshold = cache_bytes // CACHE_FRACTION
-    large = [i for i in range(prefix) if _tensor_bytes(bindings[i].var.ty) >= threshold]
+    large = [i for i in range(prefix) if (_tensor_bytes(bindings[i].var.ty) or 0) >= threshold]
     if not large:
         return None
     # uses of each prefix value after each point: a cut must leave exactly one value live
@@ -124,7 +134,7 @@ def split_point(func: Any, cache_bytes: int) -> int | None:
     # and past the elementwise ops after it (bias, activation), which fuse with their conv
     cut = next((k for k in range(large[-1] + 1, prefix) if single_live(k)), None)
     while cut is not None and cut + 1 < prefix and single_live(cut + 1) \
-            and bindings[cut + 1].value.op.name not in _LAYERS:
+            and getattr(getattr(bindings[cut + 1].value, "op", None), "name", "") not in _LAYERS:
         cut += 1
     return cut
 
@@ -151,9 +161,15 @@ def split_batch(func: Any, cut: int) -> Any:
     for i in range(batch):
         mapping = {x: bind(relax.op.strided_slice(x, axes=[0], begin=[i], end=[i + 1]), f"image{i}")}
         for b in bindings[:cut + 1]:
-            args = [mapping.get(a, a) if isinstance(a, relax.Var) else a for a in b.value.args]
-            mapping[b.var] = bind(tvm.ir.Call(b.value.op, args, b.value.attrs, b.value.ty_args),
-                                  f"{b.var.name}_i{i}")
+            value = b.value
+            if isinstance(value, relax.Tuple):
+                value = relax.Tuple([mapping.get(f, f) for f in value.fields])
+            elif isinstance(value, relax.TupleGetItem):
+                value = relax.TupleGetItem(mapping[value.tuple_value], value.index)
+            else:
+                args = [mapping.get(a, a) if isinstance(a, relax.Var) else a for a in value.args]
+                value = tvm.ir.Call(value.op, args, value.attrs, value.ty_args)
+            mapping[b.var] = bind(value, f"{b.var.name}_i{i}")
         outs.append(mapping[bindings[cut].var])
     cut_var = bindings[cut].var
     new.append(relax.VarBinding(cut_var, bb.normalize(relax.op.concat(outs, axis=0))))

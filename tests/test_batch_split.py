@@ -140,3 +140,35 @@ def test_a_batch_shaped_constant_stops_the_split(monkeypatch):
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_tuple_bindings_are_split_too():
+    """A decomposed batch norm's (y, mean, var) tuple and its getitem (what a slim model from
+    `remove_zero_channels` imports as) stay in the per-image part; the split function computes
+    what the original does."""
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    w = relax.const(rng.standard_normal((3, 3, 4, 4)).astype("float32"))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8, 8, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, padding=1, data_layout="NHWC", kernel_layout="HWIO"))
+            t = bb.emit(relax.Tuple([y, relax.const(np.ones(4, "float32"))]))
+            z = bb.emit(relax.op.nn.relu(bb.emit(relax.TupleGetItem(t, 0))))
+            z = bb.emit(relax.op.nn.conv2d(z, w, strides=2, padding=1, data_layout="NHWC", kernel_layout="HWIO"))
+            out = bb.emit_output(relax.op.nn.relu(z))
+        bb.emit_func_output(out)
+    main = bb.get()["main"]
+    cut = split.split_point(main, 8 * 2048)   # 2 x 8 x 8 x 4 floats = 2 KiB: large; 2 x 4 x 4 x 4 not
+    bindings = list(main.body.blocks[0].bindings)
+    assert cut is not None and [int(d) for d in bindings[cut].var.ty.shape] == [2, 4, 4, 4]
+    target = tvm.target.Target({"kind": "llvm"})
+    data = tvm.runtime.tensor(rng.standard_normal((2, 8, 8, 4)).astype("float32"))
+    outs = []
+    for func in (main, split.split_batch(main, cut)):
+        ex = tvm.compile(tvm.IRModule({"main": func}), target=target,
+                         relax_pipeline=tvm_build.cpu_pipeline(target, {}))
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](data).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
