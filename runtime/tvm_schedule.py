@@ -451,9 +451,11 @@ def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None 
     """
     from tvm import relax
 
+    from rwdeploy.runtime.tvm_bn_bias import bias_into_batch_norm_pass
     from rwdeploy.runtime.tvm_fold import fold_weight_arithmetic_pass
 
     return [
+        bias_into_batch_norm_pass(),
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         fold_weight_arithmetic_pass(),
