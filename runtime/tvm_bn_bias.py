@@ -19,6 +19,8 @@ def bias_into_batch_norm_pass() -> Any:
     import tvm
     from tvm import relax
 
+    from rwdeploy.runtime.tvm_fold import rewrite_functions
+
     def constant(expr: Any) -> np.ndarray | None:
         value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.GenericConst) else None
         return value.numpy() if hasattr(value, "numpy") else None
@@ -76,10 +78,6 @@ def bias_into_batch_norm_pass() -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.BiasIntoBatchNorm")
     def rewrite(mod: Any, _ctx: Any) -> Any:
-        mutator = BiasIntoBatchNorm(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(mutator.builder_.finalize())
+        return rewrite_functions(BiasIntoBatchNorm(mod), mod)
 
     return rewrite

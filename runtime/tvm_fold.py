@@ -20,6 +20,17 @@ _ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def rewrite_functions(mutator: Any, mod: Any) -> Any:
+    """`mod` with every Relax function visited by `mutator` (a PyExprMutator built on `mod`),
+    dead bindings removed."""
+    from tvm import relax
+
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator.builder_.finalize())
+
+
 def _ints(values: Any) -> list[int]:
     return [int(v) for v in values]
 
@@ -80,10 +91,6 @@ def fold_weight_arithmetic_pass() -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.FoldWeightArithmetic")
     def fold(mod: Any, _ctx: Any) -> Any:
-        folder = Fold(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                folder.builder_.update_func(gvar, folder.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(folder.builder_.finalize())
+        return rewrite_functions(Fold(mod), mod)
 
     return fold

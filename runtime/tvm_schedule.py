@@ -369,6 +369,8 @@ def pad_channels_pass(lanes: int) -> Any:
     import tvm
     from tvm import relax
 
+    from rwdeploy.runtime.tvm_fold import rewrite_functions
+
     @relax.expr_functor.mutator
     class PadChannels(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
@@ -399,11 +401,7 @@ def pad_channels_pass(lanes: int) -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.PadChannels")
     def pad(mod: Any, _ctx: Any) -> Any:
-        mutator = PadChannels(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-        return mutator.builder_.finalize()
+        return rewrite_functions(PadChannels(mod), mod)
 
     return pad
 
@@ -417,6 +415,8 @@ def clip_to_min_max_pass() -> Any:
     """
     import tvm
     from tvm import relax
+
+    from rwdeploy.runtime.tvm_fold import rewrite_functions
 
     @relax.expr_functor.mutator
     class ClipToMinMax(relax.PyExprMutator):
@@ -432,11 +432,7 @@ def clip_to_min_max_pass() -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.ClipToMinMax")
     def rewrite(mod: Any, _ctx: Any) -> Any:
-        mutator = ClipToMinMax(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-        return mutator.builder_.finalize()
+        return rewrite_functions(ClipToMinMax(mod), mod)
 
     return rewrite
 

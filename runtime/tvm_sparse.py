@@ -40,7 +40,7 @@ from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
     fused_pointwise_depthwise_kernel, fused_scratch_shapes, OFFSET_LAYOUTS, offsets_func, offsets_geometry,
     offsets_name, fused_input_geometry, fused_input_transform, fused_pointwise_geometry, fused_transform_name,
     residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
-from rwdeploy.runtime.tvm_fold import evaluate  # noqa: E402
+from rwdeploy.runtime.tvm_fold import evaluate, rewrite_functions  # noqa: E402
 from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
@@ -175,11 +175,7 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
             out = None if any(v is None for v in values) else evaluate(call.op.name, call, values)
             return call if out is None else relax.const(out)
 
-    folder = Fold(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            folder.builder_.update_func(gvar, folder.visit_expr(func))
-    out = relax.transform.DeadCodeElimination()(folder.builder_.finalize())
+    out = rewrite_functions(Fold(mod), mod)
     # an offsets kernel whose every call was folded is dead; its global symbol keeps DCE from seeing it
     called = {gv.name_hint for f in out.functions.values() if isinstance(f, relax.Function)
               for gv in relax.analysis.all_global_vars(f)}

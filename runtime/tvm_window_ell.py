@@ -205,6 +205,7 @@ def window_ell_pass() -> Any:
     import tvm
     from tvm import relax
 
+    from rwdeploy.runtime.tvm_fold import rewrite_functions
     from rwdeploy.runtime.tvm_sparse import _scheduled
 
     replaced: set[str] = set()   # names of the CSR kernels a call of which was rewritten
@@ -250,11 +251,7 @@ def window_ell_pass() -> Any:
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.WindowEllLinear")
     def rewrite(mod: Any, _ctx: Any) -> Any:
         replaced.clear()
-        mutator = ToWindowEll(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-        out = mutator.builder_.finalize()
+        out = rewrite_functions(ToWindowEll(mod), mod)
         used = {g.name_hint for f in out.functions.values() if isinstance(f, relax.Function)
                 for g in relax.analysis.all_global_vars(f)}
         for gvar in list(out.functions.keys()):
