@@ -349,7 +349,7 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
     return schedule
 
 
-def _padded_width(channels: int, lanes: int) -> int:
+def padded_width(channels: int, lanes: int) -> int:
     """The next multiple of half a register (of `lanes` when that is 4 or less)."""
     unit = max(4, lanes // 2) if lanes > 4 else lanes
     return -(-channels // unit) * unit
@@ -390,7 +390,7 @@ def pad_channels_pass(lanes: int) -> Any:
                 return call
             w = weight.value.numpy()
             channels = w.shape[-1]
-            padded = _padded_width(channels, lanes)
+            padded = padded_width(channels, lanes)
             if padded == channels:
                 return call
             w = np.concatenate([w, np.zeros((*w.shape[:-1], padded - channels), w.dtype)], -1)
@@ -448,9 +448,13 @@ def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None 
     from tvm import relax
 
     from rwdeploy.runtime.tvm_bn_bias import bias_into_batch_norm_pass
+    from rwdeploy.runtime.tvm_depthwise_pad import widen_depthwise_pass
     from rwdeploy.runtime.tvm_fold import fold_weight_arithmetic_pass
 
     return [
+        # a slim model's border maps (convs of constant maps) become constants for the next pass
+        fold_weight_arithmetic_pass(),
+        relax.transform.FoldConstant(),
         bias_into_batch_norm_pass(),
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
@@ -460,7 +464,7 @@ def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None 
         nhwc_or_as_given_pass(stats),
         fold_weight_arithmetic_pass(),
         relax.transform.FoldConstant(),
-        *([pad_channels_pass(lanes)] if lanes else []),
+        *([pad_channels_pass(lanes), widen_depthwise_pass(lanes)] if lanes else []),
     ]
 
 
