@@ -189,8 +189,8 @@ def measure_variants(variants: dict[str, nn.Module], example: torch.Tensor, work
                 err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
                 if err > 1e-4:
                     raise RuntimeError(f"TVM build of {variant} disagrees with torch: max rel error {err:.1e}")
-        stats = time_interleaved(calls, warmup=args.warmup,
-                                 min_runs=args.runs, max_runs=max(args.runs, 2000), min_time_s=args.min_time)
+        stats = time_interleaved(calls, warmup=args.warmup, min_runs=args.runs, max_runs=max(args.runs, 2000),
+                                 min_time_s=args.min_time, calls_per_turn=args.turn)
         out[b] = {v: {"median_ms": st.median_ms, "p90_ms": st.p90_ms, "n": st.n} for v, st in stats.items()}
     return out, sizes
 
@@ -320,13 +320,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                     lines.append(f"- {label}, b{b}, {rate:.0%}: median speed-up ÷ MAC reduction "
                                  f"{statistics.median(at):.2f} over {len(at)} models")
     lines += ["", f"ONNX Runtime {meta['environment']['onnxruntime']}, CPU provider, {meta['threads']} thread(s), "
-              f"median of ≥{meta['runs']} runs, dense and slim calls alternating; {meta['environment']['cpu']}; load average before: {load}. "
+              f"median of ≥{meta['runs']} runs, " + _turns(meta.get("turn", 1)) + f"; {meta['environment']['cpu']}; load average before: {load}. "
               f"Inputs: {', '.join(f'{m} {s}' for m, s in meta['input_shapes'].items())}. "
               "Max relative error = max |slim − zeroed| / max |zeroed| over probe batches."
               + (" Align columns: speed-up over dense (zero channels kept for alignment; for auto, the candidate its "
                  "whole-model choice took: off, N=8, N=16 or per-group, timed at batch 1 before this run)."
                  if "auto" in aligns else "")]
     return "\n".join(lines) + "\n"
+
+
+def _turns(turn: int) -> str:
+    if turn == 1:
+        return "dense and slim calls alternating (each call starts with the caches the others left)"
+    return (f"dense and slim alternating in turns of 1 untimed + {turn} timed calls "
+            "(each model's steady state, as when it runs alone)")
 
 
 def _ratio(row: dict[str, Any], batch: int, runtime: str | None) -> float | None:
@@ -348,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--min-time", dest="min_time", type=float, default=2.0,
                    help="seconds of alternating timed runs at least, per batch size")
+    p.add_argument("--turn", type=int, default=1,
+                   help="timed calls of one model in a row (after an untimed one) before the next model's turn: "
+                        "1 = single calls alternating, each starting with the caches the other models left; "
+                        "k > 1 = each model's steady state, as when it runs alone")
     p.add_argument("--no-measure", action="store_true")
     p.add_argument("--align", default="off",
                    help="comma list of compile --align values (off, N, auto); the first gives the main row, "
@@ -371,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "structured", "batches": args.batches, "threads": args.threads, "runs": args.runs,
         "min_time_s": args.min_time, "loadavg_before": list(os.getloadavg()), "environment": environment(),
         "torch_pruning": _torch_pruning_version(), "input_shapes": {}, "aligns": args.aligns, "tvm": args.tvm,
+        "turn": args.turn,
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

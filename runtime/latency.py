@@ -86,24 +86,32 @@ def time_interleaved(
     min_runs: int = 20,
     max_runs: int = 1000,
     min_time_s: float = 0.5,
+    calls_per_turn: int = 1,
 ) -> dict[str, LatencyStats]:
-    """Time several callables in alternation (a, b, a, b, ...), one call at a time.
+    """Time several callables in alternation (a, b, a, b, ...), one turn at a time.
 
     On a shared machine the load changes from second to second; timing one model for a while
-    and then the other lets that drift decide the comparison. Alternating single calls exposes
-    every candidate to the same conditions, so their ratio is what the models differ by.
-    `min_runs`/`max_runs` count calls of each; `min_time_s` is the whole loop's floor.
+    and then the other lets that drift decide the comparison. Alternating turns exposes every
+    candidate to the same conditions, so their ratio is what the models differ by.
+    `min_runs`/`max_runs` count timed calls of each; `min_time_s` is the whole loop's floor.
+    With `calls_per_turn` 1 a turn is one timed call, which starts with the caches the other
+    candidates left; with k > 1 it is one untimed call, then k timed ones: each candidate's
+    steady state, as when it runs alone (what a deployed model sees), still interleaved.
     """
     for _ in range(warmup):
         for run in runs.values():
             run()
     samples: dict[str, list[float]] = {name: [] for name in runs}
-    start = time.perf_counter()
-    for i in range(max_runs):
+    start, timed = time.perf_counter(), 0
+    while timed < max_runs:
         for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - t0)
-        if i + 1 >= min_runs and time.perf_counter() - start >= min_time_s:
+            if calls_per_turn > 1:
+                run()
+            for _ in range(calls_per_turn):
+                t0 = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - t0)
+        timed += calls_per_turn
+        if timed >= min_runs and time.perf_counter() - start >= min_time_s:
             break
     return {name: LatencyStats.from_samples(s, warmup) for name, s in samples.items()}

@@ -118,6 +118,17 @@ def test_interleaved_timing_alternates_calls():
     assert stats["a"].n == stats["b"].n == 5 and stats["a"].warmup == 2
 
 
+def test_interleaved_timing_in_turns_of_several_calls():
+    from rwdeploy.runtime.latency import time_interleaved
+
+    calls: list[str] = []
+    stats = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             warmup=1, min_runs=5, max_runs=9, min_time_s=0, calls_per_turn=3)
+    # 1 warm-up round, then turns of 1 untimed + 3 timed calls until >= 5 timed calls of each
+    assert calls == ["a", "b"] + (["a"] * 4 + ["b"] * 4) * 2
+    assert stats["a"].n == stats["b"].n == 6
+
+
 
 class TokenNet(nn.Module):
     """A class token expanded to the batch and a reshape by the batch size (ViT-style): the
