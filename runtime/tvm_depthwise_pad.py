@@ -8,7 +8,7 @@ element by element: slim MobileNetV2 70 %'s 29-channel depthwise at 56x56 took 0
 `pad_channels_pass` already computes on 32 channels and slices back to 29, followed by the
 bias and ReLU6. A depthwise output channel reads only its own input channel, so the depthwise
 can run on the first 32 channels of the padded tensor (weights padded with zero filters, the
-channel-local chain in between applied to all 32) and its output be sliced back to 29: the
+channel-local ops in between, e.g. bias and activation, applied to all 32) and its output be sliced back to 29: the
 same function, with whole vectors, and the slice moved from the expand conv's write-back to
 the depthwise's. Whatever the padded channels hold never reaches a kept output.
 """
@@ -18,9 +18,13 @@ from typing import Any
 
 import numpy as np
 
-# Elementwise ops whose other operand, a constant along the channel axis, keeps them channel-local
-CHANNEL_LOCAL_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide",
-                     "relax.maximum", "relax.minimum")
+# Elementwise ops: with constant operands along the channel axis (or scalars) they keep every
+# channel apart, so they may run on the padded tensor (activations such as SiLU or Hardswish
+# arrive as small graphs of them)
+CHANNEL_LOCAL_OPS = frozenset(f"relax.{op}" for op in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "negative", "abs",
+    "sqrt", "exp", "log", "tanh", "sigmoid", "erf", "clip", "where", "greater", "greater_equal",
+    "less", "less_equal", "nn.relu", "nn.silu", "nn.gelu", "nn.gelu_tanh", "nn.leakyrelu"))
 
 
 def use_counts(func: Any) -> dict[Any, int]:
@@ -90,28 +94,67 @@ def widen_depthwise_pass(lanes: int) -> Any:
             except Exception:  # noqa: BLE001 - a parameter
                 return None
 
-        def _source(self, data: Any, channels: int) -> tuple[Any, list[tuple[Any, int, np.ndarray]]] | None:
-            """(the wider tensor `data` was sliced from, the channel-local ops between them as
-            (call, position of the chain operand, other operand)), each value read once."""
-            chain, cur, rank = [], data, 4
-            while True:
-                if self.uses.get(cur, 0) != 1:
-                    return None
-                bound = self._binding(cur)
-                if leading_channels(bound, rank) == channels:
-                    return bound.args[0], chain
-                if not is_op(bound, *CHANNEL_LOCAL_OPS):
-                    return None
-                for pos in (0, 1):
-                    other = constant(bound.args[1 - pos])
-                    if other is not None and isinstance(bound.args[pos], relax.Var) and \
-                            other.ndim <= rank and (other.ndim == 0 or other.shape[-1] in (1, channels)) \
-                            and all(d == 1 for d in other.shape[:-1]):
-                        chain.append((bound, pos, other))
-                        cur = bound.args[pos]
-                        break
+        def _channel_local(self, data: Any, channels: int) -> tuple[dict[Any, Any], Any] | None:
+            """The channel-local graph computing `data` from the first `channels` channels of
+            one wider tensor: (its bindings by variable, slices included; the wider tensor),
+            or None. Every value in it must be read only inside it (`data` only by the conv)."""
+            nodes: dict[Any, Any] = {}
+            sources: list[Any] = []
+            pending = [data]
+            while pending:
+                var = pending.pop()
+                if any(var.same_as(v) for v in nodes):
+                    continue
+                bound = self._binding(var)
+                if leading_channels(bound, 4) == channels:
+                    sources.append(bound.args[0])
+                elif is_op(bound, *CHANNEL_LOCAL_OPS):
+                    for arg in bound.args:
+                        if isinstance(arg, relax.Var):
+                            pending.append(arg)
+                        elif isinstance(arg, tvm.ir.expr.GenericConst):
+                            c = constant(arg)
+                            if c is None or c.ndim > 4 or (c.ndim and (c.shape[-1] not in (1, channels)
+                                                                       or any(d != 1 for d in c.shape[:-1]))):
+                                return None
+                        elif not isinstance(arg, relax.PrimValue):
+                            return None
                 else:
                     return None
+                nodes[var] = bound
+            if not sources or any(not src.same_as(sources[0]) for src in sources):
+                return None
+            reads = {var: int(var.same_as(data)) for var in nodes}
+            for bound in nodes.values():
+                if not is_op(bound, "relax.strided_slice"):
+                    for arg in bound.args:
+                        for var in reads:
+                            reads[var] += int(arg.same_as(var))
+            if any(self.uses.get(var, 0) != n for var, n in reads.items()):
+                return None
+            return nodes, sources[0]
+
+        def _rebuild(self, var: Any, nodes: dict[Any, Any], wide: Any, channels: int, padded: int,
+                     done: dict[Any, Any]) -> Any:
+            """`var` computed on the padded tensor `wide` (its constants widened)."""
+            for old, new in done.items():
+                if old.same_as(var):
+                    return new
+            bound = nodes[var]
+            if is_op(bound, "relax.strided_slice"):
+                done[var] = wide
+                return wide
+            fill = 1.0 if bound.op.name in ("relax.divide", "relax.log", "relax.sqrt", "relax.power") else 0.0
+            args = []
+            for arg in bound.args:
+                if isinstance(arg, relax.Var):
+                    args.append(self._rebuild(arg, nodes, wide, channels, padded, done))
+                elif isinstance(arg, tvm.ir.expr.GenericConst):
+                    args.append(relax.const(widen(constant(arg), channels, padded, fill)))
+                else:
+                    args.append(arg)
+            done[var] = self.builder_.emit(tvm.ir.Call(bound.op, args, bound.attrs, bound.ty_args))
+            return done[var]
 
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
@@ -125,18 +168,14 @@ def widen_depthwise_pass(lanes: int) -> Any:
             groups, padded = int(attrs.groups), padded_width(channels, lanes)
             if groups != channels or weight.shape[2] != 1 or padded == channels:
                 return call
-            found = self._source(call.args[0], channels)
-            source_shape = shape(found[0]) if found else None
+            found = self._channel_local(call.args[0], channels)
+            source_shape = shape(found[1]) if found else None
             if source_shape is None or source_shape[-1] < padded:
                 return call
-            wide, chain = found
+            nodes, wide = found
             if source_shape[-1] > padded:
                 wide = self.builder_.emit(relax.op.strided_slice(wide, axes=[3], begin=[0], end=[padded]))
-            for op_call, pos, other in reversed(chain):
-                fill = 1.0 if op_call.op.name == "relax.divide" else 0.0
-                args = [None, None]
-                args[pos], args[1 - pos] = wide, relax.const(widen(other, channels, padded, fill))
-                wide = self.builder_.emit(tvm.ir.Call(op_call.op, args, op_call.attrs, op_call.ty_args))
+            wide = self._rebuild(call.args[0], nodes, wide, channels, padded, {})
             filters = np.concatenate([weight, np.zeros((*weight.shape[:3], padded - channels), weight.dtype)], -1)
             conv = self.builder_.emit(relax.op.nn.conv2d(
                 wide, relax.const(filters), strides=attrs.strides, padding=attrs.padding,

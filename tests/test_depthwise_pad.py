@@ -27,17 +27,19 @@ class InvertedResidual(nn.Module):
     """1x1 expand -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> 1x1 project, with odd
     widths (as a slim MobileNetV2 has them); `reuse` also reads the expanded tensor elsewhere."""
 
-    def __init__(self, cin: int, hidden: int, stride: int = 1, reuse: bool = False, divide: bool = False):
+    def __init__(self, cin: int, hidden: int, stride: int = 1, reuse: bool = False, divide: bool = False,
+                 act: nn.Module | None = None):
         super().__init__()
         torch.manual_seed(0)
         self.expand, self.bn1 = nn.Conv2d(cin, hidden, 1, bias=False), _bn(hidden)
         self.dw = nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False)
         self.bn2, self.project = _bn(hidden), nn.Conv2d(hidden, cin, 1)
         self.reuse, self.divide, self.stride = reuse, divide, stride
+        self.act = act or nn.ReLU6()
         self.register_buffer("scale", torch.rand(1, hidden, 1, 1) + 0.5)
 
     def forward(self, x):
-        h = nn.functional.relu6(self.bn1(self.expand(x)))
+        h = self.act(self.bn1(self.expand(x)))
         if self.divide:
             h = h / self.scale
         y = self.project(nn.functional.relu6(self.bn2(self.dw(h))))
@@ -64,6 +66,18 @@ def test_odd_depthwise_runs_widened_and_matches_torch(hidden, stride, divide):
         with torch.no_grad():
             ref = model(xb).numpy()
         np.testing.assert_allclose(tvm_build.run_local(art, xb), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.Hardswish(), nn.GELU()], ids=["silu", "hardswish", "gelu"])
+def test_activation_graphs_between_slice_and_depthwise_run_widened(act):
+    """Hardswish arrives as x * clip(x + 3, 0, 6) / 6: x is read twice, both times inside."""
+    model = InvertedResidual(7, 29, act=act).eval()
+    x = torch.randn(2, 7, 12, 12)
+    assert _depthwise_groups(model, x) == [32]
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
 def test_depthwise_whose_input_is_read_elsewhere_is_left_alone():
