@@ -54,6 +54,13 @@ def _depthwise_groups(model: nn.Module, x: torch.Tensor) -> list[int]:
     return [int(g) for g in re.findall(r"groups=(\d+)", mod["main"].script()) if int(g) > 1]
 
 
+def _build_matches_torch(model: nn.Module, x: torch.Tensor) -> None:
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("hidden,stride,divide", [(29, 1, False), (29, 2, False), (58, 1, True), (10, 2, False)])
 def test_odd_depthwise_runs_widened_and_matches_torch(hidden, stride, divide):
     model = InvertedResidual(7, hidden, stride, divide=divide).eval()
@@ -62,10 +69,7 @@ def test_odd_depthwise_runs_widened_and_matches_torch(hidden, stride, divide):
     assert _depthwise_groups(model, x) == [padded]
     for batch in (1, 3):
         xb = torch.randn(batch, 7, 12, 12)
-        art = tvm_build.build(model, xb, "cpu", threads=1)
-        with torch.no_grad():
-            ref = model(xb).numpy()
-        np.testing.assert_allclose(tvm_build.run_local(art, xb), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        _build_matches_torch(model, xb)
 
 
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.Hardswish(), nn.GELU()], ids=["silu", "hardswish", "gelu"])
@@ -74,20 +78,14 @@ def test_activation_graphs_between_slice_and_depthwise_run_widened(act):
     model = InvertedResidual(7, 29, act=act).eval()
     x = torch.randn(2, 7, 12, 12)
     assert _depthwise_groups(model, x) == [32]
-    art = tvm_build.build(model, x, "cpu", threads=1)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    _build_matches_torch(model, x)
 
 
 def test_depthwise_whose_input_is_read_elsewhere_is_left_alone():
     model = InvertedResidual(7, 29, reuse=True).eval()
     x = torch.randn(1, 7, 12, 12)
     assert _depthwise_groups(model, x) == [29]
-    art = tvm_build.build(model, x, "cpu", threads=1)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    _build_matches_torch(model, x)
 
 
 def test_aligned_depthwise_is_left_alone():
