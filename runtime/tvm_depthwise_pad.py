@@ -1,5 +1,5 @@
 """Depthwise convolutions with an odd channel count run on the padded tensor their input was
-sliced from: `widen_depthwise_pass(lanes)`.
+sliced from: `widen_depthwise_pass(padded_width)`.
 
 A slim MobileNet's depthwise layers keep e.g. 29 or 58 channels. The depthwise schedule
 vectorises along channels, and an odd count becomes one odd-width vector that LLVM legalises
@@ -14,7 +14,7 @@ the depthwise's. Whatever the padded channels hold never reaches a kept output.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,13 +44,14 @@ def use_counts(func: Any) -> dict[Any, int]:
     return counts
 
 
-def widen_depthwise_pass(lanes: int) -> Any:
-    """The Relax module pass (after `pad_channels_pass`, on NHWC / HWIO convolutions)."""
+def widen_depthwise_pass(padded_width: Callable[[int], int]) -> Any:
+    """The Relax module pass (after `pad_channels_pass`, on NHWC / HWIO convolutions):
+    `padded_width(C)` is the channel count a C-channel depthwise runs on (that of the padded
+    convs, `tvm_schedule.padded_width`); a depthwise with C == padded_width(C) is left alone."""
     import tvm
     from tvm import relax
 
     from rwdeploy.runtime.tvm_fold import rewrite_functions
-    from rwdeploy.runtime.tvm_schedule import padded_width
 
     def is_op(expr: Any, *names: str) -> bool:
         return isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in names
@@ -165,7 +166,7 @@ def widen_depthwise_pass(lanes: int) -> Any:
                     or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"):
                 return call
             channels = out[-1]
-            groups, padded = int(attrs.groups), padded_width(channels, lanes)
+            groups, padded = int(attrs.groups), padded_width(channels)
             if groups != channels or weight.shape[2] != 1 or padded == channels:
                 return call
             found = self._channel_local(call.args[0], channels)

@@ -464,7 +464,7 @@ def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None 
         nhwc_or_as_given_pass(stats),
         fold_weight_arithmetic_pass(),
         relax.transform.FoldConstant(),
-        *([pad_channels_pass(lanes), widen_depthwise_pass(lanes)] if lanes else []),
+        *([pad_channels_pass(lanes), widen_depthwise_pass(lambda c: padded_width(c, lanes))] if lanes else []),
     ]
 
 
