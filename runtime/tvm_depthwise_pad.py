@@ -8,9 +8,9 @@ element by element: slim MobileNetV2 70 %'s 29-channel depthwise at 56x56 took 0
 `pad_channels_pass` already computes on 32 channels and slices back to 29, followed by the
 bias and ReLU6. A depthwise output channel reads only its own input channel, so the depthwise
 can run on the first 32 channels of the padded tensor (weights padded with zero filters, the
-channel-local ops in between, e.g. bias and activation, applied to all 32) and its output be sliced back to 29: the
-same function, with whole vectors, and the slice moved from the expand conv's write-back to
-the depthwise's. Whatever the padded channels hold never reaches a kept output.
+channel-local ops in between, e.g. bias and activation, applied to all 32) and its output be
+sliced back to 29: the same function, with whole vectors, and the slice moved from the expand
+conv's write-back to the depthwise's. Whatever the padded channels hold never reaches a kept output.
 """
 from __future__ import annotations
 
