@@ -24,21 +24,9 @@ def bias_into_batch_norm_pass() -> Any:
     import tvm
     from tvm import relax
 
-    from rwdeploy.runtime.tvm_fold import rewrite_functions
-
-    def constant(expr: Any) -> np.ndarray | None:
-        value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.GenericConst) else None
-        return value.numpy() if hasattr(value, "numpy") else None
-
-    def is_op(expr: Any, name: str) -> bool:
-        return isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-    def dims(expr: Any) -> list[int] | None:
-        shape = getattr(getattr(expr, "ty", None), "shape", None)
-        try:
-            return None if shape is None else [int(d) for d in shape]
-        except TypeError:  # a symbolic dimension
-            return None
+    from rwdeploy.runtime.tvm_fold import constant_value as constant
+    from rwdeploy.runtime.tvm_fold import is_op, rewrite_functions
+    from rwdeploy.runtime.tvm_fold import static_shape as dims
 
     @relax.expr_functor.mutator
     class BiasIntoBatchNorm(relax.PyExprMutator):

@@ -51,20 +51,9 @@ def widen_depthwise_pass(padded_width: Callable[[int], int]) -> Any:
     import tvm
     from tvm import relax
 
-    from rwdeploy.runtime.tvm_fold import rewrite_functions
-
-    def is_op(expr: Any, *names: str) -> bool:
-        return isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in names
-
-    def constant(expr: Any) -> np.ndarray | None:
-        value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.GenericConst) else None
-        return value.numpy() if hasattr(value, "numpy") else None
-
-    def shape(expr: Any) -> list[int] | None:
-        try:
-            return [int(d) for d in expr.ty.shape]
-        except (TypeError, ValueError, AttributeError):
-            return None
+    from rwdeploy.runtime.tvm_fold import constant_value as constant
+    from rwdeploy.runtime.tvm_fold import is_op, rewrite_functions
+    from rwdeploy.runtime.tvm_fold import static_shape as shape
 
     def leading_channels(call: Any, rank: int) -> int | None:
         """`end` when `call` is x[..., 0:end] along the last axis of a rank-`rank` tensor."""
@@ -125,12 +114,13 @@ def widen_depthwise_pass(padded_width: Callable[[int], int]) -> Any:
                 nodes[var] = bound
             if not sources or any(not src.same_as(sources[0]) for src in sources):
                 return None
+            # counted as `use_counts` counts: once per binding that reads the variable
             reads = {var: int(var.same_as(data)) for var in nodes}
             for bound in nodes.values():
                 if not is_op(bound, "relax.strided_slice"):
-                    for arg in bound.args:
+                    for used in relax.analysis.free_vars(bound):
                         for var in reads:
-                            reads[var] += int(arg.same_as(var))
+                            reads[var] += int(used.same_as(var))
             if any(self.uses.get(var, 0) != n for var, n in reads.items()):
                 return None
             return nodes, sources[0]

@@ -20,6 +20,29 @@ _ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def constant_value(expr: Any) -> np.ndarray | None:
+    """The numpy value of a Relax constant tensor, else None."""
+    import tvm
+
+    value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.GenericConst) else None
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+def static_shape(expr: Any) -> list[int] | None:
+    """The shape of a Relax expression's tensor type, or None (no shape, a symbolic dimension)."""
+    try:
+        return [int(d) for d in expr.ty.shape]
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def is_op(expr: Any, *names: str) -> bool:
+    """True when `expr` is a call of one of the Relax ops `names` ("relax.add", ...)."""
+    import tvm
+
+    return isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in names
+
+
 def rewrite_functions(mutator: Any, mod: Any) -> Any:
     """`mod` with every Relax function visited by `mutator` (a PyExprMutator built on `mod`),
     dead bindings removed."""

@@ -26,6 +26,7 @@ import numpy as np
 
 # The compute stages' names: the schedule recognises the stages by them (they live there so
 # that the schedule need not import this module).
+from rwdeploy.runtime.tvm_fold import constant_value, static_shape
 from rwdeploy.runtime.tvm_schedule import CONV, DENSE, DEPTHWISE, PAD, STAGES  # noqa: F401
 
 
@@ -110,27 +111,12 @@ def dense_packed(data: Any, packed: Any) -> Any:
                       name=DENSE)
 
 
-def _constant(expr: Any) -> np.ndarray | None:
-    import tvm
-
-    if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy"):
-        return expr.value.numpy()
-    return None
-
-
 def _ints(values: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
 def _float32(call: Any) -> bool:
     return all(getattr(a.ty, "dtype", None) == "float32" for a in call.args) and call.ty.dtype == "float32"
-
-
-def _static_shape(expr: Any) -> list[int] | None:
-    try:
-        return [int(d) for d in expr.ty.shape]
-    except (TypeError, ValueError, AttributeError):  # a symbolic dimension
-        return None
 
 
 def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
@@ -141,8 +127,8 @@ def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
 
     def legalize(bb: Any, call: Any) -> Any:
         attrs = call.attrs
-        weight = _constant(call.args[1])
-        out_shape = _static_shape(call)
+        weight = constant_value(call.args[1])
+        out_shape = static_shape(call)
         if (weight is None or out_shape is None or not _float32(call) or attrs.data_layout != "NHWC"
                 or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"):
             return default_nn._nn_conv2d(bb, call)
@@ -175,8 +161,8 @@ def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
     def legalize(bb: Any, call: Any) -> Any:
         from tvm import relax
 
-        weight = _constant(call.args[1])
-        out_shape = _static_shape(call)
+        weight = constant_value(call.args[1])
+        out_shape = static_shape(call)
         if weight is None or weight.ndim != 2 or out_shape is None or len(out_shape) != 2 or not _float32(call):
             return default_la._matmul(bb, call)
         tile = register_tile(out_shape[:1], weight.shape[1], lanes, registers)

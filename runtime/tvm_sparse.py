@@ -40,7 +40,7 @@ from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
     fused_pointwise_depthwise_kernel, fused_scratch_shapes, OFFSET_LAYOUTS, offsets_func, offsets_geometry,
     offsets_name, fused_input_geometry, fused_input_transform, fused_pointwise_geometry, fused_transform_name,
     residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
-from rwdeploy.runtime.tvm_fold import evaluate, rewrite_functions  # noqa: E402
+from rwdeploy.runtime.tvm_fold import constant_value, evaluate, rewrite_functions  # noqa: E402
 from rwdeploy.runtime.tvm_kernels import LinearSpec, kernel_for, linear_scale_shape, scratch_shapes  # noqa: E402
 from rwdeploy.sparse import ops as _ops  # noqa: E402,F401  (registers the custom ops)
 
@@ -141,12 +141,6 @@ def _numpy_offsets(columns: np.ndarray, geometry: np.ndarray) -> np.ndarray:
     return off.astype(np.int32)
 
 
-def _constant(expr: Any) -> np.ndarray | None:
-    """The numpy value of a Relax constant, else None."""
-    value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.GenericConst) else None
-    return value.numpy() if hasattr(value, "numpy") else None
-
-
 def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
     """Evaluate in numpy what the converters derived from weights, once they are constants:
     each conv's input offsets (`offsets_func` calls), folded batch-norm scales / biases
@@ -160,7 +154,7 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
         def _value(self, arg: relax.Expr) -> np.ndarray | None:
             if isinstance(arg, relax.Var):
                 arg = self.lookup_binding(arg)
-            return _constant(arg)
+            return constant_value(arg)
 
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
@@ -501,7 +495,7 @@ def dense_conv_call(bb: relax.BlockBuilder, x: relax.Expr | None, w: relax.Expr 
                     dilation: tuple[int, int], groups: int, in_shape: tuple[int, ...] | None = None) -> ConvCall:
     """The ConvCall of a dense conv: the sparse kernel walking a CSR that holds every weight
     (`w` (O, C/groups, KH, KW): a numpy array, or a Relax weight)."""
-    value = w if isinstance(w, np.ndarray) else _constant(w)
+    value = w if isinstance(w, np.ndarray) else constant_value(w)
     o, cg, kh, kw = value.shape if value is not None else _shape(w)
     kcol = cg * kh * kw
     if value is not None:   # a constant: reshaped here, nothing for the build to fold

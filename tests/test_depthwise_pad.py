@@ -72,9 +72,16 @@ def test_odd_depthwise_runs_widened_and_matches_torch(hidden, stride, divide):
         _build_matches_torch(model, xb)
 
 
-@pytest.mark.parametrize("act", [nn.SiLU(), nn.Hardswish(), nn.GELU()], ids=["silu", "hardswish", "gelu"])
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.Hardswish(), nn.GELU(), Square()],
+                         ids=["silu", "hardswish", "gelu", "square"])
 def test_activation_graphs_between_slice_and_depthwise_run_widened(act):
-    """Hardswish arrives as x * clip(x + 3, 0, 6) / 6: x is read twice, both times inside."""
+    """Hardswish arrives as x * clip(x + 3, 0, 6) / 6: x is read twice, both times inside
+    (x * x: twice by one binding)."""
     model = InvertedResidual(7, 29, act=act).eval()
     x = torch.randn(2, 7, 12, 12)
     assert _depthwise_groups(model, x) == [32]
