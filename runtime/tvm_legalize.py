@@ -173,15 +173,18 @@ def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
 
 
 def legalize_passes(target: Any) -> list[Any]:
-    """TVM's CPU legalisation passes, with conv2d and matmul lowered as above."""
+    """TVM's CPU legalisation passes, with conv2d and matmul lowered as above and NCHW max
+    pooling as in `tvm_pool`."""
     import tvm
 
+    from rwdeploy.runtime.tvm_pool import max_pool2d_legalizer
     from rwdeploy.runtime.tvm_schedule import vector_lanes, vector_registers
 
     lanes, registers = vector_lanes(target), vector_registers(target)
     return [
         tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers),
-                                         "relax.matmul": matmul_legalizer(lanes, registers)}),
+                                         "relax.matmul": matmul_legalizer(lanes, registers),
+                                         "relax.nn.max_pool2d": max_pool2d_legalizer()}),
         tvm.relax.transform.AnnotateTIROpPattern(),
         tvm.relax.transform.FoldConstant(),
         tvm.relax.transform.FuseOps(),

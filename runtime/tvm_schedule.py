@@ -320,6 +320,8 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
     import tvm
     from tvm import tirx
 
+    from rwdeploy.runtime.tvm_pool import schedule_max_pool
+
     lanes, registers = vector_lanes(target), vector_registers(target)
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.ScheduleCPU")
@@ -334,7 +336,7 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
                     stats.setdefault("tuned", []).append(name)
                 continue
             try:
-                scheduled = schedule_reduction(func, lanes, registers)
+                scheduled = schedule_max_pool(func) or schedule_reduction(func, lanes, registers)
             except Exception:  # a shape this schedule cannot handle: leave it to LLVM
                 scheduled = None
             if scheduled is not None:
