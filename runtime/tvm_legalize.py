@@ -140,7 +140,7 @@ def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
         from tvm import relax
 
         if groups == 1:
-            tile = register_tile(out_shape[:-1], co, lanes, registers)
+            tile = register_tile(out_shape[:-1], co, lanes, registers, weight.size * 4)
             packed = relax.const(pack_conv_weight(weight, tile.channels))
             return bb.call_te(conv2d_nhwc_packed, call.args[0], packed, strides, padding, dilation,
                               primfunc_name_hint="conv2d")
@@ -165,7 +165,7 @@ def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
         out_shape = static_shape(call)
         if weight is None or weight.ndim != 2 or out_shape is None or len(out_shape) != 2 or not _float32(call):
             return default_la._matmul(bb, call)
-        tile = register_tile(out_shape[:1], weight.shape[1], lanes, registers)
+        tile = register_tile(out_shape[:1], weight.shape[1], lanes, registers, weight.size * 4)
         packed = relax.const(pack_dense_weight(weight, tile.channels))
         return bb.call_te(dense_packed, call.args[0], packed, primfunc_name_hint="dense")
 

@@ -72,23 +72,33 @@ class RegisterTile:
         return self.channels // self.width
 
 
-def register_tile(pixel_extents: list[int], channels: int, lanes: int, registers: int = 32) -> RegisterTile:
+def register_tile(pixel_extents: list[int], channels: int, lanes: int, registers: int = 32,
+                  weight_bytes: int = 0) -> RegisterTile:
     """The register tile of a convolution / dense layer with this output shape.
 
     Per reduction step the tile loads one weight vector per channel vector, broadcasts one
-    input per pixel and issues pixels x vectors FMAs: the choice keeps at least 16
-    accumulators where the map allows (to cover the FMA latency), then the most FMAs per
-    load. `tvm_legalize` packs constant weights in blocks of the channel tile.
+    input per pixel and issues pixels x vectors FMAs. The choice keeps at least 16
+    accumulators where the map allows (to cover the FMA latency), then loads no more than
+    FMAs (two of each per cycle on a core with two 512-bit FMA pipes), then the most pixels:
+    a tile reads its weights once per step whatever its width, so weight bytes per FMA are
+    64 / pixels, and a conv whose weights exceed L1 streams them from L2 for every tile (a VGG
+    3x3 conv with 64 channels at 32x32: 4 channel vectors x 4 pixels 98 GMAC/s, 2 x 8 pixels
+    106). Weights larger than `CACHED_WEIGHT_BYTES` (`weight_bytes`) are read from beyond L2,
+    once per pixel tile: there the most pixels wins even at one load per FMA (VGG's 512
+    channels on a 4x4 map: 1 vector x 16 pixels 80 GMAC/s, 4 x 4 51). `tvm_legalize` packs
+    constant weights in blocks of the channel tile.
     """
     width = vector_width(channels, lanes)
     budget = ACCUMULATORS.get(registers, 12)
-    best: tuple[tuple[int, float], RegisterTile] | None = None
+    streamed = weight_bytes > CACHED_WEIGHT_BYTES
+    best: tuple[tuple[Any, ...], RegisterTile] | None = None
     for vectors in (4, 3, 2, 1):
         if channels % (vectors * width):
             continue
         pixels = pixel_tile(pixel_extents, max(1, budget // vectors))
-        fmas = math.prod(pixels) * vectors
-        score = (min(fmas, 16), fmas / (math.prod(pixels) + vectors))
+        count = math.prod(pixels)
+        fmas, loads = count * vectors, count + vectors
+        score = (min(fmas, 16), streamed or loads <= fmas, count, fmas / loads)
         if best is None or score > best[0]:
             best = (score, RegisterTile(tuple(pixels), vectors * width, width))
     return best[1]
@@ -200,7 +210,7 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     depthwise = block.name_hint == DEPTHWISE
     pixel_extents, channels = extents[:n_spatial - 1], extents[n_spatial - 1]
     tile = (depthwise_tile(pixel_extents, channels, lanes) if depthwise
-            else register_tile(pixel_extents, channels, lanes, registers))
+            else register_tile(pixel_extents, channels, lanes, registers, _weight_bytes(block, pixel_vars)))
     co_outer, co_inner = sch.split(spatial[-1], [None, tile.channels])
     pix_outer, pix_inner = [], []
     for loop, size in zip(spatial[:-1], tile.pixels):

@@ -1,0 +1,55 @@
+"""The register tile of the dense conv / matmul schedule (`tvm_schedule.register_tile`): the
+shapes it picks for AVX-512 (16 lanes, 32 registers), and a build whose packed weight and
+schedule agree on the tile, against torch."""
+import re
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from rwdeploy.runtime import tvm_build
+from rwdeploy.runtime.targets import get_target
+from rwdeploy.runtime.tvm_schedule import CACHED_WEIGHT_BYTES, RegisterTile, register_tile, vector_lanes
+
+MB = 1 << 20
+
+
+@pytest.mark.parametrize("pixels,channels,weight_bytes,tile", [
+    # weights in L2: loads <= FMAs, then most pixels (2 vectors x 8 rather than 4 x 4)
+    ([1, 32, 32], 64, 147 << 10, RegisterTile((1, 1, 8), 32, 16)),
+    ([1, 16, 16], 128, 576 << 10, RegisterTile((1, 1, 8), 32, 16)),
+    # weights streamed from beyond L2: the most pixels, even at one load per FMA
+    ([1, 4, 4], 512, 9 * MB, RegisterTile((1, 4, 4), 16, 16)),
+    ([1, 4, 4], 512, 0, RegisterTile((1, 2, 4), 32, 16)),
+    ([1, 2, 2], 512, 9 * MB, RegisterTile((1, 2, 2), 64, 16)),   # 4 pixels: 16 accumulators first
+    ([1, 32, 32], 16, 9 << 10, RegisterTile((1, 1, 16), 16, 16)),  # one vector is all there is
+    ([1, 48, 48], 144, 1 << 10, RegisterTile((1, 1, 8), 48, 16)),  # three vectors x 8 pixels
+    ([1], 1024, 4 * MB, RegisterTile((1,), 64, 16)),                # batch-1 dense: four chains
+    ([8], 1024, 16 * MB, RegisterTile((8,), 32, 16)),
+])
+def test_register_tile_avx512(pixels, channels, weight_bytes, tile):
+    assert register_tile(pixels, channels, 16, 32, weight_bytes) == tile
+
+
+@pytest.mark.parametrize("channels,hw", [(256, 4), (64, 16)])
+def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, channels, hw, hw)
+    weight_bytes = channels * channels * 9 * 4
+    tgt = get_target("cpu", threads=1).tvm()
+    lanes = vector_lanes(tgt)
+    expected = register_tile([1, hw, hw], channels, lanes, 32 if lanes >= 16 else 16, weight_bytes)
+    with tgt:
+        mod = tvm_build.cpu_pipeline(tgt, {})(tvm_build.import_relax(model, x))
+    conv = next(f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in g.name_hint)
+    script = conv.script()
+    # the packed weight (CO/T, 3, 3, CI, T) is blocked by the tile the schedule splits channels by
+    packed = re.search(r"T\.Buffer\(\(T\.int64\((\d+)\), T\.int64\(3\), T\.int64\(3\), T\.int64\(\d+\), T\.int64\((\d+)\)\)", script)
+    assert packed and int(packed.group(2)) == expected.channels
+    assert (weight_bytes > CACHED_WEIGHT_BYTES) == (channels == 256)
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
