@@ -183,7 +183,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from rwdeploy.runtime.tvm_legalize import legalize_passes
-    from rwdeploy.runtime.tvm_schedule import prepare_passes, schedule_cpu_pass, vector_lanes
+    from rwdeploy.runtime.tvm_schedule import channel_unit, prepare_passes, schedule_cpu_pass, vector_lanes
     from rwdeploy.runtime import tvm_batch_split, tvm_window_ell
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.cpu_pipeline")
@@ -197,7 +197,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
                 if not str(target.attrs.get("mtriple", "")) else []
             return tvm.transform.Sequential([
                 *window_ell,
-                *prepare_passes(vector_lanes(target), stats),
+                *prepare_passes(vector_lanes(target), stats, channel_unit(target)),
                 *split,
                 *cpu.library_dispatch_passes(target),
                 *legalize_passes(target),

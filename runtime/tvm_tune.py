@@ -21,10 +21,11 @@ def tuning_module(mod: Any, target: Any) -> Any:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from rwdeploy.runtime.tvm_legalize import legalize_passes
-    from rwdeploy.runtime.tvm_schedule import prepare_passes, vector_lanes
+    from rwdeploy.runtime.tvm_schedule import channel_unit, prepare_passes, vector_lanes
 
     with target:
-        return tvm.transform.Sequential([*prepare_passes(vector_lanes(target)), *cpu.library_dispatch_passes(target),
+        return tvm.transform.Sequential([*prepare_passes(vector_lanes(target), None, channel_unit(target)),
+                                         *cpu.library_dispatch_passes(target),
                                          *legalize_passes(target)])(mod)
 
 
