@@ -370,9 +370,10 @@ def channel_unit(target: Any) -> int:
     """What output channels are padded to a multiple of on this target (`padded_width`): a
     whole register where a narrower vector costs as much as a whole one (AVX-512 cores with
     512-bit units: 24 channels as three 8-float vectors issue three FMAs where two 16-float
-    ones issue two; slim ResNet-20 30 % 0.325 -> 0.292 ms, slim MobileNetV2 30 % 3.84 -> 3.25
-    ms at batch 1 on a Xeon), else half a register (Zen 4, where 24 channels as three halves
-    measured faster than two whole registers, and AVX2 / NEON as before)."""
+    ones issue two; on a Xeon at batch 1 / 8 slim ResNet-20 30 % 0.94x at batch 8, 70 %
+    0.92x / 0.94x, slim MobileNetV2 30 % 0.85x, 70 % 0.97x the time with half registers),
+    else half a register (Zen 4, where 24 channels as three halves measured faster than two
+    whole registers, and AVX2 / NEON as before)."""
     lanes = vector_lanes(target)
     if lanes >= 16 and str(target.attrs.get("mcpu", "")) not in SPLIT_512_BIT:
         return lanes
@@ -384,8 +385,12 @@ def half_register(lanes: int) -> int:
 
 
 def padded_width(channels: int, lanes: int, unit: int | None = None) -> int:
-    """The next multiple of `unit` (default half a register; `lanes` when that is 4 or less)."""
-    unit = unit or half_register(lanes)
+    """The next multiple of `unit` (default half a register; `lanes` when that is 4 or less);
+    up to half a register's worth of channels stay one half register whatever `unit` is: one
+    narrow vector issues as one FMA like a whole one, and writes half the bytes (slim ResNet-20
+    50 %'s 8-channel layers padded to 16: 4-10 % slower)."""
+    half = half_register(lanes)
+    unit = half if channels <= half else (unit or half)
     return -(-channels // unit) * unit
 
 

@@ -24,7 +24,7 @@ def test_channel_unit(target, unit):
     assert tvm_schedule.channel_unit(tvm.target.Target(target)) == unit
 
 
-@pytest.mark.parametrize("channels,lanes,unit,width", [(24, 16, 16, 32), (24, 16, None, 24), (5, 16, 16, 16),
+@pytest.mark.parametrize("channels,lanes,unit,width", [(24, 16, 16, 32), (24, 16, None, 24), (5, 16, 16, 8), (8, 16, 16, 8), (9, 16, 16, 16),
                                                        (5, 16, None, 8), (40, 16, 16, 48), (20, 4, None, 20)])
 def test_padded_width(channels, lanes, unit, width):
     assert tvm_schedule.padded_width(channels, lanes, unit) == width
