@@ -170,7 +170,8 @@ def stage_pack_sparse(ctx: CompileContext) -> None:
                                              "every layer stays dense"}
         return
     result = pack_sparse(ctx.slim, ctx.example_input, mode=opts.sparse, target=opts.target,
-                         timer=layer_timer(opts.target, rpc=opts.rpc, tracker=opts.tracker, key=opts.key))
+                         timer=layer_timer(opts.target, rpc=opts.rpc, tracker=opts.tracker, key=opts.key,
+                                           threads=opts.threads))
     check = ctx.check(ctx.slim, result.gm, "packed model differs from the slim model",
                       hint="compile with --sparse off, and please report it")
     ctx.unpacked, ctx.slim = ctx.slim, result.gm
