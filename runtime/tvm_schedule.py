@@ -209,8 +209,9 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
 
     depthwise = block.name_hint == DEPTHWISE
     pixel_extents, channels = extents[:n_spatial - 1], extents[n_spatial - 1]
+    weight_bytes = _weight_bytes(block, pixel_vars)
     tile = (depthwise_tile(pixel_extents, channels, lanes) if depthwise
-            else register_tile(pixel_extents, channels, lanes, registers, _weight_bytes(block, pixel_vars)))
+            else register_tile(pixel_extents, channels, lanes, registers, weight_bytes))
     co_outer, co_inner = sch.split(spatial[-1], [None, tile.channels])
     pix_outer, pix_inner = [], []
     for loop, size in zip(spatial[:-1], tile.pixels):
@@ -222,7 +223,7 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
         # tile of the few input rows a row of taps reads stays in L1 (all channels of
         # them would not).
         outer = [*pix_outer[:-1], co_outer, pix_outer[-1]]
-    elif _weight_bytes(block, pixel_vars) > CACHED_WEIGHT_BYTES:
+    elif weight_bytes > CACHED_WEIGHT_BYTES:
         # Large weights (VGG's 3x3x512x512, a classifier) are read once: all pixels are
         # computed against one output-channel tile's block before the next.
         outer = [co_outer, *pix_outer]
