@@ -65,3 +65,21 @@ def test_channel_last_pooling_keeps_the_default_lowering():
         ref = model(x).numpy()
     np.testing.assert_allclose(tvm_build.run_local(tvm_build.build(model, x, "cpu", threads=1), x), ref,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_row_pass_runs_per_output_row_inside_the_column_pass():
+    # the schedule, not only the function: the rows intermediate is computed under the column
+    # pass's (channel, output row) loops, so it is one row, not a second tensor
+    from tvm import s_tir
+
+    from rwdeploy.runtime.tvm_pool import COLS
+
+    model = PoolThenRelu(nn.MaxPool2d(3, 2, 1), False).eval()
+    x = torch.randn(1, 4, 24, 24)
+    tgt = get_target("cpu", threads=1).tvm()
+    with tgt:
+        mod = tvm_build.cpu_pipeline(tgt, {})(tvm_build.import_relax(model, x))
+    func = next(f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and ROWS in f.script())
+    sch = s_tir.Schedule(func)
+    rows, cols = sch.get_loops(sch.get_sblock(ROWS)), sch.get_loops(sch.get_sblock(COLS))
+    assert len(rows) > 2 and all(sch.get(a).same_as(sch.get(b)) for a, b in zip(rows[:2], cols[:2]))

@@ -1,6 +1,7 @@
 """The register tile of the dense conv / matmul schedule (`tvm_schedule.register_tile`): the
 shapes it picks for AVX-512 (16 lanes, 32 registers), and a build whose packed weight and
 schedule agree on the tile, against torch."""
+import math
 import re
 
 import numpy as np
@@ -48,6 +49,16 @@ def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
     # the packed weight (CO/T, 3, 3, CI, T) is blocked by the tile the schedule splits channels by
     packed = re.search(r"T\.Buffer\(\(T\.int64\((\d+)\), T\.int64\(3\), T\.int64\(3\), T\.int64\(\d+\), T\.int64\((\d+)\)\)", script)
     assert packed and int(packed.group(2)) == expected.channels
+    # ... and the schedule tiles by it: innermost the vectorised width, then the unrolled
+    # channel vectors (when more than one), then the unrolled pixels
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(conv)
+    extents = [int(sch.get(l).extent) for l in sch.get_loops(sch.get_sblock("rw_conv2d_nhwc_packed_update"))]
+    tail = extents[-3:] if expected.vectors > 1 else [1, *extents[-2:]]
+    pixels = math.prod(expected.pixels)
+    assert tail == ([pixels, expected.vectors, expected.width] if expected.vectors > 1
+                    else [1, pixels, expected.width])
     assert (weight_bytes > CACHED_WEIGHT_BYTES) == (channels == 256)
     art = tvm_build.build(model, x, "cpu", threads=1)
     with torch.no_grad():
