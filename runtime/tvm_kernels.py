@@ -8,7 +8,8 @@ Scratch memory (accumulators, the padded input of a conv) is passed in as extra 
 buffers that the caller allocates (`scratch_shapes`), never allocated inside the kernel:
 a buffer allocated inside a parallel body becomes a runtime workspace allocation, which
 LLVM must assume aliases the weight arrays, so it reloads indices and row pointers on
-every step. For the same reason scalars are bound with `T.bind` (a let): in TVMScript a
+every step. (TVM's exception: a "global"-scope buffer under 1 KB goes on the stack; the conv
+kernels keep their accumulators there, `tvm_conv_kernels.STACK`.) For the same reason scalars are bound with `T.bind` (a let): in TVMScript a
 plain `v = expr` declares a 1-element buffer, i.e. another workspace allocation.
 Parameters are `tir.noalias`.
 

@@ -37,7 +37,8 @@ from tvm import relax  # noqa: E402
 
 from rwdeploy.runtime.tvm_conv_kernels import (  # noqa: E402
     ConvGeometry, ConvSpec, can_fuse_pointwise, conv_geometry, conv_kernel, describe, fused_name,
-    fused_pointwise_depthwise_kernel, fused_scratch_shapes, OFFSET_LAYOUTS, offsets_func, offsets_geometry,
+    fused_pointwise_depthwise_kernel, fused_scratch_shapes, indptr_size, kblock_span, OFFSET_LAYOUTS,
+    offsets_func, offsets_geometry, split_indptr_func, split_indptr_name, split_indptr_numpy,
     offsets_name, fused_input_geometry, fused_input_transform, fused_pointwise_geometry, fused_transform_name,
     residual_shape, scale_shape, scratch_shape, slot_offsets_numpy, slot_origins, transform_for)
 from rwdeploy.runtime.tvm_fold import constant_value, evaluate, rewrite_functions  # noqa: E402
@@ -124,6 +125,29 @@ def _offsets(bb: relax.BlockBuilder, g: ConvGeometry, columns: relax.Expr | np.n
                                   relax.TensorType(_shape(columns), "int32")))
 
 
+def _split_indptr(bb: relax.BlockBuilder, g: ConvGeometry, columns: relax.Expr | np.ndarray,
+                  indptr: relax.Expr) -> relax.Expr:
+    """A k-blocked conv's row pointers (`split_indptr_numpy`): numpy for known weights, else a
+    call of `split_indptr_func` that `fold_weight_arithmetic` evaluates once they are constants."""
+    cols = columns if isinstance(columns, np.ndarray) else constant_value(columns)
+    ptr = constant_value(indptr)
+    if cols is not None and ptr is not None:
+        return relax.const(split_indptr_numpy(cols, ptr, g.kblocks, kblock_span(g), np))
+    nb, kb = _shape(indptr)[0] - 1, g.kblocks
+    dtype = "int32" if isinstance(columns, np.ndarray) else _dtype(columns)
+    if isinstance(columns, np.ndarray):
+        columns = relax.const(columns.astype(np.int32))
+    gv = bb.add_func(split_indptr_func(nb, kb, dtype), split_indptr_name(nb, kb, dtype))
+    geo = relax.const(np.array([kb, kblock_span(g)], np.int32))
+    return bb.emit(relax.call_tir(gv, [columns, indptr, geo], relax.TensorType((nb * kb + 1,), "int32")))
+
+
+def _numpy_split_indptr(columns: np.ndarray, indptr: np.ndarray, geometry: np.ndarray) -> np.ndarray:
+    """`split_indptr_func` evaluated in numpy (from its [KB, span] array)."""
+    kblocks, span = (int(v) for v in geometry)
+    return split_indptr_numpy(columns, indptr, kblocks, span, np)
+
+
 # folded batch-norm scales / biases and reshaped weights (the rest is `tvm_fold`'s, later)
 _FOLDABLE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.sqrt", "relax.reshape"}
 
@@ -143,7 +167,8 @@ def _numpy_offsets(columns: np.ndarray, geometry: np.ndarray) -> np.ndarray:
 
 def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
     """Evaluate in numpy what the converters derived from weights, once they are constants:
-    each conv's input offsets (`offsets_func` calls), folded batch-norm scales / biases
+    each conv's input offsets (`offsets_func` calls) and k-block row pointers
+    (`split_indptr_func` calls), folded batch-norm scales / biases
     (elementwise add, subtract, multiply, divide, sqrt of constants) and reshaped weights.
 
     TVM's FoldConstant does the same by building and running every call (~2 s each, a
@@ -163,6 +188,9 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
             if call.op.name == "relax.call_tir" and call.args[0].name_hint.startswith("rw_conv2d_offsets_"):
                 columns, geometry = (self._value(a) for a in call.args[1].fields)
                 return call if columns is None or geometry is None else relax.const(_numpy_offsets(columns, geometry))
+            if call.op.name == "relax.call_tir" and call.args[0].name_hint.startswith("rw_conv2d_kptr_"):
+                arrays = [self._value(a) for a in call.args[1].fields]
+                return call if any(a is None for a in arrays) else relax.const(_numpy_split_indptr(*arrays))
             if call.op.name not in _FOLDABLE:
                 return call
             values = [self._value(a) for a in call.args if not isinstance(a, relax.ShapeExpr)]
@@ -170,11 +198,11 @@ def fold_weight_arithmetic(mod: tvm.IRModule) -> tvm.IRModule:
             return call if out is None else relax.const(out)
 
     out = rewrite_functions(Fold(mod), mod)
-    # an offsets kernel whose every call was folded is dead; its global symbol keeps DCE from seeing it
+    # an offsets / k-pointer kernel whose every call was folded is dead; its global symbol keeps DCE from seeing it
     called = {gv.name_hint for f in out.functions.values() if isinstance(f, relax.Function)
               for gv in relax.analysis.all_global_vars(f)}
     for gvar in list(out.get_global_vars()):
-        if gvar.name_hint.startswith("rw_conv2d_offsets_") and gvar.name_hint not in called:
+        if gvar.name_hint.startswith(("rw_conv2d_offsets_", "rw_conv2d_kptr_")) and gvar.name_hint not in called:
             del out[gvar]
     return out
 
@@ -252,9 +280,11 @@ def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ..
     if nnzb == 0:   # an all-zero weight: one explicit zero, every row empty
         values = relax.const(np.zeros((1, block[0], 1), vdtype))
         offsets = relax.const(np.zeros(1, np.int32))
-        indptr = relax.const(np.zeros(o // block[0] + 1, np.int32))
+        indptr = relax.const(np.zeros(indptr_size(spec), np.int32))
     else:
         offsets = _offsets(bb, g, columns)
+        if g.kblock:
+            indptr = _split_indptr(bb, g, columns, indptr)
     return ConvCall(spec, x, values, offsets, indptr, _bias(bias, o), scale, columns=columns)
 
 

@@ -81,7 +81,10 @@ class ConvCase:
         ref = {"none": ref, "relu": torch.relu(ref), "clip": ref.clamp(-0.5, 0.75),
                "hardswish": F.hardswish(ref), "silu": F.silu(ref)}[act]
         self.ref = ref.numpy()
-        self.weights = [vals, off, m.indptr.numpy(), scale, bias, res]
+        indptr = m.indptr.numpy()
+        if g.kblock:
+            indptr = K.split_indptr_numpy(m.indices.numpy(), indptr, g.kblocks, K.kblock_span(g), np)
+        self.weights = [vals, off, indptr, scale, bias, res]
         self.origins = K.slot_origins(g, np)
         self.layout = g.layout
 
@@ -137,9 +140,26 @@ def _fixed_cases() -> list[ConvCase]:
     ]
 
 
-@pytest.mark.parametrize("which", ["layouts", "random"])
+def _kblocked_cases() -> list[ConvCase]:
+    """Convs whose tiles read more input than L1 holds: the reduction is cut into k-blocks."""
+    rng = np.random.default_rng(11)
+    f = lambda *a: ConvCase(rng, *a)  # noqa: E731
+    return [
+        f(160, 32, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 1), "relu", True, False, 0.9),    # 3 blocks, ragged
+        f(96, 24, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1), 1, (1, 1), "clip", False, True, 0.8),   # phases, int8
+        f(384, 16, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, (4, 1), "none", False, False, 0.9),   # BSR 4x1
+        f(150, 8, 9, 9, (3, 3), (1, 1), (2, 2), (2, 2), 1, (1, 1), "silu", True, False, 0.95),    # dilated
+        f(160, 70, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 1), "relu", False, False, 0.9),   # 2 tasks of rows
+    ]
+
+
+@pytest.mark.parametrize("which", ["layouts", "random", "kblocked"])
 def test_conv_kernels_match_torch(which):
-    cases = _fixed_cases() if which == "layouts" else _random_cases(0, 14)
+    cases = {"layouts": _fixed_cases, "random": lambda: _random_cases(0, 14), "kblocked": _kblocked_cases}[which]()
+    if which == "kblocked":   # the cases exercise what they are for
+        assert all(K.conv_geometry(c.spec).kblocks >= K.MIN_KBLOCKS for c in cases)
+    else:
+        assert not any(K.conv_geometry(c.spec).kblock for c in cases)
     funcs = {}
     for c in cases:
         funcs[c.spec.name()] = K.conv_kernel(c.spec)
@@ -258,3 +278,18 @@ def test_epilogue_exp_matches_numpy_over_the_float_range():
     assert np.max(np.abs(e.numpy()[inside] - exact) / exact) < 5e-7
     ref = F.silu(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(s.numpy(), ref, rtol=5e-7, atol=1e-6)
+
+
+def test_accumulators_are_on_the_stack():
+    """A task's accumulator must be a stack array, not a TVM workspace buffer: LLVM assumes a
+    workspace aliases the weights, stores the accumulator and reloads the row pointer on every
+    step of the inner loop. Only the k-blocked kernel's partial sums (16 KB) are a workspace."""
+    rng = np.random.default_rng(5)
+    plain = ConvCase(rng, 16, 16, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 1), "relu", False, False, 0.8)
+    blocked = _kblocked_cases()[0]
+    depthwise = ConvCase(rng, 8, 8, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 8, (1, 1), "relu", False, False, 0.5)
+    for case, workspaces in ((plain, 0), (blocked, 1), (depthwise, 0)):
+        lib = tvm.compile(tvm.IRModule({case.spec.name(): K.conv_kernel(case.spec)}), target=host_target())
+        ir = lib.mod.inspect_source("ll")   # workspaces are called through this pointer
+        allocs = ir.count("load ptr, ptr @__TVMBackendAllocWorkspace")
+        assert allocs == workspaces, K.describe(case.spec)

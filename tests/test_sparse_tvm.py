@@ -116,3 +116,68 @@ def test_kernels_compile_for_aarch64():
     lib = tvm.compile(tvm.IRModule({s.name(): kernel_for(s) for s in specs}), target=target)
     asm = lib.mod.inspect_source("asm")
     assert "fmla" in asm or "fmadd" in asm                 # aarch64 multiply-add instructions
+
+
+class _WideConv(nn.Module):
+    """A conv whose tile reads more input than L1 holds (160 channels at 7x7): k-blocked."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_kblocked_conv_row_pointers_are_folded_and_match_torch(decompose):
+    """The k-blocked kernel's row pointers come from the weights: numpy where the importer
+    hands over constants, else a TIR function whose call `fold_weight_arithmetic` evaluates."""
+    conv = _sparsify(nn.Conv2d(160, 24, 3, padding=1), 0.9, 9)
+    x = torch.randn(1, 160, 7, 7)
+    ref = torch.relu(conv(x)).detach().numpy()
+    ep = torch.export.export(_WideConv(CsrConv2d.from_dense(conv)).eval(), (x,))
+    if decompose:
+        from tvm.relax.frontend.torch import from_exported_program
+
+        mod = tvm_sparse.fold_weight_arithmetic(
+            from_exported_program(ep, unwrap_unit_return_tuple=True,
+                                  custom_convert_map=tvm_sparse.convert_map(dense_kernels=False)))
+    else:
+        mod = tvm_sparse.import_exported_program(ep)
+    script = mod.script()
+    assert "shift/kb" in script                       # the layer is k-blocked ...
+    assert "rw_conv2d_kptr_" not in script            # ... and its row pointers are constants
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_split_indptr_function_matches_numpy():
+    """The TIR twin (for weights that are not constants at import) against numpy, on a CSR with
+    empty rows and rows that skip whole k-blocks."""
+    from rwdeploy.runtime import tvm_conv_kernels as K
+    from rwdeploy.sparse import pack
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((12, 40 * 9)).astype(np.float32)
+    w[rng.random(w.shape) < 0.95] = 0
+    w[3] = 0
+    w[5, :200] = 0
+    m = pack(torch.from_numpy(w))
+    cols, ptr = m.indices.numpy(), m.indptr.numpy()
+    kblocks, span = 4, 9 * 11                    # 11 channels per block: the last one is short
+    expect = K.split_indptr_numpy(cols, ptr, kblocks, span, np)
+    assert expect[-1] == len(cols) and np.all(np.diff(expect) >= 0)
+    f = K.split_indptr_func(12, kblocks, str(cols.dtype))
+    lib = tvm.compile(tvm.IRModule({"f": f}), target=tvm_sparse.host_target())
+    out = tvm.runtime.tensor(np.full(12 * kblocks + 1, -1, np.int32))
+    lib[K.split_indptr_name(12, kblocks, str(cols.dtype))](
+        tvm.runtime.tensor(cols), tvm.runtime.tensor(ptr), tvm.runtime.tensor(np.array([kblocks, span], np.int32)), out)
+    np.testing.assert_array_equal(out.numpy(), expect)
+    for r in range(12):                          # every piece holds exactly its row's block's columns
+        for b in range(kblocks):
+            piece = cols[expect[r * kblocks + b]:expect[r * kblocks + b + 1]]
+            assert np.all(piece // span == b) and np.all((piece >= 0))
+    with pytest.raises(ValueError, match="column order"):
+        K.split_indptr_numpy(cols[::-1].copy(), ptr, kblocks, span, np)
