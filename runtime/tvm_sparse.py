@@ -247,7 +247,11 @@ def emit_conv(bb: relax.BlockBuilder, call: ConvCall) -> relax.Var:
     B, C, H, W = s.batch, s.in_channels, s.height, s.width
     out = relax.TensorType((B, s.out_channels, *s.out_hw), "float32")
     residual = call.residual if call.residual is not None else relax.const(np.zeros(residual_shape(s), np.float32))
-    weights = [call.values, call.offsets, call.indptr, _scale(call), call.bias, residual]
+    indptr = call.indptr
+    if g.kblock:   # here, not in conv_call: a 1x1 conv fused into a depthwise kernel is not blocked
+        indptr = (_split_indptr(bb, g, call.columns, indptr) if s.nnz_blocks
+                  else relax.const(np.zeros(indptr_size(s), np.int32)))
+    weights = [call.values, call.offsets, indptr, _scale(call), call.bias, residual]
     kernel = bb.add_func(_scheduled(conv_kernel(s), describe(s)), s.name())
     origins = relax.const(slot_origins(g, np))
     if s.groups > 1:
@@ -280,11 +284,9 @@ def conv_call(bb: relax.BlockBuilder, x: relax.Expr, weight_shape: tuple[int, ..
     if nnzb == 0:   # an all-zero weight: one explicit zero, every row empty
         values = relax.const(np.zeros((1, block[0], 1), vdtype))
         offsets = relax.const(np.zeros(1, np.int32))
-        indptr = relax.const(np.zeros(indptr_size(spec), np.int32))
+        indptr = relax.const(np.zeros(o // block[0] + 1, np.int32))
     else:
         offsets = _offsets(bb, g, columns)
-        if g.kblock:
-            indptr = _split_indptr(bb, g, columns, indptr)
     return ConvCall(spec, x, values, offsets, indptr, _bias(bias, o), scale, columns=columns)
 
 

@@ -181,3 +181,32 @@ def test_split_indptr_function_matches_numpy():
             assert np.all(piece // span == b) and np.all((piece >= 0))
     with pytest.raises(ValueError, match="column order"):
         K.split_indptr_numpy(cols[::-1].copy(), ptr, kblocks, span, np)
+
+
+class _WideInvertedResidual(nn.Module):
+    """MobileNetV2's last block shape: a 1x1 conv that alone would be k-blocked (160 channels at
+    7x7) feeding a depthwise conv, which computes it inside its own kernel (not blocked)."""
+
+    def __init__(self, pw, dw, pj):
+        super().__init__()
+        self.pw, self.dw, self.pj = pw, dw, pj
+
+    def forward(self, x):
+        return self.pj(torch.relu(self.dw(torch.relu(self.pw(x))))) + x
+
+
+def test_pointwise_fused_into_depthwise_is_not_kblocked():
+    from rwdeploy.runtime import tvm_build
+
+    pw = _sparsify(nn.Conv2d(160, 960, 1), 0.9, 10)
+    dw = _sparsify(nn.Conv2d(960, 960, 3, padding=1, groups=960), 0.5, 11)
+    pj = _sparsify(nn.Conv2d(960, 160, 1), 0.9, 12)
+    x = torch.randn(1, 160, 7, 7)
+    ref = _WideInvertedResidual(pw, dw, pj).eval()(x).detach().numpy()
+    packed = _WideInvertedResidual(CsrConv2d.from_dense(pw), CsrConv2d.from_dense(dw), CsrConv2d.from_dense(pj)).eval()
+    mod = tvm_build.import_relax(packed, x, None)
+    script = mod.script()
+    assert "rw_conv2d_pwdw_" in script and "shift/kb" in script    # fused, and the projection blocked
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
