@@ -33,6 +33,19 @@ def test_register_tile_avx512(pixels, channels, weight_bytes, tile):
     assert register_tile(pixels, channels, 16, 32, weight_bytes) == tile
 
 
+@pytest.mark.parametrize("pixels,channels,lanes,registers,tile", [
+    # narrower vectors keep the most FMAs per load: 4 vectors x 4 pixels (8 loads for 16 FMAs),
+    # not 2 x 8 (10 loads), whether or not the weights stream
+    ([1, 32, 32], 64, 4, 32, RegisterTile((1, 1, 4), 16, 4)),
+    ([1, 4, 4], 512, 4, 32, RegisterTile((1, 1, 4), 16, 4)),
+    ([1, 7, 7], 512, 4, 32, RegisterTile((1, 1, 7), 8, 4)),
+    ([1, 56, 56], 64, 8, 16, RegisterTile((1, 1, 2), 32, 8)),   # AVX2: 4 vectors x 2 pixels
+])
+def test_register_tile_narrow_vectors(pixels, channels, lanes, registers, tile):
+    for weight_bytes in (0, 9 * MB):
+        assert register_tile(pixels, channels, lanes, registers, weight_bytes) == tile
+
+
 @pytest.mark.parametrize("channels,hw", [(256, 4), (64, 16)])
 def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
     torch.manual_seed(0)
