@@ -239,9 +239,9 @@ def _kblock(g: ConvGeometry) -> int:
     channel. ResNet-18's 512-channel 7x7 layer reads 172 KB per tile. Cut the reduction into
     blocks of input channels whose runs fit in `L1_BYTES` and sum block by block, keeping
     `KBLOCK_ROWS` output channels' partial sums: single 90 %-sparse layers, batch 1, 1 thread,
-    interleaved (Xeon, AVX-512): 512 ch 7x7 0.77x of the time, 256 ch 14x14 0.75x, 128 ch 28x28
-    0.82x, 128 -> 256 s2 0.76x; im2col layouts (VGG's small maps, one aligned run per tap)
-    measured 0.93-1.18x and are not blocked."""
+    interleaved (Xeon, AVX-512, accumulators on the stack in both): 512 ch 7x7 0.73x of the
+    time, 256 ch 14x14 0.75x, 128 ch 28x28 0.78x, 128 -> 256 s2 0.71x; im2col layouts (VGG's
+    small maps, one aligned run per tap) measured 0.93-1.18x and are not blocked."""
     if g.layout != "shift":
         return 0
     (KH, KW), (DH, DW), (SH, SW) = g.kernel, g.dilation, g.step
