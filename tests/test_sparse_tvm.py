@@ -210,3 +210,42 @@ def test_pointwise_fused_into_depthwise_is_not_kblocked():
     vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+class _BorderThenBatchNorm(nn.Module):
+    """What `remove_zero_channels` leaves where a removed channel's constant output reaches a
+    zero-padded conv: a border map added between the conv and its batch norm; and a batch norm
+    on the input, which follows no conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.border = nn.Parameter(torch.randn(6, 1, 3, 3), requires_grad=False)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        ones = self.border.new_ones((1, 1, 8, 8))
+        y = self.conv(self.bn0(x)) + torch.conv2d(ones, self.border, None, (1, 1), (1, 1), (1, 1))
+        return torch.relu(self.bn(y))
+
+
+def test_batch_norm_that_fuses_into_no_conv_matches_torch():
+    """Undecomposed import (`import_exported_program`, dense kernels): a batch norm the conv
+    kernel cannot take (after a fused residual / on the input) runs as inference arithmetic;
+    TVM's own converter of aten.batch_norm read its momentum as eps in training mode."""
+    torch.manual_seed(0)
+    m = _BorderThenBatchNorm()
+    for bn in (m.bn0, m.bn):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    m.eval()
+    x = torch.randn(1, 4, 8, 8)
+    ref = m(x).detach().numpy()
+    mod = tvm_sparse.import_exported_program(torch.export.export(m, (x,)))
+    assert "R.nn.batch_norm" not in mod.script()
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
