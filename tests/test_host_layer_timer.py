@@ -7,15 +7,11 @@ from rwdeploy.passes.pack_sparse import pack_sparse
 from rwdeploy.runtime import layer_formats, tvm_sparse
 from rwdeploy.runtime.tvm_build import set_threads
 from rwdeploy.sparse.timing import HostLayerTimer, layer_timer
+from sparse_support import small_sparse_net
 
 
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16))
-    with torch.no_grad():
-        for m in (net[0], net[3]):
-            m.weight[torch.rand(m.weight.shape) < 0.9] = 0
-    return net.eval()
+    return small_sparse_net(4, 8, 16, 0.9)
 
 
 def test_measures_at_the_given_threads_and_restores_the_pool(monkeypatch):

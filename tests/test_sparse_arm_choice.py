@@ -17,15 +17,11 @@ from arm_support import provisioned_home
 from rwdeploy.passes.pack_sparse import pack_sparse
 from rwdeploy.runtime import arm_emulator, arm_layer_timer
 from rwdeploy.runtime.rpc import elf_machine
+from sparse_support import small_sparse_net
 
 
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))
-    with torch.no_grad():
-        for m in (net[0], net[3]):
-            m.weight[torch.rand(m.weight.shape) < 0.8] = 0
-    return net.eval()
+    return small_sparse_net(8, 16, 32, 0.8)
 
 
 def _example() -> torch.Tensor:
