@@ -8,7 +8,7 @@ import tvm
 
 from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.targets import get_target
-from rwdeploy.runtime.tvm_pool import ROWS
+from rwdeploy.runtime.tvm_pool import CHANNEL_LAST, ROWS
 
 nn = torch.nn
 
@@ -55,16 +55,36 @@ def test_max_pool_nchw_matches_torch(kernel, stride, padding, shape, ceil, relu)
     assert (ROWS in _lowered(model, x)) == (not ceil)
 
 
-def test_channel_last_pooling_keeps_the_default_lowering():
-    # after a conv the build is NHWC; the channel-innermost pool is ScheduleCPU's, not the two-pass one
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.MaxPool2d(3, 2, 1)).eval()
-    x = torch.randn(1, 3, 12, 12)
-    assert ROWS not in _lowered(model, x)
+class ChannelLastPool(nn.Module):
+    """An identity 1x1 conv first: the build runs it, and so the pool, channel-last (NHWC);
+    the conv passes every value through exactly (one product by 1.0, the rest by 0.0)."""
+
+    def __init__(self, channels: int, pool: nn.Module, relu: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels)[:, :, None, None])
+        self.pool = PoolThenRelu(pool, relu)
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,shape,ceil", CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_max_pool_nhwc_matches_torch(kernel, stride, padding, shape, ceil, relu):
+    """Channel-last pooling reads the input in place (no -inf padded copy): borders clamp."""
+    model = ChannelLastPool(shape[0], nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil), relu).eval()
+    x = -torch.rand(2, *shape) - 1.0      # every value negative: a zero in a window would win
     with torch.no_grad():
         ref = model(x).numpy()
-    np.testing.assert_allclose(tvm_build.run_local(tvm_build.build(model, x, "cpu", threads=1), x), ref,
-                               rtol=1e-5, atol=1e-5)
+    got = tvm_build.run_local(tvm_build.build(model, x, "cpu", threads=1), x)
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+    lowered = _lowered(model, x)
+    assert (CHANNEL_LAST in lowered) == (not ceil) and ROWS not in lowered
+    if not ceil:
+        assert "T.vectorized" in next(f for f in lowered.split("@T.prim_func") if CHANNEL_LAST in f)
 
 
 def test_row_pass_runs_per_output_row_inside_the_column_pass():
