@@ -13,7 +13,8 @@ compile time (it is a constant) so that the schedule's access order is the stora
 * dense (matmul with a constant 2-D right operand (K, N)): -> (N/T, K, T).
 
 T is the channel tile of `tvm_schedule.register_tile` for the layer's output shape, the tile
-`ScheduleCPU` splits the output channels by, so that one tile's weights are one contiguous block. Padding is a separate stage
+`ScheduleCPU` splits the output channels by, so that one tile's weights are one contiguous block
+(or one vector of it, where the weights are streamed: `tvm_schedule.weight_block`). Padding is a separate stage
 only where there is some (the schedule inlines or places it); none for unpadded convolutions.
 Anything else (grouped convs, dilation in the weight, other layouts, non-constant weights)
 keeps TVM's default legalisation.
@@ -123,7 +124,7 @@ def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
     """`relax.nn.conv2d` -> packed conv / depthwise conv where it applies, else TVM's default."""
     from tvm.relax.transform.legalize_ops import nn as default_nn
 
-    from rwdeploy.runtime.tvm_schedule import register_tile
+    from rwdeploy.runtime.tvm_schedule import register_tile, weight_block
 
     def legalize(bb: Any, call: Any) -> Any:
         attrs = call.attrs
@@ -141,7 +142,7 @@ def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
 
         if groups == 1:
             tile = register_tile(out_shape[:-1], co, lanes, registers, weight.size * 4)
-            packed = relax.const(pack_conv_weight(weight, tile.channels))
+            packed = relax.const(pack_conv_weight(weight, weight_block(tile, weight.size * 4, lanes)))
             return bb.call_te(conv2d_nhwc_packed, call.args[0], packed, strides, padding, dilation,
                               primfunc_name_hint="conv2d")
         if ci_per_group == 1 and groups == co:
@@ -156,7 +157,7 @@ def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
     """`relax.matmul(x[B, K], W[K, N])` with a constant W -> packed dense, else TVM's default."""
     from tvm.relax.transform.legalize_ops import linear_algebra as default_la
 
-    from rwdeploy.runtime.tvm_schedule import register_tile
+    from rwdeploy.runtime.tvm_schedule import register_tile, weight_block
 
     def legalize(bb: Any, call: Any) -> Any:
         from tvm import relax
@@ -166,7 +167,7 @@ def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
         if weight is None or weight.ndim != 2 or out_shape is None or len(out_shape) != 2 or not _float32(call):
             return default_la._matmul(bb, call)
         tile = register_tile(out_shape[:1], weight.shape[1], lanes, registers, weight.size * 4)
-        packed = relax.const(pack_dense_weight(weight, tile.channels))
+        packed = relax.const(pack_dense_weight(weight, weight_block(tile, weight.size * 4, lanes)))
         return bb.call_te(dense_packed, call.args[0], packed, primfunc_name_hint="dense")
 
     return legalize

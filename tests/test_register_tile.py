@@ -11,7 +11,8 @@ import tvm
 
 from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.targets import get_target
-from rwdeploy.runtime.tvm_schedule import CACHED_WEIGHT_BYTES, RegisterTile, register_tile, vector_lanes
+from rwdeploy.runtime.tvm_schedule import (CACHED_WEIGHT_BYTES, WEIGHT_STREAMS, RegisterTile, register_tile,
+                                           streams_weights, vector_lanes)
 
 MB = 1 << 20
 
@@ -20,8 +21,9 @@ MB = 1 << 20
     # weights in L2: loads <= FMAs, then most pixels (2 vectors x 8 rather than 4 x 4)
     ([1, 32, 32], 64, 147 << 10, RegisterTile((1, 1, 8), 32, 16)),
     ([1, 16, 16], 128, 576 << 10, RegisterTile((1, 1, 8), 32, 16)),
-    # weights streamed from beyond L2: the most pixels, even at one load per FMA
-    ([1, 4, 4], 512, 9 * MB, RegisterTile((1, 4, 4), 16, 16)),
+    # weights streamed from beyond L2: after 16 accumulators two vectors (a stream each)
+    ([1, 4, 4], 512, 9 * MB, RegisterTile((1, 2, 4), 32, 16)),
+    ([1, 7, 7], 512, 9 * MB, RegisterTile((1, 1, 7), 32, 16)),
     ([1, 4, 4], 512, 0, RegisterTile((1, 2, 4), 32, 16)),
     ([1, 2, 2], 512, 9 * MB, RegisterTile((1, 2, 2), 64, 16)),   # 4 pixels: 16 accumulators first
     ([1, 32, 32], 16, 9 << 10, RegisterTile((1, 1, 16), 16, 16)),  # one vector is all there is
@@ -59,9 +61,11 @@ def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
         mod = tvm_build.cpu_pipeline(tgt, {})(tvm_build.import_relax(model, x))
     conv = next(f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in g.name_hint)
     script = conv.script()
-    # the packed weight (CO/T, 3, 3, CI, T) is blocked by the tile the schedule splits channels by
+    # the packed weight (CO/T, 3, 3, CI, T) is blocked by the tile the schedule splits channels
+    # by, or by one vector of it where the weights are streamed (a stream per vector)
+    streamed = streams_weights(weight_bytes, lanes)
     packed = re.search(r"T\.Buffer\(\(T\.int64\((\d+)\), T\.int64\(3\), T\.int64\(3\), T\.int64\(\d+\), T\.int64\((\d+)\)\)", script)
-    assert packed and int(packed.group(2)) == expected.channels
+    assert packed and int(packed.group(2)) == (expected.width if streamed else expected.channels)
     # ... and the schedule tiles by it: innermost the vectorised width, then the unrolled
     # channel vectors (when more than one), then the unrolled pixels
     from tvm import s_tir
@@ -72,6 +76,8 @@ def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
     pixels = math.prod(expected.pixels)
     assert tail == ([pixels, expected.vectors, expected.width] if expected.vectors > 1
                     else [1, pixels, expected.width])
+    # streamed weights: the innermost reduction as WEIGHT_STREAMS interleaved parts
+    assert (extents[-4 if expected.vectors > 1 else -3] == WEIGHT_STREAMS) == streamed
     assert (weight_bytes > CACHED_WEIGHT_BYTES) == (channels == 256)
     art = tvm_build.build(model, x, "cpu", threads=1)
     with torch.no_grad():
