@@ -241,7 +241,9 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
             sch.compute_inline(producer)
             continue
         producer_loops = sch.get_loops(producer)
-        if producer_loops:
+        if name == PAD and len(producer_loops) == 4:
+            _schedule_padding(sch, producer_loops, lanes)
+        elif producer_loops:
             sch.parallel(producer_loops[0])
 
     depthwise = block.name_hint == DEPTHWISE
@@ -322,6 +324,16 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
         _vectorize_writeback(sch, accumulator, writeback[-1], tile.width)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule_padding(sch: Any, loops: list[Any], lanes: int) -> None:
+    """The padded copy of an NHWC input: rows (of all images) parallel, channels in vectors
+    (a scalar select per element before: 1-1.5 % of dense ResNet-18 / VGG-16-BN)."""
+    n, y, _, c = loops
+    sch.parallel(sch.fuse(n, y))
+    channels = int(sch.get(c).extent)
+    if channels % lanes == 0:
+        sch.vectorize(sch.split(c, [None, lanes])[-1] if channels > lanes else c)
 
 
 def _output_channels(sch: Any) -> int:

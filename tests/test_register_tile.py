@@ -79,6 +79,8 @@ def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
     # streamed weights: the innermost reduction as WEIGHT_STREAMS interleaved parts
     assert (extents[-4 if expected.vectors > 1 else -3] == WEIGHT_STREAMS) == streamed
     assert (weight_bytes > CACHED_WEIGHT_BYTES) == (channels == 256)
+    # the padded copy of the input (a stage of its own for a non-depthwise conv) is vectorised
+    assert re.search(r"T\.vectorized\(T\.int64\(\d+\)\):\s+with T\.sblock\(\"rw_pad\"\)", script)
     art = tvm_build.build(model, x, "cpu", threads=1)
     with torch.no_grad():
         ref = model(x).numpy()
