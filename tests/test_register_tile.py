@@ -21,6 +21,9 @@ MB = 1 << 20
     # weights in L2: loads <= FMAs, then most pixels (2 vectors x 8 rather than 4 x 4)
     ([1, 32, 32], 64, 147 << 10, RegisterTile((1, 1, 8), 32, 16)),
     ([1, 16, 16], 128, 576 << 10, RegisterTile((1, 1, 8), 32, 16)),
+    # up to 28 accumulators (the broadcast is a memory operand): 2 x 14 pixels, not 4 x 4
+    ([1, 28, 28], 64, 147 << 10, RegisterTile((1, 1, 14), 32, 16)),
+    ([1, 14, 14], 256, 0, RegisterTile((1, 1, 14), 32, 16)),
     # weights streamed from beyond L2: after 16 accumulators two vectors (a stream each)
     ([1, 4, 4], 512, 9 * MB, RegisterTile((1, 2, 4), 32, 16)),
     ([1, 7, 7], 512, 9 * MB, RegisterTile((1, 1, 7), 32, 16)),
