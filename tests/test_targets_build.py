@@ -268,9 +268,8 @@ def test_padded_channels_write_back_through_partitioned_loops():
         np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
 
 
-def _workspace_calls(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """TVMBackendAllocWorkspace calls in the LLVM IR of the model's cpu build."""
-    art = tvm_build.build(model, x, "cpu", threads=1)
+def _workspace_calls(art: tvm_build.TvmArtifact) -> int:
+    """TVMBackendAllocWorkspace calls in the LLVM IR of a cpu build."""
     modules = [art.executable.mod, *art.executable.mod.imports]
     return sum(m.inspect_source("ll").count("@__TVMBackendAllocWorkspace") for m in modules
                if m.kind == "llvm")
@@ -280,17 +279,17 @@ def _workspace_calls(model: torch.nn.Module, x: torch.Tensor) -> int:
 def test_register_tile_accumulators_are_on_the_stack(layer):
     """A tile's accumulators are a stack array (under 1 KB), not a TVM workspace buffer, which
     LLVM must assume aliases the input: a depthwise tile stored and reloaded them at every tap.
-    Neither layer has a padding copy, so the build has no workspace at all; exact results."""
+    Neither layer has a padding copy, so the build has no workspace at all; results as torch's."""
     torch.manual_seed(0)
     nn = torch.nn
     conv = nn.Conv2d(16, 16, 3, padding=1, groups=16) if layer == "depthwise" else nn.Conv2d(8, 16, 1)
     model = nn.Sequential(conv, nn.ReLU6()).eval()
     x = torch.randn(1, conv.in_channels, 7, 7)   # tiles of 7 pixels x 16 channels: 448 bytes
-    assert _workspace_calls(model, x) == 0
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    assert _workspace_calls(art) == 0
     with torch.no_grad():
         ref = model(x).numpy()
-    np.testing.assert_allclose(tvm_build.run_local(tvm_build.build(model, x, "cpu", threads=1), x), ref,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
