@@ -38,6 +38,12 @@ ACCUMULATORS = {32: 24, 16: 12}
 # unchanged.
 AVX512_ACCUMULATORS = 28
 STACK = "global"  # storage scope of a tile's accumulators (see `schedule_reduction`)
+# TVM puts a "global" buffer on the stack only when it is smaller than this (its runtime's
+# kMaxStackAlloca); a larger one is a TVMBackendAllocWorkspace call per tile.
+STACK_BYTES = 1024
+# Reductions shorter than this (inputs per output: Cin x kernel taps) keep their tile's
+# accumulators under `STACK_BYTES` (see `register_tile`).
+SHORT_REDUCTION = 64
 DEPTHWISE_ROW_TILE = 4  # output pixels (along a row) per depthwise tile
 # Weights up to this size stay cached while all output pixels stream past them; larger ones
 # (VGG's 3x3x512x512, a classifier) are read once instead, one output-channel tile at a time,
@@ -102,6 +108,14 @@ def register_tile(pixel_extents: list[int], channels: int, lanes: int, registers
     keeps the most FMAs per load after the 16 accumulators: the most-pixels order made dense
     ResNet-18 on the arm target 796 M -> 874 M aarch64 instructions per inference (emulated
     device), and it was measured faster only on 512-bit cores.
+
+    A tile of 16 or more 512-bit accumulators is 1 KB or more, which TVM allocates with a
+    workspace call per tile (`STACK_BYTES`): with allocation, zeroing, stores and release it
+    costs about what a few dozen FMAs do. Where the reduction is short (`SHORT_REDUCTION`,
+    inputs per output = weight_bytes / 4 / channels) the tile stays under it: MobileNetV2's
+    1x1 convs (5-96 inputs) on the Xeon, interleaved, batch 1: slim 70 % 1.11 -> 0.98-1.05 ms,
+    dense 6.18 -> 5.83 ms; a cap for every layer instead made dense VGG-16-BN 13 % and
+    ResNet-18 6 % slower, their 3x3 convs (hundreds of inputs) amortise the call.
     """
     width = vector_width(channels, lanes)
     wide = lanes >= 16 and registers >= 32
@@ -112,6 +126,8 @@ def register_tile(pixel_extents: list[int], channels: int, lanes: int, registers
         if channels % (vectors * width):
             continue
         most = min(budget, registers - 1 - vectors) // vectors if wide else budget // vectors
+        if weight_bytes and weight_bytes // (4 * channels) < SHORT_REDUCTION:
+            most = min(most, (STACK_BYTES - 1) // (vectors * width * 4))
         pixels = pixel_tile(pixel_extents, max(1, most))
         count = math.prod(pixels)
         fmas, loads = count * vectors, count + vectors

@@ -30,7 +30,11 @@ MB = 1 << 20
     ([1, 4, 4], 512, 0, RegisterTile((1, 2, 4), 32, 16)),
     ([1, 2, 2], 512, 9 * MB, RegisterTile((1, 2, 2), 64, 16)),   # 4 pixels: 16 accumulators first
     ([1, 32, 32], 16, 9 << 10, RegisterTile((1, 1, 16), 16, 16)),  # one vector is all there is
-    ([1, 48, 48], 144, 1 << 10, RegisterTile((1, 1, 8), 48, 16)),  # three vectors x 8 pixels
+    ([1, 48, 48], 144, 36 << 10, RegisterTile((1, 1, 8), 48, 16)),  # three vectors x 8 pixels
+    # a short reduction (5 or 32 inputs per output) keeps the tile under 1 KB, on the stack
+    ([1, 112, 112], 32, 5 * 32 * 4, RegisterTile((1, 1, 7), 32, 16)),
+    ([1, 28, 28], 64, 32 * 64 * 4, RegisterTile((1, 1, 7), 32, 16)),
+    ([1, 48, 48], 144, 1 << 10, RegisterTile((1, 1, 4), 48, 16)),
     ([1], 1024, 4 * MB, RegisterTile((1,), 64, 16)),                # batch-1 dense: four chains
     ([8], 1024, 16 * MB, RegisterTile((8,), 32, 16)),
 ])

@@ -275,16 +275,18 @@ def _workspace_calls(art: tvm_build.TvmArtifact) -> int:
                if m.kind == "llvm")
 
 
-@pytest.mark.parametrize("layer", ["depthwise", "pointwise"])
-def test_register_tile_accumulators_are_on_the_stack(layer):
+@pytest.mark.parametrize("layer,hw", [("depthwise", 7), ("pointwise", 7), ("pointwise", 14)])
+def test_register_tile_accumulators_are_on_the_stack(layer, hw):
     """A tile's accumulators are a stack array (under 1 KB), not a TVM workspace buffer, which
     LLVM must assume aliases the input: a depthwise tile stored and reloaded them at every tap.
-    Neither layer has a padding copy, so the build has no workspace at all; results as torch's."""
+    Neither layer has a padding copy, so the build has no workspace at all; results as torch's.
+    On 14x14 the pointwise conv's 32 channels could take 2 x 14 accumulators (1.75 KB): with
+    8 inputs per output, a workspace call per tile would cost more than its FMAs."""
     torch.manual_seed(0)
     nn = torch.nn
-    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16) if layer == "depthwise" else nn.Conv2d(8, 16, 1)
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16) if layer == "depthwise" else nn.Conv2d(8, hw * 16 // 7, 1)
     model = nn.Sequential(conv, nn.ReLU6()).eval()
-    x = torch.randn(1, conv.in_channels, 7, 7)   # tiles of 7 pixels x 16 channels: 448 bytes
+    x = torch.randn(1, conv.in_channels, hw, hw)   # 7x7: tiles of 7 pixels x 16 channels, 448 bytes
     art = tvm_build.build(model, x, "cpu", threads=1)
     assert _workspace_calls(art) == 0
     with torch.no_grad():
