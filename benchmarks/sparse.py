@@ -243,7 +243,7 @@ def run_e2e(args, threads: int, tmp: Path) -> list[dict]:
                 res = pack_sparse(traced, x, timer=HostLayerTimer())   # --sparse auto, measured on this host
                 pack_s = time.perf_counter() - t0
                 packed = res.gm
-                art_packed = build(packed, x, "cpu", threads=threads)
+                art_packed = build(packed, x, "cpu", threads=threads, exec_mode="bytecode")  # profiled below
                 art_dense = build(traced, x, "cpu", threads=threads)
                 vm_packed, vm_dense = _vm(art_packed.executable), _vm(art_dense.executable)
                 xt = tvm.runtime.tensor(x.numpy())

@@ -274,14 +274,23 @@ def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
           tuning_db: str | os.PathLike | None = None,
           converters: dict[str, Converter] | None = None,
           gpu_arch: str | None = None,
-          threads: int | None = None) -> TvmArtifact:
+          threads: int | None = None,
+          exec_mode: str = "compiled") -> TvmArtifact:
     """Import, build and (when `out_dir` is given) export `model.<target>.so` there.
 
     `tune` > 0 runs MetaSchedule for that many trials into `tuning_db` (a folder reused across
     runs); a `tuning_db` without `tune` only applies what is already there. Missing
     toolchains raise ToolchainError before any work is done.
+
+    `exec_mode` (cpu-like targets): "compiled" turns the Relax VM's own instructions (tensor
+    allocation, shape checks, the kernel calls) into machine code in the library, "bytecode"
+    leaves them to the VM's interpreter, whose per-instruction cost shows on small models
+    (interleaved on the Xeon, batch 1: slim LeNet-5 70 % 12.8 -> 11.6 us, slim ResNet-20 70 %
+    0.140 -> 0.134 ms, MobileNetV2 unchanged). `runtime.tvm_profile` needs "bytecode": only the
+    interpreter reports its calls to an instrument.
     """
     import tvm
+    from tvm import relax
 
     tgt = resolve_target(target, gpu_arch=gpu_arch, threads=threads)
     tgt.require("build")
@@ -314,8 +323,8 @@ def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
             from rwdeploy.runtime.tvm_tune import tune_cpu
 
             tune_cpu(mod, tvm_target, db, tune)
-        executable = tvm.compile(mod, target=tvm_target,
-                                 relax_pipeline=cpu_pipeline(tvm_target, stats, db))
+        executable = relax.build(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, stats, db),
+                                 exec_mode=exec_mode)
     build_s = time.perf_counter() - t0
     cuda = _cuda_module(executable)
     artifact = TvmArtifact(

@@ -78,6 +78,9 @@ def profile_calls(vm: Any, function: str, *args: Any, runs: int = 5) -> list[Cal
             samples.append(current)
     finally:
         vm.set_instrument(None)
+    if not samples[0]:
+        raise ValueError("the VM reported no calls: profile a build made with exec_mode=\"bytecode\" "
+                         "(a \"compiled\" one runs its calls as machine code, past the instrument)")
     calls = []
     for i, (symbol, _) in enumerate(samples[0]):
         ms = statistics.median(run[i][1] for run in samples if len(run) > i) * 1e3

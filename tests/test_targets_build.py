@@ -334,3 +334,26 @@ def test_a_failing_layout_conversion_keeps_the_layout_and_still_builds(monkeypat
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
+
+
+def test_compiled_and_bytecode_vm_agree_and_only_bytecode_profiles(tmp_path):
+    """cpu builds default to exec_mode "compiled" (the VM's instructions as machine code); the
+    exported library loads with TVM's runtime alone and computes the model like the bytecode
+    build. Only the bytecode interpreter reports its calls to `tvm_profile`'s instrument: a
+    compiled build is refused with a clear error instead of an empty profile."""
+    import tvm
+
+    from rwdeploy.runtime.tvm_profile import profile_calls
+
+    model, x = tiny_model(), tiny_input()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    compiled = tvm_build.build(model, x, "cpu", threads=1, out_dir=tmp_path)
+    bytecode = tvm_build.build(model, x, "cpu", threads=1, exec_mode="bytecode")
+    for art in (compiled, bytecode):
+        np.testing.assert_allclose(tvm_build.run_local(art, x), ref, atol=ATOL, rtol=1e-4)
+    arg = tvm.runtime.tensor(x.numpy())
+    calls = profile_calls(tvm.relax.VirtualMachine(bytecode.executable, tvm.cpu()), "main", arg, runs=2)
+    assert any("conv" in c.symbol for c in calls) and all(c.ms >= 0 for c in calls)
+    with pytest.raises(ValueError, match="bytecode"):
+        profile_calls(tvm.relax.VirtualMachine(compiled.executable, tvm.cpu()), "main", arg, runs=2)
