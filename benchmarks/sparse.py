@@ -243,7 +243,7 @@ def run_e2e(args, threads: int, tmp: Path) -> list[dict]:
                 res = pack_sparse(traced, x, timer=HostLayerTimer())   # --sparse auto, measured on this host
                 pack_s = time.perf_counter() - t0
                 packed = res.gm
-                art_packed = build(packed, x, "cpu", threads=threads, exec_mode="bytecode")  # profiled below
+                art_packed = build(packed, x, "cpu", threads=threads)
                 art_dense = build(traced, x, "cpu", threads=threads)
                 vm_packed, vm_dense = _vm(art_packed.executable), _vm(art_dense.executable)
                 xt = tvm.runtime.tensor(x.numpy())
@@ -256,7 +256,9 @@ def run_e2e(args, threads: int, tmp: Path) -> list[dict]:
                        "tvm:packed": lambda f=vm_packed["main"]: f(xt)}
                 with torch.no_grad():
                     t = _interleaved(fns, args.rounds, target_s=0.02)
-                calls = profile_calls(vm_packed, "main", xt, runs=5)
+                # the profile needs the VM's interpreter: a bytecode build of the same packed model
+                profiled = build(packed, x, "cpu", threads=threads, exec_mode="bytecode")
+                calls = profile_calls(_vm(profiled.executable), "main", xt, runs=5)
                 load1 = os.getloadavg()
             desc = _layer_descriptions(packed, x)
             rec = res.record

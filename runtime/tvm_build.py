@@ -363,6 +363,16 @@ def export(artifact: TvmArtifact, path: str | os.PathLike) -> Path:
     return path
 
 
+def kernel_names(library: str | os.PathLike) -> set[str]:
+    """The kernels (PrimFuncs) a built library holds, by name: each is exported as an
+    `__tvm_ffi_<name>` symbol of the shared object, whichever the VM's `exec_mode` (a compiled
+    VM's calls are machine code, so its executable's text no longer lists them)."""
+    import re
+
+    data = Path(library).read_bytes()
+    return {m.decode() for m in re.findall(rb"__tvm_ffi_([A-Za-z0-9_]+)", data)}
+
+
 def set_threads(n: int) -> None:
     """Use `n` threads in TVM's CPU thread pool from now on (TVM defaults to half the cores)."""
     import tvm
