@@ -3,10 +3,12 @@
 `candidate_module(cands)` builds one Relax function per candidate: `cand_<i>(x) -> y`, the
 layer alone with its weights as constants. Packed forms run rwdeploy's sparse kernels (the
 same emission as the artifact's converters, `runtime.tvm_sparse`); the dense form is the
-plain Relax conv2d / matmul that the artifact's CPU pipeline schedules (`tvm_build.cpu_pipeline`),
-with a conv's input and output in NHWC, the layout that pipeline computes dense convs in;
-except a depthwise conv, which a packed artifact runs in rwdeploy's dense kernel in the packed
-layers' NCHW (`tvm_sparse.dense_in_packed_layout`), so that is what its "dense" times.
+plain Relax conv2d / matmul that the artifact's CPU pipeline schedules (`tvm_build.cpu_pipeline`).
+A dense conv among packed layers takes and gives the packed layers' NCHW while the pipeline
+computes it in NHWC, so its candidate includes both conversions: timed without them, MobileNetV2's
+stem measured faster dense, and the packed artifact then spent more on the transposes around it
+than the conv saved (90 %: 2.9 -> 5.4 ms). A depthwise conv a packed artifact runs in rwdeploy's
+dense kernel in NCHW itself (`tvm_sparse.dense_in_packed_layout`), so that is what its "dense" times.
 `build_candidates` compiles them all in one build for a target (host or aarch64).
 
 Measurers: `time_candidates` (this machine, TVM's time_evaluator) and
@@ -51,10 +53,7 @@ class Candidate:
             self.matrix is not None or tvm_sparse.dense_in_packed_layout(tuple(layer.weight.shape), layer.groups))
 
     def input_shape(self) -> tuple[int, ...]:
-        """The shape the candidate function takes (NHWC for a dense conv TVM computes)."""
-        if isinstance(self.layer, torch.nn.Conv2d) and not self.packed_layout:
-            b, c, h, w = self.in_shape
-            return (b, h, w, c)
+        """The shape the candidate function takes (a conv's: NCHW, as among packed layers)."""
         return self.in_shape
 
 
@@ -86,10 +85,14 @@ def _emit_dense(bb: relax.BlockBuilder, c: Candidate, x: relax.Var) -> relax.Exp
         return tvm_sparse.emit_conv(bb, tvm_sparse.dense_conv_call(
             bb, x, w.numpy(), _bias(layer), tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation),
             layer.groups))
-    else:
-        y = bb.emit(op.nn.conv2d(x, _const(w.permute(2, 3, 1, 0).contiguous()), tuple(layer.stride),
+    else:   # NCHW in and out around the NHWC conv, as between packed neighbours
+        nhwc = bb.emit(op.permute_dims(x, [0, 2, 3, 1]))
+        y = bb.emit(op.nn.conv2d(nhwc, _const(w.permute(2, 3, 1, 0).contiguous()), tuple(layer.stride),
                                  tuple(layer.padding), tuple(layer.dilation), layer.groups,
                                  data_layout="NHWC", kernel_layout="HWIO"))
+        if layer.bias is not None:
+            y = bb.emit(op.add(y, _bias(layer)))
+        return bb.emit(op.permute_dims(y, [0, 3, 1, 2]))
     return y if layer.bias is None else bb.emit(op.add(y, _bias(layer)))
 
 

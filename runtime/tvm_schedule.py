@@ -427,6 +427,7 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
     from tvm import tirx
 
     from rwdeploy.runtime.tvm_pool import schedule_max_pool
+    from rwdeploy.runtime.tvm_transpose import schedule_transpose
 
     lanes, registers = vector_lanes(target), vector_registers(target)
 
@@ -442,7 +443,8 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
                     stats.setdefault("tuned", []).append(name)
                 continue
             try:
-                scheduled = schedule_max_pool(func, lanes) or schedule_reduction(func, lanes, registers)
+                scheduled = (schedule_max_pool(func, lanes) or schedule_transpose(func, lanes)
+                             or schedule_reduction(func, lanes, registers))
             except Exception:  # a shape this schedule cannot handle: leave it to LLVM
                 scheduled = None
             if scheduled is not None:

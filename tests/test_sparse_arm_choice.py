@@ -66,7 +66,8 @@ def test_choice_follows_the_devices_instruction_counts():
     assert {m for m, _, _ in device.calls} == {"aarch64"}
     shapes = {f.split("_", 1)[1]: shape for _, f, shape in device.calls}
     assert {"0_dense", "0_csr", "0_bsr4x1", "3_dense", "3_csr"} <= set(shapes)
-    assert shapes["0_dense"] == (1, 6, 6, 8) and shapes["0_csr"] == (1, 8, 6, 6)   # dense conv runs NHWC
+    # both NCHW: the dense conv's candidate converts to and from NHWC, as between packed layers
+    assert shapes["0_dense"] == (1, 8, 6, 6) and shapes["0_csr"] == (1, 8, 6, 6)
     assert len(device.calls) == len(shapes)                                     # each measured once
 
 
