@@ -11,6 +11,11 @@ timer reports under "ref:..." (torch's eager dense layer) are recorded for compa
 shape that stores the fewest values). The record keeps each layer's sparsity, the choice, the
 reason and every measured alternative. Layers are read through their LayerView (`passes/ops`).
 
+A 1x1 conv whose output feeds only a depthwise conv (through batch norm and an activation) runs
+inside the depthwise kernel when both are packed alike (CSR); a timer that can (`times_fused_pairs`)
+times such pairs fused too, and the pair takes the fused formats when that beats the two layers'
+own choices (see `_choose_pair`).
+
 Both forms a layer takes in a graph are packed alike: a submodule call (`self.fc(x)`) has the
 submodule swapped; a torch function / ATen call reading get_attr tensors (`F.linear(x, self.w)`,
 `aten.conv2d(x, conv_weight, ...)` in a loaded `.pt2` program) is rewritten to a call of the same
@@ -23,16 +28,19 @@ left dense and named in the notes.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.ops import LayerView, layer_view
+from rwdeploy.passes.ops.common import base_name
 from rwdeploy.passes.ops.conv import ConvView
 from rwdeploy.passes.ops.linear import LinearView
 from rwdeploy.passes.protocol import PassContext, PassResult
@@ -41,7 +49,9 @@ from rwdeploy.sparse.formats import SparseMatrix, fits_block
 
 MODES = ("auto", "off", "csr", "bsr")
 # (name, layer, input shape, {format: matrix}) per layer -> name -> {alternative: {"median_ms": ...}};
-# alternatives are "dense", formats, and "ref:*". A timer may say where it measured (`.where`).
+# alternatives are "dense", formats, and "ref:*". A timer may say where it measured (`.where`). One
+# with `times_fused_pairs` is called with `pairs=[(1x1 name, depthwise name)]` too and adds
+# (1x1 name, depthwise name) -> {"<1x1 format>+<depthwise format>": stats} for the pairs it fuses.
 Timer = Callable[[Sequence[tuple[str, nn.Module, Sequence[int], dict]]], dict[str, dict[str, dict]]]
 
 
@@ -59,6 +69,8 @@ class LayerPacking:
     reference_ms: dict[str, float] = field(default_factory=dict)  # outside the artifact
     measured_cost: dict[str, float] = field(default_factory=dict)  # what decided, when not ms
     cost_unit: str = "ms"
+    fused_with: str | None = None   # the other layer of a fused 1x1 -> depthwise pair
+    fused_ms: dict[str, float] = field(default_factory=dict)  # "<1x1 fmt>+<depthwise fmt>" -> ms (1x1 layer)
     form: str = "module"            # "module" (a submodule call) | "call" (a function / ATen call)
     op: str = ""                    # the module class, or the called function / ATen overload
     module: str | None = None       # where the packed module is (None when kept dense)
@@ -230,6 +242,51 @@ def _swap_call(gm: fx.GraphModule, view: LayerView, path: str, packed: nn.Module
             graph.erase_node(a)
 
 
+# what may sit between a 1x1 conv and the depthwise conv it feeds for the artifact to fuse them:
+# the epilogues its kernels take (`runtime.tvm_sparse`: batch norm, then one activation)
+_PASS_THROUGH_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.SiLU)
+_PASS_THROUGH_FUNCTIONS = (F.batch_norm, F.relu, F.relu6, F.hardtanh, F.hardswish, F.silu, torch.relu)
+_PASS_THROUGH_METHODS = ("relu", "relu_")
+_PASS_THROUGH_ATEN = ("batch_norm", "_native_batch_norm_legit_no_training", "relu", "relu_", "relu6", "relu6_",
+                      "hardtanh", "hardtanh_", "hardswish", "hardswish_", "silu", "silu_")
+
+
+def _passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _PASS_THROUGH_MODULES)
+    if node.op == "call_method":
+        return node.target in _PASS_THROUGH_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:   # output 0 of a decomposed batch norm
+        return node.args[1] == 0 and isinstance(node.args[0], fx.Node) and _passes_through(gm, node.args[0])
+    if isinstance(node.target, torch._ops.OpOverload):
+        return base_name(node) in _PASS_THROUGH_ATEN
+    return node.target in _PASS_THROUGH_FUNCTIONS
+
+
+def _fused_pairs(gm: fx.GraphModule, pending: list) -> list[tuple[str, str]]:
+    """(1x1 layer, depthwise layer) names of pending convs where the first's output reaches only
+    the second, through batch norm / activation nodes with one user each."""
+    by_node = {view.node: (entry, view) for entry, view, _, _ in pending}
+    pairs = []
+    for entry, view, _, _ in pending:
+        w = view.weight
+        if not isinstance(view, ConvView) or w.dim() != 4 or tuple(w.shape[2:]) != (1, 1):
+            continue
+        node = view.node
+        while len(node.users) == 1:
+            node = next(iter(node.users))
+            if node in by_node:
+                other, dw = by_node[node]
+                if isinstance(dw, ConvView) and dw.weight.dim() == 4 and dw.weight.shape[1] == 1:
+                    pairs.append((entry.name, other.name))
+                break
+            if not _passes_through(gm, node):
+                break
+    return pairs
+
+
 def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
     """(chosen format, reason) from measured costs; never a format slower than another."""
     alts = {alt: v for alt, v in measured.items() if not alt.startswith("ref:")}
@@ -241,6 +298,24 @@ def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
     if med[best] < med["dense"] * (1 - noise):
         return best, f"{med['dense'] / med[best]:.2f}x faster than dense ({unit})"
     return "dense", f"{best} within noise of dense ({med[best]:.4g} vs {med['dense']:.4g} {unit})"
+
+
+def _choose_pair(pw: LayerPacking, dw: LayerPacking, pw_times: dict, dw_times: dict, fused: dict,
+                 noise: float) -> None:
+    """Switch a 1x1 -> depthwise pair to the fused formats when the pair measured fused is
+    faster (by more than `noise`) than the two layers in their own choices, run one after the
+    other; the pair then never takes a combination measured slower than another."""
+    pw.fused_ms = {combo: round(v["median_ms"], 6) for combo, v in fused.items()}
+    own = _cost(pw_times[pw.chosen]) + _cost(dw_times[dw.chosen])
+    best = min(fused, key=lambda combo: _cost(fused[combo]))
+    cost, unit = _cost(fused[best]), next(iter(fused.values())).get("unit", "ms")
+    if cost >= own * (1 - noise):
+        return
+    was = f"{pw.chosen} + {dw.chosen}"
+    pw.chosen, dw.chosen = best.split("+")
+    pw.fused_with, dw.fused_with = dw.name, pw.name
+    pw.reason = dw.reason = (f"{pw.name} fused into {dw.name} as {best}: {cost:.4g} {unit} for both "
+                             f"against {own:.4g} as {was} ({own / cost:.2f}x)")
 
 
 @dataclass
@@ -310,7 +385,9 @@ class PackSparse:
             if timer is None:
                 raise ValueError("pack_sparse mode 'auto' chooses by measurement: put a measurer in the "
                                  "PassContext (e.g. rwdeploy.sparse.timing.HostLayerTimer(target))")
-            measured = timer([(e.name, _dense_layer(v), shape, cands) for e, v, shape, cands in pending])
+            layers = [(e.name, _dense_layer(v), shape, cands) for e, v, shape, cands in pending]
+            pairs = _fused_pairs(gm, pending) if getattr(timer, "times_fused_pairs", False) else []
+            measured = timer(layers, pairs=pairs) if pairs else timer(layers)
             record.measured_on = getattr(timer, "where", None) or "caller-supplied timer"
             for entry, _, _, cands in pending:
                 times = measured[entry.name]
@@ -323,6 +400,10 @@ class PackSparse:
                     entry.measured_cost = {alt: round(v["cost"], 6) for alt, v in costs.items()}
                     entry.cost_unit = next(iter(costs.values())).get("unit", "ms")
                 entry.chosen, entry.reason = _choose(times, self.noise)
+            entries = {entry.name: entry for entry, *_ in pending}
+            for pw, dw in pairs:
+                if measured.get((pw, dw)):
+                    _choose_pair(entries[pw], entries[dw], measured[pw], measured[dw], measured[(pw, dw)], self.noise)
             return
         for entry, _, _, cands in pending:
             if self.mode == "csr":

@@ -26,11 +26,13 @@ class HostLayerTimer:
     faster" and the 1-thread artifact ran 1.6x / 2.2x slower at batch 1 / 8 than with it dense.
     """
 
+    times_fused_pairs = True   # takes `pairs` (see `measure_layer_formats`)
+
     def __init__(self, target: str = "cpu", threads: int | None = None) -> None:
         self.target, self.threads = target, threads
         self.where: str | None = None
 
-    def __call__(self, layers: Layers) -> dict[str, dict[str, dict]]:
+    def __call__(self, layers: Layers, pairs: Sequence[tuple[str, str]] = ()) -> dict[Any, dict[str, dict]]:
         from rwdeploy.runtime import tvm_sparse
         from rwdeploy.runtime.layer_formats import measure_layer_formats
         from rwdeploy.runtime.tvm_build import set_threads
@@ -43,7 +45,7 @@ class HostLayerTimer:
             self.where += f" (proxy: target {self.target!r} is not measurable here; pass timer= to measure it)"
         set_threads(threads)
         try:
-            return measure_layer_formats(layers, cpu)
+            return measure_layer_formats(layers, cpu, pairs)
         finally:
             set_threads(before)
 
