@@ -302,20 +302,26 @@ def _choose(measured: dict[str, dict], noise: float) -> tuple[str, str]:
 
 def _choose_pair(pw: LayerPacking, dw: LayerPacking, pw_times: dict, dw_times: dict, fused: dict,
                  noise: float) -> None:
-    """Switch a 1x1 -> depthwise pair to the fused formats when the pair measured fused is
-    faster (by more than `noise`) than the two layers in their own choices, run one after the
-    other; the pair then never takes a combination measured slower than another."""
+    """The formats of a 1x1 -> depthwise pair. The layers' own choices cost what the artifact
+    will run: their fused time when they fuse (CSR 1x1, CSR or dense depthwise), else their two
+    times summed. The cheapest fused combination replaces them when it is faster by more than
+    `noise`; the pair then never takes a combination measured slower than another."""
     pw.fused_ms = {combo: round(v["median_ms"], 6) for combo, v in fused.items()}
-    own = _cost(pw_times[pw.chosen]) + _cost(dw_times[dw.chosen])
+    unit = next(iter(fused.values())).get("unit", "ms")
+    was = f"{pw.chosen}+{dw.chosen}"
+    own = _cost(fused[was]) if was in fused else _cost(pw_times[pw.chosen]) + _cost(dw_times[dw.chosen])
     best = min(fused, key=lambda combo: _cost(fused[combo]))
-    cost, unit = _cost(fused[best]), next(iter(fused.values())).get("unit", "ms")
-    if cost >= own * (1 - noise):
+    cost = _cost(fused[best])
+    if cost < own * (1 - noise):
+        pw.chosen, dw.chosen = best.split("+")
+        pw.reason = dw.reason = (f"{pw.name} fused into {dw.name} as {best}: {cost:.4g} {unit} for both against "
+                                 f"{own:.4g} as {was}{' fused' if was in fused else ''} ({own / cost:.2f}x)")
+    elif was in fused:
+        pw.reason, dw.reason = (f"{r}; runs fused with {other.name} ({own:.4g} {unit} for both as {was})"
+                                for r, other in ((pw.reason, dw), (dw.reason, pw)))
+    else:
         return
-    was = f"{pw.chosen} + {dw.chosen}"
-    pw.chosen, dw.chosen = best.split("+")
     pw.fused_with, dw.fused_with = dw.name, pw.name
-    pw.reason = dw.reason = (f"{pw.name} fused into {dw.name} as {best}: {cost:.4g} {unit} for both "
-                             f"against {own:.4g} as {was} ({own / cost:.2f}x)")
 
 
 @dataclass
