@@ -249,3 +249,41 @@ def test_batch_norm_that_fuses_into_no_conv_matches_torch():
     vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tvm_sparse.host_target()), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+class _FortyWide(nn.Module):
+    """A 1x1 conv into a depthwise conv, then a 3x3 conv, on 40 x 40 maps (a 160 x 160 input
+    at stride 4): rows of 40 outputs, tiles of 48 accumulator floats."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = _sparsify(nn.Conv2d(8, 24, 1), 0.8, 20)
+        self.dw = _sparsify(nn.Conv2d(24, 24, 3, padding=1, groups=24), 0.5, 21)
+        self.c3 = _sparsify(nn.Conv2d(24, 16, 3, padding=1), 0.9, 22)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.dw(torch.relu(self.pw(x)))))
+
+
+def test_forty_wide_rows_run_in_power_of_two_vectors():
+    """A 48-float tile is three 16-float vector loops, not one <48 x float> LLVM vector (which
+    x86 legalises into masked and scalar pieces: 3-4x slower on such layers); every kernel
+    matches torch."""
+    from rwdeploy.runtime import tvm_build
+    from rwdeploy.runtime.tvm_conv_kernels import ConvSpec, conv_geometry
+
+    net = _FortyWide().eval()
+    x = torch.randn(1, 8, 40, 40)
+    spec = ConvSpec(1, 24, 40, 40, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, "sparse", 10, (1, 1), "int32")
+    assert conv_geometry(spec).tq == 48            # the case this test is about
+    packed = _FortyWide()
+    for name in ("pw", "dw", "c3"):
+        setattr(packed, name, CsrConv2d.from_dense(getattr(net, name)))
+    art = tvm_build.build(packed.eval(), x, "cpu", threads=1)
+    ir = art.executable.mod.imports[0].inspect_source("ll")
+    assert "rw_conv2d_pwdw_" in ir and "<16 x float>" in ir
+    assert "<48 x float>" not in ir
+    vm = tvm.relax.VirtualMachine(art.executable, tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    ref = net(x).detach().numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
