@@ -72,6 +72,24 @@ def test_fastest_runtime_names_onnxruntime_where_tvm_is_slower():
     assert "within 5% of each other" in markdown(summary(make_report({"runtime_choice": close})))
 
 
+def test_summary_points_to_align_auto_where_slim_is_slower_on_onnxruntime():
+    def row(runtime, variant, batch, ms, **extra):
+        return {"runtime": runtime, "target": "cpu", "variant": variant, "batch": batch, "threads": 1,
+                "median_ms": ms, "p90_ms": ms, "n": 5, **extra}
+
+    slower = [row("onnxruntime", "original", 1, 2.0), row("onnxruntime", "slim", 1, 2.5),
+              row("onnxruntime", "original", 8, 9.0), row("onnxruntime", "slim", 8, 3.0)]
+    text = markdown(summary(make_report({"latency": slower})))
+    assert "slower than the original on ONNX Runtime (0.80× at b=1)" in text and "`--align auto`" in text
+    # faster everywhere, alignment already chosen, or slower only on TVM / an emulated device: no hint
+    faster = slower[:1] + [row("onnxruntime", "slim", 1, 1.0)]
+    others = faster + [row("tvm", "original", 1, 1.0), row("tvm", "slim", 1, 1.5),
+                       row("onnxruntime", "original", 2, 1.0, emulated=True), row("onnxruntime", "slim", 2, 2.0, emulated=True)]
+    for doc in ({"latency": faster}, {"latency": slower, "alignment": {"mode": "auto", "kept_for_alignment": 3}},
+                {"latency": others}):
+        assert "keeps a few zero channels" not in markdown(summary(make_report(doc)))
+
+
 def test_channels_section_lists_pinned_groups_with_reasons():
     slice_ = SimpleNamespace(tensor="conv.weight", dim=0, indices=[[0]], role="producer")
     groups = [SimpleNamespace(id=0, size=4, unit=1, slices=[slice_], pinned=[]),
