@@ -287,3 +287,16 @@ def test_forty_wide_rows_run_in_power_of_two_vectors():
     y = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     ref = net(x).detach().numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_clear_losers_are_timed_once():
+    from rwdeploy.runtime.layer_formats import CLEARLY_SLOWER, contenders, measure_layer_formats
+
+    groups = {"a": "conv", "b": "conv", "c": "conv", "d": "fc", ("p", "q", "csr+csr"): ("p", "q")}
+    first = {"a": 1.0, "b": CLEARLY_SLOWER, "c": CLEARLY_SLOWER * 1.01, "d": 9.0, ("p", "q", "csr+csr"): 50.0}
+    assert contenders(first, groups) == {"a", "b", "d", ("p", "q", "csr+csr")}   # each group's best, and ties
+    conv = _sparsify(nn.Conv2d(16, 16, 3, padding=1), 0.95, 3)
+    from rwdeploy.sparse import pack
+    out = measure_layer_formats([("conv", conv, [1, 16, 14, 14], {"csr": pack(conv.weight.reshape(16, -1))})])
+    ns = {alt: v["n"] for alt, v in out["conv"].items() if not alt.startswith("ref:")}
+    assert set(ns.values()) <= {1, 5} and 5 in ns.values()      # every layer's fastest gets all five rounds
