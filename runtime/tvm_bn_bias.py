@@ -25,18 +25,13 @@ def bias_into_batch_norm_pass() -> Any:
     from tvm import relax
 
     from rwdeploy.runtime.tvm_fold import constant_value as constant
-    from rwdeploy.runtime.tvm_fold import is_op, rewrite_functions
+    from rwdeploy.runtime.tvm_fold import bound_value, is_op, rewrite_functions
     from rwdeploy.runtime.tvm_fold import static_shape as dims
 
     @relax.expr_functor.mutator
     class BiasIntoBatchNorm(relax.PyExprMutator):
         def _binding(self, expr: Any) -> Any:
-            if isinstance(expr, relax.Var):
-                try:
-                    return self.lookup_binding(expr)
-                except Exception:  # noqa: BLE001 - a parameter: no binding
-                    return None
-            return None
+            return bound_value(self, expr)
 
         def _constant(self, expr: Any) -> np.ndarray | None:
             value = constant(expr)

@@ -43,6 +43,19 @@ def is_op(expr: Any, *names: str) -> bool:
     return isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in names
 
 
+def bound_value(mutator: Any, expr: Any) -> Any:
+    """What the Relax var `expr` is bound to in the function `mutator` (a PyExprMutator) is
+    visiting; None for a parameter or anything that is not a var."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        try:
+            return mutator.lookup_binding(expr)
+        except Exception:  # noqa: BLE001 - a parameter: no binding
+            return None
+    return None
+
+
 def rewrite_functions(mutator: Any, mod: Any) -> Any:
     """`mod` with every Relax function visited by `mutator` (a PyExprMutator built on `mod`),
     dead bindings removed."""
