@@ -2,6 +2,7 @@
 
     python benchmarks/targets.py        # lenet5, resnet20, resnet56, vgg16_bn, mobilenet_v2; batch 1
     python benchmarks/targets.py --models resnet20 --batches 1,8 --threads 1
+    python benchmarks/targets.py --models "" --timm efficientnet_b0,resnet50 --targets cpu
 
 cpu: ONNX Runtime (CPU provider) and TVM (`model.cpu.so`, scheduled kernels) latency,
 median/p90/n, same thread count, timed in alternating rounds (same load), outputs
@@ -107,8 +108,22 @@ def interleaved(runs: list[Callable[[], Any]], rounds: int, warmup: int = 5,
     return timings
 
 
+def timm_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A timm architecture with random weights (no download) and its default input shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "conformance"))
+    from torchvision_shim import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    return model, (1, *model.pretrained_cfg.get("input_size", (3, 224, 224)))
+
+
 def bench_model(name: str, batches: list[int], threads: int, work: Path,
-                targets: list[str], rounds: int = 5) -> list[dict[str, Any]]:
+                targets: list[str], rounds: int = 5,
+                real: tuple[nn.Module, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """`real`: a (timm) model and its input shape, timed as it is (variant "original");
+    else the zoo architecture `name` and its slim variant."""
     import tvm
 
     import rwdeploy.models as zoo
@@ -118,11 +133,12 @@ def bench_model(name: str, batches: list[int], threads: int, work: Path,
 
     rows: list[dict[str, Any]] = []
     torch.manual_seed(0)
-    variants = {"original": zoo.create(name), "slim": slim_model(name)}
+    variants = {"original": real[0]} if real else {"original": zoo.create(name), "slim": slim_model(name)}
+    input_shape = real[1] if real else zoo.input_shape(name)
     for variant, module in variants.items():
         params = sum(p.numel() for p in module.parameters())
         for batch in batches:
-            shape = (batch, *zoo.input_shape(name)[1:])
+            shape = (batch, *input_shape[1:])
             x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 ref = module(x).numpy()
@@ -228,6 +244,8 @@ def markdown(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="lenet5,resnet20,resnet56,vgg16_bn,mobilenet_v2")
+    ap.add_argument("--timm", default="", help="comma list of timm architectures (random weights, default "
+                    "input size), timed as they are: the dense model on each runtime (needs the test extra)")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--targets", default="cpu,arm,gpu")
@@ -253,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            rows += bench_model(name, [int(b) for b in args.batches.split(",")], args.threads,
-                                Path(tmp), args.targets.split(","), args.rounds)
+        batches = [int(b) for b in args.batches.split(",")]
+        for name in [m for m in args.models.split(",") if m]:
+            rows += bench_model(name, batches, args.threads, Path(tmp), args.targets.split(","), args.rounds)
+        for name in [m for m in args.timm.split(",") if m]:
+            rows += bench_model(name, batches, args.threads, Path(tmp), args.targets.split(","), args.rounds,
+                                real=timm_model(name))
     doc = {"benchmark": "targets", "rows": rows, "threads": args.threads, "rounds": args.rounds,
            "cpu_target": get_target("cpu", threads=args.threads).tvm_target,
            "loadavg_before": load_before, "loadavg_after": [round(v, 2) for v in os.getloadavg()],
