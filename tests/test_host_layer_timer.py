@@ -18,9 +18,9 @@ def test_measures_at_the_given_threads_and_restores_the_pool(monkeypatch):
     seen = []
     real = layer_formats.measure_layer_formats
 
-    def spy(layers, target=None):
+    def spy(layers, target=None, pairs=()):
         seen.append(tvm_sparse.threads())
-        return real(layers, target) if layers else {}
+        return real(layers, target, pairs) if layers else {}
 
     monkeypatch.setattr(layer_formats, "measure_layer_formats", spy)
     set_threads(2)
