@@ -85,3 +85,40 @@ def test_silu_is_one_stage_in_the_conv_epilogue():
     y = relax.VirtualMachine(art.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+class ConvHardswish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return nn.functional.hardswish(self.conv(x))
+
+
+def test_hardswish_diamond_is_inlined_into_the_conv_tile(monkeypatch):
+    """x * clip(x + 3, 0, 6) / 6 reads the conv output twice: the branch is inlined into the
+    multiply and the whole epilogue into the conv's write-back (no separate stage remains)."""
+    from rwdeploy.runtime import tvm_schedule
+
+    scheduled = []
+    real = tvm_schedule.schedule_reduction
+
+    def spy(func, *args, **kwargs):
+        out = real(func, *args, **kwargs)
+        if out is not None:
+            scheduled.append(out.script())
+        return out
+
+    monkeypatch.setattr(tvm_schedule, "schedule_reduction", spy)
+    torch.manual_seed(0)
+    model = ConvHardswish().eval()
+    x = torch.randn(1, 3, 32, 32)
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    conv = [s for s in scheduled if "rw_conv2d_nhwc_packed" in s]
+    assert len(conv) == 1
+    blocks = set(re.findall(r'T\.sblock\("(\w+)"\)', conv[0]))
+    assert not any(b.startswith(("T_multiply", "T_divide", "T_add", "compute")) for b in blocks), blocks
+    y = relax.VirtualMachine(art.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
