@@ -45,15 +45,15 @@ def _elementwise(fn: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
     return compute
 
 
-def _one(v: Any) -> Any:
+def _one() -> Any:
     from tvm import tirx
 
     return tirx.const(1.0, "float32")
 
 
 _exp = _elementwise(fast_exp, "fast_exp")
-_sigmoid = _elementwise(lambda v: _one(v) / (_one(v) + fast_exp(-v)), "fast_sigmoid")
-_silu = _elementwise(lambda v: v / (_one(v) + fast_exp(-v)), "fast_silu")
+_sigmoid = _elementwise(lambda v: _one() / (_one() + fast_exp(-v)), "fast_sigmoid")
+_silu = _elementwise(lambda v: v / (_one() + fast_exp(-v)), "fast_silu")
 
 
 def _erf_of(x: Any, scale: float) -> Any:
