@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from rwdeploy.runtime.tvm_loops import largest_divisor
+
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
 # Names of the compute stages `tvm_legalize` emits (packed-weight conv, depthwise conv, dense,
 # and their padding stage); `schedule_reduction` recognises the stages by them.
@@ -54,13 +56,6 @@ CACHED_WEIGHT_BYTES = 1 << 20
 WEIGHT_STREAMS = 4
 
 
-def _largest_divisor(n: int, cap: int) -> int:
-    for d in range(min(n, cap), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
 def vector_width(channels: int, lanes: int) -> int:
     """Lanes of the vectors an output-channel tile is made of: a whole register where that
     divides `channels`, else a half or a quarter of one (8 or 4 floats with AVX-512: 24
@@ -70,7 +65,7 @@ def vector_width(channels: int, lanes: int) -> int:
     for width in (lanes, lanes // 2, lanes // 4):
         if width >= 4 and channels % width == 0:
             return width
-    return _largest_divisor(channels, 2 * lanes)
+    return largest_divisor(channels, 2 * lanes)
 
 
 @dataclass(frozen=True)
@@ -171,7 +166,7 @@ def depthwise_tile(pixel_extents: list[int], channels: int, lanes: int) -> Regis
     pixels of one row keep the taps' loads independent without spilling."""
     width = vector_width(channels, lanes)
     vectors = 2 if channels % (2 * width) == 0 and 2 * width <= 2 * lanes else 1
-    pixels = [1] * (len(pixel_extents) - 1) + [_largest_divisor(pixel_extents[-1], DEPTHWISE_ROW_TILE)]
+    pixels = [1] * (len(pixel_extents) - 1) + [largest_divisor(pixel_extents[-1], DEPTHWISE_ROW_TILE)]
     return RegisterTile(tuple(pixels), vectors * width, width)
 
 
@@ -183,7 +178,7 @@ def pixel_tile(extents: list[int], max_pixels: int) -> list[int]:
     per tile by its bounding box."""
     best, best_size, inner = [1] * len(extents), 1, 1
     for axis in range(len(extents) - 1, -1, -1):
-        d = _largest_divisor(extents[axis], max(1, max_pixels // inner))
+        d = largest_divisor(extents[axis], max(1, max_pixels // inner))
         if inner * d > best_size:
             best, best_size = [1] * axis + [d] + extents[axis + 1:], inner * d
         inner *= extents[axis]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rwdeploy.runtime.tvm_schedule import _largest_divisor
+from rwdeploy.runtime.tvm_loops import largest_divisor
 
 
 def schedule_transpose(func: Any, lanes: int) -> Any | None:
@@ -55,8 +55,8 @@ def schedule_transpose(func: Any, lanes: int) -> Any | None:
     extents = [int(sch.get(loop).extent) for loop in loops]
     if min(extents[inner_in], extents[last]) < 4:
         return None  # a few channels (an RGB input to NHWC): LLVM's own loops are as fast
-    a_outer, a_inner = sch.split(loops[inner_in], [None, _largest_divisor(extents[inner_in], lanes)])
-    b_outer, b_inner = sch.split(loops[last], [None, _largest_divisor(extents[last], lanes)])
+    a_outer, a_inner = sch.split(loops[inner_in], [None, largest_divisor(extents[inner_in], lanes)])
+    b_outer, b_inner = sch.split(loops[last], [None, largest_divisor(extents[last], lanes)])
     others = [loop for i, loop in enumerate(loops) if i not in (inner_in, last)]
     sch.reorder(*others, a_outer, b_outer, a_inner, b_inner)
     sch.parallel(sch.fuse(*others, a_outer))
