@@ -256,7 +256,7 @@ def legalize_passes(target: Any) -> list[Any]:
         tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers),
                                          "relax.matmul": matmul_legalizer(lanes, registers),
                                          "relax.nn.max_pool2d": max_pool2d_legalizer(),
-                                         **fast_math_legalizers()}),
+                                         **fast_math_legalizers(lanes)}),
         tvm.relax.transform.AnnotateTIROpPattern(),
         tvm.relax.transform.FoldConstant(),
         tvm.relax.transform.FuseOps(),
