@@ -140,12 +140,13 @@ def padded_rows(rows: int, channels: int, lanes: int, registers: int, weight_byt
 
 def batch_matmul_padded(a: Any, b: Any, rows: int, cols: int) -> Any:
     """a (..., M, K) x b (..., K, N), same batch dims, computed at `rows` x `cols` (b's columns
-    zero-padded in a copy, a's extra rows read as its last row), then the (M, N) part kept."""
+    zero-padded in a copy where `cols` > N, a's extra rows read as its last row), then the
+    (M, N) part kept."""
     from tvm import te, tirx
 
     *batch, m, k = (int(v) for v in a.shape)
     n = int(b.shape[-1])
-    bp = te.compute((*batch, k, cols), lambda *i: tirx.if_then_else(
+    bp = b if cols == n else te.compute((*batch, k, cols), lambda *i: tirx.if_then_else(
         i[-1] < n, b[(*i[:-1], tirx.min(i[-1], n - 1))], tirx.const(0.0, b.dtype)), name="cols_padded")
     rk = te.reduce_axis((0, k), "rk")
     y = te.compute((*batch, rows, cols), lambda *i: te.sum(
@@ -157,15 +158,13 @@ def _padded_extents(rows: int, cols: int, lanes: int) -> tuple[int, int] | None:
     """(rows, cols) to compute a matmul's output at, or None to leave it as it is: columns
     that no vector of 4 or more lanes divides (197 attention scores per row: scalar code,
     3.6 ms against 0.15 for the next matmul of the same size) go up to a multiple of `lanes`,
-    and then rows that no tile of 4 or more divides to a multiple of 8."""
+    rows that no tile of 4 or more divides (197 tokens: 1-row tiles, 4 accumulators where the
+    FMA latency wants 16; ViT-Tiny's scores @ v at 42 GMAC/s) to a multiple of 8."""
     from rwdeploy.runtime.tvm_schedule import pixel_tile, vector_width
 
-    if cols < lanes or vector_width(cols, lanes) >= 4:
-        return None
-    cols = -(-cols // lanes) * lanes
-    if rows > 8 and pixel_tile([rows], 8)[0] < 4:
-        rows = -(-rows // 8) * 8
-    return rows, cols
+    padded_cols = cols if cols < lanes or vector_width(cols, lanes) >= 4 else -(-cols // lanes) * lanes
+    padded_rows = rows if rows <= 8 or pixel_tile([rows], 8)[0] >= 4 else -(-rows // 8) * 8
+    return None if (padded_rows, padded_cols) == (rows, cols) else (padded_rows, padded_cols)
 
 
 def _ints(values: Any) -> tuple[int, ...]:
@@ -211,7 +210,8 @@ def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
 
 def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
     """`relax.matmul(x[B, K], W[K, N])` with a constant W -> packed dense; two computed operands
-    whose output columns no vector divides -> `batch_matmul_padded`; else TVM's default."""
+    whose output columns no vector divides, or rows no tile of 4 divides -> `batch_matmul_padded`;
+    else TVM's default."""
     from tvm.relax.transform.legalize_ops import linear_algebra as default_la
 
     from rwdeploy.runtime.tvm_schedule import register_tile, weight_block

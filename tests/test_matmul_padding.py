@@ -18,7 +18,8 @@ def test_padding_is_chosen_only_where_nothing_divides():
     assert padded_rows(196, 576, 16, 32, 192 * 576 * 4) == 196      # 14 x 14
     assert padded_rows(5, 576, 16, 32, 192 * 576 * 4) == 5          # a handful of rows: as they are
     assert _padded_extents(197, 197, 16) == (200, 208)
-    assert _padded_extents(197, 64, 16) is None                      # columns in whole vectors
+    assert _padded_extents(197, 64, 16) == (200, 64)                 # scores @ v: rows only
+    assert _padded_extents(196, 64, 16) is None                      # 14 x 14 rows, whole vectors
     assert _padded_extents(8, 12, 16) is None                        # fewer columns than lanes
 
 
@@ -46,7 +47,8 @@ def test_attention_on_197_tokens_matches_torch():
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("shapes", [((2, 3, 197, 16), (2, 3, 16, 197)), ((197, 24), (24, 53))])
+@pytest.mark.parametrize("shapes", [((2, 3, 197, 16), (2, 3, 16, 197)), ((197, 24), (24, 53)),
+                                    ((2, 3, 197, 197), (2, 3, 197, 64))])
 def test_batch_matmul_padded_matches_numpy_and_vectorises(shapes):
     a_shape, b_shape = shapes
     bb = relax.BlockBuilder()
