@@ -92,12 +92,9 @@ def _default(call: Any) -> Callable[[Any, Any], Any]:
     return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")
 
 
-def fast_math_legalizers(lanes: int = 16) -> dict[str, Callable[[Any, Any], Any]]:
-    """`LegalizeOps` entries for float32 exp, sigmoid, silu, tanh, erf, gelu, softmax and layer
-    norm; softmax and layer norm over the last axis as `tvm_row_kernels` (vectors of `lanes`)."""
+def fast_math_legalizers() -> dict[str, Callable[[Any, Any], Any]]:
+    """`LegalizeOps` entries for float32 exp, sigmoid, silu, tanh, erf, gelu and softmax."""
     from tvm import topi
-
-    from rwdeploy.runtime.tvm_row_kernels import row_layer_norm, row_softmax
 
     def unary(compute: Callable[[Any], Any], name: str) -> Callable[[Any, Any], Any]:
         def legalize(bb: Any, call: Any) -> Any:
@@ -109,19 +106,12 @@ def fast_math_legalizers(lanes: int = 16) -> dict[str, Callable[[Any, Any], Any]
     def softmax(bb: Any, call: Any) -> Any:
         if not _float32(call):
             return _default(call)(bb, call)
-        rows = row_softmax(bb, call, lanes)
-        if rows is not None:
-            return rows
         return bb.call_te(_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax")
-
-    def layer_norm(bb: Any, call: Any) -> Any:
-        rows = row_layer_norm(bb, call, lanes)
-        return rows if rows is not None else _default(call)(bb, call)
 
     return {"relax.exp": unary(_exp, "exp"), "relax.sigmoid": unary(_sigmoid, "sigmoid"),
             "relax.nn.silu": unary(_silu, "silu"), "relax.tanh": unary(topi.fast_tanh, "tanh"),
             "relax.erf": unary(topi.fast_erf, "erf"), "relax.nn.gelu": unary(_gelu, "gelu"),
-            "relax.nn.softmax": softmax, "relax.nn.layer_norm": layer_norm}
+            "relax.nn.softmax": softmax}
 
 
 def silu_pass() -> Any:

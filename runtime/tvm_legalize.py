@@ -242,21 +242,24 @@ def matmul_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
 
 def legalize_passes(target: Any) -> list[Any]:
     """TVM's CPU legalisation passes, with conv2d and matmul lowered as above, NCHW max
-    pooling as in `tvm_pool` and exp-family ops as in `tvm_fast_math`."""
+    pooling as in `tvm_pool`, exp-family ops as in `tvm_fast_math`, softmax and layer norm
+    over the last axis as in `tvm_row_kernels`."""
     import tvm
 
     from rwdeploy.runtime.tvm_fast_math import fast_math_legalizers, silu_pass
     from rwdeploy.runtime.tvm_pool import max_pool2d_legalizer
+    from rwdeploy.runtime.tvm_row_kernels import row_legalizers
     from rwdeploy.runtime.tvm_schedule import vector_lanes, vector_registers
 
     lanes, registers = vector_lanes(target), vector_registers(target)
+    fast_math = fast_math_legalizers()
     return [
         silu_pass(),
         tvm.relax.transform.DeadCodeElimination(),
         tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers),
                                          "relax.matmul": matmul_legalizer(lanes, registers),
                                          "relax.nn.max_pool2d": max_pool2d_legalizer(),
-                                         **fast_math_legalizers(lanes)}),
+                                         **fast_math, **row_legalizers(lanes, fast_math)}),
         tvm.relax.transform.AnnotateTIROpPattern(),
         tvm.relax.transform.FoldConstant(),
         tvm.relax.transform.FuseOps(),

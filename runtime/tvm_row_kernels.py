@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 LOWEST = -3.4028234663852886e38   # float32's lowest value: the max of an empty row
 OPAQUE = 8                        # relax op pattern kOpaque: Relax fuses nothing into it
@@ -131,6 +131,25 @@ def layer_norm_rows(shape: tuple[int, ...], epsilon: float, center: bool, scale:
                 map_row(yf, row, lambda k: affine((xf[row + k] - mean) * rstd, gamma, beta, k))
 
     return _finish(f, f"layer norm rows {R}x{N}")
+
+
+def row_legalizers(lanes: int, fallback: dict[str, Callable[[Any, Any], Any]]
+                   ) -> dict[str, Callable[[Any, Any], Any]]:
+    """`LegalizeOps` entries for softmax and layer norm: over the last axis as the row kernels
+    here, else `fallback`'s entry for the op (TVM's own where it has none)."""
+    import tvm
+
+    def entry(op: str, rows: Callable[[Any, Any, int], Any]) -> Callable[[Any, Any], Any]:
+        def legalize(bb: Any, call: Any) -> Any:
+            lowered = rows(bb, call, lanes)
+            if lowered is not None:
+                return lowered
+            other = fallback.get(op) or tvm.ir.Op.get(op).get_attr("FLegalize")
+            return other(bb, call)
+        return legalize
+
+    return {"relax.nn.softmax": entry("relax.nn.softmax", row_softmax),
+            "relax.nn.layer_norm": entry("relax.nn.layer_norm", row_layer_norm)}
 
 
 def _static_shape(expr: Any) -> tuple[int, ...] | None:
