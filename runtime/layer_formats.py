@@ -182,8 +182,10 @@ def candidate_module(cands: Sequence[Candidate | FusedPair]) -> tvm.IRModule:
 def build_candidates(cands: Sequence[Candidate | FusedPair], target: tvm.target.Target) -> Any:
     """The relax executable of `candidate_module(cands)`, built like an artifact for `target`."""
     from rwdeploy.runtime.tvm_build import cpu_pipeline
+    from rwdeploy.runtime.tvm_stack_tiles import register_tir_pipeline
 
-    return tvm.compile(candidate_module(cands), target=target, relax_pipeline=cpu_pipeline(target, {}))
+    return tvm.compile(candidate_module(cands), target=target, relax_pipeline=cpu_pipeline(target, {}),
+                       tir_pipeline=register_tir_pipeline())
 
 
 def candidates_of(layers: Layers) -> list[Candidate]:

@@ -319,12 +319,14 @@ def build(module_or_program: torch.nn.Module | torch.export.ExportedProgram,
             raise RwdeployError(f"target {tgt.name!r}: the build has no CUDA module "
                                 "(every loop was compiled for the host)")
     else:
+        from rwdeploy.runtime.tvm_stack_tiles import register_tir_pipeline
+
         if tune:
             from rwdeploy.runtime.tvm_tune import tune_cpu
 
             tune_cpu(mod, tvm_target, db, tune)
         executable = relax.build(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, stats, db),
-                                 exec_mode=exec_mode)
+                                 tir_pipeline=register_tir_pipeline(), exec_mode=exec_mode)
     build_s = time.perf_counter() - t0
     cuda = _cuda_module(executable)
     artifact = TvmArtifact(

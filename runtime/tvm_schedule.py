@@ -334,6 +334,10 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     if init is not None:
         sch.vectorize(sch.get_loops(init)[-1])
     writeback = sch.get_loops(accumulator)[1:]
+    # The write-back unrolled: with every access to the accumulators at a constant offset, LLVM
+    # keeps them in registers (`tvm_stack_tiles`) instead of storing the tile and reading it back.
+    for loop in writeback[:-1]:
+        sch.unroll(loop)
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
         _vectorize_writeback(sch, accumulator, writeback[-1], tile.width)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
@@ -412,7 +416,8 @@ def _vectorize_writeback(sch: Any, block: Any, last: Any, width: int) -> None:
                 sch.vectorize(sch.split(loop, [None, lanes])[-1] if size > lanes else loop)
         return
     if extent > width and extent % width == 0:
-        last = sch.split(last, [None, width])[-1]
+        outer, last = sch.split(last, [None, width])
+        sch.unroll(outer)
     sch.vectorize(last)
 
 
