@@ -187,6 +187,18 @@ def pixel_tile(extents: list[int], max_pixels: int) -> list[int]:
     return best
 
 
+def _compute_stages(func: Any) -> list[str]:
+    """The conv / depthwise / dense stages (`STAGES`) among `func`'s blocks."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    except Exception:  # not a function with blocks (a hand-written kernel)
+        return []
+    return [n for n in names if n in STAGES]
+
+
 def _has_loop_schedule(sch: Any) -> bool:
     """True when some loop is already parallel, vectorised, unrolled or bound."""
     from tvm.tirx import ForKind
@@ -466,16 +478,25 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
                 if stats is not None:
                     stats.setdefault("tuned", []).append(name)
                 continue
+            failure = ""
             try:
                 scheduled = (schedule_max_pool(func, lanes) or schedule_transpose(func, lanes)
                              or schedule_reduction(func, lanes, registers))
-            except Exception:  # a shape this schedule cannot handle: leave it to LLVM
-                scheduled = None
+            except Exception as err:  # a shape this schedule cannot handle: leave it to LLVM
+                scheduled, failure = None, f" ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})" \
+                    if str(err).strip() else f" ({type(err).__name__})"
             if scheduled is not None:
                 updates[gvar] = scheduled
             if stats is not None:
                 stats.setdefault("scheduled" if scheduled is not None else "unscheduled",
                                  []).append(name)
+                if scheduled is None and _compute_stages(func):
+                    # a conv / dense left to LLVM runs one scalar accumulator at a time, tens of
+                    # times slower than its scheduled form, with a correct output: say so
+                    stats.setdefault("notes", []).append(
+                        f"kernel {name} ({', '.join(_compute_stages(func))}) could not be scheduled"
+                        f"{failure or ': its loop nest is not one the CPU schedule recognises'}; "
+                        "it runs as plain loops, far slower than the other layers")
         for gvar, func in updates.items():
             mod[gvar] = func
         return mod

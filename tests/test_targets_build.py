@@ -359,3 +359,29 @@ def test_compiled_and_bytecode_vm_agree_and_only_bytecode_profiles(tmp_path):
     assert any("conv" in c.symbol for c in calls) and all(c.ms >= 0 for c in calls)
     with pytest.raises(ValueError, match="bytecode"):
         profile_calls(tvm.relax.VirtualMachine(compiled.executable, tvm.cpu()), "main", arg, runs=2)
+
+
+def test_a_conv_the_schedule_fails_on_is_named_in_the_notes(model, monkeypatch):
+    """A schedule failure leaves the kernel as plain loops (correct, far slower): the build's
+    notes name the kernel and the error instead of staying silent."""
+    from rwdeploy.runtime import tvm_schedule
+
+    def broken(func, lanes, registers=32):
+        raise RuntimeError("split factor does not divide the extent")
+
+    monkeypatch.setattr(tvm_schedule, "schedule_reduction", broken)
+    art = tvm_build.build(model, tiny_input(), "cpu", threads=1)
+    notes = art.to_dict()["notes"]
+    failed = [n for n in notes if "could not be scheduled" in n]
+    assert failed and all("split factor does not divide the extent" in n for n in failed)
+    assert any("conv2d" in n for n in failed)
+    import tvm
+
+    x = tiny_input()
+    y = tvm.relax.VirtualMachine(art.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    with torch.no_grad():
+        np.testing.assert_allclose(y.numpy(), model(x).numpy(), atol=ATOL, rtol=1e-4)  # still right
+
+
+def test_a_scheduled_build_has_no_schedule_notes(cpu_artifact):
+    assert not any("could not be scheduled" in n for n in cpu_artifact.to_dict()["notes"])
