@@ -51,36 +51,42 @@ def _is_data_of(expr: Any, buffer: Any) -> bool:
     return _op_name(expr) == "tirx.buffer_data" and expr.args[0].same_as(buffer)
 
 
-def _checks(stmt: Any, buffer: Any) -> bool:
-    """`if isnullptr(buffer's data): throw` or `if TVMBackendFreeWorkspace(.., data) != 0:
-    throw`."""
+def _is_free_of(stmt: Any, buffer: Any) -> bool:
+    """`if TVMBackendFreeWorkspace(.., buffer's data) != 0: throw`."""
     from tvm import tirx
 
     if not isinstance(stmt, tirx.IfThenElse) or stmt.else_case is not None:
         return False
     cond = stmt.condition
-    if _op_name(cond) == "tirx.isnullptr":
-        return _is_data_of(cond.args[0], buffer)
-    if type(cond).__name__ == "NE" and _op_name(cond.a) == "tirx.TVMBackendFreeWorkspace":
-        return _is_data_of(cond.a.args[2], buffer)
-    return False
+    return (type(cond).__name__ == "NE" and _op_name(cond.a) == "tirx.TVMBackendFreeWorkspace"
+            and _is_data_of(cond.a.args[2], buffer))
+
+
+def _is_null_check_of(stmt: Any, buffer: Any) -> bool:
+    """`if isnullptr(buffer's data): throw`."""
+    from tvm import tirx
+
+    return (isinstance(stmt, tirx.IfThenElse) and stmt.else_case is None
+            and _op_name(stmt.condition) == "tirx.isnullptr" and _is_data_of(stmt.condition.args[0], buffer))
 
 
 def _rewrite(stmt: Any, limit: int) -> Any:
     from tvm import tirx
 
     if isinstance(stmt, tirx.SeqStmt):
-        moved: list[Any] = []
+        # only an allocation freed in this same sequence moves: a free left behind for a stack
+        # buffer would hand the workspace pool a pointer it never gave out
+        moved = [child.buffer for child in stmt.seq if _small_cpu_workspace(child, limit)
+                 and any(_is_free_of(other, child.buffer) for other in stmt.seq)]
         out = []
         for child in stmt.seq:
-            if _small_cpu_workspace(child, limit):
-                moved.append(child.buffer)
+            if isinstance(child, tirx.DeclBuffer) and any(child.buffer.same_as(b) for b in moved):
                 out.append(tirx.AllocBuffer(child.buffer))
-            elif any(_checks(child, buffer) for buffer in moved):
+            elif any(_is_free_of(child, b) or _is_null_check_of(child, b) for b in moved):
                 continue
             else:
                 out.append(_rewrite(child, limit))
-        if all(a.same_as(b) for a, b in zip(out, stmt.seq)) and len(out) == len(stmt.seq):
+        if len(out) == len(stmt.seq) and all(a.same_as(b) for a, b in zip(out, stmt.seq)):
             return stmt
         return tirx.SeqStmt(out)
     if isinstance(stmt, tirx.For):

@@ -82,3 +82,35 @@ def tvm_build_pipeline() -> str:
     from rwdeploy.runtime.tvm_stack_tiles import register_tir_pipeline
 
     return register_tir_pipeline()
+
+
+def _lowered_kernel(freed: bool, nbytes: int = 64):
+    """A kernel as `LowerTVMBuiltin` leaves it: a workspace per parallel task, its null check,
+    and (with `freed`) its free in the same sequence."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def f(x: T.Buffer((64,), "float32")):
+        for i in T.parallel(4):
+            acc = T.decl_buffer((16,), "float32", data=T.TVMBackendAllocWorkspace(1, 0, T.uint64(nbytes), 2, 32))
+            if T.isnullptr(acc.data):
+                T.tvm_throw_last_error()
+            for j in range(16):
+                acc[j] = x[i * 16 + j]
+            for j in range(16):
+                x[i * 16 + j] = acc[j] * T.float32(2)
+            if freed:
+                if T.TVMBackendFreeWorkspace(1, 0, acc.data) != 0:
+                    T.tvm_throw_last_error()
+    return f
+
+
+def test_an_allocation_moves_only_with_its_free():
+    from rwdeploy.runtime.tvm_stack_tiles import _rewrite
+
+    moved = _rewrite(_lowered_kernel(True).body, STACK_WORKSPACE_BYTES).script()
+    assert "alloc_buffer" in moved
+    assert not any(s in moved for s in ("TVMBackendAllocWorkspace", "TVMBackendFreeWorkspace", "isnullptr"))
+    # no free in the same sequence (or too large): a stack pointer must never reach the pool's free
+    for kernel in (_lowered_kernel(False), _lowered_kernel(True, STACK_WORKSPACE_BYTES + 4)):
+        assert _rewrite(kernel.body, STACK_WORKSPACE_BYTES).same_as(kernel.body)
