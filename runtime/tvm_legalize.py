@@ -247,14 +247,17 @@ def legalize_passes(target: Any) -> list[Any]:
     import tvm
 
     from rwdeploy.runtime.tvm_fast_math import fast_math_legalizers, silu_pass
+    from rwdeploy.runtime.tvm_identity import identity_broadcast_pass
     from rwdeploy.runtime.tvm_pool import max_pool2d_legalizer
-    from rwdeploy.runtime.tvm_row_kernels import row_legalizers
+    from rwdeploy.runtime.tvm_row_kernels import row_legalizers, safe_softmax_pass
     from rwdeploy.runtime.tvm_schedule import vector_lanes, vector_registers
 
     lanes, registers = vector_lanes(target), vector_registers(target)
     fast_math = fast_math_legalizers()
     return [
         silu_pass(),
+        safe_softmax_pass(lanes),
+        identity_broadcast_pass(),
         tvm.relax.transform.DeadCodeElimination(),
         tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers),
                                          "relax.matmul": matmul_legalizer(lanes, registers),

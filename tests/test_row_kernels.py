@@ -99,3 +99,64 @@ def test_attention_block_matches_torch():
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+class MaskedAttention(nn.Module):
+    """Scaled dot-product attention with a boolean mask whose first query row masks every key:
+    torch gives that row zeros (`_safe_softmax`), not NaN."""
+
+    def __init__(self, dim: int = 24, tokens: int = 21):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        mask = torch.rand(tokens, tokens, generator=torch.Generator().manual_seed(3)) > 0.3
+        mask[0] = False
+        mask[1:, 0] = True                      # every other row keeps a key
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+def test_safe_softmax_of_export_is_one_row_kernel_and_matches_torch():
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    x = torch.randn(1, 21, 24)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.all(ref[0, 0, 0] == 0) and np.isfinite(ref).all()
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    ir = art.executable.mod.imports[0].inspect_source("ll")
+    assert "rw_safe_softmax_rows" in ir                # the where / mask passes folded into it
+    y = relax.VirtualMachine(art.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    y = (y[0] if not hasattr(y, "numpy") else y).numpy()
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_safe_softmax_rows_of_minus_infinity_are_zero():
+    from rwdeploy.runtime.tvm_row_kernels import softmax_rows
+
+    x = np.random.default_rng(2).standard_normal((4, 37)).astype(np.float32)
+    x[1] = -np.inf                                      # a fully masked row
+    x[2, ::3] = -np.inf                                 # a partly masked one
+    target = host_target()
+    lib = tvm.compile(tvm.IRModule({"main": softmax_rows((4, 37), 16, safe=True)}), target=target)
+    y = tvm.runtime.tensor(np.full((4, 37), np.nan, np.float32))
+    lib["main"](tvm.runtime.tensor(x), y)
+    ref = torch.softmax(torch.from_numpy(x).double(), -1).nan_to_num(0.0).numpy()
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=1e-6)
+    assert (y.numpy()[1] == 0).all()
+
+
+def test_broadcast_to_its_own_shape_is_no_kernel():
+    """expand to the same shape before a bmm (how export writes attention) copies nothing."""
+    shape = (1, 3, 19, 19)
+
+    def make(x):
+        return relax.op.reshape(relax.op.broadcast_to(relax.op.nn.softmax(x, axis=-1), shape), (3, 19, 19))
+
+    run, ir = _build(shape, make)
+    assert "broadcast" not in ir
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    ref = torch.softmax(torch.from_numpy(x).double(), -1).reshape(3, 19, 19).numpy()
+    np.testing.assert_allclose(run(x), ref, rtol=0, atol=1e-6)
