@@ -12,8 +12,8 @@ Here one parallel task per row (the rows are independent): a pass to reduce the 
 `lanes` partial results (a vector accumulator, so a dependent chain of only N / lanes steps),
 a horizontal step over the lanes, then the elementwise pass; the tail of a row that no whole
 vector covers (197 = 12 x 16 + 5) goes into the first lanes. The row stays in L1 between the
-passes. Softmax: max, then exp (`fast_exp`) written and summed, then a multiply by the
-reciprocal of the sum. Layer norm: mean, then the mean squared deviation (two passes, the
+passes. Softmax: max, exp (`fast_exp`) written, its sum, then a multiply by the reciprocal of
+the sum. Layer norm: mean, then the mean squared deviation (two passes, the
 variance does not suffer cancellation as E[x^2] - mean^2 does), then the normalised output.
 """
 from __future__ import annotations
@@ -24,12 +24,14 @@ from functools import lru_cache
 from typing import Any, Callable
 
 LOWEST = -3.4028234663852886e38   # float32's lowest value: the max of an empty row
-OPAQUE = 8                        # relax op pattern kOpaque: Relax fuses nothing into it
 
 
 def _finish(func: Any, layer: str, symbol: str) -> Any:
-    return func.with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True) \
-        .with_attr("rwdeploy.layer", layer).with_attr("global_symbol", symbol)
+    """Marked as the sparse kernels are (never fused, never rescheduled, described), with its
+    own symbol."""
+    from rwdeploy.runtime.tvm_sparse import _scheduled
+
+    return _scheduled(func, layer).with_attr("global_symbol", symbol)
 
 
 def _symbol(kind: str, shape: tuple[int, ...], *settings: Any) -> str:

@@ -199,6 +199,11 @@ def _compute_stages(func: Any) -> list[str]:
     return [n for n in names if n in STAGES]
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
 def _has_loop_schedule(sch: Any) -> bool:
     """True when some loop is already parallel, vectorised, unrolled or bound."""
     from tvm.tirx import ForKind
@@ -478,24 +483,23 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
                 if stats is not None:
                     stats.setdefault("tuned", []).append(name)
                 continue
-            failure = ""
+            failure = ": its loop nest is not one the CPU schedule recognises"
             try:
                 scheduled = (schedule_max_pool(func, lanes) or schedule_transpose(func, lanes)
                              or schedule_reduction(func, lanes, registers))
             except Exception as err:  # a shape this schedule cannot handle: leave it to LLVM
-                scheduled, failure = None, f" ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})" \
-                    if str(err).strip() else f" ({type(err).__name__})"
+                scheduled, failure = None, f" ({_first_line(err)})"
             if scheduled is not None:
                 updates[gvar] = scheduled
             if stats is not None:
                 stats.setdefault("scheduled" if scheduled is not None else "unscheduled",
                                  []).append(name)
-                if scheduled is None and _compute_stages(func):
+                stages = _compute_stages(func) if scheduled is None else []
+                if stages:
                     # a conv / dense left to LLVM runs one scalar accumulator at a time, tens of
                     # times slower than its scheduled form, with a correct output: say so
                     stats.setdefault("notes", []).append(
-                        f"kernel {name} ({', '.join(_compute_stages(func))}) could not be scheduled"
-                        f"{failure or ': its loop nest is not one the CPU schedule recognises'}; "
+                        f"kernel {name} ({', '.join(stages)}) could not be scheduled{failure}; "
                         "it runs as plain loops, far slower than the other layers")
         for gvar, func in updates.items():
             mod[gvar] = func
