@@ -10,7 +10,7 @@ from torch import nn
 from tvm import relax
 
 from rwdeploy.runtime import tvm_build
-from rwdeploy.runtime.tvm_stack_tiles import STACK_WORKSPACE_BYTES, stack_workspaces_pass
+from rwdeploy.runtime.tvm_stack_tiles import STACK_WORKSPACE_BYTES, register_tir_pipeline
 
 
 class Residual(nn.Module):
@@ -68,20 +68,13 @@ def test_only_small_constant_workspaces_move_to_the_stack(floats):
     mod = tvm.IRModule({"main": _workspace_kernel(floats)})
     executable = tvm.compile(mod, target="llvm", tir_pipeline="default")
     assert "TVMBackendAllocWorkspace" in executable.mod.inspect_source("ll")  # TVM: a workspace
-    lowered = tvm.compile(mod, target="llvm", tir_pipeline=tvm_build_pipeline())
+    lowered = tvm.compile(mod, target="llvm", tir_pipeline=register_tir_pipeline())
     small = floats * 4 <= STACK_WORKSPACE_BYTES
     assert ("TVMBackendAllocWorkspace" in lowered.mod.inspect_source("ll")) != small
     x = np.random.default_rng(0).standard_normal((4, floats)).astype(np.float32)
     y = tvm.runtime.tensor(np.zeros(4, np.float32))
     lowered["main"](tvm.runtime.tensor(x), y)
     np.testing.assert_allclose(y.numpy(), 2 * x.astype(np.float64).sum(1), rtol=1e-4)
-    assert stack_workspaces_pass() is not None
-
-
-def tvm_build_pipeline() -> str:
-    from rwdeploy.runtime.tvm_stack_tiles import register_tir_pipeline
-
-    return register_tir_pipeline()
 
 
 def _lowered_kernel(freed: bool, nbytes: int = 64):
