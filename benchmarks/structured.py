@@ -46,7 +46,7 @@ from rwdeploy.passes.layer_stats import layer_stats, totals
 from rwdeploy.passes.remove_zero_channels import remove_zero_channels
 from rwdeploy.passes.trace import trace_model
 from rwdeploy.passes.whole_model_alignment import choose_alignment
-from rwdeploy.runtime.align_timing import OrtLayerTimer, OrtModelTimer, target_lanes
+from rwdeploy.runtime.align_timing import OrtLayerTimer, OrtModelTimer, TvmModelTimer, target_lanes
 from rwdeploy.passes.verify import compare_on
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
@@ -131,18 +131,20 @@ def _worst_error(reference: nn.Module, candidate: nn.Module, probes: list[torch.
 
 
 def ours(zeroed: nn.Module, example: torch.Tensor, align: str = "off", threads: int = 1,
-         measure: bool = True) -> tuple[nn.Module, float, int, dict[str, Any] | None]:
+         measure: bool = True, target: str = "onnx") -> tuple[nn.Module, float, int, dict[str, Any] | None]:
     """Our slim model, the pass's wall time, the zero channels kept for alignment, and for `auto`
-    the whole-model choice (as compile makes it: the candidates timed as whole models in ORT at
-    batch 1, interleaved, by `OrtModelTimer`; the per-group plan's groups by `OrtLayerTimer`); with
-    `measure` off, auto is the per-group plan by the cost model, as `compile --no-measure`."""
+    the whole-model choice (as `compile --target TARGET` makes it: the candidates timed as whole
+    models at batch 1, interleaved, in ORT by `OrtModelTimer` for onnx, as TVM builds by
+    `TvmModelTimer` for cpu; the per-group plan's groups by `OrtLayerTimer`); with `measure` off,
+    auto is the per-group plan by the cost model, as `compile --no-measure`."""
     t0 = time.perf_counter()
     gm = trace_model(zeroed, example).gm
     analysis = analyze_channel_groups(gm, example)
     if align == "auto" and measure:
-        result = choose_alignment(gm, example, measurer=OrtModelTimer(example[:1], "onnx", threads=threads),
-                                  lanes=target_lanes("onnx"), analysis=analysis,
-                                  layer_measurer=OrtLayerTimer("onnx", threads=threads), batch=1)
+        timer = (TvmModelTimer(example[:1], "cpu", threads=threads) if target == "cpu"
+                 else OrtModelTimer(example[:1], "onnx", threads=threads))
+        result = choose_alignment(gm, example, measurer=timer, lanes=target_lanes(target), analysis=analysis,
+                                  layer_measurer=OrtLayerTimer(target, threads=threads), batch=1)
     else:
         result = remove_zero_channels(gm, example, analysis=analysis, align=align, lanes=target_lanes("onnx"))
     al = result.record.alignment
@@ -168,9 +170,11 @@ def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
 
 
 def measure_variants(variants: dict[str, nn.Module], example: torch.Tensor, workdir: Path,
-                     args: argparse.Namespace) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+                     args: argparse.Namespace, tvm_variants: dict[str, nn.Module] | None = None,
+                     ) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
     """ORT latency of every model per batch size, their calls alternating (dense, slim, dense,
-    ...) so that load drifting on a shared machine hits all alike; and their ONNX file sizes."""
+    ...) so that load drifting on a shared machine hits all alike; and their ONNX file sizes.
+    With --tvm, each variant's TVM build too (`tvm_variants` replaces some: auto's TVM choice)."""
     runners, sizes = {}, {}
     for variant, module in variants.items():
         path = workdir / f"{variant}.onnx"
@@ -181,11 +185,11 @@ def measure_variants(variants: dict[str, nn.Module], example: torch.Tensor, work
         x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b))
         calls = {v: r.bind(x.numpy()) for v, r in runners.items()}
         if args.tvm:  # rwdeploy's cpu build of each variant at this batch, timed in the same rounds
-            for variant in variants:
-                art = tvm_build.build(variants[variant], x, "cpu", threads=args.threads)
+            for variant, module in {**variants, **(tvm_variants or {})}.items():
+                art = tvm_build.build(module, x, "cpu", threads=args.threads)
                 calls[f"tvm {variant}"], got = tvm_build.bind_local(art, x)
                 with torch.no_grad():
-                    want = variants[variant](x).numpy()
+                    want = module(x).numpy()
                 err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
                 if err > 1e-4:
                     raise RuntimeError(f"TVM build of {variant} disagrees with torch: max rel error {err:.1e}")
@@ -208,7 +212,7 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
     zeroed = copy.deepcopy(net)
     filters = zero_smallest_filters(zeroed, groups, rate)
 
-    slim, our_s, _, _ = ours(zeroed, example, args.aligns[0], args.threads, not args.no_measure)
+    slim, our_s, our_kept, our_whole = ours(zeroed, example, args.aligns[0], args.threads, not args.no_measure)
     our_err = _worst_error(zeroed, slim, probes)
     t_dense, t_slim = totals(zeroed, layer_stats(zeroed, example)), totals(slim, layer_stats(slim, example))
     row: dict[str, Any] = {
@@ -218,6 +222,7 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
         "macs_dense": t_dense.macs, "macs_slim": t_slim.macs,
         "state_bytes_dense": _state_bytes(zeroed), "state_bytes_slim": _state_bytes(slim),
         "ours_s": our_s, "ours_max_abs": our_err[0], "ours_max_rel": our_err[1], "align": args.aligns[0],
+        **({"kept_for_alignment": our_kept, "whole_model": our_whole} if our_whole else {}),
     }
     aligned: dict[str, nn.Module] = {}
     for align in args.aligns[1:]:  # the same zeroed model with channels kept for alignment
@@ -226,6 +231,14 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
         row.setdefault("aligned", {})[align] = {
             "kept_for_alignment": kept, "macs_slim": totals(aligned[align], layer_stats(aligned[align], example)).macs,
             "max_abs": err[0], "max_rel": err[1], **({"whole_model": whole} if whole else {})}
+    tvm_variants: dict[str, nn.Module] = {}
+    if args.tvm and "auto" in args.aligns and not args.no_measure:
+        # what `compile --target cpu --align auto` ships: the candidates timed as TVM builds
+        tvm_auto, _, kept, whole = ours(zeroed, example, "auto", args.threads, True, target="cpu")
+        tvm_variants["slim" if args.aligns[0] == "auto" else "align auto"] = tvm_auto
+        err = _worst_error(zeroed, tvm_auto, probes)
+        row["tvm_auto"] = {"kept_for_alignment": kept, "macs_slim": totals(tvm_auto, layer_stats(tvm_auto, example)).macs,
+                           "max_abs": err[0], "max_rel": err[1], "whole_model": whole}
     if args.torch_pruning:
         try:
             theirs, tp_s = torch_pruning_prune(zeroed, example, filters)
@@ -236,9 +249,10 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
             row["tp_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if not args.no_measure:
         latency, sizes = measure_variants({"dense": zeroed, "slim": slim, **{f"align {a}": m for a, m in aligned.items()}},
-                                          example, workdir, args)
+                                          example, workdir, args, tvm_variants)
         row["onnx_bytes_dense"], row["onnx_bytes_slim"] = sizes["dense"], sizes["slim"]
         mac_reduction = t_dense.macs / t_slim.macs
+        tvm_macs = row["tvm_auto"]["macs_slim"] if "slim" in tvm_variants else t_slim.macs
         row["latency"] = {}
         for b, lat in latency.items():
             speedup = lat["dense"]["median_ms"] / lat["slim"]["median_ms"]
@@ -251,7 +265,7 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
             if "tvm slim" in lat:
                 tvm_speedup = lat["tvm dense"]["median_ms"] / lat["tvm slim"]["median_ms"]
                 row["latency"][str(b)]["tvm"] = {"speedup": tvm_speedup,
-                                                 "speedup_per_mac_reduction": tvm_speedup / mac_reduction,
+                                                 "speedup_per_mac_reduction": tvm_speedup * tvm_macs / t_dense.macs,
                                                  "tvm_over_ort_slim": lat["tvm slim"]["median_ms"] / lat["slim"]["median_ms"]}
     return row
 
@@ -278,6 +292,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             head += [f"TVM b{b} ms dense→slim", f"TVM b{b} speed-up (÷MAC red.)"]
     aligns = meta.get("aligns", ["off"])[1:]
     head += [f"b{b} speed-up, align {a}{' ORT / TVM' if tvm else ''} (kept)" for a in aligns for b in batches]
+    choices = any("tvm_auto" in r for r in rows)
+    if choices:
+        head.append("auto's choice ORT / TVM (kept)")
     head += ["ours: s, max rel err", "torch-pruning: s, max rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -305,6 +322,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 chose = f", {al['whole_model']['chosen']}" if al.get("whole_model") else ""
                 tvm_part = f" / TVM {tsp:.2f}×" if tsp is not None else ""
                 cells.append(f"{sp:.2f}×{tvm_part} ({al['kept_for_alignment']}{chose})" if sp is not None else "-")
+        if choices:
+            ort = r if "whole_model" in r else r.get("aligned", {}).get("auto", {})
+            tvm_choice = r.get("tvm_auto", {})
+            cells.append(" / ".join(f"{c['whole_model']['chosen']} ({c['kept_for_alignment']})" if c.get("whole_model")
+                                    else "-" for c in (ort, tvm_choice)))
         cells.append(f"{r['ours_s']:.2f}, {r['ours_max_rel']:.1e}")
         if "tp_s" in r:
             cells.append(f"{r['tp_s']:.2f}, {r['tp_max_rel']:.1e}")
@@ -325,7 +347,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "Max relative error = max |slim − zeroed| / max |zeroed| over probe batches."
               + (" Align columns: speed-up over dense (zero channels kept for alignment; for auto, the candidate its "
                  "whole-model choice took: off, N=8, N=16 or per-group, timed at batch 1 before this run)."
-                 if "auto" in aligns else "")]
+                 if "auto" in aligns else "")
+              + (" With auto, the ORT columns time the candidate `compile --target onnx` chooses (whole models "
+                 "timed in ORT), the TVM columns the one `compile --target cpu` chooses (timed as TVM builds); "
+                 "each speed-up ÷ MAC reduction uses its own model's MACs."
+                 if choices else "")]
     return "\n".join(lines) + "\n"
 
 

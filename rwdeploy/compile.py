@@ -93,13 +93,15 @@ ALIGN_MIN_TIME_S = 0.5  # --align auto: seconds of interleaved whole-model calls
 def stage_remove_zero_channels(ctx: CompileContext) -> None:
     """`--align auto`, for the targets that run on this host (unless --no-measure): the slim model
     with align off, N = lanes / 2, N = lanes and the per-group plan, timed as whole models with the
-    original in ONNX Runtime at batch 1 (`runtime.align_timing.OrtModelTimer`), the fastest kept
-    (`passes.whole_model_alignment`); the per-group plan's groups timed by `OrtLayerTimer`. Elsewhere
-    the per-group plan alone, decided by the cost model. The passes never measure by themselves."""
+    original on the runtime the target ships, at batch 1: ONNX Runtime for `onnx`
+    (`runtime.align_timing.OrtModelTimer`), rwdeploy's TVM build for `cpu` (`TvmModelTimer`); the
+    fastest kept (`passes.whole_model_alignment`); the per-group plan's groups timed by
+    `OrtLayerTimer`. Elsewhere the per-group plan alone, decided by the cost model. The passes never
+    measure by themselves."""
     from rwdeploy.passes.channel_alignment import parse_align
     from rwdeploy.passes.remove_zero_channels import remove_zero_channels
     from rwdeploy.passes.whole_model_alignment import choose_alignment
-    from rwdeploy.runtime.align_timing import OrtLayerTimer, OrtModelTimer, target_lanes
+    from rwdeploy.runtime.align_timing import OrtLayerTimer, OrtModelTimer, TvmModelTimer, target_lanes
 
     opts = ctx.options
     auto = parse_align(opts.align) == "auto"
@@ -107,8 +109,9 @@ def stage_remove_zero_channels(ctx: CompileContext) -> None:
     note = None
     if auto and opts.measure and opts.target in ALIGN_MEASURED_TARGETS:
         batch = ctx.fixed_batch or 1
-        timer = OrtModelTimer(ctx.loaded.example_input(batch=batch, seed=opts.seed), opts.target,
-                              threads=opts.threads, min_time_s=min(ALIGN_MIN_TIME_S, opts.min_time_s))
+        model_timer = TvmModelTimer if opts.target == "cpu" else OrtModelTimer
+        timer = model_timer(ctx.loaded.example_input(batch=batch, seed=opts.seed), opts.target,
+                            threads=opts.threads, min_time_s=min(ALIGN_MIN_TIME_S, opts.min_time_s))
         result = choose_alignment(ctx.original, ctx.example_input, measurer=timer, lanes=target_lanes(opts.target),
                                   analysis=ctx.analysis, masks=masks,
                                   layer_measurer=OrtLayerTimer(opts.target, threads=opts.threads), batch=batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -549,6 +550,62 @@ def test_compile_auto_uses_the_injected_whole_model_timer(tmp_path, monkeypatch)
     assert doc["alignment"]["whole_model"]["chosen"] == "N=16"
     md = (result.out / "report.md").read_text()
     assert "alignment: auto chose N=16 (2.50x vs original; off 0.50x, N=8 0.50x, per-group 0.50x)" in md
+
+
+def test_compile_auto_for_cpu_times_the_tvm_build(tmp_path, monkeypatch):
+    """--target cpu ships the TVM build, so its whole-model choice is timed there (`TvmModelTimer`),
+    not in ONNX Runtime: the compiled model is the candidate that timer says is fastest."""
+    pytest.importorskip("tvm")
+    made = []
+    monkeypatch.setattr(align_timing, "OrtLayerTimer", lambda target, **kw: Preferring({21: 21}))
+
+    def ort_timer(*a, **kw):
+        raise AssertionError("ONNX Runtime timed the whole models of a --target cpu compile")
+
+    def tvm_timer(example, target, **kw):
+        made.append((tuple(example.shape), target))
+        return WholeFake(make_net(), {WIDTHS_16["N=8"]: 0.2, (32, 24, 16): 0.5})
+
+    monkeypatch.setattr(align_timing, "OrtModelTimer", ort_timer)
+    monkeypatch.setattr(align_timing, "TvmModelTimer", tvm_timer)
+    monkeypatch.setattr(align_timing, "target_lanes", lambda target: 16)
+    loaded = compile_mod.LoadedModel(make_net(), (1, 3, 16, 16), "module")
+    options = compile_mod.CompileOptions(out=tmp_path / "o", target="cpu", sparse="off", align="auto",
+                                         batches=(1,), runs=1, warmup=0, min_time_s=0.0)
+    doc = compile_mod.compile_model(loaded, options).report
+    assert made == [((1, 3, 16, 16), "cpu")]
+    assert doc["alignment"]["whole_model"]["chosen"] == "N=8"
+    shapes = {row["name"]: row["shape_after"][0] for row in doc["layers"] if row["name"] in SIZES}
+    assert shapes == dict(zip(SIZES, WIDTHS_16["N=8"])) and doc["verification"]["max_rel"] <= 1e-5
+
+
+def test_tvm_model_timer_builds_and_times_every_candidate(monkeypatch):
+    """The real timer: each candidate is built by rwdeploy's cpu build (its output is the module's)
+    and timed in the same interleaved rounds; progress names each build."""
+    pytest.importorskip("tvm")
+    from rwdeploy.runtime import tvm_build
+
+    net = make_net()
+    slim = remove_zero_channels(torch.fx.symbolic_trace(net), X).gm
+    said, built = [], []
+    real_build = tvm_build.build
+
+    def spy(module, example, target, **kw):
+        art = real_build(module, example, target, **kw)
+        with torch.no_grad():
+            want = module(example).numpy()
+        got = tvm_build.run_local(art, example)
+        built.append(float(np.abs(got - want).max() / np.abs(want).max()))
+        return art
+
+    timer = align_timing.TvmModelTimer(X, "cpu", threads=1, warmup=1, min_runs=5, min_time_s=0.0,
+                                       progress=said.append)
+    monkeypatch.setattr(tvm_build, "build", spy)
+    times = timer({"original": net, "off": slim})
+    assert set(times) == {"original", "off"} and all(t["n"] >= 5 and t["median_ms"] > 0 for t in times.values())
+    assert len(built) == 2 and max(built) < 1e-4
+    assert said == ["building candidate 1/2 (original) with TVM", "building candidate 2/2 (off) with TVM"]
+    assert "TVM build for target 'cpu'" in timer.where and "batch 1" in timer.where
 
 
 def _lenet_zeroed() -> nn.Module:
