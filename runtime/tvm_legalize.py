@@ -175,24 +175,39 @@ def _float32(call: Any) -> bool:
     return all(getattr(a.ty, "dtype", None) == "float32" for a in call.args) and call.ty.dtype == "float32"
 
 
-def conv2d_legalizer(lanes: int, registers: int) -> Callable[[Any, Any], Any]:
-    """`relax.nn.conv2d` -> packed conv / depthwise conv where it applies, else TVM's default."""
+def _padding(attrs: Any) -> tuple[int, int, int, int]:
+    padding = _ints(attrs.padding)
+    return (*padding, *padding) if len(padding) == 2 else padding
+
+
+def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Callable[[Any, Any], Any]:
+    """`relax.nn.conv2d` -> packed conv / depthwise conv / pixel-vectorised NCHW conv
+    (`tvm_pixel_conv`, the convs `nhwc_or_as_given_pass` kept NCHW for it) where it applies,
+    else TVM's default."""
     from tvm.relax.transform.legalize_ops import nn as default_nn
 
-    from rwdeploy.runtime.tvm_schedule import register_tile, weight_block
+    from rwdeploy.runtime.tvm_pixel_conv import conv2d_nchw_pixels, tiled_channels
+    from rwdeploy.runtime.tvm_schedule import _pixel_vectorised, register_tile, weight_block
 
     def legalize(bb: Any, call: Any) -> Any:
         attrs = call.attrs
         weight = constant_value(call.args[1])
         out_shape = static_shape(call)
+        if weight is not None and out_shape is not None and _float32(call) and _pixel_vectorised(call, lanes, unit):
+            from tvm import relax
+
+            co = weight.shape[0]
+            computed = tiled_channels(co, lanes)
+            if computed > co:
+                weight = np.concatenate([weight, np.zeros((computed - co, *weight.shape[1:]), weight.dtype)])
+            return bb.call_te(conv2d_nchw_pixels, call.args[0], relax.const(weight), _padding(attrs), lanes, co,
+                              primfunc_name_hint="conv2d_pixels")
         if (weight is None or out_shape is None or not _float32(call) or attrs.data_layout != "NHWC"
                 or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"):
             return default_nn._nn_conv2d(bb, call)
         kh, kw, ci_per_group, co = weight.shape
         groups = int(attrs.groups)
-        strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _ints(attrs.padding)
-        if len(padding) == 2:
-            padding = (*padding, *padding)
+        strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _padding(attrs)
         from tvm import relax
 
         if groups == 1:
@@ -250,16 +265,17 @@ def legalize_passes(target: Any) -> list[Any]:
     from rwdeploy.runtime.tvm_identity import identity_broadcast_pass
     from rwdeploy.runtime.tvm_pool import max_pool2d_legalizer
     from rwdeploy.runtime.tvm_row_kernels import row_legalizers, safe_softmax_pass
-    from rwdeploy.runtime.tvm_schedule import vector_lanes, vector_registers
+    from rwdeploy.runtime.tvm_schedule import channel_unit, vector_lanes, vector_registers
 
     lanes, registers = vector_lanes(target), vector_registers(target)
+    unit = channel_unit(target)
     fast_math = fast_math_legalizers()
     return [
         silu_pass(),
         safe_softmax_pass(lanes),
         identity_broadcast_pass(),
         tvm.relax.transform.DeadCodeElimination(),
-        tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers),
+        tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers, unit),
                                          "relax.matmul": matmul_legalizer(lanes, registers),
                                          "relax.nn.max_pool2d": max_pool2d_legalizer(),
                                          **fast_math, **row_legalizers(lanes, fast_math)}),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rwdeploy.runtime.tvm_loops import largest_divisor
+from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, choose_pixel_convs, pixel_conv_tile, prefers_pixel_vectors
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
 # Names of the compute stages `tvm_legalize` emits (packed-weight conv, depthwise conv, dense,
@@ -29,7 +30,7 @@ CONV = "rw_conv2d_nhwc_packed"
 DEPTHWISE = "rw_depthwise_conv2d_nhwc"
 DENSE = "rw_dense_packed"
 PAD = "rw_pad"
-STAGES = (CONV, DEPTHWISE, DENSE)
+STAGES = (CONV, DEPTHWISE, DENSE, PIXEL_CONV)
 # Accumulator vectors of one register tile, by the ISA's vector registers (32 with AVX-512
 # and NEON, 16 with AVX2/SSE): the rest hold the weight vectors and the broadcast input.
 ACCUMULATORS = {32: 24, 16: 12}
@@ -285,8 +286,12 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     depthwise = block.name_hint == DEPTHWISE
     pixel_extents, channels = extents[:n_spatial - 1], extents[n_spatial - 1]
     weight_bytes = _weight_bytes(block, pixel_vars)
-    tile = (depthwise_tile(pixel_extents, channels, lanes) if depthwise
-            else register_tile(pixel_extents, channels, lanes, registers, weight_bytes))
+    if block.name_hint == PIXEL_CONV:  # NCHW, vectors along the output row (`tvm_pixel_conv`)
+        tile = RegisterTile(*pixel_conv_tile(pixel_extents, channels, lanes))
+    elif depthwise:
+        tile = depthwise_tile(pixel_extents, channels, lanes)
+    else:
+        tile = register_tile(pixel_extents, channels, lanes, registers, weight_bytes)
     co_outer, co_inner = sch.split(spatial[-1], [None, tile.channels])
     pix_outer, pix_inner = [], []
     for loop, size in zip(spatial[:-1], tile.pixels):
@@ -669,7 +674,7 @@ def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None 
         fold_weight_arithmetic_pass(),
         relax.transform.FoldConstant(),
         clip_to_min_max_pass(),
-        nhwc_or_as_given_pass(stats),
+        nhwc_or_as_given_pass(stats, lanes, unit),
         fold_weight_arithmetic_pass(),
         relax.transform.FoldConstant(),
         *([pad_channels_pass(lanes, unit), widen_depthwise_pass(lambda c: padded_width(c, lanes, unit))]
@@ -677,8 +682,14 @@ def prepare_passes(lanes: int | None = None, stats: dict[str, list[str]] | None 
     ]
 
 
-def nhwc_or_as_given_pass(stats: dict[str, list[str]] | None = None) -> Any:
+def nhwc_or_as_given_pass(stats: dict[str, list[str]] | None = None, lanes: int | None = None,
+                          unit: int | None = None) -> Any:
     """ConvertLayout to NHWC/HWIO, or the module unchanged where TVM's ConvertLayout fails.
+
+    With `lanes`, a conv whose output rows fill vectors better than its output channels do
+    (`tvm_pixel_conv.prefers_pixel_vectors`, its channels padded as `pad_channels_pass` would)
+    stays NCHW, for the pixel-vectorised kernel; ConvertLayout puts the transposes between it
+    and NHWC neighbours.
 
     TVM 0.27's ConvertLayout raises on some graphs (NextViT: `std::bad_alloc` from the pass
     itself, on the unpruned model too). The convolutions then stay NCHW: they build with TVM's
@@ -687,10 +698,26 @@ def nhwc_or_as_given_pass(stats: dict[str, list[str]] | None = None) -> Any:
     import tvm
     from tvm import relax
 
+    nhwc = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.NhwcOrAsGiven")
     def convert(mod: Any, _ctx: Any) -> Any:
         try:
-            return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+            if not lanes:
+                return relax.transform.ConvertLayout(nhwc)(mod)
+            pixels: set[Any] = set()
+            for func in mod.functions.values():
+                if isinstance(func, relax.Function):
+                    pixels |= choose_pixel_convs(func, lanes, lambda c: padded_width(c, lanes, unit))
+
+            def layout_for_conv(call: Any) -> dict[str, list[str]]:
+                if call.op.name == "relax.nn.conv2d" and call.args[1] in pixels:
+                    return {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+                return nhwc
+
+            converted = relax.transform.ConvertLayout(nhwc, layout_cb=layout_for_conv)(mod)
+            # the same tensor transposed for two readers (a residual and the next conv) once
+            return relax.transform.EliminateCommonSubexpr()(converted) if pixels else converted
         except Exception as err:  # noqa: BLE001 - a TVM failure in an optional optimisation
             if stats is not None:
                 stats.setdefault("notes", []).append(
@@ -699,3 +726,20 @@ def nhwc_or_as_given_pass(stats: dict[str, list[str]] | None = None) -> Any:
             return mod
 
     return convert
+
+
+def _pixel_vectorised(call: Any, lanes: int, unit: int | None) -> bool:
+    """Whether this NCHW conv2d call (constant OIHW weight, static float32 shapes) is one
+    `tvm_pixel_conv` computes."""
+    from rwdeploy.runtime.tvm_fold import constant_value, static_shape
+
+    attrs = call.attrs
+    out_shape = static_shape(call)
+    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
+            or out_shape is None or len(out_shape) != 4 or constant_value(call.args[1]) is None
+            or call.ty.dtype != "float32"):
+        return False
+    channels = out_shape[1]
+    return prefers_pixel_vectors(channels, out_shape[3], lanes=lanes, channel_width=padded_width(channels, lanes, unit),
+                                 stride=tuple(int(v) for v in attrs.strides),
+                                 dilation=tuple(int(v) for v in attrs.dilation), groups=int(attrs.groups))

@@ -1,0 +1,244 @@
+"""Convolutions with few output channels, vectorised over output pixels (NCHW) instead of channels.
+
+The CPU build's convolutions are NHWC with output channels in vectors (`tvm_schedule`): each FMA
+adds one broadcast input times a vector of weights to a vector of output channels. A layer with
+few output channels fills few of a vector's lanes: slim ResNet-20 70 %'s 5-channel convs use 5
+of 8 (half-register vectors issue like whole ones on a 512-bit core: 5 of 16), its 10- and
+19-channel convs 10 of 16 and 19 of 32. Those layers ran at 22-33 GMAC/s where the dense
+model's run at 77.
+
+Here such a conv stays NCHW and its vectors run along the output row: each FMA adds a broadcast
+weight times a vector of 16 neighbouring input pixels (one unaligned load of the padded input
+row) to 16 output pixels, and one input vector serves a tile's output channels. The lanes
+wasted are then those of the row's last vector (a 28-wide row: 4 of 32), not of the channels.
+A 5 -> 5 3x3 conv at 32x32 with ReLU alone, 1 thread on the Xeon: 3.8 us (60 GMAC/s) against
+10.5 us in the NHWC build.
+
+`prefers_pixel_vectors` decides per conv (the `layout_for_conv` callback of
+`tvm_schedule.nhwc_or_as_given_pass` keeps the conv NCHW, TVM's ConvertLayout puts transposes
+where a neighbour is NHWC), `conv2d_nchw_pixels` is its compute (the legaliser's), and
+`pixel_conv_tile` the register tile `tvm_schedule.schedule_reduction` gives its `PIXEL_CONV` stage:
+output channels x rows x row vectors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rwdeploy.runtime.tvm_loops import largest_divisor
+
+PIXEL_CONV = "rw_conv2d_nchw_pixels"
+PIXEL_PAD = "rw_pad_nchw"
+PIXEL_KEPT = "rw_pixels_kept"
+# A conv goes pixel-vectorised when its output rows fill this much more of its vectors than
+# its output channels would: what it gains must pay the transposes to and from its NHWC
+# neighbours.
+MARGIN = 1.25
+# accumulators per register tile: 32 AVX-512 registers less the input vectors and broadcasts
+ACCUMULATORS = 20
+
+
+def _row_width(width: int, lanes: int) -> int:
+    """The output row as computed: whole vectors of `lanes`, or one half-register vector for a
+    row of at most half a register."""
+    half = max(4, lanes // 2)
+    return half if width <= half else -(-width // lanes) * lanes
+
+
+def _filled(used: int, computed: int, lanes: int) -> float:
+    """The fraction of the lanes issued that carry results: a half-register vector costs as
+    much as a whole one on a core with 512-bit units (`tvm_schedule.channel_unit`)."""
+    return used / max(computed, lanes)
+
+
+def prefers_pixel_vectors(out_channels: int, out_width: int, *, lanes: int, channel_width: int,
+                          stride: tuple[int, int] = (1, 1), dilation: tuple[int, int] = (1, 1),
+                          groups: int = 1) -> bool:
+    """Whether a conv runs pixel-vectorised: a stride-1, undilated, ungrouped conv on a 512-bit
+    core whose output rows fill its vectors at least `MARGIN` times better than its output
+    channels (padded to `channel_width`, `tvm_schedule.padded_width`) do."""
+    if lanes < 16 or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+        return False
+    by_pixels = _filled(out_width, _row_width(out_width, lanes), lanes)
+    by_channels = _filled(out_channels, channel_width, lanes)
+    return by_pixels >= MARGIN * by_channels
+
+
+def tiled_channels(channels: int, lanes: int = 16) -> int:
+    """Output channels as computed: `channels`, or the next count with a divisor of 4 or more
+    that fits a tile, where `channels` has none (19 -> 20). A tile's channels share each input
+    vector it loads; a tile of one channel (19 is prime) loads a vector per FMA, and half of
+    those loads cross a cache line: slim ResNet-18 70 %'s 19-channel convs at 28x28 ran 0.080
+    ms against 0.054 in the NHWC build."""
+    room = ACCUMULATORS // 2
+    count = channels
+    while count <= channels + 3 and channels > 4:
+        if largest_divisor(count, room) >= 4:
+            return count
+        count += 1
+    return channels
+
+
+# cycles per element of a transpose between NCHW and NHWC (an unscheduled copy: 112x112x10
+# floats in 43 us on the Xeon), against 2 x `lanes` MACs per cycle for a conv's FMAs
+TRANSPOSE_CYCLES = 1.0
+
+
+@dataclass
+class _Conv:
+    call: Any
+    gain: float          # FMA cycles saved by pixel vectors
+    in_elements: int
+    out_elements: int
+    before: list[Any]    # the convs (or None: a function parameter) its input comes from
+    after: list[Any]     # the convs its output reaches (None: the function's output)
+
+
+def choose_pixel_convs(func: Any, lanes: int, channel_width: Callable[[int], int]) -> set[Any]:
+    """The weights (constants) of the NCHW convs of a Relax function that run pixel-vectorised.
+
+    A conv qualifies by `prefers_pixel_vectors`; it is kept when the FMA cycles its pixel vectors
+    save pay the transposes it causes (`TRANSPOSE_CYCLES` per element): its input's, where a conv
+    it reads from (through any other ops) stays NHWC, its output's, where a conv it feeds does.
+    Dropping one conv can make its neighbours' transposes necessary, so this repeats until nothing
+    changes. A chain of such convs pays nothing between its links (slim ResNet-20 70 %'s 32x32
+    stage); a lone 1x1 projection between NHWC depthwise convs pays both ways (MobileNetV2 70 %'s
+    10 -> 5 at 112x112: 85 us of transposes for 13 us saved, measured 1.29x slower as a whole).
+    """
+    from tvm import relax
+
+    made: dict[Any, Any] = {}   # var -> the call binding it
+    users: dict[Any, list[Any]] = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if isinstance(binding.value, relax.Call):
+                made[binding.var] = binding.value
+                for arg in binding.value.args:
+                    if isinstance(arg, relax.Var):
+                        users.setdefault(arg, []).append(binding.var)
+    convs: dict[Any, _Conv] = {}
+    for var, call in made.items():
+        info = _pixel_candidate(call, lanes, channel_width)
+        if info is not None:
+            convs[var] = _Conv(call, *info, [], [])
+    outputs = set(_vars(func.body.body))
+
+    def is_conv(var: Any) -> bool:  # any conv: those not in `convs` stay NHWC
+        return var in made and getattr(made[var].op, "name", None) == "relax.nn.conv2d"
+
+    def reaches_back(var: Any, seen: set) -> list[Any]:
+        if var not in made or is_conv(var):
+            return [var if var in made else None]
+        found = []
+        for arg in made[var].args:
+            if isinstance(arg, relax.Var) and arg not in seen:
+                seen.add(arg)
+                found += reaches_back(arg, seen)
+        return found
+
+    def reaches_forward(var: Any, seen: set) -> list[Any]:
+        found = [None] if var in outputs else []
+        for user in users.get(var, []):
+            if user in seen:
+                continue
+            seen.add(user)
+            found += [user] if is_conv(user) else reaches_forward(user, seen)
+        return found
+
+    for var, conv in convs.items():
+        data = conv.call.args[0]
+        conv.before = reaches_back(data, {data}) if isinstance(data, relax.Var) else [None]
+        conv.after = reaches_forward(var, {var})
+    chosen = {var for var, conv in convs.items() if conv.gain > 0}
+    changed = True
+    while changed:
+        changed = False
+        for var in list(chosen):
+            conv = convs[var]
+            cost = (conv.in_elements * any(n is not None and n not in chosen for n in conv.before)
+                    + conv.out_elements * any(n is not None and n not in chosen for n in conv.after))
+            if conv.gain <= TRANSPOSE_CYCLES * cost:
+                chosen.discard(var)
+                changed = True
+    return {convs[var].call.args[1] for var in chosen}
+
+
+def _vars(expr: Any) -> list[Any]:
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        return [expr]
+    if isinstance(expr, relax.Tuple):
+        return [v for field in expr.fields for v in _vars(field)]
+    return []
+
+
+def _pixel_candidate(call: Any, lanes: int, channel_width: Callable[[int], int]) -> tuple[float, int, int] | None:
+    """(FMA cycles saved, input elements, output elements) of an NCHW conv2d call with a constant
+    OIHW weight that `prefers_pixel_vectors`, else None."""
+    import math
+
+    from rwdeploy.runtime.tvm_fold import constant_value, static_shape
+
+    if getattr(call.op, "name", None) != "relax.nn.conv2d":
+        return None
+    attrs = call.attrs
+    out_shape, in_shape = static_shape(call), static_shape(call.args[0])
+    weight = constant_value(call.args[1])
+    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
+            or out_shape is None or in_shape is None or len(out_shape) != 4 or weight is None
+            or call.ty.dtype != "float32"):
+        return None
+    channels, width = out_shape[1], out_shape[3]
+    if not prefers_pixel_vectors(channels, width, lanes=lanes, channel_width=channel_width(channels),
+                                 stride=tuple(int(v) for v in attrs.strides),
+                                 dilation=tuple(int(v) for v in attrs.dilation), groups=int(attrs.groups)):
+        return None
+    macs = math.prod(out_shape) * math.prod(weight.shape[1:])
+    by_channels = _filled(channels, channel_width(channels), lanes)
+    by_pixels = _filled(width, _row_width(width, lanes), lanes)
+    gain = macs / (2 * lanes) * (1 / by_channels - 1 / by_pixels)
+    return gain, math.prod(in_shape), math.prod(out_shape)
+
+
+def conv2d_nchw_pixels(data: Any, weight: Any, padding: tuple[int, int, int, int], lanes: int,
+                       channels: int) -> Any:
+    """NCHW convolution (stride 1, groups 1) with an OIHW weight whose first `channels` filters
+    are the layer's (the rest zero: `tiled_channels`), its output rows computed in whole vectors
+    (`_row_width`) from a zero-padded copy of the input, the extra columns and channels dropped
+    after (`PIXEL_KEPT`)."""
+    from tvm import te, tirx
+
+    n, ci, h, w = (int(v) for v in data.shape)
+    computed, _, kh, kw = (int(v) for v in weight.shape)
+    top, left, bottom, right = padding
+    oh, ow = h + top + bottom - kh + 1, w + left + right - kw + 1
+    row = _row_width(ow, lanes)
+    ph, pw = h + top + bottom, row + kw - 1  # the padded input every computed column reads
+
+    def padded_value(i: Any, c: Any, y: Any, x: Any) -> Any:
+        inside = tirx.all(y >= top, y < h + top, x >= left, x < w + left)
+        return tirx.if_then_else(inside, data[i, c, y - top, x - left], tirx.const(0.0, data.dtype))
+
+    padded = te.compute((n, ci, ph, pw), padded_value, name=PIXEL_PAD)
+    rc, rh, rw = te.reduce_axis((0, ci), "rc"), te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    out = te.compute((n, computed, oh, row),
+                     lambda i, o, y, x: te.sum(padded[i, rc, y + rh, x + rw] * weight[o, rc, rh, rw],
+                                               axis=[rc, rh, rw]),
+                     name=PIXEL_CONV)
+    if row == ow and computed == channels:
+        return out
+    return te.compute((n, channels, oh, ow), lambda i, o, y, x: out[i, o, y, x], name=PIXEL_KEPT)
+
+
+def pixel_conv_tile(extents: list[int], row: int, lanes: int) -> tuple[tuple[int, ...], int, int]:
+    """(tile over the (N, C, H) axes, row lanes per tile, vector width) of a `PIXEL_CONV` stage
+    with these (N, C, H) extents and computed row width: the whole row, in vectors of `lanes`
+    (or one narrower one), by the most output channels (each loaded input vector serves them
+    all), then rows, that keep the tile within `ACCUMULATORS`."""
+    width = min(row, lanes)
+    vectors = row // width
+    room = max(1, ACCUMULATORS // vectors)
+    channels = largest_divisor(extents[1], room)
+    rows = largest_divisor(extents[2], max(1, room // channels))
+    return (1, channels, rows), row, width

@@ -1,0 +1,116 @@
+"""Convolutions with few output channels, vectorised along output rows (`runtime/tvm_pixel_conv`):
+which convs go that way (the lane rule by hand, the transposes' cost on hand-sized graphs), and
+builds that use them against torch: row and channel padding, residual adds across the NCHW /
+NHWC border, a stride-2 neighbour, batch > 1."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rwdeploy.runtime.tvm_pixel_conv import prefers_pixel_vectors, tiled_channels
+
+tvm = pytest.importorskip("tvm")
+
+from rwdeploy.runtime import tvm_build  # noqa: E402
+from rwdeploy.runtime.tvm_pixel_conv import choose_pixel_convs  # noqa: E402
+from rwdeploy.runtime.tvm_schedule import padded_width  # noqa: E402
+
+
+@pytest.mark.parametrize("channels, width, kw, expected", [
+    (5, 32, {}, True),                  # 5 of 16 lanes by channels, 32 of 32 by pixels
+    (10, 16, {}, True),                 # 10 of 16 against 16 of 16
+    (19, 28, {}, True),                 # 19 of 32 against 28 of 32
+    (16, 32, {}, False),                # whole channel vectors: nothing to gain
+    (77, 56, {}, False),                # 77 of 80 against 56 of 64
+    (19, 8, {}, False),                 # a row of 8 fills half a vector: 8 of 16
+    (5, 32, {"stride": (2, 2)}, False),  # strided rows are not contiguous loads
+    (5, 32, {"groups": 5}, False),
+    (5, 32, {"dilation": (2, 2)}, False),
+    (5, 32, {"lanes": 8}, False),       # AVX2 / NEON: only measured on 512-bit cores
+])
+def test_lane_rule(channels, width, kw, expected):
+    lanes = kw.pop("lanes", 16)
+    assert prefers_pixel_vectors(channels, width, lanes=lanes, channel_width=padded_width(channels, lanes, 16),
+                                 **kw) is expected
+
+
+@pytest.mark.parametrize("channels, computed", [(19, 20), (5, 5), (16, 16), (7, 7), (13, 14), (3, 3), (11, 12)])
+def test_tiled_channels(channels, computed):
+    assert tiled_channels(channels) == computed
+
+
+def _relax_main(model: nn.Module, x: torch.Tensor):
+    return tvm_build.import_relax(model.eval(), x)["main"]
+
+
+def _chosen_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    chosen = choose_pixel_convs(_relax_main(model, x), 16, lambda c: padded_width(c, 16, 16))
+    return sorted(tuple(int(d) for d in w.value.shape) for w in chosen)
+
+
+class Chain(nn.Module):
+    """Two 5-channel 3x3 convs straight from the input: both pixel-vectorised, no transposes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Projection(nn.Module):
+    """A 64 -> 5 1x1 projection between two 64-channel convs (NHWC): its pixel vectors would save
+    327680 MACs / 32 x (16/5 - 1) = 22528 cycles against 65536 + 5120 elements transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.p, self.b = nn.Conv2d(3, 64, 1), nn.Conv2d(64, 5, 1), nn.Conv2d(5, 64, 1)
+
+    def forward(self, x):
+        return self.b(self.p(torch.relu(self.a(x))))
+
+
+def test_a_chain_from_the_input_is_chosen():
+    assert _chosen_shapes(Chain(), torch.randn(1, 3, 32, 32)) == [(5, 3, 3, 3), (5, 5, 3, 3)]
+
+
+def test_a_projection_between_nhwc_convs_does_not_pay_its_transposes():
+    assert _chosen_shapes(Projection(), torch.randn(1, 3, 32, 32)) == []
+
+
+class Stage(nn.Module):
+    """A slim residual stage: 19 channels at 28x28 (rows and channels padded in the kernel), a
+    residual add, then a stride-2 conv (NHWC) with a 1x1 shortcut and another residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 19, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(19, 19, 3, padding=1), nn.Conv2d(19, 19, 3, padding=1)
+        self.bn = nn.BatchNorm2d(19)
+        self.down, self.short = nn.Conv2d(19, 38, 3, stride=2, padding=1), nn.Conv2d(19, 38, 1, stride=2)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        z = torch.relu(self.bn(self.c2(torch.relu(self.c1(y)))) + y)
+        return torch.relu(self.down(z) + self.short(z))
+
+
+@pytest.mark.parametrize("model, shape", [(Stage(), (2, 3, 28, 28)), (Chain(), (1, 3, 32, 32))])
+def test_builds_with_pixel_convs_match_torch(model, shape):
+    model.eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    assert any("conv2d_pixels" in name for name in art.kernels.get("scheduled", []))
+    assert not art.kernels.get("notes")  # no conv left unscheduled, no layout fallback
+    got = tvm_build.run_local(art, x)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
