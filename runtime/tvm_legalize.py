@@ -200,8 +200,8 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
             computed = tiled_channels(co, lanes)
             if computed > co:
                 weight = np.concatenate([weight, np.zeros((computed - co, *weight.shape[1:]), weight.dtype)])
-            return bb.call_te(conv2d_nchw_pixels, call.args[0], relax.const(weight), _padding(attrs), lanes, co,
-                              primfunc_name_hint="conv2d_pixels")
+            return bb.call_te(conv2d_nchw_pixels, call.args[0], relax.const(weight), _ints(attrs.strides),
+                              _padding(attrs), lanes, co, primfunc_name_hint="conv2d_pixels")
         if (weight is None or out_shape is None or not _float32(call) or attrs.data_layout != "NHWC"
                 or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"):
             return default_nn._nn_conv2d(bb, call)

@@ -54,10 +54,11 @@ def _filled(used: int, computed: int, lanes: int) -> float:
 def prefers_pixel_vectors(out_channels: int, out_width: int, *, lanes: int, channel_width: int,
                           stride: tuple[int, int] = (1, 1), dilation: tuple[int, int] = (1, 1),
                           groups: int = 1) -> bool:
-    """Whether a conv runs pixel-vectorised: a stride-1, undilated, ungrouped conv on a 512-bit
-    core whose output rows fill its vectors at least `MARGIN` times better than its output
-    channels (padded to `channel_width`, `tvm_schedule.padded_width`) do."""
-    if lanes < 16 or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+    """Whether a conv runs pixel-vectorised: an undilated, ungrouped conv of stride 1 or 2 on a
+    512-bit core whose output rows fill its vectors at least `MARGIN` times better than its
+    output channels (padded to `channel_width`, `tvm_schedule.padded_width`) do."""
+    if (lanes < 16 or groups != 1 or tuple(stride) not in ((1, 1), (2, 2))
+            or tuple(dilation) != (1, 1)):
         return False
     by_pixels = _filled(out_width, _row_width(out_width, lanes), lanes)
     by_channels = _filled(out_channels, channel_width, lanes)
@@ -201,30 +202,37 @@ def _pixel_candidate(call: Any, lanes: int, channel_width: Callable[[int], int])
     return gain, math.prod(in_shape), math.prod(out_shape)
 
 
-def conv2d_nchw_pixels(data: Any, weight: Any, padding: tuple[int, int, int, int], lanes: int,
-                       channels: int) -> Any:
-    """NCHW convolution (stride 1, groups 1) with an OIHW weight whose first `channels` filters
-    are the layer's (the rest zero: `tiled_channels`), its output rows computed in whole vectors
-    (`_row_width`) from a zero-padded copy of the input, the extra columns and channels dropped
-    after (`PIXEL_KEPT`)."""
+def conv2d_nchw_pixels(data: Any, weight: Any, strides: tuple[int, int], padding: tuple[int, int, int, int],
+                       lanes: int, channels: int) -> Any:
+    """NCHW convolution (groups 1) with an OIHW weight whose first `channels` filters are the
+    layer's (the rest zero: `tiled_channels`), its output rows computed in whole vectors
+    (`_row_width`), the extra columns and channels dropped after (`PIXEL_KEPT`).
+
+    The input is copied once, zero-padded, into `PIXEL_PAD` with its columns split by phase:
+    [n, c, x % stride, y, x // stride]. A tap of a strided conv then reads, for consecutive
+    outputs, consecutive elements of one phase: a vector load, where the columns as given would
+    be a gather (stride 1: one phase, the padded input as it is)."""
     from tvm import te, tirx
 
     n, ci, h, w = (int(v) for v in data.shape)
     computed, _, kh, kw = (int(v) for v in weight.shape)
+    sh, sw = strides
     top, left, bottom, right = padding
-    oh, ow = h + top + bottom - kh + 1, w + left + right - kw + 1
+    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
     row = _row_width(ow, lanes)
-    ph, pw = h + top + bottom, row + kw - 1  # the padded input every computed column reads
+    # every computed column's taps: x + rw // sw for x < row, in each of the sw phases
+    columns = row + (kw - 1) // sw
 
-    def padded_value(i: Any, c: Any, y: Any, x: Any) -> Any:
+    def padded_value(i: Any, c: Any, phase: Any, y: Any, j: Any) -> Any:
+        x = j * sw + phase
         inside = tirx.all(y >= top, y < h + top, x >= left, x < w + left)
         return tirx.if_then_else(inside, data[i, c, y - top, x - left], tirx.const(0.0, data.dtype))
 
-    padded = te.compute((n, ci, ph, pw), padded_value, name=PIXEL_PAD)
+    padded = te.compute((n, ci, sw, h + top + bottom, columns), padded_value, name=PIXEL_PAD)
     rc, rh, rw = te.reduce_axis((0, ci), "rc"), te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
     out = te.compute((n, computed, oh, row),
-                     lambda i, o, y, x: te.sum(padded[i, rc, y + rh, x + rw] * weight[o, rc, rh, rw],
-                                               axis=[rc, rh, rw]),
+                     lambda i, o, y, x: te.sum(padded[i, rc, rw % sw, y * sh + rh, x + rw // sw]
+                                               * weight[o, rc, rh, rw], axis=[rc, rh, rw]),
                      name=PIXEL_CONV)
     if row == ow and computed == channels:
         return out

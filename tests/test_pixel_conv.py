@@ -25,7 +25,9 @@ from rwdeploy.runtime.tvm_schedule import padded_width  # noqa: E402
     (16, 32, {}, False),                # whole channel vectors: nothing to gain
     (77, 56, {}, False),                # 77 of 80 against 56 of 64
     (19, 8, {}, False),                 # a row of 8 fills half a vector: 8 of 16
-    (5, 32, {"stride": (2, 2)}, False),  # strided rows are not contiguous loads
+    (5, 32, {"stride": (2, 2)}, True),   # phases of the input row are contiguous loads
+    (5, 32, {"stride": (3, 3)}, False),
+    (5, 32, {"stride": (1, 2)}, False),
     (5, 32, {"groups": 5}, False),
     (5, 32, {"dilation": (2, 2)}, False),
     (5, 32, {"lanes": 8}, False),       # AVX2 / NEON: only measured on 512-bit cores
@@ -102,7 +104,29 @@ class Stage(nn.Module):
         return torch.relu(self.down(z) + self.short(z))
 
 
-@pytest.mark.parametrize("model, shape", [(Stage(), (2, 3, 28, 28)), (Chain(), (1, 3, 32, 32))])
+class Strided(nn.Module):
+    """A 7x7 stride-2 stem (odd padding, 19 channels), max pooling, a 19-channel conv, then a
+    stride-2 5 -> 10 transition with a 1x1 stride-2 shortcut, as slim ResNets have them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem, self.c = nn.Conv2d(3, 19, 7, stride=2, padding=3), nn.Conv2d(19, 5, 3, padding=1)
+        self.down, self.short = nn.Conv2d(5, 10, 3, stride=2, padding=1), nn.Conv2d(5, 10, 1, stride=2)
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c(self.pool(torch.relu(self.stem(x)))))
+        return torch.relu(self.down(y) + self.short(y))
+
+
+def test_strided_convs_are_chosen_in_a_chain():
+    assert _chosen_shapes(Strided(), torch.randn(1, 3, 64, 64)) == [
+        (5, 19, 3, 3), (10, 5, 1, 1), (10, 5, 3, 3), (19, 3, 7, 7)]
+
+
+@pytest.mark.parametrize("model, shape", [(Stage(), (2, 3, 28, 28)), (Chain(), (1, 3, 32, 32)),
+                                          (Strided(), (2, 3, 64, 64)), (Strided(), (1, 3, 61, 61))])
 def test_builds_with_pixel_convs_match_torch(model, shape):
     model.eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
