@@ -186,18 +186,21 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
     else TVM's default."""
     from tvm.relax.transform.legalize_ops import nn as default_nn
 
-    from rwdeploy.runtime.tvm_pixel_conv import conv2d_nchw_pixels, tiled_channels
-    from rwdeploy.runtime.tvm_schedule import _pixel_vectorised, register_tile, weight_block
+    from rwdeploy.runtime.tvm_pixel_conv import conv2d_nchw_pixels, pixel_candidate, tiled_channels
+    from rwdeploy.runtime.tvm_schedule import padded_width, register_tile, weight_block
+
+    def channel_width(channels: int) -> int:
+        return padded_width(channels, lanes, unit)
 
     def legalize(bb: Any, call: Any) -> Any:
         attrs = call.attrs
         weight = constant_value(call.args[1])
         out_shape = static_shape(call)
-        if weight is not None and out_shape is not None and _float32(call) and _pixel_vectorised(call, lanes, unit):
+        if weight is not None and _float32(call) and pixel_candidate(call, lanes, channel_width) is not None:
             from tvm import relax
 
             co = weight.shape[0]
-            computed = tiled_channels(co, lanes)
+            computed = tiled_channels(co)
             if computed > co:
                 weight = np.concatenate([weight, np.zeros((computed - co, *weight.shape[1:]), weight.dtype)])
             return bb.call_te(conv2d_nchw_pixels, call.args[0], relax.const(weight), _ints(attrs.strides),

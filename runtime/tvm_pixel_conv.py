@@ -14,11 +14,13 @@ wasted are then those of the row's last vector (a 28-wide row: 4 of 32), not of 
 A 5 -> 5 3x3 conv at 32x32 with ReLU alone, 1 thread on the Xeon: 3.8 us (60 GMAC/s) against
 10.5 us in the NHWC build.
 
-`prefers_pixel_vectors` decides per conv (the `layout_for_conv` callback of
-`tvm_schedule.nhwc_or_as_given_pass` keeps the conv NCHW, TVM's ConvertLayout puts transposes
-where a neighbour is NHWC), `conv2d_nchw_pixels` is its compute (the legaliser's), and
-`pixel_conv_tile` the register tile `tvm_schedule.schedule_reduction` gives its `PIXEL_CONV` stage:
-output channels x rows x row vectors.
+`choose_pixel_convs` decides which convs of a model go that way (`prefers_pixel_vectors` per
+conv, then whether the cycles saved pay the transposes to NHWC neighbours);
+`tvm_schedule.nhwc_or_as_given_pass` keeps those NCHW and TVM's ConvertLayout puts the
+transposes in. `conv2d_nchw_pixels` is their compute (stride 1 or 2, the legaliser's, for every
+NCHW conv `pixel_candidate` accepts), and `pixel_conv_tile` the register tile
+`tvm_schedule.schedule_reduction` gives its `PIXEL_CONV` stage: output channels x rows x row
+vectors.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def prefers_pixel_vectors(out_channels: int, out_width: int, *, lanes: int, chan
     return by_pixels >= MARGIN * by_channels
 
 
-def tiled_channels(channels: int, lanes: int = 16) -> int:
+def tiled_channels(channels: int) -> int:
     """Output channels as computed: `channels`, or the next count with a divisor of 4 or more
     that fits a tile, where `channels` has none (19 -> 20). A tile's channels share each input
     vector it loads; a tile of one channel (19 is prime) loads a vector per FMA, and half of
@@ -119,7 +121,7 @@ def choose_pixel_convs(func: Any, lanes: int, channel_width: Callable[[int], int
                         users.setdefault(arg, []).append(binding.var)
     convs: dict[Any, _Conv] = {}
     for var, call in made.items():
-        info = _pixel_candidate(call, lanes, channel_width)
+        info = pixel_candidate(call, lanes, channel_width)
         if info is not None:
             convs[var] = _Conv(call, *info, [], [])
     outputs = set(_vars(func.body.body))
@@ -174,7 +176,7 @@ def _vars(expr: Any) -> list[Any]:
     return []
 
 
-def _pixel_candidate(call: Any, lanes: int, channel_width: Callable[[int], int]) -> tuple[float, int, int] | None:
+def pixel_candidate(call: Any, lanes: int, channel_width: Callable[[int], int]) -> tuple[float, int, int] | None:
     """(FMA cycles saved, input elements, output elements) of an NCHW conv2d call with a constant
     OIHW weight that `prefers_pixel_vectors`, else None."""
     import math

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rwdeploy.runtime.tvm_loops import largest_divisor
-from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, choose_pixel_convs, pixel_conv_tile, prefers_pixel_vectors
+from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, choose_pixel_convs, pixel_conv_tile
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
 # Names of the compute stages `tvm_legalize` emits (packed-weight conv, depthwise conv, dense,
@@ -686,10 +686,10 @@ def nhwc_or_as_given_pass(stats: dict[str, list[str]] | None = None, lanes: int 
                           unit: int | None = None) -> Any:
     """ConvertLayout to NHWC/HWIO, or the module unchanged where TVM's ConvertLayout fails.
 
-    With `lanes`, a conv whose output rows fill vectors better than its output channels do
-    (`tvm_pixel_conv.prefers_pixel_vectors`, its channels padded as `pad_channels_pass` would)
-    stays NCHW, for the pixel-vectorised kernel; ConvertLayout puts the transposes between it
-    and NHWC neighbours.
+    With `lanes`, the convs `tvm_pixel_conv.choose_pixel_convs` picks (output rows that fill
+    vectors better than the output channels, padded as `pad_channels_pass` would, and enough
+    saved to pay the transposes) stay NCHW, for the pixel-vectorised kernel; ConvertLayout puts
+    the transposes between them and NHWC neighbours.
 
     TVM 0.27's ConvertLayout raises on some graphs (NextViT: `std::bad_alloc` from the pass
     itself, on the unpruned model too). The convolutions then stay NCHW: they build with TVM's
@@ -727,19 +727,3 @@ def nhwc_or_as_given_pass(stats: dict[str, list[str]] | None = None, lanes: int 
 
     return convert
 
-
-def _pixel_vectorised(call: Any, lanes: int, unit: int | None) -> bool:
-    """Whether this NCHW conv2d call (constant OIHW weight, static float32 shapes) is one
-    `tvm_pixel_conv` computes."""
-    from rwdeploy.runtime.tvm_fold import constant_value, static_shape
-
-    attrs = call.attrs
-    out_shape = static_shape(call)
-    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
-            or out_shape is None or len(out_shape) != 4 or constant_value(call.args[1]) is None
-            or call.ty.dtype != "float32"):
-        return False
-    channels = out_shape[1]
-    return prefers_pixel_vectors(channels, out_shape[3], lanes=lanes, channel_width=padded_width(channels, lanes, unit),
-                                 stride=tuple(int(v) for v in attrs.strides),
-                                 dilation=tuple(int(v) for v in attrs.dilation), groups=int(attrs.groups))
