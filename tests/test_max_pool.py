@@ -6,7 +6,7 @@ import pytest
 import torch
 import tvm
 
-from rwdeploy.runtime import tvm_build
+from rwdeploy.runtime import tvm_build, tvm_pixel_conv
 from rwdeploy.runtime.targets import get_target
 from rwdeploy.runtime.tvm_pool import CHANNEL_LAST, ROWS
 
@@ -72,8 +72,10 @@ class ChannelLastPool(nn.Module):
 
 @pytest.mark.parametrize("kernel,stride,padding,shape,ceil", CASES)
 @pytest.mark.parametrize("relu", [False, True])
-def test_max_pool_nhwc_matches_torch(kernel, stride, padding, shape, ceil, relu):
+def test_max_pool_nhwc_matches_torch(kernel, stride, padding, shape, ceil, relu, monkeypatch):
     """Channel-last pooling reads the input in place (no -inf padded copy): borders clamp."""
+    # the identity conv must run NHWC: with 4-5 channels it would go row-vectorised (NCHW)
+    monkeypatch.setattr(tvm_pixel_conv, "MARGIN", float("inf"))
     model = ChannelLastPool(shape[0], nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil), relu).eval()
     x = -torch.rand(2, *shape) - 1.0      # every value negative: a zero in a window would win
     with torch.no_grad():
