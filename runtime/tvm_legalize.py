@@ -186,7 +186,8 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
     else TVM's default."""
     from tvm.relax.transform.legalize_ops import nn as default_nn
 
-    from rwdeploy.runtime.tvm_pixel_conv import conv2d_nchw_pixels, pixel_candidate, tiled_channels
+    from rwdeploy.runtime.tvm_pixel_conv import (conv2d_nchw_flat, conv2d_nchw_pixels, pixel_candidate,
+                                                 tiled_channels, uses_flat_map)
     from rwdeploy.runtime.tvm_schedule import padded_width, register_tile, weight_block
 
     def channel_width(channels: int) -> int:
@@ -203,8 +204,10 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
             computed = tiled_channels(co)
             if computed > co:
                 weight = np.concatenate([weight, np.zeros((computed - co, *weight.shape[1:]), weight.dtype)])
-            return bb.call_te(conv2d_nchw_pixels, call.args[0], relax.const(weight), _ints(attrs.strides),
-                              _padding(attrs), lanes, co, primfunc_name_hint="conv2d_pixels")
+            flat = uses_flat_map(out_shape[2], out_shape[3], lanes, co)
+            return bb.call_te(conv2d_nchw_flat if flat else conv2d_nchw_pixels, call.args[0], relax.const(weight),
+                              _ints(attrs.strides), _padding(attrs), lanes, co,
+                              primfunc_name_hint="conv2d_pixels_flat" if flat else "conv2d_pixels")
         if (weight is None or out_shape is None or not _float32(call) or attrs.data_layout != "NHWC"
                 or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"):
             return default_nn._nn_conv2d(bb, call)

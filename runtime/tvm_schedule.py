@@ -361,7 +361,8 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     for loop in writeback[:-1]:
         sch.unroll(loop)
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
-        _vectorize_writeback(sch, accumulator, writeback[-1], tile.width)
+        _vectorize_writeback(sch, accumulator, writeback[-1], tile.width,
+                             flat=block.name_hint == PIXEL_CONV and n_spatial == 3)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -411,7 +412,7 @@ def _output_channels(sch: Any) -> int:
     return min(int(region.source.ty.shape[-1]) for b in last for region in sch.get(b).writes)
 
 
-def _vectorize_writeback(sch: Any, block: Any, last: Any, width: int) -> None:
+def _vectorize_writeback(sch: Any, block: Any, last: Any, width: int, flat: bool = False) -> None:
     """Vectorise the write-back's channel loop.
 
     Where the output has fewer channels than the tile (`pad_channels_pass` padded the layer and
@@ -424,6 +425,8 @@ def _vectorize_writeback(sch: Any, block: Any, last: Any, width: int) -> None:
     extent = int(sch.get(last).extent)
     written = sch.get(block).writes
     valid = int(written[0].source.ty.shape[-1]) if len(written) == 1 else extent
+    if flat and len(written) == 1:  # a flat pixel conv's tile covers the whole (H, W) map
+        valid = math.prod(int(d) for d in written[0].source.ty.shape[2:])
     if valid < extent:
         # whole vectors of `width`, then power-of-two pieces of the rest (10 = 8 + 2)
         parts = [valid // width * width] if valid >= width else []

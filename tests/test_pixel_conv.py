@@ -1,7 +1,8 @@
-"""Convolutions with few output channels, vectorised along output rows (`runtime/tvm_pixel_conv`):
-which convs go that way (the lane rule by hand, the transposes' cost on hand-sized graphs), and
-builds that use them against torch: row and channel padding, residual adds across the NCHW /
-NHWC border, a stride-2 neighbour, batch > 1."""
+"""Convolutions with few output channels, vectorised along output rows or their flattened map
+(`runtime/tvm_pixel_conv`): which convs go that way (the lane rule by hand, the transposes' cost
+on hand-sized graphs, when the flat map pays its copy), and builds that use them against torch:
+row and channel padding, residual adds across the NCHW / NHWC border, a stride-2 neighbour,
+flat maps with a partly filled last vector, batch > 1."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rwdeploy.runtime.tvm_pixel_conv import prefers_pixel_vectors, tiled_channels
+from rwdeploy.runtime.tvm_pixel_conv import flat_width, prefers_pixel_vectors, tiled_channels, uses_flat_map
 
 tvm = pytest.importorskip("tvm")
 
@@ -36,6 +37,31 @@ def test_lane_rule(channels, width, kw, expected):
     lanes = kw.pop("lanes", 16)
     assert prefers_pixel_vectors(channels, width, lanes=lanes, channel_width=padded_width(channels, lanes, 16),
                                  **kw) is expected
+
+
+@pytest.mark.parametrize("height, width, channels, expected", [
+    (8, 8, 19, True),     # 4 whole vectors against a half-register vector per row (8 of 16)
+    (4, 4, 154, True),    # one whole vector against 4 of 16 lanes per row
+    (7, 7, 38, True),     # 49 of 64 lanes against 7 of 16
+    (28, 28, 19, False),  # rows fill 28 of 32 already: under the margin
+    (10, 10, 5, False),   # 100 of 128 against 10 of 16: 5 channels do not pay the taps' copy
+    (8, 8, 2, False),     # nor do 2
+])
+def test_flat_map_rule(height, width, channels, expected):
+    assert uses_flat_map(height, width, 16, channels) is expected
+
+
+@pytest.mark.parametrize("height, width, computed", [(8, 8, 64), (7, 7, 64), (4, 4, 16), (5, 5, 32),
+                                                      (10, 10, 128), (14, 14, 224)])
+def test_flat_width(height, width, computed):
+    # whole vectors; 7 or 13 vectors (no divisor of 2-4 to tile by) get one more
+    assert flat_width(height, width, 16) == computed
+
+
+def test_a_flat_map_makes_a_row_of_8_pixel_vectorised():
+    kw = dict(lanes=16, channel_width=padded_width(19, 16, 16))
+    assert not prefers_pixel_vectors(19, 8, **kw)          # by rows: 8 of 16 against 19 of 32
+    assert prefers_pixel_vectors(19, 8, out_height=8, **kw)  # flat: 64 of 64
 
 
 @pytest.mark.parametrize("channels, computed", [(19, 20), (5, 5), (16, 16), (7, 7), (13, 14), (3, 3), (11, 12)])
@@ -125,8 +151,44 @@ def test_strided_convs_are_chosen_in_a_chain():
         (5, 19, 3, 3), (10, 5, 1, 1), (10, 5, 3, 3), (19, 3, 7, 7)]
 
 
+class SmallMaps(nn.Module):
+    """A slim ResNet's last stage: a stride-2 10 -> 19 transition to 8x8 with a 1x1 stride-2
+    shortcut, a residual 19-channel block there (flat maps), then a stride-2 19 -> 38 conv to
+    4x4 and a 19-channel conv on a 7x7 map (49 of 64 lanes: the last vector partly filled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = nn.Conv2d(3, 10, 3, padding=1)
+        self.down, self.short = nn.Conv2d(10, 19, 3, stride=2, padding=1), nn.Conv2d(10, 19, 1, stride=2)
+        self.c1, self.c2 = nn.Conv2d(19, 19, 3, padding=1), nn.Conv2d(19, 19, 3, padding=1)
+        self.bn = nn.BatchNorm2d(19)
+        self.last = nn.Conv2d(19, 38, 3, stride=2, padding=1)
+        self.odd = nn.Conv2d(3, 19, 3, stride=2, padding=1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        z = torch.relu(self.down(y) + self.short(y))
+        z = torch.relu(self.bn(self.c2(torch.relu(self.c1(z)))) + z)
+        small = torch.relu(self.odd(x[:, :, :14, :14]))        # 19 channels at 7x7
+        return torch.relu(self.last(z)).flatten(1).sum(1) + small.flatten(1).sum(1)
+
+
+def test_small_maps_are_chosen_and_built_flat():
+    model, x = SmallMaps().eval(), torch.randn(1, 3, 16, 16)
+    assert _chosen_shapes(model, x) == [
+        (10, 3, 3, 3), (19, 3, 3, 3), (19, 10, 1, 1), (19, 10, 3, 3), (19, 19, 3, 3), (19, 19, 3, 3),
+        (38, 19, 3, 3)]
+    kernels = tvm_build.build(model, x, "cpu", threads=1).kernels["scheduled"]
+    assert sum("conv2d_pixels_flat" in name for name in kernels) >= 4
+
+
 @pytest.mark.parametrize("model, shape", [(Stage(), (2, 3, 28, 28)), (Chain(), (1, 3, 32, 32)),
-                                          (Strided(), (2, 3, 64, 64)), (Strided(), (1, 3, 61, 61))])
+                                          (Strided(), (2, 3, 64, 64)), (Strided(), (1, 3, 61, 61)),
+                                          (SmallMaps(), (2, 3, 16, 16)), (SmallMaps(), (1, 3, 16, 16))])
 def test_builds_with_pixel_convs_match_torch(model, shape):
     model.eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
