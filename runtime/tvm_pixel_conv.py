@@ -15,11 +15,12 @@ A 5 -> 5 3x3 conv at 32x32 with ReLU alone, 1 thread on the Xeon: 3.8 us (60 GMA
 10.5 us in the NHWC build.
 
 Where the rows are short (an 8x8 map: half a vector per row) the map is flattened instead
-(`conv2d_nchw_flat`): each tap's inputs are copied once into a [channel, tap, pixel] buffer, and
-a vector is 16 consecutive pixels of the map, whatever the row width (`uses_flat_map` decides,
-the copy's cost included). Slim ResNet-20 70 %'s last stage, 19 channels at 8x8 (19 of 32 lanes
-by channels, 8 of 16 by rows), runs that way; the whole model at batch 1, interleaved A/B on the
-Xeon: 0.95x the time (0.082 -> 0.078 ms; batch 8 0.95x, ResNet-56 0.98x).
+(`conv2d_nchw_flat`): the taps' inputs are copied once into a buffer where a vector is 16
+consecutive pixels of the map, whatever the row width (`uses_flat_map` decides, the copy's cost
+included). Slim ResNet-20 70 %'s last stage, 19 channels at 8x8 (19 of 32 lanes by channels, 8
+of 16 by rows), runs that way; the whole model at batch 1, interleaved A/B on the Xeon against
+the NHWC build of that stage: 0.88x the time (ResNet-56 0.89x; two steps, see
+`conv2d_nchw_flat`).
 
 `choose_pixel_convs` decides which convs of a model go that way (`prefers_pixel_vectors` per
 conv, then whether the cycles saved pay the transposes to NHWC neighbours);
@@ -254,11 +255,17 @@ def uses_flat_map(out_height: int, out_width: int, lanes: int, out_channels: int
 
 def conv2d_nchw_flat(data: Any, weight: Any, strides: tuple[int, int], padding: tuple[int, int, int, int],
                      lanes: int, channels: int) -> Any:
-    """NCHW convolution (groups 1) over the flattened output map: each tap's inputs copied once
-    (`PIXEL_PAD`: [n, c, rh, rw, output pixel], zero where the tap reads padding), so that a tap
-    of consecutive output pixels is a vector load whatever the stride and row width; the map's
-    pixels computed in whole vectors (`flat_width`), the extras and the zero channels
-    (`tiled_channels`) dropped after (`PIXEL_KEPT`)."""
+    """NCHW convolution (groups 1) over the flattened output map: the taps' inputs copied once
+    (`PIXEL_PAD`, zero where a tap reads padding) so that a tap of consecutive output pixels is
+    a vector load whatever the row width; the map's pixels computed in whole vectors
+    (`flat_width`), the extras and the zero channels (`tiled_channels`) dropped after
+    (`PIXEL_KEPT`).
+
+    Stride 1 copies the input once per column tap ([n, c, rw, row, x]; a row tap is an offset of
+    whole rows), stride 2 once per tap ([n, c, rh, rw, y, x]). The per-tap copy of a stride-1
+    layer (9 copies of the input) had slim ResNet-20 70 %'s 19 x 8x8 stage reading its taps from
+    L2 (44 KB of copies with 14 KB of weights); with 3 copies the whole model ran 0.93x the time
+    (ResNet-56 0.91x), interleaved on the Xeon."""
     from tvm import te, tirx
 
     n, ci, h, w = (int(v) for v in data.shape)
@@ -268,18 +275,34 @@ def conv2d_nchw_flat(data: Any, weight: Any, strides: tuple[int, int], padding: 
     oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
     flat = flat_width(oh, ow, lanes)
     rows = -(-flat // ow)   # the copy's rows: whole output rows covering the computed pixels
-
-    def tap_value(i: Any, c: Any, rh: Any, rw: Any, y: Any, x: Any) -> Any:
-        yi, xi = y * sh + rh - top, x * sw + rw - left
-        inside = tirx.all(yi >= 0, yi < h, xi >= 0, xi < w)
-        return tirx.if_then_else(inside, data[i, c, yi, xi], tirx.const(0.0, data.dtype))
-
-    taps = te.compute((n, ci, kh, kw, rows, ow), tap_value, name=PIXEL_PAD)
     rc, rh, rw = te.reduce_axis((0, ci), "rc"), te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
-    out = te.compute((n, computed, flat),
-                     lambda i, o, p: te.sum(taps[i, rc, rh, rw, p // ow, p % ow] * weight[o, rc, rh, rw],
-                                            axis=[rc, rh, rw]),
-                     name=PIXEL_CONV)
+
+    def inside(yi: Any, xi: Any) -> Any:
+        return tirx.all(yi >= 0, yi < h, xi >= 0, xi < w)
+
+    zero = tirx.const(0.0, data.dtype)
+    if sh == 1:
+        # one copy per column tap: a row tap is then an offset of whole rows in the same copy
+        # (a third of the copy, which stays in L1 with the weights where 9 did not)
+        def shifted(i: Any, c: Any, rw_: Any, y: Any, x: Any) -> Any:
+            yi, xi = y - top, x * sw + rw_ - left
+            return tirx.if_then_else(inside(yi, xi), data[i, c, yi, xi], zero)
+
+        taps = te.compute((n, ci, kw, rows + kh - 1, ow), shifted, name=PIXEL_PAD)
+        out = te.compute((n, computed, flat),
+                         lambda i, o, p: te.sum(taps[i, rc, rw, p // ow + rh, p % ow] * weight[o, rc, rh, rw],
+                                                axis=[rc, rh, rw]),
+                         name=PIXEL_CONV)
+    else:
+        def tap_value(i: Any, c: Any, rh_: Any, rw_: Any, y: Any, x: Any) -> Any:
+            yi, xi = y * sh + rh_ - top, x * sw + rw_ - left
+            return tirx.if_then_else(inside(yi, xi), data[i, c, yi, xi], zero)
+
+        taps = te.compute((n, ci, kh, kw, rows, ow), tap_value, name=PIXEL_PAD)
+        out = te.compute((n, computed, flat),
+                         lambda i, o, p: te.sum(taps[i, rc, rh, rw, p // ow, p % ow] * weight[o, rc, rh, rw],
+                                                axis=[rc, rh, rw]),
+                         name=PIXEL_CONV)
     return te.compute((n, channels, oh, ow), lambda i, o, y, x: out[i, o, y * ow + x], name=PIXEL_KEPT)
 
 
