@@ -35,6 +35,12 @@ MB = 1 << 20
     ([1, 112, 112], 32, 5 * 32 * 4, RegisterTile((1, 1, 7), 32, 16)),
     ([1, 28, 28], 64, 32 * 64 * 4, RegisterTile((1, 1, 7), 32, 16)),
     ([1, 48, 48], 144, 1 << 10, RegisterTile((1, 1, 4), 48, 16)),
+    # weights read from L2 on a map of 16-28 pixels: the whole map by one vector reads them once
+    ([1, 4, 4], 160, 887 << 10, RegisterTile((1, 4, 4), 16, 16)),
+    ([1, 5, 5], 96, 300 << 10, RegisterTile((1, 5, 5), 16, 16)),
+    ([1, 4, 4], 160, 200 << 10, RegisterTile((1, 2, 4), 32, 16)),   # weights that stay nearer
+    ([2, 4, 4], 160, 887 << 10, RegisterTile((1, 2, 4), 32, 16)),   # 32 pixels: over the budget
+    ([1, 2, 2], 160, 887 << 10, RegisterTile((1, 2, 2), 32, 16)),   # 4 pixels: 4 accumulators would not do
     ([1], 1024, 4 * MB, RegisterTile((1,), 64, 16)),                # batch-1 dense: four chains
     ([8], 1024, 16 * MB, RegisterTile((8,), 32, 16)),
 ])
@@ -55,7 +61,7 @@ def test_register_tile_narrow_vectors(pixels, channels, lanes, registers, tile):
         assert register_tile(pixels, channels, lanes, registers, weight_bytes) == tile
 
 
-@pytest.mark.parametrize("channels,hw", [(256, 4), (64, 16)])
+@pytest.mark.parametrize("channels,hw", [(256, 4), (64, 16), (160, 4)])
 def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU()).eval()
