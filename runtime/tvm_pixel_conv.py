@@ -25,10 +25,10 @@ the NHWC build of that stage: 0.88x the time (ResNet-56 0.89x; two steps, see
 `choose_pixel_convs` decides which convs of a model go that way (`prefers_pixel_vectors` per
 conv, then whether the cycles saved pay the transposes to NHWC neighbours);
 `tvm_schedule.nhwc_or_as_given_pass` keeps those NCHW and TVM's ConvertLayout puts the
-transposes in. `conv2d_nchw_pixels` is their compute (stride 1 or 2, the legaliser's, for every
-NCHW conv `pixel_candidate` accepts), and `pixel_conv_tile` the register tile
-`tvm_schedule.schedule_reduction` gives its `PIXEL_CONV` stage: output channels x rows x row
-vectors.
+transposes in. `conv2d_nchw_pixels` (by rows) or `conv2d_nchw_flat` is their compute (stride 1
+or 2, the legaliser's, for every NCHW conv `pixel_candidate` accepts), and `pixel_conv_tile` the
+register tile `tvm_schedule.schedule_reduction` gives its `PIXEL_CONV` stage: output channels x
+rows x row vectors, or output channels x up to `FLAT_VECTORS` vectors of the flat map.
 """
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def prefers_pixel_vectors(out_channels: int, out_width: int, *, lanes: int, chan
                           stride: tuple[int, int] = (1, 1), dilation: tuple[int, int] = (1, 1),
                           groups: int = 1, out_height: int | None = None) -> bool:
     """Whether a conv runs pixel-vectorised: an undilated, ungrouped conv of stride 1 or 2 on a
-    512-bit core whose output rows fill its vectors at least `MARGIN` times better than its
-    output channels (padded to `channel_width`, `tvm_schedule.padded_width`) do."""
+    512-bit core whose output rows (or, given `out_height`, its flattened map where
+    `uses_flat_map`) fill its vectors at least `MARGIN` times better than its output channels
+    (padded to `channel_width`, `tvm_schedule.padded_width`) do."""
     if (lanes < 16 or groups != 1 or tuple(stride) not in ((1, 1), (2, 2))
             or tuple(dilation) != (1, 1)):
         return False

@@ -101,6 +101,9 @@ def register_tile(pixel_extents: list[int], channels: int, lanes: int, registers
     3x3 conv with 64 channels at 32x32: 4 channel vectors x 4 pixels 98 GMAC/s, 2 x 8 pixels
     106). `tvm_legalize` packs constant weights in blocks of the channel tile.
 
+    Weights larger than `L2_WEIGHT_BYTES` on an output of 16-28 pixels (all images) are read from L2 by
+    every pixel tile: the tile is then the whole map by one vector, which reads them once.
+
     Weights larger than `CACHED_WEIGHT_BYTES` (`weight_bytes`) come from beyond L2: with
     512-bit vectors the tile there has, after the 16 accumulators, two channel vectors where
     the channels allow, each reading its own streams of weights (`streams_weights`).
