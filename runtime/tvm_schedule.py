@@ -101,8 +101,9 @@ def register_tile(pixel_extents: list[int], channels: int, lanes: int, registers
     3x3 conv with 64 channels at 32x32: 4 channel vectors x 4 pixels 98 GMAC/s, 2 x 8 pixels
     106). `tvm_legalize` packs constant weights in blocks of the channel tile.
 
-    Weights larger than `L2_WEIGHT_BYTES` on an output of 16-28 pixels (all images) are read from L2 by
-    every pixel tile: the tile is then the whole map by one vector, which reads them once.
+    Weights larger than `L2_WEIGHT_BYTES` on an output of 16-28 pixels (all images) are read
+    from L2 by every pixel tile: the tile is then the whole map by one vector, which reads them
+    once.
 
     Weights larger than `CACHED_WEIGHT_BYTES` (`weight_bytes`) come from beyond L2: with
     512-bit vectors the tile there has, after the 16 accumulators, two channel vectors where
@@ -374,6 +375,7 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     for loop in writeback[:-1]:
         sch.unroll(loop)
     if writeback and int(sch.get(writeback[-1]).extent) > 1:
+        # a flat pixel conv's stage is (N, C, pixels of the map), a row one's (N, C, H, W)
         _vectorize_writeback(sch, accumulator, writeback[-1], tile.width,
                              flat=block.name_hint == PIXEL_CONV and n_spatial == 3)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
