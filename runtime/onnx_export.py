@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from torch import fx, nn
 
 from rwdeploy.errors import ExportError
+from rwdeploy.runtime.onnx_bn_fold import fold_batchnorm_through_constant_adds
 from rwdeploy.runtime.onnx_windows import folds_as_conv_transposes, unfolds_as_slices
 
 MIN_OPSET = 17
@@ -370,7 +371,9 @@ def export_onnx(
     """Write `module` as ONNX to `path` (opset >= 17, weights inside, checked by onnx.checker).
 
     `fold_batchnorm=False` keeps BatchNormalization nodes instead of folding them into the
-    preceding convolution's weights (quantized weights must reach the file unchanged).
+    preceding convolution's weights (quantized weights must reach the file unchanged). Folding
+    also reaches a BN behind the constant a slim model adds after a convolution
+    (`onnx_bn_fold`).
 
     A module with packed sparse layers (`rwdeploy.sparse`) is exported through its dense
     equivalent, then every sparse weight is stored compactly (CSR arrays densified by stock
@@ -413,8 +416,9 @@ def export_onnx(
     model = onnx.load(str(path))
     if packed:
         model, _ = onnx_sparse.compact_onnx(model)
-    filled = _uniform_constants_as_fills(model)
-    if model.ir_version > MAX_ORT_IR_VERSION or packed or filled:
+    rewritten = _uniform_constants_as_fills(model)
+    rewritten += fold_batchnorm_through_constant_adds(model) if fold_batchnorm else 0
+    if model.ir_version > MAX_ORT_IR_VERSION or packed or rewritten:
         model.ir_version = min(model.ir_version, MAX_ORT_IR_VERSION)
         onnx.save(model, str(path))
     try:
