@@ -13,11 +13,14 @@ reduction (ResNet-50's 64 -> 256 at 56x56: 0.76 ms against ONNX Runtime's 0.62).
 size up to `STACK_WORKSPACE_BYTES` on the CPU back into plain allocations (LLVM allocas, which
 it promotes to registers where every access has a constant offset, as in an unrolled tile),
 and drops their null checks and frees. Larger or symbolic ones stay workspaces.
-`register_tir_pipeline()` names the s_tir pipeline with this pass added to its host finalisation.
+`register_tir_pipeline()` names the s_tir pipeline with this pass (and `tvm_serial_loops`) added
+to its host finalisation.
 """
 from __future__ import annotations
 
 from typing import Any
+
+from rwdeploy.runtime.tvm_tir_rewrite import body_pass, rewrite_children
 
 # Per allocation; a parallel task's allocas live on its worker thread's stack (8 MB).
 STACK_WORKSPACE_BYTES = 8192
@@ -89,60 +92,33 @@ def _rewrite(stmt: Any, limit: int) -> Any:
         if len(out) == len(stmt.seq) and all(a.same_as(b) for a, b in zip(out, stmt.seq)):
             return stmt
         return tirx.SeqStmt(out)
-    if isinstance(stmt, tirx.For):
-        body = _rewrite(stmt.body, limit)
-        return stmt if body.same_as(stmt.body) else tirx.For(
-            stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations,
-            getattr(stmt, "step", None))
-    if isinstance(stmt, tirx.AttrStmt):
-        body = _rewrite(stmt.body, limit)
-        return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
-    if isinstance(stmt, tirx.IfThenElse):
-        then = _rewrite(stmt.then_case, limit)
-        other = None if stmt.else_case is None else _rewrite(stmt.else_case, limit)
-        if then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case)):
-            return stmt
-        return tirx.IfThenElse(stmt.condition, then, other)
-    if isinstance(stmt, tirx.While):
-        body = _rewrite(stmt.body, limit)
-        return stmt if body.same_as(stmt.body) else tirx.While(stmt.condition, body)
-    return stmt
+    return rewrite_children(stmt, lambda child: _rewrite(child, limit))
 
 
 def stack_workspaces_pass(limit: int = STACK_WORKSPACE_BYTES) -> Any:
     """A TIR module pass (after `LowerTVMBuiltin`): constant-size CPU workspaces of up to
     `limit` bytes become stack allocations."""
-    import tvm
-    from tvm import tirx
-
-    @tvm.transform.module_pass(opt_level=0, name="rwdeploy.StackWorkspaces")
-    def rewrite(mod: Any, _ctx: Any) -> Any:
-        updates = {}
-        for gvar, func in mod.functions.items():
-            if isinstance(func, tirx.PrimFunc):
-                body = _rewrite(func.body, limit)
-                if not body.same_as(func.body):
-                    updates[gvar] = func.with_body(body)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
-
-    return rewrite
+    return body_pass("rwdeploy.StackWorkspaces", lambda body: _rewrite(body, limit))
 
 
 def register_tir_pipeline() -> str:
     """Register (once) and return the name of TVM's s_tir pipeline with `stack_workspaces_pass`
-    after its host finalisation: the `tir_pipeline` of cpu builds."""
+    and `tvm_serial_loops.serial_loops_pass` after its host finalisation: the `tir_pipeline` of
+    cpu builds."""
     import tvm
     from tvm.tirx import compilation_pipeline as pipelines
+
+    from rwdeploy.runtime.tvm_serial_loops import serial_loops_pass
 
     if PIPELINE not in pipelines.PIPELINE_MAP:
         base = pipelines.PIPELINE_MAP["s_tir"]
 
         def factory(**kwargs: Any) -> Any:
             lower, finalize_host, finalize_device = base(**kwargs)
-            return (lower, lambda: tvm.transform.Sequential([finalize_host(), stack_workspaces_pass()]),
-                    finalize_device)
+            def host() -> Any:
+                return tvm.transform.Sequential([finalize_host(), stack_workspaces_pass(), serial_loops_pass()])
+
+            return lower, host, finalize_device
 
         pipelines.register_tir_pipeline(PIPELINE, factory)
     return PIPELINE
