@@ -7,7 +7,8 @@ from torch import nn
 from tvm.script import tirx as T
 
 from rwdeploy.runtime import tvm_build
-from rwdeploy.runtime.tvm_serial_loops import runs_on_one_core, serial_loops_pass
+from rwdeploy.runtime.tvm_serial_loops import (SERIAL_MAX_ITERATIONS, loop_iterations, runs_on_one_core,
+                                                serial_loops_pass)
 
 
 def _scaled(cores: int | None):
@@ -53,6 +54,22 @@ def test_more_cores_or_no_target_keep_the_parallel_loop():
     assert not runs_on_one_core(_scaled(2)) and not runs_on_one_core(_scaled(None))
     for cores in (2, None):
         assert _loop_kinds(_passed(cores))[0] == tvm.tirx.ForKind.PARALLEL
+
+
+def test_a_large_loop_nest_keeps_its_parallel_loop_on_one_core():
+    rows = SERIAL_MAX_ITERATIONS // 1024 + 1
+
+    @T.prim_func
+    def big(a: T.Buffer((rows, 1024), "float32"), b: T.Buffer((rows, 1024), "float32")):
+        for i in T.parallel(rows):
+            for j in T.serial(1024):
+                b[i, j] = a[i, j] + T.float32(1)
+
+    func = big.with_attr("target", tvm.target.Target({"kind": "llvm", "num-cores": 1}))
+    assert loop_iterations(func.body) == rows * 1024 > SERIAL_MAX_ITERATIONS
+    assert loop_iterations(_scaled(1).body) == 8 * 16
+    out = serial_loops_pass()(tvm.IRModule({"big": func}))["big"]
+    assert _loop_kinds(out)[0] == tvm.tirx.ForKind.PARALLEL
 
 
 class SmallNet(nn.Module):
