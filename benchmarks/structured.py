@@ -341,7 +341,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 if at:
                     lines.append(f"- {label}, b{b}, {rate:.0%}: median speed-up ÷ MAC reduction "
                                  f"{statistics.median(at):.2f} over {len(at)} models")
-    lines += ["", f"ONNX Runtime {meta['environment']['onnxruntime']}, CPU provider, {meta['threads']} thread(s), "
+    lines += ["", f"ONNX Runtime {meta['environment']['onnxruntime']}, CPU provider (input and outputs bound once), "
+              f"{meta['threads']} thread(s), "
               f"median of ≥{meta['runs']} runs, " + _turns(meta.get("turn", 1)) + f"; {meta['environment']['cpu']}; load average before: {load}. "
               f"Inputs: {', '.join(f'{m} {s}' for m, s in meta['input_shapes'].items())}. "
               "Max relative error = max |slim − zeroed| / max |zeroed| over probe batches."

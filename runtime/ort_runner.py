@@ -51,7 +51,8 @@ class OrtRunner:
                              min_time_s=min_time_s)
 
 
-def bound_call(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> tuple[Callable[[], Any], list[Any]] | None:
+def bound_call(session: ort.InferenceSession,
+               feed: dict[str, np.ndarray]) -> tuple[Callable[[], Any], list[Any]] | None:
     """A call of `session` on `feed` with inputs and outputs bound once to ORT values
     (`io_binding`), and the output values it writes; None where binding fails or its first
     result disagrees with `session.run`. Such a call neither converts the inputs nor allocates

@@ -115,6 +115,7 @@ def register_tir_pipeline() -> str:
 
         def factory(**kwargs: Any) -> Any:
             lower, finalize_host, finalize_device = base(**kwargs)
+
             def host() -> Any:
                 return tvm.transform.Sequential([finalize_host(), stack_workspaces_pass(), serial_loops_pass()])
 
