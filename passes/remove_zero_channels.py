@@ -5,8 +5,10 @@ BatchNorm shift, passed through any elementwise function, pooled, ...). Its cons
 that constant: the pass runs each consumer on exactly the removed channels' values (which do
 not depend on the input) and adds the result back - into the consumer's bias when it is the
 same at every position, otherwise as a precomputed constant map (a buffer added right after
-the consumer; zero padding and pooling make contributions position-dependent). The slim model
-computes the same function as the original for inputs of the example input's shape.
+the consumer; zero padding and pooling make contributions position-dependent), or, where a
+channel kept for alignment holds a constant of the same pattern, into that channel's weights
+(`channel_carriers`: no map at all). The slim model computes the same function as the original
+for inputs of the example input's shape.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from torch import fx, nn
 from rwdeploy.errors import OptionError
 from rwdeploy.passes.channel_alignment import (MAX_MEASURED_GROUPS, MIN_MEASURED_MACS, AlignmentRecord, finish,
                                                parse_align, plan_alignment)
+from rwdeploy.passes.channel_carriers import CarrierFold, carrier_fold, fold_into_carrier
 from rwdeploy.passes.channel_constants import CONV_FUNCTIONS, BorderKernel, border_kernel
 from rwdeploy.passes.channel_folding import fold_computed_weights
 from rwdeploy.passes.channel_groups import ChannelAnalysis, analyze_channel_groups
 from rwdeploy.passes.channel_selection import Selection, candidates, select
-from rwdeploy.passes.channel_state import TensorMeta
+from rwdeploy.passes.channel_state import TensorMeta, along, varying_dims
 from rwdeploy.passes.ops import SPECS, LayerView
 from rwdeploy.passes.ops.common import tensor_arg
 from rwdeploy.passes.ops.graph import resize_constant, resizes
@@ -42,7 +45,7 @@ class LayerChange:
     type: str
     before: dict[str, list[int]]
     after: dict[str, list[int]]
-    folded: str | None = None  # "bias", "border kernel" or "constant map"
+    folded: str | None = None  # "bias", "border kernel", "constant map" or "carrier" (`channel_carriers`)
     folded_max_abs: float | None = None  # largest folded value: how much the constants mattered
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,11 +190,18 @@ def _remove(work: fx.GraphModule, example_input: Any, analysis: ChannelAnalysis,
         sel = select(analysis, sel.removed - unfoldable)
     if alignment is not None:
         finish(alignment, analysis, sel, aligned_sel)
+    shared = _shared_layers(views)
+    constant = {root for root, why in found.items() if why == "zero producers"}
+    for v in sites:
+        fold = folds.get(v.node.name)
+        if fold is not None and fold[0] != "bias" and v.node.name not in shared:
+            carried = _carried(v, captured[v.node.name], sel, analysis, constant, fold)
+            if carried is not None:
+                folds[v.node.name] = ("carrier", carried)
     map_feeders = {root for v in sites if (f := folds.get(v.node.name)) is not None and f[0] == "constant map"
                    for root in _removed_classes_read(v, analysis, sel)}
 
     layers: list[LayerChange] = []
-    shared = _shared_layers(views)
     cut: set[tuple[str, ...]] = set()  # a layer called several times is cut once
     for node in list(work.graph.nodes):
         if node.name in views:
@@ -267,7 +277,8 @@ def _capture_inputs(gm: fx.GraphModule, example_input: Any, sites: list[LayerVie
 
 def _fold(view: LayerView, x: torch.Tensor, sel: Selection, values: dict[str, Any]) -> tuple | None:
     """How the removed input channels' constant is folded at this consumer:
-    ("bias", vector) | ("border kernel", BorderKernel) | ("constant map", dense map) | None."""
+    ("bias", vector) | ("border kernel", BorderKernel) | ("constant map", dense map) | None
+    (`_remove` then turns maps a kept constant channel can carry into ("carrier", CarrierFold))."""
     keep_in = sel.node_kept(view.input.name).expand(x.shape[:1] + values[view.input.name].shape[1:])
     x_gone = x * (~keep_in).to(x.dtype)
     fold = _contribution(view, x_gone, sel, values)
@@ -278,6 +289,15 @@ def _fold(view: LayerView, x: torch.Tensor, sel: Selection, values: dict[str, An
         if compact is not None:
             return ("border kernel", compact)
     return fold
+
+
+def _carried(view: LayerView, x: torch.Tensor, sel: Selection, analysis: ChannelAnalysis, constant: set[int],
+             fold: tuple) -> CarrierFold | None:
+    """The fold of a consumer's map into a kept constant input channel (`channel_carriers`), or None."""
+    m = analysis.class_maps.get(view.input.name) if isinstance(view.input, fx.Node) else None
+    if not isinstance(m, torch.Tensor) or any(d != 1 for d in varying_dims(m)):
+        return None
+    return carrier_fold(view, x, along(m, 1, x.shape[1]), sel.removed, constant, _max_abs(fold))
 
 
 def _contribution(view: LayerView, x_gone: torch.Tensor, sel: Selection, values: dict[str, Any]) -> tuple | None:
@@ -323,6 +343,8 @@ def _shrink(view: LayerView, sel: Selection, values: dict[str, Any], fold: tuple
     if keep_in.all() and keep_out.all() and fold is None:
         return None
     before = view.shapes()
+    if fold is not None and fold[0] == "carrier":
+        fold_into_carrier(view, fold[1])
     if cut_tensors and not (keep_in.all() and keep_out.all()):
         view.shrink(keep_in, keep_out)
     if fold is not None and fold[0] == "bias":
@@ -334,6 +356,8 @@ def _shrink(view: LayerView, sel: Selection, values: dict[str, Any], fold: tuple
 def _max_abs(fold: tuple | None) -> float | None:
     if fold is None:
         return None
+    if isinstance(fold[1], CarrierFold):
+        return fold[1].max_abs
     value = fold[1].evaluate() if isinstance(fold[1], BorderKernel) else fold[1]
     return float(value.abs().max())
 
@@ -394,7 +418,7 @@ def _add_constant_maps(gm: fx.GraphModule, folds: dict[str, tuple | None],
     by_name = {n.name: n for n in gm.graph.nodes}
     ones: dict[tuple, fx.Node] = {}  # one ones image per (spatial shape, dtype), shared by all sites
     for name, fold in folds.items():
-        if fold is None or fold[0] == "bias":
+        if fold is None or fold[0] in ("bias", "carrier"):
             continue
         node, dtype = by_name[name], values[name].dtype
         if fold[0] == "border kernel":
