@@ -44,8 +44,9 @@ def carrier_fold(view: LayerView, x: torch.Tensor, classes: torch.Tensor, remove
     """How the removed input channels of a conv (`x`: its input, batch item 0, float64;
     `classes`: the class of each input channel) fold into a kept constant channel (a class in
     `constant`), or None where no kept channel carries their pattern."""
-    if not isinstance(view, ConvView) or view.transposed or view.groups != 1 or x.shape[1] != classes.numel():
-        return None
+    if (not isinstance(view, ConvView) or view.transposed or view.groups != 1 or not view.exclusive
+            or x.shape[1] != classes.numel()):
+        return None  # the weight column must be this conv's alone, and mix every input channel
     rows = x[0].reshape(x.shape[1], -1)
     peak = rows.abs().amax(dim=1)
     gone = [c for c in range(rows.shape[0]) if int(classes[c]) in removed and float(peak[c]) > 0]
