@@ -53,7 +53,7 @@ def carrier_fold(view: LayerView, x: torch.Tensor, classes: torch.Tensor, remove
     if not gone:
         return None
     scale = max(float(peak[c]) for c in gone)
-    for k in range(rows.shape[0]):
+    for k in sorted(range(rows.shape[0]), key=lambda c: -float(peak[c])):  # the largest: smallest ratios
         cls = int(classes[k])
         if cls in removed or cls not in constant or float(peak[k]) <= 1e-6 * scale:
             continue
