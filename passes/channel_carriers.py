@@ -28,6 +28,8 @@ from rwdeploy.passes.ops.conv import ConvView
 from rwdeploy.passes.ops.layer import replace_tensor
 
 _MATCH_TOL = 1e-10  # relative round-off allowed when matching a removed channel to the carrier
+# a kept channel this much smaller than the removed ones would carry them with huge ratios
+_MIN_CARRIER = 1e-6
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def carrier_fold(view: LayerView, x: torch.Tensor, classes: torch.Tensor, remove
     scale = max(float(peak[c]) for c in gone)
     for k in sorted(range(rows.shape[0]), key=lambda c: -float(peak[c])):  # the largest: smallest ratios
         cls = int(classes[k])
-        if cls in removed or cls not in constant or float(peak[k]) <= 1e-6 * scale:
+        if cls in removed or cls not in constant or float(peak[k]) <= _MIN_CARRIER * scale:
             continue
         p, tol = rows[k], _MATCH_TOL * max(scale, float(peak[k]))
         ratios = {c: float(rows[c] @ p) / float(p @ p) for c in gone}
