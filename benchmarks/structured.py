@@ -441,14 +441,19 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['ours_max_rel']:.1e}, tp err {row.get('tp_max_rel', float('nan')):.1e} "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     meta["loadavg_after"] = list(os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, meta)
-    with atomic_file(args.out / f"{args.name}.json") as tmp:
-        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    with atomic_file(args.out / f"{args.name}.md") as tmp:
-        tmp.write_text(table)
+    write_results(args.out, args.name, {**meta, "rows": rows}, table)
     print(table)
     return 0
+
+
+def write_results(out: Path, name: str, document: dict[str, Any], table: str) -> None:
+    """`out`/NAME.json (the document) and NAME.md (the table), each written whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+    with atomic_file(out / f"{name}.md") as tmp:
+        tmp.write_text(table)
 
 
 def _torch_pruning_version() -> str | None:
