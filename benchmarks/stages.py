@@ -25,8 +25,9 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 from rwdeploy import models
 from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.environment import environment
-from rwdeploy.runtime.latency import time_interleaved
+from rwdeploy.runtime.latency import LatencyStats, time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
 
@@ -113,14 +114,46 @@ def run(model_name: str, shape: tuple[int, ...], batch: int, args: argparse.Name
         calls[f"ort {name}"] = OrtRunner(path, threads=args.threads).bind(inputs.numpy())
         print(f"{model_name} b{batch}: built {name}", file=sys.stderr)
         inputs = torch.from_numpy(want)
-    stats = time_interleaved(calls, warmup=args.warmup, min_runs=args.runs, max_runs=max(args.runs, 2000),
-                             min_time_s=args.min_time, calls_per_turn=args.turn)
+    if args.flush_mb:
+        stats = time_after_flush(calls, MemoryWriter(args.flush_mb << 20), min_runs=args.runs, min_time_s=args.min_time)
+    else:
+        stats = time_interleaved(calls, warmup=args.warmup, min_runs=args.runs, max_runs=max(args.runs, 2000),
+                                 min_time_s=args.min_time, calls_per_turn=args.turn)
     rows = []
     for name, _ in [*stages, ("whole model", net)]:
         tvm_ms, ort_ms = stats[f"tvm {name}"].median_ms, stats[f"ort {name}"].median_ms
         rows.append({"stage": name, "tvm_ms": tvm_ms, "ort_ms": ort_ms, "tvm_over_ort": tvm_ms / ort_ms,
                      "n": min(stats[f"tvm {name}"].n, stats[f"ort {name}"].n)})
     return {"model": model_name, "input_shape": [batch, *shape[1:]], "stages": rows}
+
+
+class MemoryWriter:
+    """A call that writes `n_bytes` of memory: what it evicts from the caches, the next call reads
+    from further out (8 MB: out of L2 here; some hundred MB: out of L3)."""
+
+    def __init__(self, n_bytes: int) -> None:
+        self.buffer = np.zeros(max(1, n_bytes // 8))
+
+    def __call__(self) -> None:
+        self.buffer += 1.0
+
+
+def time_after_flush(calls: dict[str, Callable[[], Any]], flush: Callable[[], None], *, min_runs: int,
+                     min_time_s: float) -> dict[str, LatencyStats]:
+    """Each call timed alone right after an untimed `flush` (a `MemoryWriter`), the callables
+    taking turns: the latency a stage has when its weights and input come from where other
+    traffic left them, as inside a model whose weights do not fit the caches."""
+    for call in calls.values():  # first calls (allocation, lazy set-up) untimed
+        call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    start = time.perf_counter()
+    while min(map(len, samples.values())) < min_runs or time.perf_counter() - start < min_time_s:
+        for name, call in calls.items():
+            flush()
+            t0 = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: LatencyStats.from_samples(s, warmup=1) for name, s in samples.items()}
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -135,8 +168,10 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     after = ", ".join(f"{v:.2f}" for v in meta["loadavg_after"])
     lines.append(f"rwdeploy's cpu TVM build vs ONNX Runtime {meta['environment']['onnxruntime']} (CPU provider, "
                  f"input and outputs bound once), {meta['threads']} thread(s), every stage of both runtimes and "
-                 f"the whole model interleaved in turns of 1 untimed + {meta['turn']} timed calls, medians; "
-                 f"{meta['environment']['cpu']}; load average before: {load}; after: {after}. Each stage is "
+                 + (f"the whole model taking turns, each call timed alone after {meta['flush_mb']} MB were written "
+                    "(cold caches), medians; " if meta.get("flush_mb") else
+                    f"the whole model interleaved in turns of 1 untimed + {meta['turn']} timed calls, medians; ")
+                 + f"{meta['environment']['cpu']}; load average before: {load}; after: {after}. Each stage is "
                  "built alone, with its own input/output layout conversions: the stages do not sum to the whole.")
     return "\n".join(lines) + "\n"
 
@@ -152,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turn", type=int, default=10, help="timed calls of one stage in a row, after an untimed one")
     p.add_argument("--min-time", dest="min_time", type=float, default=10.0,
                    help="seconds of interleaved timing at least, per batch size")
+    p.add_argument("--flush-mb", dest="flush_mb", type=int, default=0,
+                   help="write this many MB before each timed call (cold caches: 8 empties L2 here, 400 L3); "
+                        "0 = warm, in turns")
     p.add_argument("--name", default="stages", help="stem of the result files (NAME.json, NAME.md)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -161,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
              else REDUCED_INPUT.get(args.model, models.input_shape(args.model)))
     tvm_build.set_threads(args.threads)
     torch.set_num_threads(args.threads)
-    meta: dict[str, Any] = {"benchmark": "stages", "threads": args.threads, "turn": args.turn,
+    meta: dict[str, Any] = {"benchmark": "stages", "threads": args.threads, "turn": args.turn, "flush_mb": args.flush_mb,
                             "loadavg_before": list(os.getloadavg()), "environment": environment()}
     with tempfile.TemporaryDirectory() as tmp:
         results = [run(args.model, shape, int(b), args, Path(tmp)) for b in args.batches.split(",")]

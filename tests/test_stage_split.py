@@ -1,10 +1,12 @@
 """How benchmarks/stages.py cuts a model into stages: the chain of stages computes the model's
 output (a flatten put before the first Linear where the forward flattens), a stage starts at each
-child holding a conv or Linear, and a model whose top level is not a chain is refused."""
+child holding a conv or Linear, and a model whose top level is not a chain is refused; and its
+cold-cache timing (a memory write before each call, outside the timed part)."""
 from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,27 @@ def test_stages_chain_to_the_models_output(stages_mod):
 def test_a_model_whose_top_level_is_not_a_chain_is_refused(stages_mod):
     with pytest.raises(SystemExit, match="not a chain of its children"):
         stages_mod.split_stages(Residual().eval(), torch.randn(1, 4, 6, 6))
+
+
+def test_cold_timing_flushes_before_every_call_and_times_only_the_call(stages_mod):
+    events: list[str] = []
+
+    def flush() -> None:
+        events.append("flush")
+        time.sleep(0.01)  # far longer than the calls: timing it would show in every sample
+
+    calls = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    stats = stages_mod.time_after_flush(calls, flush, min_runs=4, min_time_s=0.0)
+    assert events[:2] == ["a", "b"]  # one untimed first call each
+    timed = events[2:]
+    assert timed == ["flush", "a", "flush", "b"] * (len(timed) // 4) and len(timed) >= 16
+    assert {name: s.n for name, s in stats.items()} == {"a": len(timed) // 4, "b": len(timed) // 4}
+    assert max(s.median_ms for s in stats.values()) < 5.0
+
+
+def test_memory_writer_writes_the_whole_buffer(stages_mod):
+    write = stages_mod.MemoryWriter(8 << 10)
+    assert write.buffer.nbytes == 8 << 10
+    write()
+    write()
+    assert (write.buffer == 2.0).all()
