@@ -14,10 +14,14 @@ Linear, a flatten is put there. Running the stages in order must reproduce the m
 Each stage is built alone (`tvm_build.build`, target cpu) and exported alone to ONNX, on the
 activation the stages before it produce; every stage on both runtimes, and the whole model on
 both, is then timed interleaved in turns (`time_interleaved`), so the host's drift hits all
-alike. A stage alone includes what the whole model shares across stages (its input and output
-layout conversions on TVM), so the stages' sum is not the whole model's time; the per-stage
-TVM/ORT ratios say which layers a runtime wins. Results: benchmarks/results/NAME.json and
-NAME.md with os.getloadavg() before and after.
+alike. A stage alone pays for what the whole model does once (its input and output layout
+conversions on TVM) and, called back to back, finds its weights still cached, which inside a
+model whose weights exceed the caches it does not: so the stages' sum is not the whole model's
+time, and `--flush-mb N` times each call alone after N MB were written (400 puts every weight
+out of this machine's L3). The per-stage TVM/ORT ratios say which layers a runtime wins.
+Results: benchmarks/results/NAME.json and NAME.md with os.getloadavg() before and after.
+
+    python benchmarks/stages.py --flush-mb 400 --min-time 40 --name stages_resnet18_cold
 """
 from __future__ import annotations
 
