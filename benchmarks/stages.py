@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", dest="min_time", type=float, default=10.0,
                    help="seconds of interleaved timing at least, per batch size")
     p.add_argument("--flush-mb", dest="flush_mb", type=int, default=0,
-                   help="write this many MB before each timed call (cold caches: 8 empties L2 here, 400 L3); "
-                        "0 = warm, in turns")
+                   help="write this many MB before each timed call, every call timed alone (cold caches: 8 empties "
+                        "L2 here, 400 L3; --turn and --warmup then do not apply); 0 = warm, in turns")
     p.add_argument("--name", default="stages", help="stem of the result files (NAME.json, NAME.md)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
