@@ -94,6 +94,12 @@ def split_stages(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Sequen
     return [("+".join(n for n, _ in st), nn.Sequential(*(m for _, m in st)).eval()) for st in stages]
 
 
+def _check_output(runtime: str, stage: str, got: np.ndarray, want: np.ndarray) -> None:
+    err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+    if err > 1e-4:
+        raise RuntimeError(f"{runtime} of stage {stage} disagrees with torch: max rel error {err:.1e}")
+
+
 def run(model_name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     net = models.create(model_name)
@@ -110,12 +116,12 @@ def run(model_name: str, shape: tuple[int, ...], batch: int, args: argparse.Name
             want = stage(inputs).numpy()
         art = tvm_build.build(stage, inputs, "cpu", threads=args.threads)
         calls[f"tvm {name}"], got = tvm_build.bind_local(art, inputs)
-        err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
-        if err > 1e-4:
-            raise RuntimeError(f"TVM build of stage {name} disagrees with torch: max rel error {err:.1e}")
+        _check_output("TVM build", name, got, want)
         path = workdir / f"{model_name}_b{batch}_{i}.onnx"
         export_onnx(stage, inputs, path)
-        calls[f"ort {name}"] = OrtRunner(path, threads=args.threads).bind(inputs.numpy())
+        runner = OrtRunner(path, threads=args.threads)
+        _check_output("ONNX Runtime session", name, runner.run(inputs.numpy()), want)
+        calls[f"ort {name}"] = runner.bind(inputs.numpy())
         print(f"{model_name} b{batch}: built {name}", file=sys.stderr)
         inputs = torch.from_numpy(want)
     if args.flush_mb:
