@@ -26,9 +26,7 @@ Results: benchmarks/results/NAME.json and NAME.md with os.getloadavg() before an
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,7 +43,7 @@ from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from structured import REDUCED_INPUT, randomize_batchnorm, write_results  # noqa: E402
+from structured import REDUCED_INPUT, randomize_batchnorm, run_in_tempdir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -210,14 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     tvm_build.set_threads(args.threads)
     torch.set_num_threads(args.threads)
     meta: dict[str, Any] = {"benchmark": "stages", "threads": args.threads, "turn": args.turn, "flush_mb": args.flush_mb,
-                            "loadavg_before": list(os.getloadavg()), "environment": environment()}
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [run(args.model, shape, int(b), args, Path(tmp)) for b in args.batches.split(",")]
-    meta["loadavg_after"] = list(os.getloadavg())
-    table = markdown(results, meta)
-    write_results(args.out, args.name, {**meta, "results": results}, table)
-    print(table)
-    return 0
+                            "environment": environment()}
+    return run_in_tempdir(meta, lambda tmp: [run(args.model, shape, int(b), args, tmp) for b in args.batches.split(",")],
+                          markdown, args.out, args.name)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -454,6 +454,20 @@ def write_results(out: Path, name: str, document: dict[str, Any], table: str) ->
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     with atomic_file(out / f"{name}.md") as tmp:
         tmp.write_text(table)
+
+
+def run_in_tempdir(meta: dict[str, Any], produce: Callable[[Path], list[dict[str, Any]]],
+                   markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str], out: Path, name: str) -> int:
+    """Record the load average around `produce(workdir)` (its results, made in a temporary
+    directory), write them with `meta` as NAME.json / NAME.md and print the table."""
+    meta["loadavg_before"] = list(os.getloadavg())
+    with tempfile.TemporaryDirectory() as tmp:
+        results = produce(Path(tmp))
+    meta["loadavg_after"] = list(os.getloadavg())
+    table = markdown(results, meta)
+    write_results(out, name, {**meta, "results": results}, table)
+    print(table)
+    return 0
 
 
 def _torch_pruning_version() -> str | None:

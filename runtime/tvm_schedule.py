@@ -22,6 +22,7 @@ from typing import Any
 
 from rwdeploy.runtime.tvm_loops import largest_divisor
 from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, choose_pixel_convs, pixel_conv_tile
+from rwdeploy.runtime.tvm_weight_prefetch import ANNOTATION as PREFETCH_ANNOTATION
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
 # Names of the compute stages `tvm_legalize` emits (packed-weight conv, depthwise conv, dense,
@@ -164,7 +165,8 @@ def streams_weights(weight_bytes: int, lanes: int) -> bool:
     run its own period): ResNet-18's layer3 + layer4 (7x7 and 4x4 maps) 4.7-5.9 -> 3.9-4.0 ms
     (ONNX Runtime 4.2-4.4; one stream per tile, 1 vector x 16 pixels, before), VGG-16-BN
     whole 9.4 -> 6.4 ms (ONNX Runtime 6.5), ResNet-18 at 112x112 11.0 -> 8.2 (7.9); 2 streams
-    (2 vectors) 4.1-4.5, 4 streams of 1 vector 4.3, 16 streams 4.3.
+    (2 vectors) 4.1-4.5, 4 streams of 1 vector 4.3, 16 streams 4.3. Each stream is also
+    prefetched ahead in software (`tvm_weight_prefetch`).
     """
     return lanes >= 16 and weight_bytes > CACHED_WEIGHT_BYTES
 
@@ -339,6 +341,8 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
         # the innermost reduction as WEIGHT_STREAMS interleaved parts, each its own stream
         streams, inner = sch.split(reduce[-1], [WEIGHT_STREAMS, None])
         reduce, streams = [*reduce[:-1], inner], [streams]
+        # each stream's next lines requested ahead of its loads (`tvm_weight_prefetch`)
+        sch.annotate(inner, PREFETCH_ANNOTATION, 1)
     sch.reorder(*outer, *reduce, *streams, *pix_inner, *vectors)
     unrolled = streams + ([sch.fuse(*pix_inner)] if pix_inner else []) + vectors[:-1]
     # Loop kinds are set while the block still carries its init: after decompose_reduction

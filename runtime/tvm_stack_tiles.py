@@ -13,8 +13,8 @@ reduction (ResNet-50's 64 -> 256 at 56x56: 0.76 ms against ONNX Runtime's 0.62).
 size up to `STACK_WORKSPACE_BYTES` on the CPU back into plain allocations (LLVM allocas, which
 it promotes to registers where every access has a constant offset, as in an unrolled tile),
 and drops their null checks and frees. Larger or symbolic ones stay workspaces.
-`register_tir_pipeline()` names the s_tir pipeline with this pass (and `tvm_serial_loops`) added
-to its host finalisation.
+`register_tir_pipeline()` names the s_tir pipeline with this pass (and `tvm_serial_loops`,
+`tvm_weight_prefetch`) added to its host finalisation.
 """
 from __future__ import annotations
 
@@ -102,13 +102,14 @@ def stack_workspaces_pass(limit: int = STACK_WORKSPACE_BYTES) -> Any:
 
 
 def register_tir_pipeline() -> str:
-    """Register (once) and return the name of TVM's s_tir pipeline with `stack_workspaces_pass`
-    and `tvm_serial_loops.serial_loops_pass` after its host finalisation: the `tir_pipeline` of
-    cpu builds."""
+    """Register (once) and return the name of TVM's s_tir pipeline with `stack_workspaces_pass`,
+    `tvm_serial_loops.serial_loops_pass` and `tvm_weight_prefetch.weight_prefetch_pass` after
+    its host finalisation: the `tir_pipeline` of cpu builds."""
     import tvm
     from tvm.tirx import compilation_pipeline as pipelines
 
     from rwdeploy.runtime.tvm_serial_loops import serial_loops_pass
+    from rwdeploy.runtime.tvm_weight_prefetch import weight_prefetch_pass
 
     if PIPELINE not in pipelines.PIPELINE_MAP:
         base = pipelines.PIPELINE_MAP["s_tir"]
@@ -117,7 +118,8 @@ def register_tir_pipeline() -> str:
             lower, finalize_host, finalize_device = base(**kwargs)
 
             def host() -> Any:
-                return tvm.transform.Sequential([finalize_host(), stack_workspaces_pass(), serial_loops_pass()])
+                return tvm.transform.Sequential([finalize_host(), stack_workspaces_pass(), serial_loops_pass(),
+                                                 weight_prefetch_pass()])
 
             return lower, host, finalize_device
 
