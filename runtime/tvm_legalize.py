@@ -47,20 +47,24 @@ def pack_dense_weight(weight_kn: np.ndarray, tile: int) -> np.ndarray:
     return np.ascontiguousarray(weight_kn.reshape(k, n // tile, tile).transpose(1, 0, 2))
 
 
-def _pad_nhwc(data: Any, padding: tuple[int, int, int, int]) -> Any:
-    """Zero padding (top, left, bottom, right) of an NHWC tensor, or `data` when there is none."""
+def _pad_nhwc(data: Any, padding: tuple[int, int, int, int], channels: int | None = None) -> Any:
+    """Zero padding (top, left, bottom, right) of an NHWC tensor, and zero channels up to
+    `channels`; `data` when there is neither."""
     from tvm import te, tirx
 
     top, left, bottom, right = padding
-    if not any(padding):
-        return data
     n, h, w, c = data.shape
+    channels = int(c) if channels is None else channels
+    if not any(padding) and channels == int(c):
+        return data
 
     def value(i: Any, y: Any, x: Any, ch: Any) -> Any:
-        inside = tirx.all(y >= top, y < h + top, x >= left, x < w + left)
-        return tirx.if_then_else(inside, data[i, y - top, x - left, ch], tirx.const(0.0, data.dtype))
+        inside = [y >= top, y < h + top, x >= left, x < w + left]
+        if channels > int(c):
+            inside.append(ch < c)
+        return tirx.if_then_else(tirx.all(*inside), data[i, y - top, x - left, ch], tirx.const(0.0, data.dtype))
 
-    return te.compute((n, h + top + bottom, w + left + right, c), value, name=PAD)
+    return te.compute((n, h + top + bottom, w + left + right, channels), value, name=PAD)
 
 
 def _out_size(size: Any, kernel: int, stride: int, dilation: int, before: int, after: int) -> Any:
@@ -69,15 +73,16 @@ def _out_size(size: Any, kernel: int, stride: int, dilation: int, before: int, a
 
 def conv2d_nhwc_packed(data: Any, packed: Any, strides: tuple[int, int], padding: tuple[int, int, int, int],
                        dilation: tuple[int, int]) -> Any:
-    """NHWC convolution with a (CO/T, KH, KW, CI, T) packed weight."""
+    """NHWC convolution with a (CO/T, KH, KW, CI', T) packed weight; CI' > CI (zero weights,
+    `tvm_schedule.streamed_reduction`) pads the input with zero channels to match."""
     from tvm import te
 
-    n, h, w, ci = data.shape
-    co_tiles, kh, kw, _, tile = (int(v) for v in packed.shape)
+    n, h, w, _ = data.shape
+    co_tiles, kh, kw, ci, tile = (int(v) for v in packed.shape)
     (sh, sw), (dh, dw) = strides, dilation
     oh = _out_size(h, kh, sh, dh, padding[0], padding[2])
     ow = _out_size(w, kw, sw, dw, padding[1], padding[3])
-    padded = _pad_nhwc(data, padding)
+    padded = _pad_nhwc(data, padding, ci)
     rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, ci), "rc")
     return te.compute(
         (n, oh, ow, co_tiles * tile),
@@ -188,7 +193,7 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
 
     from rwdeploy.runtime.tvm_pixel_conv import (conv2d_nchw_flat, conv2d_nchw_pixels, pixel_candidate,
                                                  tiled_channels, uses_flat_map)
-    from rwdeploy.runtime.tvm_schedule import padded_width, register_tile, weight_block
+    from rwdeploy.runtime.tvm_schedule import padded_width, register_tile, streamed_reduction, weight_block
 
     def channel_width(channels: int) -> int:
         return padded_width(channels, lanes, unit)
@@ -218,6 +223,9 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
 
         if groups == 1:
             tile = register_tile(out_shape[:-1], co, lanes, registers, weight.size * 4)
+            inputs = streamed_reduction(ci_per_group, weight.size * 4, lanes)
+            if inputs > ci_per_group:
+                weight = np.pad(weight, ((0, 0), (0, 0), (0, inputs - ci_per_group), (0, 0)))
             packed = relax.const(pack_conv_weight(weight, weight_block(tile, weight.size * 4, lanes)))
             return bb.call_te(conv2d_nhwc_packed, call.args[0], packed, strides, padding, dilation,
                               primfunc_name_hint="conv2d")

@@ -13,7 +13,7 @@ with any `cl-opt` distance).
 `ANNOTATION`; `weight_prefetch_pass`, run on the lowered kernels, finds that loop's vector
 loads whose address moves with the loop (the weight streams; the inputs are broadcast scalar
 loads and the accumulators sit at constant offsets) and appends to the loop body one prefetch
-per stream, `PREFETCH_AHEAD_BYTES` ahead of the load. `benchmarks/prefetch.py` (whole models,
+per stream, `PREFETCH_AHEAD_BYTES` ahead of the load. `benchmarks/streamed_weights.py` (whole models,
 batch 1, interleaved, Xeon; `results/prefetch_xeon*.md`): ResNet-18 at 112x112 warm 0.915-0.94x
 the time, cold 0.92-0.93x (TVM/ORT 1.02 -> 0.94); VGG-16-BN 0.89x / 0.905x (0.99 -> 0.88);
 MobileNetV2 0.98x; at batch 8, where each weight serves 8 images, 0.99x. Warm calls gain as

@@ -12,7 +12,7 @@ import tvm
 from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.targets import get_target
 from rwdeploy.runtime.tvm_schedule import (CACHED_WEIGHT_BYTES, WEIGHT_STREAMS, RegisterTile, register_tile,
-                                           streams_weights, vector_lanes)
+                                           streamed_reduction, streams_weights, vector_lanes)
 
 MB = 1 << 20
 
@@ -98,3 +98,55 @@ def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_streamed_reduction_rounds_inputs_up_only_for_streamed_weights():
+    assert streamed_reduction(358, 358 * 358 * 36, 16) == 360
+    assert streamed_reduction(360, 360 * 360 * 36, 16) == 360
+    assert streamed_reduction(179, 179 * 179 * 36, 16) == 180
+    assert streamed_reduction(358, 512 << 10, 16) == 358   # cached weights: no streams to split into
+    assert streamed_reduction(358, 9 * MB, 4) == 358         # NEON: weights are not streamed
+
+
+@pytest.mark.parametrize("ci,co,kernel,hw", [(358, 358, 3, 4), (715, 1430, 1, 7)])
+def test_unaligned_inputs_of_streamed_weights_are_padded_into_streams_and_match_torch(ci, co, kernel, hw):
+    """358 inputs (slim VGG-16-BN 30 % with --align off) compute over 360, zero weights against
+    zero input channels; a 1x1 conv gets its channel padding as its own copy of the input."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(ci, co, kernel, padding=kernel // 2), torch.nn.ReLU()).eval()
+    x = torch.randn(1, ci, hw, hw)
+    tgt = get_target("cpu", threads=1).tvm()
+    lanes = vector_lanes(tgt)
+    inputs = streamed_reduction(ci, ci * co * kernel * kernel * 4, lanes)
+    with tgt:
+        mod = tvm_build.cpu_pipeline(tgt, {})(tvm_build.import_relax(model, x))
+    conv = next(f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in g.name_hint)
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(conv)
+    extents = [int(sch.get(l).extent) for l in sch.get_loops(sch.get_sblock("rw_conv2d_nhwc_packed_update"))]
+    if lanes >= 16:
+        assert inputs % WEIGHT_STREAMS == 0 and inputs > ci
+        assert WEIGHT_STREAMS in extents and inputs // WEIGHT_STREAMS in extents  # split into the streams
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("padding", [(0, 0, 0, 0), (1, 1, 1, 1)])
+def test_input_channel_padding_is_zero_and_keeps_the_data(padding):
+    from tvm import te
+
+    from rwdeploy.runtime.tvm_legalize import _pad_nhwc
+
+    data = te.placeholder((1, 2, 3, 5), name="data")
+    func = te.create_prim_func([data, _pad_nhwc(data, padding, channels=8)])
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    x = np.arange(1, 31, dtype="float32").reshape(1, 2, 3, 5)  # no zero inside the data
+    top, left, bottom, right = padding
+    out = tvm.runtime.tensor(np.full((1, 2 + top + bottom, 3 + left + right, 8), np.nan, "float32"))
+    kernel(tvm.runtime.tensor(x), out)
+    want = np.zeros((1, 2 + top + bottom, 3 + left + right, 8), "float32")
+    want[:, top:top + 2, left:left + 3, :5] = x
+    np.testing.assert_array_equal(out.numpy(), want)

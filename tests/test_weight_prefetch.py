@@ -119,8 +119,8 @@ def test_benchmark_builds_without_prefetch_at_distance_zero_and_restores_the_def
 
     from rwdeploy.runtime import tvm_weight_prefetch
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefetch.py"
-    spec = importlib.util.spec_from_file_location("prefetch_under_test", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "streamed_weights.py"
+    spec = importlib.util.spec_from_file_location("streamed_weights_under_test", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
