@@ -176,7 +176,9 @@ def streamed_reduction(inputs: int, weight_bytes: int, lanes: int) -> int:
     next multiple of `WEIGHT_STREAMS` (zero weights against zero input channels), so that the
     reduction splits into the streams. Unaligned counts are what a slim model has by default:
     slim VGG-16-BN 30 % `--align off`'s 358 -> 358 conv at 4x4 ran in one stream, 0.70 ms at
-    batch 1 against 0.28 for the 360-channel build that `--align 8` makes."""
+    batch 1 inside the model (`tvm_profile`) against 0.28 for the 360-channel build that
+    `--align 8` makes; the whole slim model 0.73x the time with the padding
+    (`benchmarks/streamed_weights.py --rate 0.3 --unpadded`)."""
     if not streams_weights(weight_bytes, lanes):
         return inputs
     return -(-inputs // WEIGHT_STREAMS) * WEIGHT_STREAMS
