@@ -10,7 +10,8 @@ ahead; LLVM inserts no software prefetch on x86 (its loop data prefetch pass emi
 with any `cl-opt` distance).
 
 `tvm_schedule.schedule_reduction` marks the innermost reduction loop of such a kernel with
-`ANNOTATION`; `weight_prefetch_pass`, run on the lowered kernels, finds that loop's vector
+`ANNOTATION` (not in a one-pixel tile, a batch-1 dense layer, where each weight vector feeds one
+FMA and the prefetches measured 1.03-1.06x slower: the hardware prefetcher keeps up there); `weight_prefetch_pass`, run on the lowered kernels, finds that loop's vector
 loads whose address moves with the loop (the weight streams; the inputs are broadcast scalar
 loads and the accumulators sit at constant offsets) and appends to the loop body one prefetch
 per stream, `PREFETCH_AHEAD_BYTES` ahead of the load. `benchmarks/streamed_weights.py` (whole models,
