@@ -41,7 +41,7 @@ from rwdeploy.runtime.ort_runner import OrtRunner
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stages import MemoryWriter, time_after_flush  # noqa: E402
 from structured import (REDUCED_INPUT, ours, prunable_conv_groups, randomize_batchnorm, run_in_tempdir,  # noqa: E402
-                        zero_smallest_filters)
+                        zero_smallest_filters, zoo_models)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -166,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="streamed_weights", help="stem of the result files (NAME.json, NAME.md)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    names = [m for m in args.models.split(",") if m]
-    unknown = [m for m in names if m not in models.list_models()]
-    if unknown:
-        p.error(f"--models: {', '.join(unknown)} not in the zoo; choose from {', '.join(models.list_models())}")
+    names = zoo_models(p, args.models)
     try:
         args.distances = [int(v) for v in args.distances.split(",")]
     except ValueError:

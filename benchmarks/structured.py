@@ -456,6 +456,15 @@ def write_results(out: Path, name: str, document: dict[str, Any], table: str) ->
         tmp.write_text(table)
 
 
+def zoo_models(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    """The comma-separated zoo model names of a `--models` option; an unknown one is a usage error."""
+    names = [m for m in value.split(",") if m]
+    unknown = [m for m in names if m not in models.list_models()]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not in the zoo; choose from {', '.join(models.list_models())}")
+    return names
+
+
 def run_in_tempdir(meta: dict[str, Any], produce: Callable[[Path], list[dict[str, Any]]],
                    markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str], out: Path, name: str) -> int:
     """Record the load average around `produce(workdir)` (its results, made in a temporary

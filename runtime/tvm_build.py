@@ -185,6 +185,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
     from rwdeploy.runtime.tvm_legalize import legalize_passes
     from rwdeploy.runtime.tvm_schedule import channel_unit, prepare_passes, schedule_cpu_pass, vector_lanes
     from rwdeploy.runtime import tvm_batch_split, tvm_window_ell
+    from rwdeploy.runtime.tvm_input_layout import fold_input_transpose_pass
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.cpu_pipeline")
     def pipeline(mod: Any, _ctx: Any) -> Any:
@@ -199,6 +200,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
                 *window_ell,
                 *prepare_passes(vector_lanes(target), stats, channel_unit(target)),
                 *split,
+                fold_input_transpose_pass(vector_lanes(target)),
                 *cpu.library_dispatch_passes(target),
                 *legalize_passes(target),
                 *tuned,

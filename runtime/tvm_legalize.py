@@ -72,11 +72,16 @@ def _out_size(size: Any, kernel: int, stride: int, dilation: int, before: int, a
 
 
 def conv2d_nhwc_packed(data: Any, packed: Any, strides: tuple[int, int], padding: tuple[int, int, int, int],
-                       dilation: tuple[int, int]) -> Any:
+                       dilation: tuple[int, int], data_layout: str = "NHWC") -> Any:
     """NHWC convolution with a (CO/T, KH, KW, CI', T) packed weight; CI' > CI (zero weights,
-    `tvm_schedule.streamed_reduction`) pads the input with zero channels to match."""
+    `tvm_schedule.streamed_reduction`) pads the input with zero channels to match. An NCHW
+    `data` is read through an NHWC view (`tvm_input_layout`)."""
     from tvm import te
 
+    if data_layout == "NCHW":
+        from rwdeploy.runtime.tvm_input_layout import nhwc_view
+
+        data = nhwc_view(data)
     n, h, w, _ = data.shape
     co_tiles, kh, kw, ci, tile = (int(v) for v in packed.shape)
     (sh, sw), (dh, dw) = strides, dilation
@@ -213,11 +218,13 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
             return bb.call_te(conv2d_nchw_flat if flat else conv2d_nchw_pixels, call.args[0], relax.const(weight),
                               _ints(attrs.strides), _padding(attrs), lanes, co,
                               primfunc_name_hint="conv2d_pixels_flat" if flat else "conv2d_pixels")
-        if (weight is None or out_shape is None or not _float32(call) or attrs.data_layout != "NHWC"
+        groups = int(attrs.groups)
+        # NCHW in, NHWC out: a few-channel input read in place of a transpose (`tvm_input_layout`)
+        data_layout = "NCHW" if attrs.data_layout == "NCHW" and groups == 1 else "NHWC"
+        if (weight is None or out_shape is None or not _float32(call) or attrs.data_layout != data_layout
                 or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"):
             return default_nn._nn_conv2d(bb, call)
         kh, kw, ci_per_group, co = weight.shape
-        groups = int(attrs.groups)
         strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _padding(attrs)
         from tvm import relax
 
@@ -228,7 +235,7 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
                 weight = np.pad(weight, ((0, 0), (0, 0), (0, inputs - ci_per_group), (0, 0)))
             packed = relax.const(pack_conv_weight(weight, weight_block(tile, weight.size * 4, lanes)))
             return bb.call_te(conv2d_nhwc_packed, call.args[0], packed, strides, padding, dilation,
-                              primfunc_name_hint="conv2d")
+                              data_layout, primfunc_name_hint="conv2d")
         if ci_per_group == 1 and groups == co:
             return bb.call_te(depthwise_conv2d_nhwc, call.args[0], call.args[1], strides, padding, dilation,
                               primfunc_name_hint="depthwise_conv2d")

@@ -31,6 +31,8 @@ CONV = "rw_conv2d_nhwc_packed"
 DEPTHWISE = "rw_depthwise_conv2d_nhwc"
 DENSE = "rw_dense_packed"
 PAD = "rw_pad"
+# an NCHW input read as NHWC by a conv (`tvm_input_layout`): inlined into its reader
+NCHW_VIEW = "rw_nchw_as_nhwc"
 STAGES = (CONV, DEPTHWISE, DENSE, PIXEL_CONV)
 # Accumulator vectors of one register tile, by the ISA's vector registers (32 with AVX-512
 # and NEON, 16 with AVX2/SSE): the rest hold the weight vectors and the broadcast input.
@@ -61,6 +63,9 @@ L2_WEIGHT_BYTES = 256 << 10
 # A streamed weight (larger than that, with 512-bit vectors) is read as this many concurrent
 # sequential streams per vector of the tile (see `streams_weights`).
 WEIGHT_STREAMS = 4
+# A conv with few input channels reads its padding in place where it reads each input at most
+# this many times (see `inlines_padding`).
+INLINED_READS = 4
 
 
 def vector_width(channels: int, lanes: int) -> int:
@@ -190,6 +195,25 @@ def weight_block(tile: RegisterTile, weight_bytes: int, lanes: int) -> int:
     return tile.width if streams_weights(weight_bytes, lanes) else tile.channels
 
 
+def inlines_padding(padded_shape: list[int], pixel_extents: list[int], reduction: int, lanes: int) -> bool:
+    """Whether a (non-depthwise) conv reads its zero padding in place, a bounds check per input
+    it broadcasts, instead of from a padded copy of its NHWC input (`padded_shape`, channels
+    last): where the input has fewer channels than a 512-bit vector, so that the copy cannot
+    move whole vectors of them (a scalar select per element), and the conv reads each input at
+    most `INLINED_READS` times (output pixels x taps over input pixels, from its `pixel_extents`
+    and `reduction` = taps x channels), so that the checks cost less than the copy: a 3x3
+    stride-2 stem (2.2 reads), not a 3x3 stride-1 one (8; measured no faster) nor ResNet's 7x7
+    stride-2 one (11; 2-9 % slower at batch 8). MobileNetV2's 3 -> 32 stem at 224 x 224 on the
+    Xeon: 214 -> 145 us a call (`tvm_profile`); the slim 70 % model 0.89-0.90x the time, the
+    dense one 0.97-1.00x (`benchmarks/stem_input.py`). Narrower vectors keep the copy (not
+    measured)."""
+    channels = padded_shape[-1]
+    if lanes < 16 or channels >= lanes:
+        return False
+    reads = math.prod(pixel_extents) * (reduction // channels) / math.prod(padded_shape[:-1])
+    return reads <= INLINED_READS
+
+
 def depthwise_tile(pixel_extents: list[int], channels: int, lanes: int) -> RegisterTile:
     """The tile of a depthwise convolution: each input is loaded, not broadcast, so there is
     no reuse across the tile to gain from a large one; two vectors of channels by a few
@@ -287,6 +311,9 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     if len(reductions) != 1:
         return None
     red = reductions[0]
+    for view in blocks:
+        if sch.get(view).name_hint == NCHW_VIEW:
+            sch.compute_inline(view)
     block = sch.get(red)
     kinds = [iv.iter_type for iv in block.iter_vars]
     n_spatial = kinds.count(SPATIAL)
@@ -300,13 +327,16 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     pixel_vars = [iv.var for iv in block.iter_vars[:n_spatial - 1]]
 
     # The padding stage: inlined into a depthwise convolution (its few taps per output cannot
-    # pay for a copy of the whole input), else its own parallel loop nest.
+    # pay for a copy of the whole input) and into a conv of few input channels (`inlines_padding`),
+    # else its own parallel loop nest.
     for producer in sch.get_producers(red):
         name = sch.get(producer).name_hint
-        if name == PAD and block.name_hint == DEPTHWISE:
+        producer_loops = sch.get_loops(producer)
+        if name == PAD and (block.name_hint == DEPTHWISE or inlines_padding(
+                [int(sch.get(loop).extent) for loop in producer_loops], extents[:n_spatial - 1],
+                math.prod(extents[n_spatial:]), lanes)):
             sch.compute_inline(producer)
             continue
-        producer_loops = sch.get_loops(producer)
         if name == PAD and len(producer_loops) == 4:
             _schedule_padding(sch, producer_loops, lanes)
         elif producer_loops:
