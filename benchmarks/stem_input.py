@@ -34,7 +34,7 @@ from rwdeploy.runtime.ort_runner import OrtRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streamed_weights import slim_model  # noqa: E402
-from structured import REDUCED_INPUT, randomize_batchnorm, run_in_tempdir, zoo_models  # noqa: E402
+from structured import REDUCED_INPUT, randomize_batchnorm, require_scheduled, run_in_tempdir, zoo_models  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (name, padding read in place, image read as NCHW)
@@ -53,9 +53,7 @@ def build(net: torch.nn.Module, x: torch.Tensor, name: str, in_place: bool, nchw
         art = tvm_build.build(net, x, "cpu", threads=threads)
     finally:
         tvm_schedule.inlines_padding, tvm_input_layout.folds_transpose = rules
-    unscheduled = [n for n in art.kernels.get("notes", []) if "could not be scheduled" in n]
-    if unscheduled:   # a kernel left as plain loops would make the comparison meaningless
-        raise RuntimeError(f"the build {name!r}: {unscheduled[0]}")
+    require_scheduled(art, f"the build {name!r}")
     return art
 
 

@@ -41,7 +41,7 @@ from rwdeploy.runtime.ort_runner import OrtRunner
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stages import MemoryWriter, time_after_flush  # noqa: E402
 from structured import (REDUCED_INPUT, ours, prunable_conv_groups, randomize_batchnorm, run_in_tempdir,  # noqa: E402
-                        zero_smallest_filters, zoo_models)
+                        require_scheduled, zero_smallest_filters, zoo_models)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,6 +94,7 @@ def run(model_name: str, batch: int, args: argparse.Namespace, workdir: Path) ->
     calls = {}
     for name, ahead, padded in _variants(args):
         art = build_with_distance(net, x, ahead, args.threads, padded)
+        require_scheduled(art, f"{model_name}: the build {name!r}")
         calls[name], got = tvm_build.bind_local(art, x)
         err = float(np.abs(got - want).max()) / scale
         if err > 1e-4:

@@ -456,6 +456,14 @@ def write_results(out: Path, name: str, document: dict[str, Any], table: str) ->
         tmp.write_text(table)
 
 
+def require_scheduled(artifact: Any, what: str) -> None:
+    """Refuse a TVM build with a conv / dense kernel the CPU schedule left as plain loops (it
+    records why in `kernels["notes"]`): timing it would compare a schedule failure, not a rule."""
+    unscheduled = [n for n in artifact.kernels.get("notes", []) if "could not be scheduled" in n]
+    if unscheduled:
+        raise RuntimeError(f"{what}: {unscheduled[0]}")
+
+
 def zoo_models(parser: argparse.ArgumentParser, value: str) -> list[str]:
     """The comma-separated zoo model names of a `--models` option; an unknown one is a usage error."""
     names = [m for m in value.split(",") if m]
