@@ -185,6 +185,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
     from rwdeploy.runtime.tvm_legalize import legalize_passes
     from rwdeploy.runtime.tvm_schedule import channel_unit, prepare_passes, schedule_cpu_pass, vector_lanes
     from rwdeploy.runtime import tvm_batch_split, tvm_window_ell
+    from rwdeploy.runtime.tvm_inplace_epilogue import inplace_epilogue_pass
     from rwdeploy.runtime.tvm_input_layout import fold_input_transpose_pass
 
     @tvm.transform.module_pass(opt_level=0, name="rwdeploy.cpu_pipeline")
@@ -206,6 +207,7 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
                 *tuned,
                 schedule_cpu_pass(target, stats),
                 *cpu.dataflow_lower_passes(target),
+                inplace_epilogue_pass(stats),
                 *cpu.finalize_passes(target),
             ])(mod)
 
