@@ -46,6 +46,7 @@ class LatencyRow:
     provider: str | None = None  # ONNX Runtime's execution provider
     max_abs_err: float | None = None  # its output vs torch at this input, where checked when timed
     max_rel_err: float | None = None
+    with_other_runtime: bool = False  # timed in the same turns as the other runtime's calls
 
     def to_dict(self) -> dict[str, Any]:
         head = {"runtime": self.runtime, "target": self.target, "variant": self.variant, "batch": self.batch}

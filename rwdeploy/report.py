@@ -112,8 +112,9 @@ def fastest_runtimes(latency: list[dict[str, Any]], variant: str = "slim") -> li
     """Per (batch, threads), the runtimes that timed `variant` in this process, fastest first.
 
     Only batches timed by at least two runtimes count, and never emulated or remote rows
-    (their clock is not this machine's). The runtimes are timed in separate stages, not call
-    by call, so a ratio near 1 is within the noise of a shared machine."""
+    (their clock is not this machine's). `in_turns`: every row was timed in the same turns as
+    the other runtime's calls (a local TVM target); else in separate stages, and a ratio near 1
+    is within the noise of a shared machine."""
     by_key: dict[tuple[int, Any], dict[str, dict[str, Any]]] = {}
     for row in latency:
         if row["variant"] != variant or row.get("emulated") or row.get("device"):
@@ -126,7 +127,7 @@ def fastest_runtimes(latency: list[dict[str, Any]], variant: str = "slim") -> li
         ranked = sorted(rows.values(), key=lambda r: r["median_ms"])
         best = ranked[0]
         out.append({"batch": batch, "threads": threads, "variant": variant, "fastest": best["runtime"],
-                    "target": best["target"],
+                    "target": best["target"], "in_turns": all(r.get("with_other_runtime") for r in ranked),
                     "median_ms": {r["runtime"]: r["median_ms"] for r in ranked},
                     "slower_by": {r["runtime"]: r["median_ms"] / best["median_ms"] for r in ranked[1:]
                                   if best["median_ms"] > 0}})
@@ -140,7 +141,8 @@ def runtime_choice_line(choice: dict[str, Any]) -> str:
     others = ", ".join(f"{RUNTIME_NAMES.get(r, r)} {ms[r]:.3f} ms ({x:.2f}× slower)"
                        for r, x in choice["slower_by"].items())
     if all(x < NOISE_RATIO for x in choice["slower_by"].values()):
-        ship = f"within {NOISE_RATIO - 1:.0%} of each other (timed in separate stages), either runtime"
+        how = "timed in turns" if choice.get("in_turns") else "timed in separate stages"
+        ship = f"within {NOISE_RATIO - 1:.0%} of each other ({how}), either runtime"
     else:
         ship = {"onnxruntime": "ship `slim.onnx` with ONNX Runtime",
                 "tvm": f"ship the TVM module for `{choice['target']}`"}.get(best, f"use {best}")

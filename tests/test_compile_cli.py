@@ -76,6 +76,12 @@ def test_report_shows_a_smaller_exact_model(compiled):
     rows = {(r["variant"], r["batch"]) for r in report["latency"]}
     assert rows == {("original", 1), ("slim", 1), ("original", 2), ("slim", 2)}
     assert all(r["n"] >= 3 and r["threads"] == 1 for r in report["latency"])
+    # one row per runtime, variant and batch: ONNX Runtime timed again in TVM's turns, and the
+    # verdict compares those
+    keys = [(r["runtime"], r["variant"], r["batch"]) for r in report["latency"]]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 8
+    assert all(r["with_other_runtime"] for r in report["latency"])
+    assert all(choice["in_turns"] for choice in report["runtime_choice"])
     assert "## Latency" in (out / "report.md").read_text()
 
 

@@ -69,7 +69,11 @@ def test_fastest_runtime_names_onnxruntime_where_tvm_is_slower():
     assert "at b=8 t=1: TVM 4.000 ms; ONNX Runtime 6.000 ms (1.50× slower): ship the TVM module for `cpu`" in text
     assert "## Fastest runtime" in render_markdown(doc)
     close = fastest_runtimes([row("onnxruntime", "slim", 1, 1.0), row("tvm", "slim", 1, 1.03)])
-    assert "within 5% of each other" in markdown(summary(make_report({"runtime_choice": close})))
+    assert "within 5% of each other (timed in separate stages)" in markdown(summary(make_report({"runtime_choice": close})))
+    in_turns = fastest_runtimes([row("onnxruntime", "slim", 1, 1.0, with_other_runtime=True),
+                                 row("tvm", "slim", 1, 1.03, with_other_runtime=True)])
+    assert in_turns[0]["in_turns"] and not close[0]["in_turns"]
+    assert "within 5% of each other (timed in turns)" in markdown(summary(make_report({"runtime_choice": in_turns})))
 
 
 def test_summary_points_to_align_auto_where_slim_is_slower_on_onnxruntime():
