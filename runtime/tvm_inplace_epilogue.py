@@ -40,9 +40,9 @@ def _blocks(sch: Any) -> list[Any]:
 def _loads_of(expr: Any, buffer: Any) -> list[Any]:
     from tvm import tirx
 
-    from rwdeploy.runtime.tvm_weight_prefetch import _loads
+    from rwdeploy.runtime.tvm_tir_rewrite import buffer_loads
 
-    return [load for load in _loads(expr) if load.source.same_as(buffer)] \
+    return [load for load in buffer_loads(expr) if load.source.same_as(buffer)] \
         if isinstance(expr, tirx.Expr) else []
 
 
@@ -85,12 +85,6 @@ def reads_only_where_written(func: Any, read_param: int, write_param: int) -> bo
                for load in loads)
 
 
-def _used_vars(expr: Any) -> list[Any]:
-    from tvm import relax
-
-    return list(relax.analysis.free_vars(expr))
-
-
 def _is_kernel_call(mod: Any, expr: Any) -> bool:
     import tvm
     from tvm import relax
@@ -115,11 +109,11 @@ def rewrite_bindings(mod: Any, bindings: list[Any], returned: Any,
     uses: dict[Any, list[int]] = {}
     escapes: set[Any] = set()   # names used other than as a kernel's argument or an alias
     for index, b in enumerate(bindings):
-        for v in _used_vars(b.value):
+        for v in relax.analysis.free_vars(b.value):
             uses.setdefault(v, []).append(index)
             if not (isinstance(b.value, relax.Var) or _is_kernel_call(mod, b.value)):
                 escapes.add(v)   # e.g. a reshape's view of it, which may outlive the call
-    for v in _used_vars(returned):
+    for v in relax.analysis.free_vars(returned):
         uses.setdefault(v, []).append(len(bindings))
 
     replaced: dict[Any, Any] = {}   # an output allocation -> the tensor written instead

@@ -1,9 +1,10 @@
 """Shared plumbing of the TIR passes that rewrite lowered function bodies (`tvm_stack_tiles`,
 `tvm_serial_loops`): TVM 0.27's Python API has no statement mutator, so each pass walks the
-statement kinds a lowered CPU kernel holds and rebuilds only what changed."""
+statement kinds a lowered CPU kernel holds and rebuilds only what changed; `buffer_loads` finds
+the loads in an expression (`tvm_weight_prefetch`, `tvm_inplace_epilogue`)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def rewrite_children(stmt: Any, visit: Callable[[Any], Any]) -> Any:
@@ -59,3 +60,22 @@ def body_pass(name: str, rewrite: Callable[[Any], Any], applies: Callable[[Any],
         return mod
 
     return run
+
+
+def buffer_loads(expr: Any) -> Iterator[Any]:
+    """The BufferLoads in `expr`, outermost first."""
+    import tvm
+    from tvm import tirx
+
+    if isinstance(expr, tvm.ir.expr.TensorLoad):  # what tirx.BufferLoad builds
+        yield expr
+        for index in expr.indices:
+            yield from buffer_loads(index)
+        return
+    for field in ("a", "b", "value", "base", "stride", "condition", "true_value", "false_value"):
+        child = getattr(expr, field, None)
+        if isinstance(child, tirx.Expr):
+            yield from buffer_loads(child)
+    for arg in getattr(expr, "args", None) or ():
+        if isinstance(arg, tirx.Expr):
+            yield from buffer_loads(arg)

@@ -25,31 +25,12 @@ last iterations does not fault (x86 PREFETCHh, AArch64 PRFM).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
-from rwdeploy.runtime.tvm_tir_rewrite import body_pass, rewrite_children, with_loop
+from rwdeploy.runtime.tvm_tir_rewrite import body_pass, buffer_loads, rewrite_children, with_loop
 
 ANNOTATION = "rwdeploy_prefetch_weights"
 PREFETCH_AHEAD_BYTES = 512  # 8 cache lines of 64 bytes
-
-
-def _loads(expr: Any) -> Iterator[Any]:
-    """The BufferLoads in `expr`, outermost first."""
-    import tvm
-    from tvm import tirx
-
-    if isinstance(expr, tvm.ir.expr.TensorLoad):  # what tirx.BufferLoad builds
-        yield expr
-        for index in expr.indices:
-            yield from _loads(index)
-        return
-    for field in ("a", "b", "value", "base", "stride", "condition", "true_value", "false_value"):
-        child = getattr(expr, field, None)
-        if isinstance(child, tirx.Expr):
-            yield from _loads(child)
-    for arg in getattr(expr, "args", None) or ():
-        if isinstance(arg, tirx.Expr):
-            yield from _loads(arg)
 
 
 def _statements(body: Any) -> list[Any]:
@@ -82,7 +63,7 @@ def weight_streams(loop: Any) -> list[tuple[Any, Any, int]]:
         else:
             return []
         for expr in exprs:
-            for load in _loads(expr):
+            for load in buffer_loads(expr):
                 if len(load.indices) != 1 or not isinstance(load.indices[0], tirx.Ramp):
                     continue
                 base = analyzer.simplify(load.indices[0].base)

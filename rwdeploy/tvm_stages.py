@@ -63,6 +63,8 @@ def stage_tvm_measure(ctx: CompileContext) -> None:
         section["notes"].append(f"latency step skipped: {missing} not present on this machine")
         section["latency_skipped"] = True
         return
+    ort_runners = {variant: OrtRunner(ctx.path(ctx.files[f"{variant}_onnx"]["path"]), threads=opts.threads)
+                   for variant in ("original", "slim") if f"{variant}_onnx" in ctx.files}
     for batch in sorted({batch for _, batch in ctx.tvm_artifacts}):
         x = ctx.loaded.example_input(batch=batch, seed=opts.seed)
         runs, checks = {}, {}
@@ -77,8 +79,7 @@ def stage_tvm_measure(ctx: CompileContext) -> None:
         # drifts by tens of percent within minutes, and timed in separate stages the two
         # runtimes' ratio (which the report's verdict is) moved with it (dense ResNet-20 at
         # batch 1: TVM 0.86 or 0.56 ms against ONNX Runtime's 0.66, run to run)
-        ort_runs = {variant: OrtRunner(ctx.path(ctx.files[f"{variant}_onnx"]["path"]), threads=opts.threads)
-                    .bind(x.numpy()) for variant in runs if f"{variant}_onnx" in ctx.files}
+        ort_runs = {variant: runner.bind(x.numpy()) for variant, runner in ort_runners.items() if variant in runs}
         stats = opts.time({**runs, **{ORT_KEY + v: run for v, run in ort_runs.items()}})
         ctx.latency.extend(LatencyRow("tvm", target.name, variant, batch, target.threads or opts.threads,
                                       stats[variant], max_abs_err=checks[variant].max_abs,
