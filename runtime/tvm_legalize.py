@@ -285,6 +285,7 @@ def legalize_passes(target: Any) -> list[Any]:
     from rwdeploy.runtime.tvm_fast_math import fast_math_legalizers, silu_pass
     from rwdeploy.runtime.tvm_identity import identity_broadcast_pass
     from rwdeploy.runtime.tvm_pool import max_pool2d_legalizer
+    from rwdeploy.runtime.tvm_reshape_sink import reshape_sink_pass
     from rwdeploy.runtime.tvm_row_kernels import row_legalizers, safe_softmax_pass
     from rwdeploy.runtime.tvm_schedule import channel_unit, vector_lanes, vector_registers
 
@@ -295,6 +296,7 @@ def legalize_passes(target: Any) -> list[Any]:
         silu_pass(),
         safe_softmax_pass(lanes),
         identity_broadcast_pass(),
+        reshape_sink_pass(),
         tvm.relax.transform.DeadCodeElimination(),
         tvm.relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d_legalizer(lanes, registers, unit),
                                          "relax.matmul": matmul_legalizer(lanes, registers),

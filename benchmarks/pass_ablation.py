@@ -1,0 +1,181 @@
+"""One of rwdeploy's TVM passes on and off, whole models against ONNX Runtime.
+
+    python benchmarks/pass_ablation.py                         # in-place epilogues: resnet18, resnet20, mobilenet_v2
+    python benchmarks/pass_ablation.py --pass reshape-sink --models "" --batches 1 \
+        --timm vit_tiny_patch16_224,deit_tiny_patch16_224
+
+Passes (`--pass`):
+- `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
+  conv's shortcut) writes its output over it (`tvm_inplace_epilogue`); off, every kernel writes a
+  fresh tensor. Counted: the kernel functions of the shipped build that write in place.
+- `reshape-sink`: elementwise ops computed before the reshapes that feed them, so that a
+  transformer MLP's GELU and residual add fuse into its matmuls (`tvm_reshape_sink`). Counted:
+  the build's distinct kernel functions (a ViT's 12 blocks call the same ones).
+
+Each zoo model (random weights, trained-looking batch norms as in `structured.py`) and each timm
+architecture (random weights, its default input size; needs the test extra) is built for the cpu
+target with the pass off and on. Both builds are checked against torch (and for kernels left
+unscheduled), the model is exported once to ONNX, and all three are timed interleaved in turns
+(`time_interleaved`), so the host's drift hits all alike.
+Results: benchmarks/results/NAME.json and NAME.md with os.getloadavg() before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rwdeploy import models
+from rwdeploy.runtime import tvm_build, tvm_inplace_epilogue, tvm_reshape_sink
+from rwdeploy.runtime.environment import environment
+from rwdeploy.runtime.latency import time_interleaved
+from rwdeploy.runtime.onnx_export import export_onnx
+from rwdeploy.runtime.ort_runner import OrtRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from structured import REDUCED_INPUT, randomize_batchnorm, require_scheduled, run_in_tempdir, zoo_models  # noqa: E402
+from targets import timm_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def _no_inplace_epilogue() -> Any:
+    rule = tvm_inplace_epilogue.reads_only_where_written
+    tvm_inplace_epilogue.reads_only_where_written = lambda *func_and_params: False
+    try:
+        yield
+    finally:
+        tvm_inplace_epilogue.reads_only_where_written = rule
+
+
+@contextlib.contextmanager
+def _no_reshape_sink() -> Any:
+    import tvm
+
+    make = tvm_reshape_sink.reshape_sink_pass
+    tvm_reshape_sink.reshape_sink_pass = lambda: tvm.transform.module_pass(
+        lambda mod, _ctx: mod, opt_level=0, name="rwdeploy.NoSinkReshapes")
+    try:
+        yield
+    finally:
+        tvm_reshape_sink.reshape_sink_pass = make
+
+
+def _all_kernels(art: Any) -> int:
+    return sum(len(v) for k, v in art.kernels.items() if k not in ("notes", "in place") and isinstance(v, list))
+
+
+# --pass NAME -> (how to switch it off for one build, what is counted in the build it is on in, its label)
+PASSES = {
+    "inplace-epilogue": (_no_inplace_epilogue, lambda art: len(art.kernels.get("in place", [])), "kernels in place"),
+    "reshape-sink": (_no_reshape_sink, _all_kernels, "kernel functions"),
+}
+
+
+def build(net: torch.nn.Module, x: torch.Tensor, pass_name: str, on: bool, threads: int) -> Any:
+    """A cpu build of `net` with the pass `pass_name` on or off."""
+    with (contextlib.nullcontext() if on else PASSES[pass_name][0]()):
+        art = tvm_build.build(net, x, "cpu", threads=threads)
+    require_scheduled(art, f"the build with {pass_name} {'on' if on else 'off'}")
+    return art
+
+
+def _model(name: str, timm: bool) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    if timm:
+        return timm_model(name)
+    torch.manual_seed(0)
+    net = models.create(name)
+    randomize_batchnorm(net, seed=1)
+    return net.eval(), REDUCED_INPUT.get(name, models.input_shape(name))
+
+
+def run(name: str, timm: bool, batch: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    net, shape = _model(name, timm)
+    x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        want = net(x).numpy()
+    scale = max(float(np.abs(want).max()), 1e-12)
+    calls, counted = {}, {}
+    for label, on in (("off", False), ("on", True)):
+        art = build(net, x, args.pass_name, on, args.threads)
+        calls[label], got = tvm_build.bind_local(art, x)
+        err = float(np.abs(got - want).max()) / scale
+        if err > 1e-4:
+            raise RuntimeError(f"{name}: the build with {args.pass_name} {label} disagrees with torch "
+                               f"(max rel error {err:.1e})")
+        counted[label] = PASSES[args.pass_name][1](art)
+    path = workdir / f"{name}_b{batch}.onnx"
+    export_onnx(net, x, path)
+    calls["ort"] = OrtRunner(path, threads=args.threads).bind(x.numpy())
+    warm = time_interleaved(calls, warmup=args.warmup, min_runs=args.runs, max_runs=max(args.runs, 20000),
+                            min_time_s=args.min_time, calls_per_turn=args.turn)
+    ms = {label: warm[label].median_ms for label in calls}
+    print(f"{name} b{batch}: {args.pass_name} on / off {ms['on'] / ms['off']:.3f}, "
+          f"TVM/ORT {ms['off'] / ms['ort']:.3f} -> {ms['on'] / ms['ort']:.3f}", file=sys.stderr)
+    return {"model": name, "source": "timm" if timm else "zoo", "input_shape": [batch, *shape[1:]], "ms": ms,
+            "counted": counted, "on_vs_off": ms["on"] / ms["off"],
+            "vs_ort": {label: ms[label] / ms["ort"] for label in ("off", "on")}}
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    counted = PASSES[meta["pass"]][2]
+    lines = [f"| model | input | {counted} off -> on | TVM off ms | TVM on ms | ORT ms | on ÷ off | "
+             "TVM/ORT off -> on |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"| {r['model']} ({r['source']}) | {'×'.join(map(str, r['input_shape']))} | "
+                     f"{r['counted']['off']} -> {r['counted']['on']} | {ms['off']:.3f} | {ms['on']:.3f} | "
+                     f"{ms['ort']:.3f} | {r['on_vs_off']:.3f} | {r['vs_ort']['off']:.2f} -> {r['vs_ort']['on']:.2f} |")
+    load = ", ".join(f"{v:.2f}" for v in meta["loadavg_before"])
+    after = ", ".join(f"{v:.2f}" for v in meta["loadavg_after"])
+    lines += ["", f"rwdeploy's cpu TVM build with `{meta['pass']}` off and on (`benchmarks/pass_ablation.py`, "
+              f"see its docstring); vs ONNX Runtime {meta['environment']['onnxruntime']}; {meta['threads']} "
+              f"thread(s); interleaved in turns of 1 untimed + {meta['turn']} timed calls, medians; "
+              f"{meta['environment']['cpu']}; load average before: {load}; after: {after}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pass", dest="pass_name", choices=sorted(PASSES), default="inplace-epilogue",
+                   help="the pass switched off in one build (default: inplace-epilogue)")
+    p.add_argument("--models", default="resnet18,resnet20,mobilenet_v2",
+                   help=f"zoo models (\"\" for none): {', '.join(models.list_models())}")
+    p.add_argument("--timm", default="", help="comma list of timm architectures (random weights, default "
+                                              "input size; needs the test extra)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=30, help="timed calls of each build at least")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--turn", type=int, default=5, help="timed calls of one build in a row, after an untimed one")
+    p.add_argument("--min-time", dest="min_time", type=float, default=10.0,
+                   help="seconds of interleaved timing at least, per model and batch")
+    p.add_argument("--name", default=None, help="stem of the result files (NAME.json, NAME.md; default: "
+                                                   "the pass, e.g. inplace_epilogue)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    names = [(m, False) for m in (zoo_models(p, args.models) if args.models else [])]
+    names += [(m, True) for m in args.timm.split(",") if m]
+    if not names:
+        p.error("--models and --timm are both empty: name at least one model")
+    try:
+        batches = [int(v) for v in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches {args.batches!r}: comma-separated integers, e.g. 1,8")
+    tvm_build.set_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    name = args.name or args.pass_name.replace("-", "_")
+    meta: dict[str, Any] = {"benchmark": "pass_ablation", "pass": args.pass_name, "threads": args.threads,
+                            "turn": args.turn, "batches": batches, "environment": environment()}
+    return run_in_tempdir(meta, lambda tmp: [run(m, t, b, args, tmp) for m, t in names for b in batches],
+                          markdown, args.out, name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
