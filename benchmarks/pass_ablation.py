@@ -11,6 +11,9 @@ Passes (`--pass`):
 - `reshape-sink`: elementwise ops computed before the reshapes that feed them, so that a
   transformer MLP's GELU and residual add fuse into its matmuls (`tvm_reshape_sink`). Counted:
   the build's distinct kernel functions (a ViT's 12 blocks call the same ones).
+- `injective-inline`: a kernel of data-movement stages (reshape, transpose, slice) reads its
+  source directly instead of through intermediate copies (`tvm_injective`). Counted: the kernel
+  functions left unscheduled.
 
 Each zoo model (random weights, trained-looking batch norms as in `structured.py`) and each timm
 architecture (random weights, its default input size; needs the test extra) is built for the cpu
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 
 from rwdeploy import models
-from rwdeploy.runtime import tvm_build, tvm_inplace_epilogue, tvm_reshape_sink
+from rwdeploy.runtime import tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -67,6 +70,16 @@ def _no_reshape_sink() -> Any:
         tvm_reshape_sink.reshape_sink_pass = make
 
 
+@contextlib.contextmanager
+def _no_injective_inline() -> Any:
+    schedule = tvm_injective.schedule_injective
+    tvm_injective.schedule_injective = lambda func: None
+    try:
+        yield
+    finally:
+        tvm_injective.schedule_injective = schedule
+
+
 def _all_kernels(art: Any) -> int:
     return sum(len(v) for k, v in art.kernels.items() if k not in ("notes", "in place") and isinstance(v, list))
 
@@ -75,6 +88,8 @@ def _all_kernels(art: Any) -> int:
 PASSES = {
     "inplace-epilogue": (_no_inplace_epilogue, lambda art: len(art.kernels.get("in place", [])), "kernels in place"),
     "reshape-sink": (_no_reshape_sink, _all_kernels, "kernel functions"),
+    "injective-inline": (_no_injective_inline, lambda art: len(art.kernels.get("unscheduled", [])),
+                         "kernel functions left unscheduled"),
 }
 
 

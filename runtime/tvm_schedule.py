@@ -541,6 +541,7 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
     import tvm
     from tvm import tirx
 
+    from rwdeploy.runtime.tvm_injective import schedule_injective
     from rwdeploy.runtime.tvm_pool import schedule_max_pool
     from rwdeploy.runtime.tvm_transpose import schedule_transpose
 
@@ -560,7 +561,7 @@ def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) ->
             failure = ": its loop nest is not one the CPU schedule recognises"
             try:
                 scheduled = (schedule_max_pool(func, lanes) or schedule_transpose(func, lanes)
-                             or schedule_reduction(func, lanes, registers))
+                             or schedule_reduction(func, lanes, registers) or schedule_injective(func))
             except Exception as err:  # a shape this schedule cannot handle: leave it to LLVM
                 scheduled, failure = None, f" ({_first_line(err)})"
             if scheduled is not None:

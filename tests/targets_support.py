@@ -48,3 +48,16 @@ def elf_machine_field(path) -> int:
         head = f.read(20)
     assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
     return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+def cpu_build_checked(model: nn.Module, x: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5):
+    """rwdeploy's cpu TVM build of `model` at `x`, its output checked against torch's."""
+    import numpy as np
+
+    from rwdeploy.runtime import tvm_build
+
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    _, got = tvm_build.bind_local(art, x)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=rtol, atol=atol)
+    return art
