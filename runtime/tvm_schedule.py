@@ -534,7 +534,9 @@ def vector_lanes(target: Any) -> int:
 
 
 def schedule_cpu_pass(target: Any, stats: dict[str, list[str]] | None = None) -> Any:
-    """A module pass applying `schedule_reduction` to every unscheduled PrimFunc.
+    """A module pass scheduling every unscheduled PrimFunc: max pooling (`tvm_pool`), a
+    transpose (`tvm_transpose`), a conv / dense / pooling reduction (`schedule_reduction`), else
+    a chain of data-movement stages (`tvm_injective`); the first that recognises it.
 
     `stats`, when given, receives the names under "scheduled" and "unscheduled".
     """
