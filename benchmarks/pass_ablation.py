@@ -48,36 +48,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @contextlib.contextmanager
-def _no_inplace_epilogue() -> Any:
-    rule = tvm_inplace_epilogue.reads_only_where_written
-    tvm_inplace_epilogue.reads_only_where_written = lambda *func_and_params: False
+def _replaced(module: Any, attr: str, value: Any) -> Any:
+    """`module.attr` is `value` inside the block, what it was after."""
+    saved = getattr(module, attr)
+    setattr(module, attr, value)
     try:
         yield
     finally:
-        tvm_inplace_epilogue.reads_only_where_written = rule
+        setattr(module, attr, saved)
 
 
-@contextlib.contextmanager
-def _no_reshape_sink() -> Any:
+def _no_op_pass() -> Any:
     import tvm
 
-    make = tvm_reshape_sink.reshape_sink_pass
-    tvm_reshape_sink.reshape_sink_pass = lambda: tvm.transform.module_pass(
-        lambda mod, _ctx: mod, opt_level=0, name="rwdeploy.NoSinkReshapes")
-    try:
-        yield
-    finally:
-        tvm_reshape_sink.reshape_sink_pass = make
-
-
-@contextlib.contextmanager
-def _no_injective_inline() -> Any:
-    schedule = tvm_injective.schedule_injective
-    tvm_injective.schedule_injective = lambda func: None
-    try:
-        yield
-    finally:
-        tvm_injective.schedule_injective = schedule
+    return tvm.transform.module_pass(lambda mod, _ctx: mod, opt_level=0, name="rwdeploy.NoOp")
 
 
 def _all_kernels(art: Any) -> int:
@@ -86,10 +70,13 @@ def _all_kernels(art: Any) -> int:
 
 # --pass NAME -> (how to switch it off for one build, what is counted in the build it is on in, its label)
 PASSES = {
-    "inplace-epilogue": (_no_inplace_epilogue, lambda art: len(art.kernels.get("in place", [])), "kernels in place"),
-    "reshape-sink": (_no_reshape_sink, _all_kernels, "kernel functions"),
-    "injective-inline": (_no_injective_inline, lambda art: len(art.kernels.get("unscheduled", [])),
-                         "kernel functions left unscheduled"),
+    "inplace-epilogue": (lambda: _replaced(tvm_inplace_epilogue, "reads_only_where_written",
+                                           lambda *func_and_params: False),
+                         lambda art: len(art.kernels.get("in place", [])), "kernels in place"),
+    "reshape-sink": (lambda: _replaced(tvm_reshape_sink, "reshape_sink_pass", _no_op_pass),
+                     _all_kernels, "kernel functions"),
+    "injective-inline": (lambda: _replaced(tvm_injective, "schedule_injective", lambda func: None),
+                         lambda art: len(art.kernels.get("unscheduled", [])), "kernel functions left unscheduled"),
 }
 
 
