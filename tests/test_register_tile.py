@@ -12,7 +12,7 @@ import tvm
 from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.targets import get_target
 from rwdeploy.runtime.tvm_schedule import (CACHED_WEIGHT_BYTES, WEIGHT_STREAMS, RegisterTile, inlines_padding,
-                                           register_tile, streamed_reduction, streams_weights, vector_lanes)
+                                           pixel_box, register_tile, streamed_reduction, streams_weights, vector_lanes)
 
 MB = 1 << 20
 
@@ -42,6 +42,11 @@ MB = 1 << 20
     ([2, 4, 4], 160, 887 << 10, RegisterTile((1, 2, 4), 32, 16)),   # 32 pixels: over the budget
     ([1, 2, 2], 160, 887 << 10, RegisterTile((1, 2, 2), 32, 16)),   # 4 pixels: 4 accumulators would not do
     ([1], 1024, 4 * MB, RegisterTile((1,), 64, 16)),                # batch-1 dense: four chains
+    # no run of rows reaches 16 FMAs (a 7x7 map, 5 vectors of channels): a box across images
+    ([8, 7, 7], 80, 217 << 10, RegisterTile((4, 1, 7), 16, 16)),
+    ([8, 7, 7], 256, 0, RegisterTile((2, 1, 7), 32, 16)),
+    ([8, 7, 7], 192, 608 << 10, RegisterTile((1, 1, 7), 48, 16)),   # 3 vectors x 7 rows: 21 FMAs
+    ([1, 7, 7], 80, 217 << 10, RegisterTile((1, 1, 7), 16, 16)),   # one image, 7 is prime
     ([8], 1024, 16 * MB, RegisterTile((8,), 32, 16)),
 ])
 def test_register_tile_avx512(pixels, channels, weight_bytes, tile):
@@ -94,6 +99,46 @@ def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
     assert (weight_bytes > CACHED_WEIGHT_BYTES) == (channels == 256)
     # the padded copy of the input (a stage of its own for a non-depthwise conv) is vectorised
     assert re.search(r"T\.vectorized\(T\.int64\(\d+\)\):\s+with T\.sblock\(\"rw_pad\"\)", script)
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_box_pixel_tile():
+    assert pixel_box([8, 7, 7], 28) == [4, 1, 7]
+    assert pixel_box([8, 4, 4], 14) == [1, 2, 4]     # 8 pixels either way: the longer inner runs
+    assert pixel_box([1, 7, 7], 28) == [1, 1, 7]
+    assert pixel_box([6, 5], 4) == [3, 1]
+    assert pixel_box([3, 5], 2) == [1, 1]
+
+
+def test_box_tiled_conv_with_residual_epilogue_matches_torch():
+    """A 7x7 map at batch 8 with 80 channels is tiled 4 images x 1 row x 7 by one vector; the
+    epilogue (bias, residual add, ReLU) is written per tile, across images."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(77, 77, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + x)
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(8, 77, 7, 7)
+    tgt = get_target("cpu", threads=1).tvm()
+    if vector_lanes(tgt) < 16:
+        pytest.skip("box tiles are chosen for 512-bit vectors only")
+    assert register_tile([8, 7, 7], 80, 16, 32, 77 * 77 * 9 * 4).pixels == (4, 1, 7)
+    with tgt:
+        mod = tvm_build.cpu_pipeline(tgt, {})(tvm_build.import_relax(model, x))
+    conv = next(f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in g.name_hint)
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(conv)
+    extents = [int(sch.get(l).extent) for l in sch.get_loops(sch.get_sblock("rw_conv2d_nhwc_packed_update"))]
+    assert extents[-2:] == [28, 16]   # the unrolled box's pixels, then the vector
     art = tvm_build.build(model, x, "cpu", threads=1)
     with torch.no_grad():
         ref = model(x).numpy()
