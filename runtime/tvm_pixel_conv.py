@@ -344,6 +344,55 @@ def conv2d_nchw_pixels(data: Any, weight: Any, strides: tuple[int, int], padding
     return te.compute((n, channels, oh, ow), lambda i, o, y, x: out[i, o, y, x], name=PIXEL_KEPT)
 
 
+def interior_columns(sch: Any, block: Any) -> tuple[int, int] | None:
+    """The range [start, stop) of a padded copy's innermost loop over which every element it
+    writes is read from its input (no tap reaches the padding), or None where the copy's
+    innermost index does not run along the input's rows one to one (a strided phase)."""
+    import tvm
+    from tvm.tirx.analysis import undefined_vars
+
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(stmt.reads) != 1 or len(loops) != len(stmt.iter_vars):
+        return None
+    region = stmt.reads[0]
+    width = int(region.source.ty.shape[-1])
+    column = stmt.iter_vars[-1].var
+    analyzer = tvm.sym.Analyzer()
+    for iv in stmt.iter_vars:
+        analyzer.bind(iv.var, tvm.ir.Range.from_min_extent(iv.dom.min, iv.dom.extent))
+    offset = analyzer.simplify(region.region[-1].min - column)
+    if any(v.same_as(column) for v in undefined_vars(offset)):
+        return None
+    bound = analyzer.const_int_bound(offset)
+    extent = int(sch.get(loops[-1]).extent)
+    start, stop = max(0, -int(bound.min_value)), min(extent, width - int(bound.max_value))
+    return (start, stop) if start < stop else None
+
+
+def vectorize_padded_copy(sch: Any, block: Any, lanes: int) -> None:
+    """Split a `PIXEL_PAD` copy's rows into the padding before, the columns read from the input
+    and the padding after (`interior_columns`), and vectorise the middle part, whose bounds
+    check then folds away: the copy ran one select per element. Where the middle's length is
+    not a power of two or a multiple of `lanes` it stays as it was (an odd-width LLVM vector
+    splits into masked pieces). Slim ResNet-20 / ResNet-56 70 % on the Xeon, whole models
+    interleaved: 0.981-0.988x the time at batch 1 and 8."""
+    columns = interior_columns(sch, block)
+    if columns is None:
+        return
+    start, stop = columns
+    length = stop - start
+    if length < 4 or (length & (length - 1) and length % lanes):
+        return
+    loop = sch.get_loops(block)[-1]
+    extent = int(sch.get(loop).extent)
+    factors = [start, length] + ([None] if stop < extent else [])
+    if start == 0:
+        factors = factors[1:]
+    parts = sch.loop_partition(loop, factors) if len(factors) > 1 else [loop]
+    sch.vectorize(parts[0] if start == 0 else parts[1])
+
+
 def pixel_conv_tile(extents: list[int], row: int, lanes: int) -> tuple[tuple[int, ...], int, int]:
     """(tile over the (N, C, H) axes, row lanes per tile, vector width) of a `PIXEL_CONV` stage
     with these (N, C, H) extents and computed row width: the whole row, in vectors of `lanes`

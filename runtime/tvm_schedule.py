@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rwdeploy.runtime.tvm_loops import largest_divisor
-from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, choose_pixel_convs, pixel_conv_tile
+from rwdeploy.runtime.tvm_pixel_conv import (PIXEL_CONV, PIXEL_PAD, choose_pixel_convs, pixel_conv_tile,
+                                             vectorize_padded_copy)
 from rwdeploy.runtime.tvm_weight_prefetch import ANNOTATION as PREFETCH_ANNOTATION
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
@@ -383,6 +384,8 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
             _schedule_padding(sch, producer_loops, lanes)
         elif producer_loops:
             sch.parallel(producer_loops[0])
+            if name == PIXEL_PAD:
+                vectorize_padded_copy(sch, producer, lanes)
 
     depthwise = block.name_hint == DEPTHWISE
     pixel_extents, channels = extents[:n_spatial - 1], extents[n_spatial - 1]
