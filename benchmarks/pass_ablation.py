@@ -3,6 +3,7 @@
     python benchmarks/pass_ablation.py                         # in-place epilogues: resnet18, resnet20, mobilenet_v2
     python benchmarks/pass_ablation.py --pass reshape-sink --models "" --batches 1 \
         --timm vit_tiny_patch16_224,deit_tiny_patch16_224
+    python benchmarks/pass_ablation.py --pass box-tile --models resnet18 --rate 0.7 --batches 8
 
 Passes (`--pass`):
 - `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
@@ -14,6 +15,15 @@ Passes (`--pass`):
 - `injective-inline`: a kernel of data-movement stages (reshape, transpose, slice) reads its
   source directly instead of through intermediate copies (`tvm_injective`). Counted: the kernel
   functions left unscheduled.
+- `box-tile`: where no run of output rows fills a register tile to `LATENCY_FMAS`, the tile is a
+  box across rows or images (`tvm_schedule.pixel_box`); off, runs of rows only. Counted: the
+  layers whose register tile is a box.
+- `padded-copy`: a pixel conv's padded input copy runs its interior columns as one vectorised
+  loop (`tvm_pixel_conv.vectorize_padded_copy`); off, a select per element. Counted: the copies
+  so vectorised.
+
+`--rate R` builds the slim model instead: the smallest-L2 filters of every prunable channel
+group zeroed at rate R and removed (`--align off`), as `structured.py` does.
 
 Each zoo model (random weights, trained-looking batch norms as in `structured.py`) and each timm
 architecture (random weights, its default input size; needs the test extra) is built for the cpu
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,14 +45,17 @@ import numpy as np
 import torch
 
 from rwdeploy import models
-from rwdeploy.runtime import tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink
+from rwdeploy.passes.channel_groups import analyze_channel_groups
+from rwdeploy.passes.trace import trace_model
+from rwdeploy.runtime import tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink, tvm_schedule
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
 from rwdeploy.runtime.ort_runner import OrtRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from structured import REDUCED_INPUT, randomize_batchnorm, require_scheduled, run_in_tempdir, zoo_models  # noqa: E402
+from structured import (REDUCED_INPUT, ours, prunable_conv_groups, randomize_batchnorm,  # noqa: E402
+                        require_scheduled, run_in_tempdir, zero_smallest_filters, zoo_models)
 from targets import timm_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,6 +78,45 @@ def _no_op_pass() -> Any:
     return tvm.transform.module_pass(lambda mod, _ctx: mod, opt_level=0, name="rwdeploy.NoOp")
 
 
+class _Counted:
+    """Wraps a schedule helper and counts, per build, the distinct cases in which it applied:
+    `applied(args, result)` gives a key for such a call, None otherwise (the legaliser and the
+    schedule both ask `register_tile` for the same layer's tile)."""
+
+    def __init__(self, module: Any, attr: str, applied: Any) -> None:
+        self.module, self.attr, self.applied = module, attr, applied
+        self.inner = getattr(module, attr)
+        self.keys: set[Any] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.inner(*args, **kwargs)
+        key = self.applied(args, result)
+        if key is not None:
+            self.keys.add(key)
+        return result
+
+    def install(self) -> None:
+        setattr(self.module, self.attr, self)
+
+
+def _box_key(args: tuple[Any, ...], tile: Any) -> Any:
+    """A box tile's layer: its pixels are not the run of whole rows `pixel_tile` gives that count."""
+    extents = list(args[0])
+    if tile.pixels == tuple(tvm_schedule.pixel_tile(extents, math.prod(tile.pixels))):
+        return None
+    return (tuple(extents), tile)
+
+
+def _copy_key(args: tuple[Any, ...], vectorised: bool) -> Any:
+    return len(_COPIES.keys) if vectorised else None   # one call per copy
+
+
+_BOXES = _Counted(tvm_schedule, "register_tile", _box_key)
+_COPIES = _Counted(tvm_schedule, "vectorize_padded_copy", _copy_key)
+_BOXES.install()
+_COPIES.install()
+
+
 def _all_kernels(art: Any) -> int:
     return sum(len(v) for k, v in art.kernels.items() if k not in ("notes", "in place") and isinstance(v, list))
 
@@ -77,28 +130,41 @@ PASSES = {
                      _all_kernels, "kernel functions"),
     "injective-inline": (lambda: _replaced(tvm_injective, "schedule_injective", lambda func: None),
                          lambda art: len(art.kernels.get("unscheduled", [])), "kernel functions left unscheduled"),
+    "box-tile": (lambda: _replaced(tvm_schedule, "pixel_box", tvm_schedule.pixel_tile),
+                 lambda art: len(_BOXES.keys), "layers with box register tiles"),
+    "padded-copy": (lambda: _replaced(tvm_schedule, "vectorize_padded_copy", lambda sch, block, lanes: False),
+                    lambda art: len(_COPIES.keys), "padded copies vectorised"),
 }
 
 
 def build(net: torch.nn.Module, x: torch.Tensor, pass_name: str, on: bool, threads: int) -> Any:
     """A cpu build of `net` with the pass `pass_name` on or off."""
+    for counted in (_BOXES, _COPIES):
+        counted.keys.clear()
     with (contextlib.nullcontext() if on else PASSES[pass_name][0]()):
         art = tvm_build.build(net, x, "cpu", threads=threads)
     require_scheduled(art, f"the build with {pass_name} {'on' if on else 'off'}")
     return art
 
 
-def _model(name: str, timm: bool) -> tuple[torch.nn.Module, tuple[int, ...]]:
+def _model(name: str, timm: bool, rate: float = 0.0) -> tuple[torch.nn.Module, tuple[int, ...]]:
     if timm:
         return timm_model(name)
     torch.manual_seed(0)
     net = models.create(name)
     randomize_batchnorm(net, seed=1)
-    return net.eval(), REDUCED_INPUT.get(name, models.input_shape(name))
+    shape = REDUCED_INPUT.get(name, models.input_shape(name))
+    if not rate:
+        return net.eval(), shape
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    net.eval()
+    groups = prunable_conv_groups(net, analyze_channel_groups(trace_model(net, example).gm, example))
+    zero_smallest_filters(net, groups, rate)
+    return ours(net, example, "off", measure=False)[0].eval(), shape
 
 
 def run(name: str, timm: bool, batch: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    net, shape = _model(name, timm)
+    net, shape = _model(name, timm, args.rate)
     x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         want = net(x).numpy()
@@ -120,7 +186,8 @@ def run(name: str, timm: bool, batch: int, args: argparse.Namespace, workdir: Pa
     ms = {label: warm[label].median_ms for label in calls}
     print(f"{name} b{batch}: {args.pass_name} on / off {ms['on'] / ms['off']:.3f}, "
           f"TVM/ORT {ms['off'] / ms['ort']:.3f} -> {ms['on'] / ms['ort']:.3f}", file=sys.stderr)
-    return {"model": name, "source": "timm" if timm else "zoo", "input_shape": [batch, *shape[1:]], "ms": ms,
+    return {"model": name, "source": "timm" if timm else "zoo", "rate": args.rate,
+            "input_shape": [batch, *shape[1:]], "ms": ms,
             "counted": counted, "on_vs_off": ms["on"] / ms["off"],
             "vs_ort": {label: ms[label] / ms["ort"] for label in ("off", "on")}}
 
@@ -131,7 +198,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "TVM/ORT off -> on |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
-        lines.append(f"| {r['model']} ({r['source']}) | {'×'.join(map(str, r['input_shape']))} | "
+        model = r["model"] + (f" {r['rate']:.0%}" if r.get("rate") else "")
+        lines.append(f"| {model} ({r['source']}) | {'×'.join(map(str, r['input_shape']))} | "
                      f"{r['counted']['off']} -> {r['counted']['on']} | {ms['off']:.3f} | {ms['on']:.3f} | "
                      f"{ms['ort']:.3f} | {r['on_vs_off']:.3f} | {r['vs_ort']['off']:.2f} -> {r['vs_ort']['on']:.2f} |")
     load = ", ".join(f"{v:.2f}" for v in meta["loadavg_before"])
@@ -152,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timm", default="", help="comma list of timm architectures (random weights, default "
                                               "input size; needs the test extra)")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="zoo models pruned at this rate and slimmed (--align off); 0: the dense models")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=30, help="timed calls of each build at least")
     p.add_argument("--warmup", type=int, default=3)
@@ -166,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     names += [(m, True) for m in args.timm.split(",") if m]
     if not names:
         p.error("--models and --timm are both empty: name at least one model")
+    if not 0.0 <= args.rate < 1.0:
+        p.error(f"--rate {args.rate}: a fraction of filters in [0, 1), e.g. 0.7")
     try:
         batches = [int(v) for v in args.batches.split(",")]
     except ValueError:
@@ -173,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     tvm_build.set_threads(args.threads)
     torch.set_num_threads(args.threads)
     name = args.name or args.pass_name.replace("-", "_")
-    meta: dict[str, Any] = {"benchmark": "pass_ablation", "pass": args.pass_name, "threads": args.threads,
+    meta: dict[str, Any] = {"benchmark": "pass_ablation", "pass": args.pass_name, "rate": args.rate,
+                            "threads": args.threads,
                             "turn": args.turn, "batches": batches, "environment": environment()}
     return run_in_tempdir(meta, lambda tmp: [run(m, t, b, args, tmp) for m, t in names for b in batches],
                           markdown, args.out, name)
