@@ -270,18 +270,12 @@ def pixel_box(extents: list[int], max_pixels: int) -> list[int]:
     batch 8 by one channel vector is tiled 4 images x 1 row x 7 (28 FMAs per step) rather than
     one row of 7, which leaves the FMA pipes waiting on their own latency. Slim ResNet-18 70 %
     at batch 8 (80 channels at 7x7), per kernel on the Xeon: 0.376 -> 0.314 ms a conv; the
-    whole model 0.977x the time, interleaved."""
-    best: list[int] = [1] * len(extents)
-    key: tuple[Any, ...] = (1, ())
-    candidates: list[list[int]] = [[]]
+    whole model 0.976x the time, interleaved (`benchmarks/pass_ablation.py --pass box-tile`)."""
+    boxes: list[list[int]] = [[]]
     for extent in extents:
-        candidates = [c + [d] for c in candidates for d in range(1, extent + 1)
-                      if extent % d == 0 and math.prod(c) * d <= max_pixels]
-    for box in candidates:
-        box_key = (math.prod(box), tuple(reversed(box)))
-        if box_key > key:
-            best, key = box, box_key
-    return best
+        boxes = [box + [d] for box in boxes for d in range(1, extent + 1)
+                 if extent % d == 0 and math.prod(box) * d <= max_pixels]
+    return max(boxes, key=lambda box: (math.prod(box), tuple(reversed(box))))
 
 
 def _compute_stages(func: Any) -> list[str]:
