@@ -21,6 +21,9 @@ Passes (`--pass`):
 - `padded-copy`: a pixel conv's padded input copy runs its interior columns as one vectorised
   loop (`tvm_pixel_conv.vectorize_padded_copy`); off, a select per element. Counted: the copies
   so vectorised.
+- `winograd`: 3x3 stride-1 convs with enough input channels run as Winograd F(2x2, 3x3)
+  (`tvm_winograd`); off, all as direct register-tiled convs. Counted: the distinct conv shapes
+  (weight, output tiles) that went Winograd.
 
 `--rate R` builds the slim model instead: the smallest-L2 filters of every prunable channel
 group zeroed at rate R and removed (`--align off`), as `structured.py` does.
@@ -47,7 +50,8 @@ import torch
 from rwdeploy import models
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.trace import trace_model
-from rwdeploy.runtime import tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink, tvm_schedule
+from rwdeploy.runtime import (tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink, tvm_schedule,
+                              tvm_winograd)
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -111,10 +115,15 @@ def _copy_key(args: tuple[Any, ...], vectorised: bool) -> Any:
     return len(_COPIES.keys) if vectorised else None   # one call per copy
 
 
+def _winograd_key(args: tuple[Any, ...], chosen: bool) -> Any:
+    return (tuple(args[0]), args[-1]) if chosen else None   # (weight shape, tiles): one layer kind
+
+
 _BOXES = _Counted(tvm_schedule, "register_tile", _box_key)
 _COPIES = _Counted(tvm_schedule, "vectorize_padded_copy", _copy_key)
-_BOXES.install()
-_COPIES.install()
+_WINOGRAD = _Counted(tvm_winograd, "uses_winograd", _winograd_key)
+for _counted in (_BOXES, _COPIES, _WINOGRAD):
+    _counted.install()
 
 
 def _all_kernels(art: Any) -> int:
@@ -134,12 +143,14 @@ PASSES = {
                  lambda art: len(_BOXES.keys), "layers with box register tiles"),
     "padded-copy": (lambda: _replaced(tvm_schedule, "vectorize_padded_copy", lambda sch, block, lanes: False),
                     lambda art: len(_COPIES.keys), "padded copies vectorised"),
+    "winograd": (lambda: _replaced(tvm_winograd, "uses_winograd", lambda *layer: False),
+                 lambda art: len(_WINOGRAD.keys), "conv shapes run as Winograd"),
 }
 
 
 def build(net: torch.nn.Module, x: torch.Tensor, pass_name: str, on: bool, threads: int) -> Any:
     """A cpu build of `net` with the pass `pass_name` on or off."""
-    for counted in (_BOXES, _COPIES):
+    for counted in (_BOXES, _COPIES, _WINOGRAD):
         counted.keys.clear()
     with (contextlib.nullcontext() if on else PASSES[pass_name][0]()):
         art = tvm_build.build(net, x, "cpu", threads=threads)

@@ -24,6 +24,7 @@ from rwdeploy.runtime.tvm_loops import largest_divisor
 from rwdeploy.runtime.tvm_pixel_conv import (PIXEL_CONV, PIXEL_PAD, choose_pixel_convs, pixel_conv_tile,
                                              vectorize_padded_copy)
 from rwdeploy.runtime.tvm_weight_prefetch import ANNOTATION as PREFETCH_ANNOTATION
+from rwdeploy.runtime.tvm_winograd import WINO_GEMM, WINO_INPUT, schedule_winograd_input, schedule_winograd_output
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
 # Names of the compute stages `tvm_legalize` emits (packed-weight conv, depthwise conv, dense,
@@ -34,7 +35,7 @@ DENSE = "rw_dense_packed"
 PAD = "rw_pad"
 # an NCHW input read as NHWC by a conv (`tvm_input_layout`): inlined into its reader
 NCHW_VIEW = "rw_nchw_as_nhwc"
-STAGES = (CONV, DEPTHWISE, DENSE, PIXEL_CONV)
+STAGES = (CONV, DEPTHWISE, DENSE, PIXEL_CONV, WINO_GEMM)
 # Accumulator vectors of one register tile, by the ISA's vector registers (32 with AVX-512
 # and NEON, 16 with AVX2/SSE): the rest hold the weight vectors and the broadcast input.
 ACCUMULATORS = {32: 24, 16: 12}
@@ -374,7 +375,9 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
                 math.prod(extents[n_spatial:]), lanes)):
             sch.compute_inline(producer)
             continue
-        if name == PAD and len(producer_loops) == 4:
+        if name == WINO_INPUT:
+            schedule_winograd_input(sch, producer, lanes)
+        elif name == PAD and len(producer_loops) == 4:
             _schedule_padding(sch, producer_loops, lanes)
         elif producer_loops:
             sch.parallel(producer_loops[0])
@@ -455,7 +458,10 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     # 1 on the Xeon, interleaved: 6.23 -> 5.66 ms (ONNX Runtime 6.01).
     accumulator = sch.cache_write(red, 0, STACK)
     sch.reverse_compute_at(accumulator, chunk)
-    _inline_epilogue(sch, accumulator)
+    if block.name_hint == WINO_GEMM:
+        schedule_winograd_output(sch, lanes)
+    else:
+        _inline_epilogue(sch, accumulator)
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None
     if init is not None:
         sch.vectorize(sch.get_loops(init)[-1])

@@ -37,3 +37,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def direct_convs(monkeypatch):
+    """Every 3x3 conv built as a direct register-tiled conv, none as Winograd (`tvm_winograd`):
+    for the tests of the direct conv's schedule on layers that would otherwise go Winograd."""
+    from rwdeploy.runtime import tvm_winograd
+
+    monkeypatch.setattr(tvm_winograd, "uses_winograd", lambda *layer: False)

@@ -67,7 +67,7 @@ def test_register_tile_narrow_vectors(pixels, channels, lanes, registers, tile):
 
 
 @pytest.mark.parametrize("channels,hw", [(256, 4), (64, 16), (160, 4)])
-def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw):
+def test_packed_weight_and_schedule_agree_and_match_torch(channels, hw, direct_convs):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU()).eval()
     x = torch.randn(1, channels, hw, hw)
@@ -113,7 +113,7 @@ def test_box_pixel_tile():
     assert pixel_box([3, 5], 2) == [1, 1]
 
 
-def test_box_tiled_conv_with_residual_epilogue_matches_torch():
+def test_box_tiled_conv_with_residual_epilogue_matches_torch(direct_convs):
     """A 7x7 map at batch 8 with 80 channels is tiled 4 images x 1 row x 7 by one vector; the
     epilogue (bias, residual add, ReLU) is written per tile, across images."""
     class Block(torch.nn.Module):

@@ -95,7 +95,7 @@ def _kernel_ir(executable) -> str:
 
 
 @pytest.mark.parametrize("channels,streamed", [(256, True), (64, False)])
-def test_built_conv_prefetches_only_streamed_weights_and_matches_torch(channels, streamed):
+def test_built_conv_prefetches_only_streamed_weights_and_matches_torch(channels, streamed, direct_convs):
     torch.manual_seed(0)
     # 256 -> 256 3x3: 2.4 MB of weights, above CACHED_WEIGHT_BYTES; 64 -> 64: 147 KB, cached
     model = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()).eval()
@@ -112,7 +112,7 @@ def test_built_conv_prefetches_only_streamed_weights_and_matches_torch(channels,
     assert ("call void @llvm.prefetch" in _kernel_ir(art.executable)) == expected
 
 
-def test_benchmark_builds_without_prefetch_at_distance_zero_and_restores_the_default():
+def test_benchmark_builds_without_prefetch_at_distance_zero_and_restores_the_default(direct_convs):
     import importlib.util
     import sys
     from pathlib import Path
