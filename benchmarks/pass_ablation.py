@@ -115,13 +115,13 @@ def _copy_key(args: tuple[Any, ...], vectorised: bool) -> Any:
     return len(_COPIES.keys) if vectorised else None   # one call per copy
 
 
-def _winograd_key(args: tuple[Any, ...], chosen: bool) -> Any:
-    return (tuple(args[0]), args[-1]) if chosen else None   # (weight shape, tiles): one layer kind
+def _winograd_key(args: tuple[Any, ...], chosen: Any) -> Any:
+    return (tuple(args[0]), tuple(args[-1])) if chosen is not None else None   # (weight, output shape)
 
 
 _BOXES = _Counted(tvm_schedule, "register_tile", _box_key)
 _COPIES = _Counted(tvm_schedule, "vectorize_padded_copy", _copy_key)
-_WINOGRAD = _Counted(tvm_winograd, "uses_winograd", _winograd_key)
+_WINOGRAD = _Counted(tvm_winograd, "choose_winograd", _winograd_key)
 for _counted in (_BOXES, _COPIES, _WINOGRAD):
     _counted.install()
 
@@ -143,7 +143,7 @@ PASSES = {
                  lambda art: len(_BOXES.keys), "layers with box register tiles"),
     "padded-copy": (lambda: _replaced(tvm_schedule, "vectorize_padded_copy", lambda sch, block, lanes: False),
                     lambda art: len(_COPIES.keys), "padded copies vectorised"),
-    "winograd": (lambda: _replaced(tvm_winograd, "uses_winograd", lambda *layer: False),
+    "winograd": (lambda: _replaced(tvm_winograd, "choose_winograd", lambda *layer: None),
                  lambda art: len(_WINOGRAD.keys), "conv shapes run as Winograd"),
 }
 

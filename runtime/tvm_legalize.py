@@ -199,8 +199,7 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
     from rwdeploy.runtime.tvm_pixel_conv import (conv2d_nchw_flat, conv2d_nchw_pixels, pixel_candidate,
                                                  tiled_channels, uses_flat_map)
     from rwdeploy.runtime.tvm_schedule import padded_width, register_tile, streamed_reduction, weight_block
-    from rwdeploy.runtime.tvm_winograd import (conv2d_nhwc_winograd, gemm_rows, tiles, transform_weight,
-                                                 uses_winograd)
+    from rwdeploy.runtime.tvm_winograd import choose_winograd, conv2d_nhwc_winograd, gemm_rows, transform_weight
 
     def channel_width(channels: int) -> int:
         return padded_width(channels, lanes, unit)
@@ -230,11 +229,12 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
         strides, dilation, padding = _ints(attrs.strides), _ints(attrs.dilation), _padding(attrs)
         from tvm import relax
 
-        if groups == 1 and data_layout == "NHWC" and uses_winograd(
-                weight.shape, strides, dilation, groups, lanes, tiles(*out_shape[:3])):
-            tile = register_tile(gemm_rows(*out_shape[:3]), co, lanes, registers)
-            packed = relax.const(transform_weight(weight, weight_block(tile, 0, lanes)))
-            return bb.call_te(conv2d_nhwc_winograd, call.args[0], packed, padding,
+        minimal = choose_winograd(weight.shape, strides, dilation, groups, lanes, out_shape) \
+            if data_layout == "NHWC" else None
+        if minimal is not None:
+            tile = register_tile(gemm_rows(minimal, *out_shape[:3]), co, lanes, registers)
+            packed = relax.const(transform_weight(weight, weight_block(tile, 0, lanes), minimal))
+            return bb.call_te(conv2d_nhwc_winograd, call.args[0], packed, padding, minimal.m,
                               primfunc_name_hint="conv2d_winograd")
         if groups == 1:
             tile = register_tile(out_shape[:-1], co, lanes, registers, weight.size * 4)

@@ -24,7 +24,8 @@ from rwdeploy.runtime.tvm_loops import largest_divisor
 from rwdeploy.runtime.tvm_pixel_conv import (PIXEL_CONV, PIXEL_PAD, choose_pixel_convs, pixel_conv_tile,
                                              vectorize_padded_copy)
 from rwdeploy.runtime.tvm_weight_prefetch import ANNOTATION as PREFETCH_ANNOTATION
-from rwdeploy.runtime.tvm_winograd import WINO_GEMM, WINO_INPUT, schedule_winograd_input, schedule_winograd_output
+from rwdeploy.runtime.tvm_winograd import (WINO_GEMM, WINO_INPUT, output_tile, schedule_winograd_input,
+                                           schedule_winograd_output)
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
 # Names of the compute stages `tvm_legalize` emits (packed-weight conv, depthwise conv, dense,
@@ -459,7 +460,7 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     accumulator = sch.cache_write(red, 0, STACK)
     sch.reverse_compute_at(accumulator, chunk)
     if block.name_hint == WINO_GEMM:
-        schedule_winograd_output(sch, lanes)
+        schedule_winograd_output(sch, lanes, output_tile(block))
     else:
         _inline_epilogue(sch, accumulator)
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None

@@ -45,4 +45,4 @@ def direct_convs(monkeypatch):
     for the tests of the direct conv's schedule on layers that would otherwise go Winograd."""
     from rwdeploy.runtime import tvm_winograd
 
-    monkeypatch.setattr(tvm_winograd, "uses_winograd", lambda *layer: False)
+    monkeypatch.setattr(tvm_winograd, "choose_winograd", lambda *layer: None)

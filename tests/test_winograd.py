@@ -2,6 +2,8 @@
 correlation by hand, and built layers against torch."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,40 +12,54 @@ import tvm
 from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.targets import get_target
 from rwdeploy.runtime.tvm_schedule import vector_lanes
-from rwdeploy.runtime.tvm_winograd import (_B_FIRST, _B_SECOND, _B_SIGN, POSITIONS, WINO_INPUT, WINO_OUTPUT,
-                                           tiles, transform_weight, uses_winograd)
+from rwdeploy.runtime.tvm_winograd import (F2, F4, WINO_INPUT, WINO_OUTPUT, MinimalFilter, choose_winograd,
+                                           tiles, transform_weight)
+
+
+def _chosen(ci: int, out: tuple[int, int, int], co: int | None = None, strides=(1, 1), lanes=16, kernel=3):
+    f = choose_winograd((kernel, kernel, ci, co or ci), strides, (1, 1), 1, lanes, out)
+    return None if f is None else f.m
 
 
 def test_rule():
-    conv = (3, 3, 64, 64)
-    assert uses_winograd(conv, (1, 1), (1, 1), 1, 16, 196)
-    assert not uses_winograd((3, 3, 32, 64), (1, 1), (1, 1), 1, 16, 196)    # too few inputs
-    assert not uses_winograd(conv, (2, 2), (1, 1), 1, 16, 196)
-    assert not uses_winograd(conv, (1, 1), (2, 2), 1, 16, 196)
-    assert not uses_winograd((5, 5, 64, 64), (1, 1), (1, 1), 1, 16, 196)
-    assert not uses_winograd(conv, (1, 1), (1, 1), 1, 8, 196)                # measured on 512-bit cores only
-    # a transformed weight streamed from memory needs tiles enough to share it
-    assert not uses_winograd((3, 3, 512, 512), (1, 1), (1, 1), 1, 16, 4)
-    assert uses_winograd((3, 3, 512, 512), (1, 1), (1, 1), 1, 16, 8)
-    assert uses_winograd((3, 3, 160, 160), (1, 1), (1, 1), 1, 16, 4)        # 1.6 MB of U: stays in L2
-    assert tiles(8, 7, 7) == 8 * 16 and tiles(1, 28, 28) == 196
+    # too few inputs, strided, dilated, 5x5, narrow vectors: direct
+    assert _chosen(32, (1, 28, 28)) is None
+    assert _chosen(64, (1, 28, 28), strides=(2, 2)) is None
+    assert choose_winograd((3, 3, 64, 64), (1, 1), (2, 2), 1, 16, (1, 28, 28)) is None
+    assert _chosen(64, (1, 28, 28), kernel=5) is None
+    assert _chosen(64, (1, 28, 28), lanes=8) is None
+    # many tiles share the transformed weight: F4's fewer products win
+    assert _chosen(64, (1, 28, 28)) == 4 and _chosen(64, (8, 8, 8)) == 4 and _chosen(77, (8, 7, 7)) == 4
+    # few tiles: F4's 4x weight bytes cost more than its products save (ResNet-56 at batch 1)
+    assert _chosen(64, (1, 8, 8)) == 2 and _chosen(256, (1, 7, 7)) == 2 and _chosen(512, (8, 4, 4)) == 2
+    # a 2x2 map: F4 would compute 4x4 outputs; one image of a 512-channel map: direct
+    assert _chosen(512, (8, 2, 2)) == 2
+    assert _chosen(512, (1, 4, 4)) is None and _chosen(512, (1, 2, 2)) is None
+    assert tiles(F2, 8, 7, 7) == 8 * 16 and tiles(F4, 8, 7, 7) == 8 * 4 and tiles(F2, 1, 28, 28) == 196
 
 
-def test_transforms_by_hand_match_a_direct_correlation():
-    """The three transforms in numpy, as the compute writes them (B^T's rows as a(k) + s(k) b(k),
-    A^T's as signed sums of three), against the 2x2 correlation of a 4x4 tile with a 3x3 filter."""
+@pytest.mark.parametrize("f", [F2, F4], ids=["F2", "F4"])
+def test_minimal_filter_matrices_compute_a_direct_correlation(f: MinimalFilter):
+    """Y = A^T [(G g G^T) * (B^T d B)] A, in float64 from the filter's matrices and the packed
+    `transform_weight`, against the m x m correlation of an (m+2)^2 tile with a 3x3 filter."""
     rng = np.random.default_rng(0)
-    d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
-    u = transform_weight(g.reshape(3, 3, 1, 1).astype(np.float32), 1).reshape(4, 4).astype(np.float64)
-    bd = np.array([d[_B_FIRST[k]] + _B_SIGN[k] * d[_B_SECOND[k]] for k in range(4)])
-    v = np.array([bd[:, _B_FIRST[k]] + _B_SIGN[k] * bd[:, _B_SECOND[k]] for k in range(4)]).T
-    m = u * v
-    signs = {0: (1, 1, 1), 1: (1, -1, -1)}
-    y = np.array([[sum(signs[r][k] * signs[q][l] * m[r + k, q + l] for k in range(3) for l in range(3))
-                   for q in range(2)] for r in range(2)])
-    direct = np.array([[np.sum(d[r:r + 3, q:q + 3] * g) for q in range(2)] for r in range(2)])
-    np.testing.assert_allclose(y, direct, rtol=1e-6, atol=1e-6)
-    assert u.size == POSITIONS
+    d, g = rng.standard_normal((f.alpha, f.alpha)), rng.standard_normal((3, 3))
+    u = transform_weight(g.reshape(3, 3, 1, 1), 1, f).reshape(f.alpha, f.alpha).astype(np.float64)
+    bt, at = np.array(f.input_rows, float), np.array(f.output_rows, float)
+    y = at @ (u * (bt @ d @ bt.T)) @ at.T
+    direct = np.array([[np.sum(d[r:r + 3, q:q + 3] * g) for q in range(f.m)] for r in range(f.m)])
+    np.testing.assert_allclose(y, direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+
+
+def test_packed_weight_layout():
+    """U[e, o // T, c, o % T] is position e of output channel o's transformed filter over input c."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 3, 5, 8)).astype(np.float32)
+    packed = transform_weight(w, 4, F2)
+    assert packed.shape == (16, 2, 5, 4)
+    g = np.array(F2.filter_rows)
+    one = g @ w[:, :, 3, 6].astype(np.float64) @ g.T      # input 3, output 6
+    np.testing.assert_allclose(packed[:, 1, 3, 2], one.reshape(16), rtol=1e-6, atol=1e-6)
 
 
 class _Block(torch.nn.Module):
@@ -61,17 +77,19 @@ class _Block(torch.nn.Module):
         return torch.relu(y + x) if self.residual else torch.relu(y)
 
 
-@pytest.mark.parametrize("ci,co,hw,batch,padding,residual", [
-    (64, 64, 16, 1, 1, False),     # even map
-    (80, 80, 7, 2, 1, True),       # odd map: the last tile's extra row and column dropped; residual epilogue
-    (77, 77, 7, 8, 1, True),       # channels no vector divides
-    (64, 48, 10, 1, 0, False),     # no padding: 8x8 out of 10x10
-    (96, 64, 9, 3, 1, False),      # odd map at an odd batch
+@pytest.mark.parametrize("ci,co,hw,batch,padding,residual,m", [
+    (64, 64, 8, 1, 1, False, 2),      # ResNet-56's last stage at batch 1
+    (80, 80, 7, 2, 1, True, 2),       # odd map: the last tile's extra row and column dropped; residual epilogue
+    (64, 48, 10, 1, 0, False, 2),     # no padding: 8x8 out of 10x10
+    (64, 64, 16, 1, 1, False, 4),     # even map
+    (77, 77, 7, 8, 1, True, 4),       # channels no vector divides, 7 = 4 + 3
+    (96, 64, 9, 8, 1, False, 4),      # 9 = 4 + 4 + 1
 ])
-def test_winograd_conv_matches_torch(ci, co, hw, batch, padding, residual):
+def test_winograd_conv_matches_torch(ci, co, hw, batch, padding, residual, m):
     tgt = get_target("cpu", threads=1).tvm()
     if vector_lanes(tgt) < 16:
         pytest.skip("Winograd convs are chosen on 512-bit vector cores only")
+    assert _chosen(ci, (batch, hw + 2 * padding - 2, hw + 2 * padding - 2), co) == m
     torch.manual_seed(0)
     model = _Block(ci, co, padding, residual).eval()
     x = torch.randn(batch, ci, hw, hw)
@@ -80,12 +98,14 @@ def test_winograd_conv_matches_torch(ci, co, hw, batch, padding, residual):
     funcs = [f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "winograd" in g.name_hint]
     assert len(funcs) == 1
     script = funcs[0].script()
+    positions = re.search(r'rw_winograd_gemm = T\.sblock_alloc_buffer\(\(T\.int64\((\d+)\)', script)
+    assert positions and int(positions.group(1)) == (m + 2) ** 2
     # scheduled: the transforms vectorised over channels, the epilogue (bias, residual, ReLU)
     # inlined into the output stage, no loop nest of its own
     assert "T.vectorized" in script and f'T.sblock("{WINO_INPUT}")' in script
-    blocks = set(__import__("re").findall(r'T\.sblock\("(\w+)"\)', script))
-    assert blocks <= {WINO_INPUT, "rw_winograd_gemm", "rw_winograd_gemm_init", "rw_winograd_gemm_update",
-                      f"{WINO_OUTPUT}", "rw_winograd_gemm_global", "root"}, blocks
+    blocks = set(re.findall(r'T\.sblock\("(\w+)"\)', script))
+    assert blocks == {WINO_INPUT, "rw_winograd_gemm_init", "rw_winograd_gemm_update", WINO_OUTPUT,
+                      "rw_winograd_gemm_global", "root"}, blocks
     art = tvm_build.build(model, x, "cpu", threads=1)
     assert not art.kernels.get("unscheduled") and any("winograd" in k for k in art.kernels["scheduled"])
     with torch.no_grad():
