@@ -4,6 +4,7 @@
     python benchmarks/pass_ablation.py --pass reshape-sink --models "" --batches 1 \
         --timm vit_tiny_patch16_224,deit_tiny_patch16_224
     python benchmarks/pass_ablation.py --pass box-tile --models resnet18 --rate 0.7 --batches 8
+    python benchmarks/pass_ablation.py --pass winograd --models resnet18,vgg16_bn,resnet56,resnet20 --batches 1,8
 
 Passes (`--pass`):
 - `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
@@ -21,9 +22,9 @@ Passes (`--pass`):
 - `padded-copy`: a pixel conv's padded input copy runs its interior columns as one vectorised
   loop (`tvm_pixel_conv.vectorize_padded_copy`); off, a select per element. Counted: the copies
   so vectorised.
-- `winograd`: 3x3 stride-1 convs with enough input channels run as Winograd F(2x2, 3x3)
-  (`tvm_winograd`); off, all as direct register-tiled convs. Counted: the distinct conv shapes
-  (weight, output tiles) that went Winograd.
+- `winograd`: 3x3 stride-1 convs with enough input channels run as Winograd F(2x2, 3x3) or
+  F(4x4, 3x3) where it pays (`tvm_winograd.choose_winograd`); off, all as direct register-tiled
+  convs. Counted: the distinct conv shapes (weight, output shape) that went Winograd.
 
 `--rate R` builds the slim model instead: the smallest-L2 filters of every prunable channel
 group zeroed at rate R and removed (`--align off`), as `structured.py` does.

@@ -33,9 +33,11 @@ F2 and F4 by `layer_cost` (products per tile row, and the transformed weight's b
 the direct conv's). One thread on the Xeon, a 3x3 conv + BN + ReLU against the direct
 register-tiled conv, interleaved: 64 -> 64 at 28x28 batch 8 F2 0.73x the time, F4 0.52x;
 256 -> 256 at 7x7 batch 8 F2 0.74x, F4 0.51x; at batch 1 F2 0.93x, F4 0.96x; 512 -> 512 at 4x4
-batch 1 F2 1.08x (direct kept); 32 -> 32 and 48 -> 48 at 16x16-32x32 F2 1.00x (too few inputs
-to pay for the transforms): hence the floor. Whole models: `benchmarks/pass_ablation.py --pass
-winograd`.
+batch 1 F2 1.08x (direct kept). The floor is where the first measurements were made, not a
+measured break-even: with the transforms scheduled as here, forced Winograd paid for fewer
+inputs too (32 -> 32 at 16x16 batch 8 F2 0.82x, F4 0.62x; 32 at 32x32 batch 1 F4 0.61x; 48 at
+16x16 batch 8 F4 0.57x) but not for 19 (28x28 batch 8: 1.00x), and lowering it waits for a
+whole-model run. Whole models: `benchmarks/pass_ablation.py --pass winograd`.
 """
 from __future__ import annotations
 
@@ -47,9 +49,9 @@ import numpy as np
 WINO_INPUT = "rw_winograd_input"
 WINO_GEMM = "rw_winograd_gemm"
 WINO_OUTPUT = "rw_winograd_output"
-MIN_INPUTS = 64         # input channels below which the transforms cost more than they save
+MIN_INPUTS = 64         # input channels a conv needs to go Winograd (see the docstring: 32 may do)
 # multiply-adds one weight float read from beyond L2 costs, fitted to whole models on the Xeon
-# (F4 vs F2 vs direct per layer, interleaved): slim-free ResNet-56 at batch 1 (64 -> 64 at 8x8)
+# (F4 vs F2 vs direct per layer, interleaved): dense ResNet-56 at batch 1 (64 -> 64 at 8x8)
 # ran 0.88x the direct build's time with F2 and 0.94x with F4, whose 590 KB per layer of U
 # costs more than its fewer products save; 512 -> 512 at 4x4, batch 1, F2 1.08x alone
 WEIGHT_FLOAT_MACS = 12
@@ -189,8 +191,8 @@ def conv2d_nhwc_winograd(data: Any, packed: Any, padding: tuple[int, int, int, i
 
 
 def schedule_winograd_input(sch: Any, block: Any, lanes: int) -> None:
-    """One 2x2 output tile's 16 transformed positions per step, unrolled (their index
-    arithmetic folds to constants), the channels in vectors; tiles parallel."""
+    """One tile's alpha^2 transformed positions per step, unrolled (their index arithmetic and
+    row selects fold to constants), the channels in vectors; tiles parallel."""
     e, p, c = sch.get_loops(block)
     sch.reorder(p, e, c)
     sch.parallel(p)
@@ -199,8 +201,8 @@ def schedule_winograd_input(sch: Any, block: Any, lanes: int) -> None:
 
 
 def schedule_winograd_output(sch: Any, lanes: int, m: int) -> None:
-    """The output stage (its epilogue inlined first): 2x2 outputs of one tile per step, unrolled
-    over a vector of channels (the nine-term sums share their loads); rows of tiles parallel."""
+    """The output stage (its epilogue inlined first): the m x m outputs of one tile per step,
+    unrolled over a vector of channels (their sums share the loads of M); rows of tiles parallel."""
     block = sch.get_sblock(WINO_OUTPUT)
     for _ in range(16):  # bias, residual add, activation: each an elementwise consumer
         consumers = sch.get_consumers(block)
