@@ -203,10 +203,15 @@ def schedule_winograd_input(sch: Any, block: Any, lanes: int) -> None:
 def schedule_winograd_output(sch: Any, lanes: int, m: int) -> None:
     """The output stage (its epilogue inlined first): the m x m outputs of one tile per step,
     unrolled over a vector of channels (their sums share the loads of M); rows of tiles parallel."""
-    from rwdeploy.runtime.tvm_schedule import _inline_epilogue  # (it imports this module)
-
     block = sch.get_sblock(WINO_OUTPUT)
-    _inline_epilogue(sch, block)   # bias, residual add, activation, as a conv tile's write-back
+    for _ in range(16):  # bias, residual add, activation: each an elementwise consumer
+        consumers = sch.get_consumers(block)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # not elementwise (a reshape): stays its own loop nest
+            break
     n, y, x, c = sch.get_loops(block)
     ty, ry = sch.split(y, [None, m])
     tx, rx = sch.split(x, [None, m])
