@@ -5,6 +5,7 @@
         --timm vit_tiny_patch16_224,deit_tiny_patch16_224
     python benchmarks/pass_ablation.py --pass box-tile --models resnet18 --rate 0.7 --batches 8
     python benchmarks/pass_ablation.py --pass winograd --models resnet18,vgg16_bn,resnet56,resnet20 --batches 1,8
+    python benchmarks/pass_ablation.py --pass row-winograd --rate 0.7 --models resnet20,resnet56,resnet18 --batches 1,8
 
 Passes (`--pass`):
 - `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
@@ -25,6 +26,9 @@ Passes (`--pass`):
 - `winograd`: 3x3 stride-1 convs with enough input channels run as Winograd F(2x2, 3x3) or
   F(4x4, 3x3) where it pays (`tvm_winograd.choose_winograd`); off, all as direct register-tiled
   convs. Counted: the distinct conv shapes (weight, output shape) that went Winograd.
+- `row-winograd`: 3x3 stride-1 pixel-vectorised (few-channel) convs run as Winograd F(2, 3) or
+  F(4, 3) along the columns (`tvm_row_winograd.choose_row_winograd`); off, as direct pixel convs.
+  Counted: the distinct output sizes (H, W) that went that way.
 
 `--rate R` builds the slim model instead: the smallest-L2 filters of every prunable channel
 group zeroed at rate R and removed (`--align off`), as `structured.py` does.
@@ -51,8 +55,8 @@ import torch
 from rwdeploy import models
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.trace import trace_model
-from rwdeploy.runtime import (tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink, tvm_schedule,
-                              tvm_winograd)
+from rwdeploy.runtime import (tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink, tvm_row_winograd,
+                              tvm_schedule, tvm_winograd)
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -123,7 +127,10 @@ def _winograd_key(args: tuple[Any, ...], chosen: Any) -> Any:
 _BOXES = _Counted(tvm_schedule, "register_tile", _box_key)
 _COPIES = _Counted(tvm_schedule, "vectorize_padded_copy", _copy_key)
 _WINOGRAD = _Counted(tvm_winograd, "choose_winograd", _winograd_key)
-for _counted in (_BOXES, _COPIES, _WINOGRAD):
+_ROW_WINOGRAD = _Counted(tvm_row_winograd, "choose_row_winograd",
+                         lambda args, chosen: args[3:5] if chosen is not None else None)  # output (H, W)
+_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD)
+for _counted in _COUNTED:
     _counted.install()
 
 
@@ -146,12 +153,14 @@ PASSES = {
                     lambda art: len(_COPIES.keys), "padded copies vectorised"),
     "winograd": (lambda: _replaced(tvm_winograd, "choose_winograd", lambda *layer: None),
                  lambda art: len(_WINOGRAD.keys), "conv shapes run as Winograd"),
+    "row-winograd": (lambda: _replaced(tvm_row_winograd, "choose_row_winograd", lambda *layer: None),
+                     lambda art: len(_ROW_WINOGRAD.keys), "pixel conv shapes run as row Winograd"),
 }
 
 
 def build(net: torch.nn.Module, x: torch.Tensor, pass_name: str, on: bool, threads: int) -> Any:
     """A cpu build of `net` with the pass `pass_name` on or off."""
-    for counted in (_BOXES, _COPIES, _WINOGRAD):
+    for counted in _COUNTED:
         counted.keys.clear()
     with (contextlib.nullcontext() if on else PASSES[pass_name][0]()):
         art = tvm_build.build(net, x, "cpu", threads=threads)

@@ -196,8 +196,10 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
     else TVM's default."""
     from tvm.relax.transform.legalize_ops import nn as default_nn
 
-    from rwdeploy.runtime.tvm_pixel_conv import (conv2d_nchw_flat, conv2d_nchw_pixels, pixel_candidate,
-                                                 tiled_channels, uses_flat_map)
+    from rwdeploy.runtime.tvm_pixel_conv import (_row_width, conv2d_nchw_flat, conv2d_nchw_pixels,
+                                                 pixel_candidate, tiled_channels, uses_flat_map)
+    from rwdeploy.runtime.tvm_row_winograd import (choose_row_winograd, conv2d_nchw_row_winograd,
+                                                   transform_row_weight)
     from rwdeploy.runtime.tvm_schedule import padded_width, register_tile, streamed_reduction, weight_block
     from rwdeploy.runtime.tvm_winograd import choose_winograd, conv2d_nhwc_winograd, gemm_rows, transform_weight
 
@@ -216,6 +218,14 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
             if computed > co:
                 weight = np.concatenate([weight, np.zeros((computed - co, *weight.shape[1:]), weight.dtype)])
             flat = uses_flat_map(out_shape[2], out_shape[3], lanes, co)
+            strides = _ints(attrs.strides)
+            minimal = choose_row_winograd(weight.shape[2:], strides, _ints(attrs.dilation), out_shape[2],
+                                          out_shape[3], lanes, flat)
+            if minimal is not None:
+                return bb.call_te(conv2d_nchw_row_winograd, call.args[0],
+                                  relax.const(transform_row_weight(weight, minimal)), _padding(attrs),
+                                  _row_width(out_shape[3], lanes), co, minimal.m,
+                                  primfunc_name_hint="conv2d_row_winograd")
             return bb.call_te(conv2d_nchw_flat if flat else conv2d_nchw_pixels, call.args[0], relax.const(weight),
                               _ints(attrs.strides), _padding(attrs), lanes, co,
                               primfunc_name_hint="conv2d_pixels_flat" if flat else "conv2d_pixels")

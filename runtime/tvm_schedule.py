@@ -23,6 +23,8 @@ from typing import Any, Callable
 from rwdeploy.runtime.tvm_loops import largest_divisor
 from rwdeploy.runtime.tvm_pixel_conv import (PIXEL_CONV, PIXEL_PAD, choose_pixel_convs, pixel_conv_tile,
                                              vectorize_padded_copy)
+from rwdeploy.runtime.tvm_row_winograd import (ROW_WINO_INPUT, ROW_WINO_OUTPUT, schedule_row_winograd_input,
+                                               schedule_row_winograd_output)
 from rwdeploy.runtime.tvm_weight_prefetch import ANNOTATION as PREFETCH_ANNOTATION
 from rwdeploy.runtime.tvm_winograd import (WINO_GEMM, WINO_INPUT, output_tile, schedule_winograd_input,
                                            schedule_winograd_output)
@@ -378,6 +380,8 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
             continue
         if name == WINO_INPUT:
             schedule_winograd_input(sch, producer, lanes)
+        elif name == ROW_WINO_INPUT:
+            schedule_row_winograd_input(sch, producer, lanes)
         elif name == PAD and len(producer_loops) == 4:
             _schedule_padding(sch, producer_loops, lanes)
         elif producer_loops:
@@ -463,6 +467,9 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
         schedule_winograd_output(sch, lanes, output_tile(block))
     else:
         _inline_epilogue(sch, accumulator)
+    if _has_block(sch, ROW_WINO_OUTPUT):  # M's consumer combines rows: its own loop nest
+        _inline_epilogue(sch, sch.get_sblock(ROW_WINO_OUTPUT))
+        schedule_row_winograd_output(sch, lanes)
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None
     if init is not None:
         sch.vectorize(sch.get_loops(init)[-1])
@@ -476,6 +483,10 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
         _vectorize_writeback(sch, accumulator, writeback[-1], tile.width,
                              flat=block.name_hint == PIXEL_CONV and n_spatial == 3)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _has_block(sch: Any, name: str) -> bool:
+    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def _inline_epilogue(sch: Any, accumulator: Any) -> None:

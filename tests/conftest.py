@@ -46,3 +46,12 @@ def direct_convs(monkeypatch):
     from rwdeploy.runtime import tvm_winograd
 
     monkeypatch.setattr(tvm_winograd, "choose_winograd", lambda *layer: None)
+
+
+@pytest.fixture
+def direct_pixel_convs(monkeypatch):
+    """Every pixel-vectorised conv built as a direct one, none as row Winograd
+    (`tvm_row_winograd`): for the tests of the pixel conv's own compute and schedule."""
+    from rwdeploy.runtime import tvm_row_winograd
+
+    monkeypatch.setattr(tvm_row_winograd, "choose_row_winograd", lambda *layer: None)

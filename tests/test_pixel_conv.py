@@ -189,7 +189,7 @@ def test_small_maps_are_chosen_and_built_flat():
 @pytest.mark.parametrize("model, shape", [(Stage(), (2, 3, 28, 28)), (Chain(), (1, 3, 32, 32)),
                                           (Strided(), (2, 3, 64, 64)), (Strided(), (1, 3, 61, 61)),
                                           (SmallMaps(), (2, 3, 16, 16)), (SmallMaps(), (1, 3, 16, 16))])
-def test_builds_with_pixel_convs_match_torch(model, shape):
+def test_builds_with_pixel_convs_match_torch(model, shape, direct_pixel_convs):
     model.eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     art = tvm_build.build(model, x, "cpu", threads=1)
@@ -219,7 +219,7 @@ def _pixel_conv_function(conv: nn.Module, x: torch.Tensor):
     (nn.Conv2d(5, 5, 3, padding=1), 28, None),         # 28 columns read: not a whole vector count
     (nn.Conv2d(5, 10, 3, stride=2, padding=1), 32, None),  # phases: not one to one
 ])
-def test_padded_copy_interior_is_vectorised_and_matches_torch(conv, hw, interior):
+def test_padded_copy_interior_is_vectorised_and_matches_torch(conv, hw, interior, direct_pixel_convs):
     """The padded input copy of a stride-1 pixel conv runs the columns it reads from the input as
     one vectorised loop between the padding's (`vectorize_padded_copy`); the build is exact."""
     from tvm import s_tir
