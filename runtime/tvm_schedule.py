@@ -26,7 +26,7 @@ from rwdeploy.runtime.tvm_pixel_conv import (PIXEL_CONV, PIXEL_PAD, choose_pixel
 from rwdeploy.runtime.tvm_row_winograd import (ROW_WINO_INPUT, ROW_WINO_OUTPUT, schedule_row_winograd_input,
                                                schedule_row_winograd_output)
 from rwdeploy.runtime.tvm_weight_prefetch import ANNOTATION as PREFETCH_ANNOTATION
-from rwdeploy.runtime.tvm_winograd import (WINO_GEMM, WINO_INPUT, output_tile, schedule_winograd_input,
+from rwdeploy.runtime.tvm_winograd import (WINO_GEMM, WINO_INPUT, WINO_OUTPUT, output_tile, schedule_winograd_input,
                                            schedule_winograd_output)
 
 SPATIAL, REDUCE = 0, 2  # tirx IterVar kinds
@@ -463,11 +463,13 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     # 1 on the Xeon, interleaved: 6.23 -> 5.66 ms (ONNX Runtime 6.01).
     accumulator = sch.cache_write(red, 0, STACK)
     sch.reverse_compute_at(accumulator, chunk)
+    _inline_epilogue(sch, accumulator)
+    # a Winograd conv's output transform combines several of M's elements: its own loop nest,
+    # the conv's epilogue inlined into it
     if block.name_hint == WINO_GEMM:
+        _inline_epilogue(sch, sch.get_sblock(WINO_OUTPUT))
         schedule_winograd_output(sch, lanes, output_tile(block))
-    else:
-        _inline_epilogue(sch, accumulator)
-    if _has_block(sch, ROW_WINO_OUTPUT):  # M's consumer combines rows: its own loop nest
+    elif _has_block(sch, ROW_WINO_OUTPUT):
         _inline_epilogue(sch, sch.get_sblock(ROW_WINO_OUTPUT))
         schedule_row_winograd_output(sch, lanes)
     init = sch.decompose_reduction(red, reduce[0]) if reduce else None

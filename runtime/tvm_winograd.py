@@ -33,11 +33,15 @@ F2 and F4 by `layer_cost` (products per tile row, and the transformed weight's b
 the direct conv's). One thread on the Xeon, a 3x3 conv + BN + ReLU against the direct
 register-tiled conv, interleaved: 64 -> 64 at 28x28 batch 8 F2 0.73x the time, F4 0.52x;
 256 -> 256 at 7x7 batch 8 F2 0.74x, F4 0.51x; at batch 1 F2 0.93x, F4 0.96x; 512 -> 512 at 4x4
-batch 1 F2 1.08x (direct kept). The floor is where the first measurements were made, not a
-measured break-even: with the transforms scheduled as here, forced Winograd paid for fewer
-inputs too (32 -> 32 at 16x16 batch 8 F2 0.82x, F4 0.62x; 32 at 32x32 batch 1 F4 0.61x; 48 at
-16x16 batch 8 F4 0.57x) but not for 19 (28x28 batch 8: 1.00x), and lowering it waits for a
-whole-model run. Whole models: `benchmarks/pass_ablation.py --pass winograd`.
+batch 1 F2 1.08x (direct kept); 32 -> 32 at 16x16 batch 8 F2 0.82x, F4 0.62x; 48 at 16x16 batch
+8 F4 0.57x. The floor of `MIN_INPUTS` = 16 inputs is from whole models, each pair interleaved
+(floor 16 against 64): dense ResNet-20 0.78x the time at batch 1, 0.84x at batch 8; slim
+ResNet-56 50 % 0.83x at batch 1; slim VGG-16-BN 70 % 0.98x at batch 8 (32: 0.96x); with 32
+instead of 64, slim ResNet-18 70 % (38 inputs) 0.95x at batch 1 and 8. Fewer inputs run
+pixel-vectorised where they are few enough to matter (`tvm_row_winograd` then). The transforms'
+channels go in vectors of 16 and one of the rest (38 = 32 + 6): scalar before for counts no
+vector divides, which slim models have (slim ResNet-18 70 %: 0.97-0.98x the time vectorised).
+Whole models: `benchmarks/pass_ablation.py --pass winograd`.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ import numpy as np
 WINO_INPUT = "rw_winograd_input"
 WINO_GEMM = "rw_winograd_gemm"
 WINO_OUTPUT = "rw_winograd_output"
-MIN_INPUTS = 64         # input channels a conv needs to go Winograd (see the docstring: 32 may do)
+MIN_INPUTS = 16         # input channels a conv needs to go Winograd (see the docstring)
 # multiply-adds one weight float read from beyond L2 costs, fitted to whole models on the Xeon
 # (F4 vs F2 vs direct per layer, interleaved): dense ResNet-56 at batch 1 (64 -> 64 at 8x8)
 # ran 0.88x the direct build's time with F2 and 0.94x with F4, whose 590 KB per layer of U
@@ -194,44 +198,49 @@ def schedule_winograd_input(sch: Any, block: Any, lanes: int) -> None:
     """One tile's alpha^2 transformed positions per step, unrolled (their index arithmetic and
     row selects fold to constants), the channels in vectors; tiles parallel."""
     e, p, c = sch.get_loops(block)
-    sch.reorder(p, e, c)
+    sch.reorder(p, c, e)
     sch.parallel(p)
-    sch.unroll(e)
-    _vectorize_channels(sch, c, lanes)
+    _channel_vectors(sch, c, lanes)
 
 
 def schedule_winograd_output(sch: Any, lanes: int, m: int) -> None:
-    """The output stage (its epilogue inlined first): the m x m outputs of one tile per step,
-    unrolled over a vector of channels (their sums share the loads of M); rows of tiles parallel."""
-    block = sch.get_sblock(WINO_OUTPUT)
-    for _ in range(16):  # bias, residual add, activation: each an elementwise consumer
-        consumers = sch.get_consumers(block)
-        if len(consumers) != 1:
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:  # not elementwise (a reshape): stays its own loop nest
-            break
-    n, y, x, c = sch.get_loops(block)
+    """The output stage (its epilogue already inlined, `tvm_schedule`): the m x m outputs of one
+    tile per step, unrolled over a vector of channels (their sums share the loads of M); rows of
+    tiles parallel."""
+    n, y, x, c = sch.get_loops(sch.get_sblock(WINO_OUTPUT))
     ty, ry = sch.split(y, [None, m])
     tx, rx = sch.split(x, [None, m])
-    channels = int(sch.get(c).extent)
-    width = lanes if channels % lanes == 0 else channels
-    co, ci = sch.split(c, [None, width])
-    sch.reorder(n, ty, tx, co, ry, rx, ci)
+    sch.reorder(n, ty, tx, c, ry, rx)
     sch.parallel(sch.fuse(n, ty))
-    sch.unroll(ry)
-    sch.unroll(rx)
-    if width > 1 and width & (width - 1) == 0:
-        sch.vectorize(ci)
+    _channel_vectors(sch, c, lanes)
 
 
-def _vectorize_channels(sch: Any, loop: Any, lanes: int) -> None:
-    channels = int(sch.get(loop).extent)
-    if channels % lanes == 0:
-        sch.vectorize(sch.split(loop, [None, lanes])[-1] if channels > lanes else loop)
-    elif channels & (channels - 1) == 0:
-        sch.vectorize(loop)
+def _channel_vectors(sch: Any, channel: Any, lanes: int) -> None:
+    """The `channel` loop in vectors of `lanes` (whole ones, then one of the rest), each vector
+    carried through the loops below `channel`, which are unrolled: the positions of a tile (an
+    input tile's loads, or M's, are shared by all of them). Partitioned where no vector divides
+    the channels (77 = 64 + 13): one loop with a `channel < 77` predicate is scalarised, and
+    these stages had run scalar for such counts (a lone 77-channel layer then 1.12x the time)."""
+    channels = int(sch.get(channel).extent)
+    whole = channels // lanes * lanes
+    if whole in (0, channels) or channels & (channels - 1) == 0:
+        pieces = [channel]
+    else:
+        pieces = [sch.get_loops(sch.get_child_blocks(part)[-1])[0]
+                  for part in sch.loop_partition(channel, [whole, None])]
+    for piece in pieces:
+        loops = sch.get_loops(sch.get_child_blocks(piece)[-1])
+        inner = loops[[sch.get(loop).same_as(sch.get(piece)) for loop in loops].index(True) + 1:]
+        start = int(sch.get(piece).min)
+        if start == 0 and int(sch.get(piece).extent) > lanes:
+            outer, vector = sch.split(piece, [None, lanes])
+            sch.reorder(outer, *inner, vector)
+        else:   # a loop that does not start at 0 cannot be split: the rest as one vector
+            sch.reorder(*inner, piece)
+            vector = piece
+        for loop in inner:
+            sch.unroll(loop)
+        sch.vectorize(vector)
 
 
 def gemm_rows(f: MinimalFilter, batch: int, out_h: int, out_w: int) -> list[int]:
