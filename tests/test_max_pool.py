@@ -37,6 +37,7 @@ CASES = [  # kernel, stride, padding, input (C, H, W), ceil mode
     ((3, 3), (1, 1), (1, 1), (2, 9, 11), False),
     ((3, 2), (2, 1), (1, 0), (3, 13, 10), False),   # non-square kernel and stride
     ((5, 5), (3, 3), (2, 2), (2, 20, 19), False),
+    ((2, 2), (2, 2), (0, 0), (2, 6, 130), False),   # a row wider than one vector piece (26 x 5)
     ((3, 3), (2, 2), (0, 0), (2, 13, 13), True),    # ceil mode: TVM's default lowering
 ]
 
@@ -105,3 +106,21 @@ def test_row_pass_runs_per_output_row_inside_the_column_pass():
     sch = s_tir.Schedule(func)
     rows, cols = sch.get_loops(sch.get_sblock(ROWS)), sch.get_loops(sch.get_sblock(COLS))
     assert len(rows) > 2 and all(sch.get(a).same_as(sch.get(b)) for a, b in zip(rows[:2], cols[:2]))
+
+
+# width 17: the 2x2 windows read 16 columns, and compute_at narrows the row pass to them
+@pytest.mark.parametrize("width,piece", [(24, 24), (130, 26), (17, 16)])
+def test_row_pass_is_vectorised_in_whole_pieces(width, piece):
+    # left to LLVM the row pass got 4-lane code at best; the schedule vectorises it in pieces
+    # of at most 4 x 16 lanes that divide the row (no remainder loop)
+    from tvm import s_tir
+
+    model = PoolThenRelu(nn.MaxPool2d(2, 2), False).eval()
+    x = torch.randn(2, 3, 8, width)
+    tgt = get_target("cpu", threads=1).tvm()
+    with tgt:
+        mod = tvm_build.cpu_pipeline(tgt, {})(tvm_build.import_relax(model, x))
+    func = next(f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and ROWS in f.script())
+    sch = s_tir.Schedule(func)
+    inner = sch.get(sch.get_loops(sch.get_sblock(ROWS))[-1])
+    assert int(inner.extent) == piece and inner.kind == tvm.tirx.ForKind.VECTORIZED
