@@ -227,7 +227,7 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
                                   _row_width(out_shape[3], lanes), co, minimal.m,
                                   primfunc_name_hint="conv2d_row_winograd")
             return bb.call_te(conv2d_nchw_flat if flat else conv2d_nchw_pixels, call.args[0], relax.const(weight),
-                              _ints(attrs.strides), _padding(attrs), lanes, co,
+                              strides, _padding(attrs), lanes, co,
                               primfunc_name_hint="conv2d_pixels_flat" if flat else "conv2d_pixels")
         groups = int(attrs.groups)
         # NCHW in, NHWC out: a few-channel input read in place of a transpose (`tvm_input_layout`)

@@ -1,5 +1,5 @@
-"""Loop arithmetic the CPU schedules share (`tvm_schedule`, `tvm_transpose`), kept apart so that
-neither imports the other."""
+"""Loop arithmetic the CPU schedules share (`tvm_schedule`, `tvm_transpose`, `tvm_pool`,
+`tvm_row_winograd`), kept apart so that none imports another."""
 from __future__ import annotations
 
 
@@ -10,3 +10,15 @@ def largest_divisor(n: int, cap: int) -> int:
         if n % d == 0:
             return d
     return 1
+
+
+def vector_pieces(extent: int, lanes: int) -> list[int]:
+    """`extent` as whole vectors of `lanes` (one part) and then power-of-two parts of the rest:
+    28 at 16 lanes is [16, 8, 4], 10 is [8, 2]. Each part vectorises without a predicate, where
+    one odd-width LLVM vector would be split into masked pieces."""
+    parts = [extent // lanes * lanes] if extent >= lanes else []
+    rest = extent - sum(parts)
+    while rest:
+        parts.append(1 << (rest.bit_length() - 1))
+        rest -= parts[-1]
+    return parts

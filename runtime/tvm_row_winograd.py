@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from rwdeploy.runtime.tvm_loops import vector_pieces
 from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, interior_columns
 from rwdeploy.runtime.tvm_winograd import F2, F4, MinimalFilter, _pick_row
 
@@ -145,12 +146,7 @@ def _row_tiling(sch: Any) -> tuple[int, int]:
 def _vectorize_row(sch: Any, loop: Any, lanes: int) -> None:
     """Whole vectors of `lanes`, then power-of-two pieces of the rest (28 = 16 + 8 + 4): an
     odd-width LLVM vector would be split into masked pieces."""
-    extent = int(sch.get(loop).extent)
-    parts = [extent // lanes * lanes] if extent >= lanes else []
-    rest = extent - sum(parts)
-    while rest:
-        parts.append(1 << (rest.bit_length() - 1))
-        rest -= parts[-1]
+    parts = vector_pieces(int(sch.get(loop).extent), lanes)
     pieces = sch.loop_partition(loop, parts[:-1] + [None]) if len(parts) > 1 else [loop]
     for piece, size in zip(pieces, parts):
         width = min(size, lanes)

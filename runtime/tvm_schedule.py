@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rwdeploy.runtime.tvm_loops import largest_divisor
+from rwdeploy.runtime.tvm_loops import largest_divisor, vector_pieces
 from rwdeploy.runtime.tvm_pixel_conv import (PIXEL_CONV, PIXEL_PAD, choose_pixel_convs, pixel_conv_tile,
                                              vectorize_padded_copy)
 from rwdeploy.runtime.tvm_row_winograd import (ROW_WINO_INPUT, ROW_WINO_OUTPUT, schedule_row_winograd_input,
@@ -553,12 +553,7 @@ def _vectorize_writeback(sch: Any, block: Any, last: Any, width: int, flat: bool
     if flat and len(written) == 1:  # a flat pixel conv's tile covers the whole (H, W) map
         valid = math.prod(int(d) for d in written[0].source.ty.shape[2:])
     if valid < extent:
-        # whole vectors of `width`, then power-of-two pieces of the rest (10 = 8 + 2)
-        parts = [valid // width * width] if valid >= width else []
-        rest = valid - sum(parts)
-        while rest:
-            parts.append(1 << (rest.bit_length() - 1))
-            rest -= parts[-1]
+        parts = vector_pieces(valid, width)
         # the padding's part is inferred (TVM wants the given factors to sum below the extent)
         for loop, size in zip(sch.loop_partition(last, parts + [None]), parts):
             lanes = min(size, width)

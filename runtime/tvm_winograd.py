@@ -223,7 +223,7 @@ def _channel_vectors(sch: Any, channel: Any, lanes: int) -> None:
     these stages had run scalar for such counts (a lone 77-channel layer then 1.12x the time)."""
     channels = int(sch.get(channel).extent)
     whole = channels // lanes * lanes
-    if whole in (0, channels) or channels & (channels - 1) == 0:
+    if whole in (0, channels):
         pieces = [channel]
     else:
         pieces = [sch.get_loops(sch.get_child_blocks(part)[-1])[0]
