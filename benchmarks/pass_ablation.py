@@ -6,6 +6,7 @@
     python benchmarks/pass_ablation.py --pass box-tile --models resnet18 --rate 0.7 --batches 8
     python benchmarks/pass_ablation.py --pass winograd --models resnet18,vgg16_bn,resnet56,resnet20 --batches 1,8
     python benchmarks/pass_ablation.py --pass row-winograd --rate 0.7 --models resnet20,resnet56,resnet18 --batches 1,8
+    python benchmarks/pass_ablation.py --pass pool-rows --rate 0.7 --models lenet5,vgg16_bn,resnet18 --batches 1,8
 
 Passes (`--pass`):
 - `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
@@ -29,6 +30,9 @@ Passes (`--pass`):
 - `row-winograd`: 3x3 stride-1 pixel-vectorised (few-channel) convs run as Winograd F(2, 3) or
   F(4, 3) along the columns (`tvm_row_winograd.choose_row_winograd`); off, as direct pixel convs.
   Counted: the distinct output sizes (H, W) that went that way.
+- `pool-rows`: a channel-major (NCHW) max pool's row pass in explicit vectors
+  (`tvm_pool.vectorize_row_pass`); off, its loop is left to LLVM's vectoriser. Counted: the
+  pools so vectorised.
 
 `--rate R` builds the slim model instead: the smallest-L2 filters of every prunable channel
 group zeroed at rate R and removed (`--align off`), as `structured.py` does.
@@ -55,8 +59,8 @@ import torch
 from rwdeploy import models
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.trace import trace_model
-from rwdeploy.runtime import (tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_reshape_sink, tvm_row_winograd,
-                              tvm_schedule, tvm_winograd)
+from rwdeploy.runtime import (tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_pool, tvm_reshape_sink,
+                              tvm_row_winograd, tvm_schedule, tvm_winograd)
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -129,7 +133,8 @@ _COPIES = _Counted(tvm_schedule, "vectorize_padded_copy", _copy_key)
 _WINOGRAD = _Counted(tvm_winograd, "choose_winograd", _winograd_key)
 _ROW_WINOGRAD = _Counted(tvm_row_winograd, "choose_row_winograd",
                          lambda args, chosen: args[3:5] if chosen is not None else None)  # output (H, W)
-_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD)
+_POOLS = _Counted(tvm_pool, "vectorize_row_pass", lambda args, done: len(_POOLS.keys) if done else None)
+_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD, _POOLS)
 for _counted in _COUNTED:
     _counted.install()
 
@@ -155,6 +160,8 @@ PASSES = {
                  lambda art: len(_WINOGRAD.keys), "conv shapes run as Winograd"),
     "row-winograd": (lambda: _replaced(tvm_row_winograd, "choose_row_winograd", lambda *layer: None),
                      lambda art: len(_ROW_WINOGRAD.keys), "pixel conv shapes run as row Winograd"),
+    "pool-rows": (lambda: _replaced(tvm_pool, "vectorize_row_pass", lambda sch, lanes: False),
+                  lambda art: len(_POOLS.keys), "NCHW max pools with vectorised row passes"),
 }
 
 

@@ -64,10 +64,16 @@ def schedule_max_pool(func: Any, lanes: int = 16) -> Any | None:
     n, c, y, _ = sch.get_loops(sch.get_sblock(COLS))
     sch.compute_at(sch.get_sblock(ROWS), y)
     sch.parallel(sch.fuse(n, c))
-    row = sch.get_loops(sch.get_sblock(ROWS))[-1]
-    # a few registers' worth of the row per vector, split without a remainder
-    sch.vectorize(sch.split(row, [None, largest_divisor(int(sch.get(row).extent), 4 * lanes)])[1])
+    vectorize_row_pass(sch, lanes)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def vectorize_row_pass(sch: Any, lanes: int) -> bool:
+    """The row pass's loop over x in vectors of a few registers' worth, split without a
+    remainder (a 24-wide row one vector, a 130-wide one 5 of 26); True when done."""
+    row = sch.get_loops(sch.get_sblock(ROWS))[-1]
+    sch.vectorize(sch.split(row, [None, largest_divisor(int(sch.get(row).extent), 4 * lanes)])[1])
+    return True
 
 
 def _inline_epilogue(sch: Any, names: list[str]) -> bool:
