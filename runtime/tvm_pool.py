@@ -51,7 +51,8 @@ CHANNEL_LAST = "rw_pool_nhwc"
 def schedule_max_pool(func: Any, lanes: int = 16) -> Any | None:
     """`func` with the row pass computed per output row of the column pass (the channel loop
     parallel, the row pass in vectors), or `max_pool2d_nhwc` with its rows parallel and
-    channels in vectors of `lanes`; None when `func` is neither (with an elementwise epilogue inlined, where there is one)."""
+    channels in vectors of `lanes`; None when `func` is neither (with an elementwise epilogue
+    inlined, where there is one)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
