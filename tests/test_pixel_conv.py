@@ -5,6 +5,8 @@ row and channel padding, residual adds across the NCHW / NHWC border, a stride-2
 flat maps with a partly filled last vector, batch > 1."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -212,36 +214,52 @@ def _pixel_conv_function(conv: nn.Module, x: torch.Tensor):
                 if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_pixels" in g.name_hint)
 
 
-@pytest.mark.parametrize("conv, hw, interior", [
-    (nn.Conv2d(5, 5, 3, padding=1), 32, (1, 33)),     # 34 columns: 1 of padding each side
-    (nn.Conv2d(10, 10, 3, padding=1), 16, (1, 17)),
-    (nn.Conv2d(3, 6, 5), 32, (0, 32)),                 # no padding: 4 columns past the row
-    (nn.Conv2d(5, 5, 3, padding=1), 28, None),         # 28 columns read: not a whole vector count
-    (nn.Conv2d(5, 10, 3, stride=2, padding=1), 32, None),  # phases: not one to one
+def _copy_loops(script: str) -> list[str]:
+    """The vectorised loops of a pixel conv's input copy: those before the parallel loop nest of
+    its conv stage."""
+    before_conv = script[:script.index('T.sblock("rw_conv2d_nchw_pixels')]
+    return re.findall(r"T\.vectorized\((.*)\):", before_conv[:before_conv.rindex("T.parallel(")])
+
+
+def _vec(*bounds: int) -> str:
+    return ", ".join(f"T.int64({b})" for b in bounds)
+
+
+@pytest.mark.parametrize("conv, hw, pieces", [
+    (nn.Conv2d(5, 5, 3, padding=1), 32, [_vec(1, 33)]),      # 34 columns: 1 of padding each side
+    (nn.Conv2d(10, 10, 3, padding=1), 16, [_vec(1, 17)]),
+    (nn.Conv2d(3, 6, 5), 32, [_vec(32)]),                    # no padding: 4 columns past the row
+    # 28 columns read: 16 + 8 + 4, power-of-two pieces (one 28-lane vector would be masked)
+    (nn.Conv2d(5, 5, 3, padding=1), 28, [_vec(1, 17), _vec(17, 25), _vec(25, 29)]),
+    (nn.Conv2d(5, 10, 3, stride=2, padding=1), 32, []),      # phases: not one to one
 ])
-def test_padded_copy_interior_is_vectorised_and_matches_torch(conv, hw, interior, direct_pixel_convs):
+def test_padded_copy_interior_is_vectorised_and_matches_torch(conv, hw, pieces, direct_pixel_convs):
     """The padded input copy of a stride-1 pixel conv runs the columns it reads from the input as
-    one vectorised loop between the padding's (`vectorize_padded_copy`); the build is exact."""
-    from tvm import s_tir
-
-    from rwdeploy.runtime.tvm_pixel_conv import PIXEL_PAD
-
+    vectorised loops between the padding's (`vectorize_padded_copy`); the build is exact."""
     torch.manual_seed(0)
     x = torch.randn(2, conv.in_channels, hw, hw)
     func = _pixel_conv_function(conv, x)
-    sch = s_tir.Schedule(func)
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    script = func.script()
-    if interior is None:
-        assert PIXEL_PAD in names and f"{PIXEL_PAD}_j1_partition" not in script
-    else:
-        start, stop = interior
-        if start:
-            assert f"T.vectorized(T.int64({start}), T.int64({stop}))" in script
-        else:   # the first part of the partition, then the columns past the input
-            assert f"{PIXEL_PAD}_j0_partition" in script and f"T.vectorized(T.int64({stop}))" in script
+    assert _copy_loops(func.script()) == pieces
     model = nn.Sequential(conv, nn.ReLU()).eval()
     art = tvm_build.build(model, x, "cpu", threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flat_copy_is_vectorised_per_column_tap_and_matches_torch():
+    """The flat kernel's stride-1 copy ([n, c, rw, y, x] = input[y - 1, x + rw - 1]) is split
+    into one loop per column tap, each vectorised over its own interior (by hand, 8 columns:
+    tap 0 reads padding at x = 0, then [1, 8) = 4 + 2 + 1; tap 1 all 8; tap 2 [0, 7) = 4 + 2 +
+    1, padding at x = 7; the pieces of 1 stay scalar); the build is exact."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(19, 19, 3, padding=1)
+    x = torch.randn(2, 19, 8, 8)
+    func = _pixel_conv_function(conv, x)
+    assert _copy_loops(func.script()) == [_vec(1, 5), _vec(5, 7), _vec(8), _vec(4), _vec(4, 6)]
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    art = tvm_build.build(model, x, "cpu", threads=1)
+    assert any("conv2d_pixels_flat" in name for name in art.kernels.get("scheduled", []))
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-5, atol=1e-5)
