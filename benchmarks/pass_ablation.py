@@ -7,6 +7,7 @@
     python benchmarks/pass_ablation.py --pass winograd --models resnet18,vgg16_bn,resnet56,resnet20 --batches 1,8
     python benchmarks/pass_ablation.py --pass row-winograd --rate 0.7 --models resnet20,resnet56,resnet18 --batches 1,8
     python benchmarks/pass_ablation.py --pass pool-rows --rate 0.7 --models lenet5,vgg16_bn,resnet18 --batches 1,8
+    python benchmarks/pass_ablation.py --pass row-winograd-flat --rate 0.7 --models resnet20,resnet56 --batches 1,8
 
 Passes (`--pass`):
 - `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
@@ -30,6 +31,10 @@ Passes (`--pass`):
 - `row-winograd`: 3x3 stride-1 pixel-vectorised (few-channel) convs run as Winograd F(2, 3) or
   F(4, 3) along the columns (`tvm_row_winograd.choose_row_winograd`); off, as direct pixel convs.
   Counted: the distinct output sizes (H, W) that went that way.
+- `row-winograd-flat`: a pixel conv on a flattened map (rows shorter than a vector: an 8x8 map)
+  runs as row Winograd folded, its row tiles side by side in the vectors
+  (`tvm_row_winograd.conv2d_nchw_row_winograd(folded=True)`); off, as the flat direct conv.
+  Counted: the distinct flat output sizes (H, W) that went folded.
 - `pool-rows`: a channel-major (NCHW) max pool's row pass in explicit vectors
   (`tvm_pool.vectorize_row_pass`); off, its loop is left to LLVM's vectoriser. Counted: the
   pools so vectorised.
@@ -133,8 +138,10 @@ _COPIES = _Counted(tvm_schedule, "vectorize_padded_copy", _copy_key)
 _WINOGRAD = _Counted(tvm_winograd, "choose_winograd", _winograd_key)
 _ROW_WINOGRAD = _Counted(tvm_row_winograd, "choose_row_winograd",
                          lambda args, chosen: args[3:5] if chosen is not None else None)  # output (H, W)
+_FOLDED = _Counted(tvm_row_winograd, "choose_row_winograd",
+                   lambda args, chosen: args[3:5] if chosen is not None and args[-1] else None)  # flat (H, W)
 _POOLS = _Counted(tvm_pool, "vectorize_row_pass", lambda args, done: len(_POOLS.keys) if done else None)
-_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD, _POOLS)
+_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD, _FOLDED, _POOLS)
 for _counted in _COUNTED:
     _counted.install()
 
@@ -160,9 +167,22 @@ PASSES = {
                  lambda art: len(_WINOGRAD.keys), "conv shapes run as Winograd"),
     "row-winograd": (lambda: _replaced(tvm_row_winograd, "choose_row_winograd", lambda *layer: None),
                      lambda art: len(_ROW_WINOGRAD.keys), "pixel conv shapes run as row Winograd"),
+    "row-winograd-flat": (lambda: _replaced(tvm_row_winograd, "choose_row_winograd", _row_winograd_unflat()),
+                          lambda art: len(_FOLDED.keys), "flat-map conv shapes run as folded row Winograd"),
     "pool-rows": (lambda: _replaced(tvm_pool, "vectorize_row_pass", lambda sch, lanes: False),
                   lambda art: len(_POOLS.keys), "NCHW max pools with vectorised row passes"),
 }
+
+
+def _row_winograd_unflat() -> Any:
+    """`choose_row_winograd` as it was before folding: flat maps go direct."""
+    chosen = tvm_row_winograd.choose_row_winograd
+
+    def choose(kernel: Any, strides: Any, dilation: Any, out_height: int, out_width: int, lanes: int,
+               flat: bool) -> Any:
+        return None if flat else chosen(kernel, strides, dilation, out_height, out_width, lanes, flat)
+
+    return choose
 
 
 def build(net: torch.nn.Module, x: torch.Tensor, pass_name: str, on: bool, threads: int) -> Any:

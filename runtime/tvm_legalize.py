@@ -224,7 +224,7 @@ def conv2d_legalizer(lanes: int, registers: int, unit: int | None = None) -> Cal
             if minimal is not None:
                 return bb.call_te(conv2d_nchw_row_winograd, call.args[0],
                                   relax.const(transform_row_weight(weight, minimal)), _padding(attrs),
-                                  _row_width(out_shape[3], lanes), co, minimal.m,
+                                  _row_width(out_shape[3], lanes), co, minimal.m, flat,
                                   primfunc_name_hint="conv2d_row_winograd")
             return bb.call_te(conv2d_nchw_flat if flat else conv2d_nchw_pixels, call.args[0], relax.const(weight),
                               strides, _padding(attrs), lanes, co,

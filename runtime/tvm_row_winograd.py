@@ -35,22 +35,26 @@ from typing import Any
 import numpy as np
 
 from rwdeploy.runtime.tvm_loops import vector_pieces
-from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, interior_columns
+from rwdeploy.runtime.tvm_pixel_conv import PIXEL_CONV, interior_columns, vectorize_padded_copy
 from rwdeploy.runtime.tvm_winograd import F2, F4, MinimalFilter, _pick_row
 
 ROW_WINO_INPUT = "rw_row_winograd_input"
+ROW_WINO_ROWS = "rw_row_winograd_rows"   # folded: the transformed rows, before their taps' copies
 ROW_WINO_OUTPUT = "rw_row_winograd_output"
 
 
 def choose_row_winograd(kernel: tuple[int, int], strides: tuple[int, ...], dilation: tuple[int, ...],
                         out_height: int, out_width: int, lanes: int, flat: bool) -> MinimalFilter | None:
     """The filter a pixel-vectorised conv goes row-Winograd with, or None: 3x3, stride 1,
-    undilated, its output computed by rows (not the flat map, whose vectors span rows), and
-    an output height of whole tiles of 4 rows: F4 (F2, 12 products per 2 rows, ran 0.94-1.18x
-    the direct pixel conv's time where F4 ran 0.73-0.94x: its transforms cost as much as the
-    products it saves)."""
+    undilated, an output height of whole tiles of 4 rows: F4 (F2, 12 products per 2 rows, ran
+    0.94-1.18x the direct pixel conv's time where F4 ran 0.73-0.94x: its transforms cost as
+    much as the products it saves). A conv on the flattened map (`uses_flat_map`: rows shorter
+    than a vector) goes folded (`conv2d_nchw_row_winograd`), where its row tiles side by side
+    fill whole vectors (an 8x8 map: 2 tiles x 8 columns)."""
     if (tuple(kernel) != (3, 3) or tuple(strides) != (1, 1) or tuple(dilation) != (1, 1)
-            or flat or lanes < 16 or not _vectorizable(out_width, lanes) or out_height % F4.m):
+            or lanes < 16 or not _vectorizable(out_width, lanes) or out_height % F4.m):
+        return None
+    if flat and (out_height // F4.m) * out_width % lanes:
         return None
     return F4
 
@@ -70,10 +74,19 @@ def transform_row_weight(weight_oihw: np.ndarray, f: MinimalFilter) -> np.ndarra
 
 
 def conv2d_nchw_row_winograd(data: Any, packed: Any, padding: tuple[int, int, int, int], row: int,
-                             channels: int, m: int) -> Any:
+                             channels: int, m: int, folded: bool = False) -> Any:
     """NCHW 3x3 stride-1 conv of `data` with a `transform_row_weight`-packed weight whose first
     `channels` filters are the layer's; its rows computed `row` wide (whole vectors), the output
-    cut to the layer's channels and width in the output stage."""
+    cut to the layer's channels and width in the output stage.
+
+    `folded` (maps whose rows are shorter than a vector): the products' vectors run over the
+    row tiles side by side, M[n, o, e, t * W + x], W the output width, so that an 8x8 map's 2
+    tiles x 8 columns fill one 16-lane vector. A column tap would then cross from one tile's row
+    into the next, so the transformed rows (`ROW_WINO_ROWS`, [n, c, e, t, padded x]) are copied
+    once per column tap, V[n, c, e, rw, t, x] (as the flat direct conv copies its input), and a
+    product is V[.., rw, ..] x U[o, c, e, rw] with no shift: 6 x 3 products per 4 rows of 2
+    tiles, against the flat direct conv's 9 x 4. (Transforming each tap's shifted input instead
+    cost three transforms, of rows split into 4-, 2- and 1-wide pieces: a third of the kernel.)"""
     from tvm import te, tirx
 
     f = {2: F2, 4: F4}[m]
@@ -89,11 +102,25 @@ def conv2d_nchw_row_winograd(data: Any, packed: Any, padding: tuple[int, int, in
         inside = tirx.all(y >= top, y < h + top, x >= left, x < w + left)
         return tirx.if_then_else(inside, data[i, c, y - top, x - left], tirx.const(0.0, data.dtype))
 
+    rc, rw = te.reduce_axis((0, ci), "rc"), te.reduce_axis((0, 3), "rw")
+    if folded:
+        rows = te.compute((n, ci, alpha, row_tiles, out_w + 2),
+                          lambda i, c, e, t, x: _pick_row(f.input_rows, e, lambda k: read(i, c, t * m + k, x)),
+                          name=ROW_WINO_ROWS)
+        v = te.compute((n, ci, alpha, 3, row_tiles, out_w), lambda i, c, e, tap, t, x: rows[i, c, e, t, x + tap],
+                       name=ROW_WINO_INPUT)
+        gemm = te.compute((n, computed, alpha, row_tiles * out_w),
+                          lambda i, o, e, p: te.sum(v[i, rc, e, rw, p // out_w, p % out_w] * packed[o, rc, e, rw],
+                                                    axis=[rc, rw]),
+                          name=PIXEL_CONV)
+        return te.compute((n, channels, out_h, out_w),
+                          lambda i, o, y, x: _pick_row(f.output_rows, y % m,
+                                                       lambda e: gemm[i, o, e, y // m * out_w + x]),
+                          name=ROW_WINO_OUTPUT)
     v = te.compute((n, ci, alpha * row_tiles, columns),
                    lambda i, c, r, x: _pick_row(f.input_rows, r // row_tiles,
                                                 lambda k: read(i, c, r % row_tiles * m + k, x)),
                    name=ROW_WINO_INPUT)
-    rc, rw = te.reduce_axis((0, ci), "rc"), te.reduce_axis((0, 3), "rw")
     gemm = te.compute((n, computed, alpha * row_tiles, row),
                       lambda i, o, r, x: te.sum(v[i, rc, r, x + rw] * packed[o, rc, r // row_tiles, rw],
                                                 axis=[rc, rw]),
@@ -106,9 +133,23 @@ def conv2d_nchw_row_winograd(data: Any, packed: Any, padding: tuple[int, int, in
 
 def schedule_row_winograd_input(sch: Any, block: Any, lanes: int) -> None:
     """A row tile's alpha positions per step, unrolled (their row selects fold), the padded
-    row in vectors; images x channels parallel."""
+    row in vectors; images x channels parallel. Folded ([n, c, e, rw, t, x]): e unrolled, each
+    column tap's interior in vectors (`vectorize_padded_copy`)."""
+    loops = sch.get_loops(block)
+    if len(loops) == 6:   # folded: the taps' copies, their transformed rows computed per image x channel
+        images_channels = sch.fuse(loops[0], loops[1])
+        sch.parallel(images_channels)
+        for loop in loops[3:5]:   # the taps x row tiles: whole-row copies, unrolled
+            sch.unroll(loop)
+        _vectorize_row(sch, loops[-1], lanes)
+        rows = sch.get_producers(block)[0]
+        row_loops = sch.get_loops(rows)
+        sch.unroll(row_loops[2])
+        vectorize_padded_copy(sch, rows, lanes)
+        sch.parallel(sch.fuse(row_loops[0], row_loops[1]))
+        return
     columns = interior_columns(sch, block)
-    i, c, r, x = sch.get_loops(block)
+    i, c, r, x = loops
     e, t = sch.split(r, [None, _row_tiling(sch)[0]])
     sch.reorder(i, c, t, e, x)
     sch.parallel(sch.fuse(i, c))
@@ -135,11 +176,12 @@ def schedule_row_winograd_output(sch: Any, lanes: int) -> None:
 
 
 def _row_tiling(sch: Any) -> tuple[int, int]:
-    """(T, m) of the row-Winograd stages of `sch`: M has (m + 2) T rows, the output m T."""
+    """(T, m) of the row-Winograd stages of `sch`: M has (m + 2) T rows, the output m T; folded,
+    M has m + 2 rows (fewer than the output's m T + 2 where T > 1)."""
     out = sch.get(sch.get_sblock(ROW_WINO_OUTPUT))
     out_h = int(out.iter_vars[2].dom.extent)
     rows = next(int(r.source.ty.shape[2]) for r in out.reads if r.source.name == PIXEL_CONV)
-    row_tiles = (rows - out_h) // 2
+    row_tiles = (rows - out_h) // 2 if rows >= out_h + 2 else out_h // (rows - 2)
     return row_tiles, out_h // row_tiles
 
 

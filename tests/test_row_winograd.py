@@ -12,8 +12,8 @@ from torch import nn
 
 from rwdeploy.runtime import tvm_build
 from rwdeploy.runtime.targets import get_target
-from rwdeploy.runtime.tvm_row_winograd import (F4, ROW_WINO_INPUT, ROW_WINO_OUTPUT, choose_row_winograd,
-                                               transform_row_weight)
+from rwdeploy.runtime.tvm_row_winograd import (F4, ROW_WINO_INPUT, ROW_WINO_OUTPUT, ROW_WINO_ROWS,
+                                               choose_row_winograd, transform_row_weight)
 from rwdeploy.runtime.tvm_schedule import vector_lanes
 
 
@@ -21,7 +21,10 @@ from rwdeploy.runtime.tvm_schedule import vector_lanes
     ((3, 3), (1, 1), 32, 32, 16, False, F4),
     ((3, 3), (1, 1), 28, 28, 16, False, F4),       # rows of 16 + 8 + 4
     ((3, 3), (1, 1), 14, 14, 16, False, None),     # no whole tiles of 4 rows
-    ((3, 3), (1, 1), 8, 8, 16, True, None),        # the flat map's vectors span rows
+    ((3, 3), (1, 1), 8, 8, 16, True, F4),          # flat map: folded, 2 row tiles x 8 columns
+    ((3, 3), (1, 1), 16, 8, 16, True, F4),         # 4 tiles x 8: two vectors
+    ((3, 3), (1, 1), 4, 4, 16, True, None),        # 1 tile x 4 columns: a quarter vector
+    ((3, 3), (1, 1), 12, 12, 16, True, None),      # 3 tiles x 12 = 36: no whole vectors
     ((3, 3), (2, 2), 16, 16, 16, False, None),
     ((1, 1), (1, 1), 32, 32, 16, False, None),
     ((3, 3), (1, 1), 32, 32, 8, False, None),      # where it was measured: 512-bit cores
@@ -74,13 +77,16 @@ def _functions(model: nn.Module, x: torch.Tensor) -> list:
             if isinstance(f, tvm.tirx.PrimFunc) and "row_winograd" in g.name_hint]
 
 
-@pytest.mark.parametrize("ci, co, hw, batch, padding", [
-    (5, 5, 32, 1, 1),      # slim ResNet-20 70 %'s first stage
-    (10, 10, 16, 8, 1),    # its second, a batch
-    (19, 19, 28, 2, 1),    # 20 channels computed (`tiled_channels`), rows of 28 = 16 + 8 + 4
-    (7, 5, 18, 1, 0),      # no padding: 16 x 16 out of 18 x 18, then a padded conv
+@pytest.mark.parametrize("ci, co, hw, batch, padding, folded", [
+    (5, 5, 32, 1, 1, False),      # slim ResNet-20 70 %'s first stage
+    (10, 10, 16, 8, 1, False),    # its second, a batch
+    (19, 19, 28, 2, 1, False),    # 20 channels computed (`tiled_channels`), rows of 28 = 16 + 8 + 4
+    (7, 5, 18, 1, 0, False),      # no padding: 16 x 16 out of 18 x 18, then a padded conv
+    (19, 19, 8, 1, 1, True),      # its third (8x8, flat): 2 row tiles x 8 columns per vector
+    (19, 19, 8, 8, 1, True),
+    (24, 19, 10, 2, 0, True),     # no padding: 8 x 8 out of 10 x 10, then a padded conv
 ])
-def test_built_layers_match_torch(ci, co, hw, batch, padding):
+def test_built_layers_match_torch(ci, co, hw, batch, padding, folded):
     if vector_lanes(get_target("cpu", threads=1).tvm()) < 16:
         pytest.skip("row Winograd is chosen on 512-bit vector cores only")
     torch.manual_seed(0)
@@ -96,6 +102,12 @@ def test_built_layers_match_torch(ci, co, hw, batch, padding):
         assert all(any(b.startswith(stage) for b in blocks) for stage in (ROW_WINO_INPUT, ROW_WINO_OUTPUT))
         assert not any(b.startswith(("T_add", "compute", "T_multiply")) for b in blocks), blocks
         assert "T.vectorized" in script
+        # folded: the transformed rows, then one copy per column tap ([n, c, e, 3, T, W])
+        assert any(b.startswith(ROW_WINO_ROWS) for b in blocks) is folded
+        if folded:
+            alloc = re.search(rf"{ROW_WINO_INPUT} = T\.sblock_alloc_buffer\((.*)\)$", script, re.M)
+            dims = [int(v) for v in re.findall(r"T\.int64\((\d+)\)", alloc.group(1))]
+            assert dims[0] == batch and dims[2:] == [6, 3, 2, 8], dims   # 8x8 out: 2 tiles of 4 rows
     art = tvm_build.build(model, x, "cpu", threads=1)
     assert not art.kernels.get("notes")
     assert sum("row_winograd" in k for k in art.kernels["scheduled"]) == 2
@@ -103,4 +115,3 @@ def test_built_layers_match_torch(ci, co, hw, batch, padding):
         want = model(x).numpy()
     got = tvm_build.run_local(art, x)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-
