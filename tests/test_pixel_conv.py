@@ -247,11 +247,12 @@ def test_padded_copy_interior_is_vectorised_and_matches_torch(conv, hw, pieces, 
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_flat_copy_is_vectorised_per_column_tap_and_matches_torch():
+def test_flat_copy_is_vectorised_per_column_tap_and_matches_torch(direct_pixel_convs):
     """The flat kernel's stride-1 copy ([n, c, rw, y, x] = input[y - 1, x + rw - 1]) is split
     into one loop per column tap, each vectorised over its own interior (by hand, 8 columns:
     tap 0 reads padding at x = 0, then [1, 8) = 4 + 2 + 1; tap 1 all 8; tap 2 [0, 7) = 4 + 2 +
-    1, padding at x = 7; the pieces of 1 stay scalar); the build is exact."""
+    1, padding at x = 7; the pieces of 1 stay scalar); the build is exact. (Built direct: an
+    8x8 3x3 conv otherwise goes folded row Winograd, `tvm_row_winograd`.)"""
     torch.manual_seed(0)
     conv = nn.Conv2d(19, 19, 3, padding=1)
     x = torch.randn(2, 19, 8, 8)
