@@ -20,7 +20,9 @@ consecutive pixels of the map, whatever the row width (`uses_flat_map` decides, 
 included). Slim ResNet-20 70 %'s last stage, 19 channels at 8x8 (19 of 32 lanes by channels, 8
 of 16 by rows), runs that way; the whole model at batch 1, interleaved A/B on the Xeon against
 the NHWC build of that stage: 0.88x the time (ResNet-56 0.89x; two steps, see
-`conv2d_nchw_flat`).
+`conv2d_nchw_flat`). Its 3x3 stride-1 convs have since gone row Winograd, folded over the flat
+map (`tvm_row_winograd`); the flat direct conv keeps the others (5x5, stride 2, maps whose row
+tiles do not fill whole vectors).
 
 `choose_pixel_convs` decides which convs of a model go that way (`prefers_pixel_vectors` per
 conv, then whether the cycles saved pay the transposes to NHWC neighbours);
