@@ -8,6 +8,7 @@
     python benchmarks/pass_ablation.py --pass row-winograd --rate 0.7 --models resnet20,resnet56,resnet18 --batches 1,8
     python benchmarks/pass_ablation.py --pass pool-rows --rate 0.7 --models lenet5,vgg16_bn,resnet18 --batches 1,8
     python benchmarks/pass_ablation.py --pass row-winograd-flat --rate 0.7 --models resnet20,resnet56 --batches 1,8
+    python benchmarks/pass_ablation.py --pass split-reduction --rate 0.7 --models lenet5,vgg16_bn --batches 1
 
 Passes (`--pass`):
 - `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
@@ -35,6 +36,9 @@ Passes (`--pass`):
   runs as row Winograd folded, its row tiles side by side in the vectors
   (`tvm_row_winograd.conv2d_nchw_row_winograd(folded=True)`); off, as the flat direct conv.
   Counted: the distinct flat output sizes (H, W) that went folded.
+- `split-reduction`: a batch-1 dense layer of one or two output vectors (a classifier of few
+  classes) sums its reduction in independent slices (`tvm_split_reduction`); off, one chain of
+  FMAs per output vector. Counted: the dense layers so split.
 - `pool-rows`: a channel-major (NCHW) max pool's row pass in explicit vectors
   (`tvm_pool.vectorize_row_pass`); off, its loop is left to LLVM's vectoriser. Counted: the
   pools so vectorised.
@@ -141,7 +145,9 @@ _ROW_WINOGRAD = _Counted(tvm_row_winograd, "choose_row_winograd",
 _FOLDED = _Counted(tvm_row_winograd, "choose_row_winograd",
                    lambda args, chosen: args[3:5] if chosen is not None and args[-1] else None)  # flat (H, W)
 _POOLS = _Counted(tvm_pool, "vectorize_row_pass", lambda args, done: len(_POOLS.keys) if done else None)
-_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD, _FOLDED, _POOLS)
+_SPLITS = _Counted(tvm_schedule, "split_one_pixel_reduction",
+                   lambda args, block: len(_SPLITS.keys) if block is not args[1] else None)
+_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD, _FOLDED, _POOLS, _SPLITS)
 for _counted in _COUNTED:
     _counted.install()
 
@@ -169,6 +175,8 @@ PASSES = {
                      lambda art: len(_ROW_WINOGRAD.keys), "pixel conv shapes run as row Winograd"),
     "row-winograd-flat": (lambda: _replaced(tvm_row_winograd, "choose_row_winograd", _row_winograd_unflat()),
                           lambda art: len(_FOLDED.keys), "flat-map conv shapes run as folded row Winograd"),
+    "split-reduction": (lambda: _replaced(tvm_schedule, "split_one_pixel_reduction", lambda sch, red, vectors: red),
+                        lambda art: len(_SPLITS.keys), "dense layers with split reductions"),
     "pool-rows": (lambda: _replaced(tvm_pool, "vectorize_row_pass", lambda sch, lanes: False),
                   lambda art: len(_POOLS.keys), "NCHW max pools with vectorised row passes"),
 }

@@ -25,6 +25,7 @@ from rwdeploy.runtime.tvm_pixel_conv import (PIXEL_CONV, PIXEL_PAD, choose_pixel
                                              vectorize_padded_copy)
 from rwdeploy.runtime.tvm_row_winograd import (ROW_WINO_INPUT, ROW_WINO_OUTPUT, schedule_row_winograd_input,
                                                schedule_row_winograd_output)
+from rwdeploy.runtime.tvm_split_reduction import split_one_pixel_reduction
 from rwdeploy.runtime.tvm_weight_prefetch import ANNOTATION as PREFETCH_ANNOTATION
 from rwdeploy.runtime.tvm_winograd import (WINO_GEMM, WINO_INPUT, WINO_OUTPUT, output_tile, schedule_winograd_input,
                                            schedule_winograd_output)
@@ -355,6 +356,9 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     for view in blocks:
         if sch.get(view).name_hint == NCHW_VIEW:
             sch.compute_inline(view)
+    if sch.get(red).name_hint == DENSE:  # a batch-1 classifier's few chains of FMAs
+        channels = int(sch.get(sch.get_loops(red)[-2]).extent)
+        red = split_one_pixel_reduction(sch, red, channels // vector_width(channels, lanes))
     block = sch.get(red)
     kinds = [iv.iter_type for iv in block.iter_vars]
     n_spatial = kinds.count(SPATIAL)

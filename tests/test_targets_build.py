@@ -241,7 +241,8 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
 
 def test_padded_channels_write_back_through_partitioned_loops():
     """Padded layers (10 -> 16, 25 -> 32, 50 -> 56 channels) write only their real channels
-    back, in unpredicated vector pieces (8 + 2, 16 + 8 + 1, 48 + 2): kernel by kernel the same
+    back, in unpredicated vector pieces (8 + 2, 16 + 8 + 1, 48 + 2; at batch 1 the Linear's
+    reduction is split in slices instead): kernel by kernel the same
     as the unscheduled kernels, and the whole build the same as torch."""
     import tvm
     from tvm import tirx
@@ -261,7 +262,12 @@ def test_padded_channels_write_back_through_partitioned_loops():
             mod = tvm.transform.Sequential([*tvm_schedule.prepare_passes(16),
                                             *tvm_legalize.legalize_passes(target)])(tvm_build.import_relax(model, x))
         sliced = [f for g, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and "strided_slice" in g.name_hint]
-        assert all("_partition" in tvm_schedule.schedule_reduction(f, 16).script() for f in sliced)
+        scripts = [tvm_schedule.schedule_reduction(f, 16).script() for f in sliced]
+        # at batch 1 the 1800 -> 7 Linear sums its reduction in slices (`tvm_split_reduction`):
+        # its partial sums have all 8 channels, the slice to 7 is a separate loop of 7 elements
+        split = [s for s in scripts if "rw_dense_packed_rf" in s]
+        assert len(split) == (1 if batch == 1 else 0)
+        assert all("_partition" in s for s in scripts if s not in split)
         art = tvm_build.build(model, x, "cpu", threads=1)
         with torch.no_grad():
             ref = model(x).numpy()
