@@ -51,6 +51,8 @@ sys.path.insert(0, str(REPO / "tests" / "conformance"))
 import conformance_models  # noqa: E402
 from conformance_models import SUITE, ModelSpec  # noqa: E402
 
+from rwdeploy.runtime.environment import code_version  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = RESULTS / "conformance-cache"
 FORMS = ("pt2", "pickle")
@@ -150,20 +152,7 @@ def _warm_up() -> None:
         export_onnx(net, x, Path(tmp) / "w.onnx")
 
 
-def code_version() -> str:
-    """The rwdeploy commit this run's records come from ("<sha>-dirty" with local changes;
-    "unknown" outside a git checkout)."""
-    try:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
-
-
-CODE_VERSION = code_version()
+CODE_VERSION = code_version(REPO)
 
 
 def _child(case: Case, out: Path, log: Path, tvm: tuple[str, ...]) -> None:

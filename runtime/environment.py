@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from functools import lru_cache
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+# the checkout this package runs from, where it runs from one (an editable install)
+_CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -26,6 +31,19 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def code_version(checkout: Path = _CHECKOUT) -> str:
+    """The git commit `checkout` is at ("<short sha>-dirty" with uncommitted changes to tracked
+    files; "unknown" outside a git checkout): results from different code are not comparable."""
+    try:
+        sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
 @lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
     import torch
@@ -41,5 +59,6 @@ def environment() -> dict[str, Any]:
         "onnxruntime": _version("onnxruntime"),
         "tvm": _version("apache-tvm"),
         "rwdeploy": _version("rwdeploy"),
+        "rwdeploy_commit": code_version(),
         "cuda_available": bool(torch.cuda.is_available()),
     }
