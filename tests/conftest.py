@@ -1,15 +1,32 @@
-"""Shared fixtures: running the CLI as a real subprocess."""
+"""Shared fixtures: running the CLI as a real subprocess; benchmark scripts as modules."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def benchmark_module(stem: str) -> Iterator[ModuleType]:
+    """benchmarks/<stem>.py imported as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{stem}_under_test", REPO / "benchmarks" / f"{stem}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while a class is built
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
 
 # A channel rule that raises is a bug: tests see it (also in CLI subprocesses), where a normal
 # compile turns it into pinned channels.

@@ -3,23 +3,14 @@ runs: mean/sd per cell, the highest rate within 0.5 points of the dense model, t
 differences by seed, and the expected number of tuning runs to a hit."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "pruning_study.py"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def study_mod():
-    spec = importlib.util.spec_from_file_location("pruning_study_under_test", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is built
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("pruning_study") as mod:
+        yield mod
 
 
 def _row(study, variant, purpose, length, rate, seed, test, val=0.9, settings=None):

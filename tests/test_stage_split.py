@@ -4,26 +4,18 @@ child holding a conv or Linear, and a model whose top level is not a chain is re
 cold-cache timing (a memory write before each call, outside the timed part)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 from torch import nn
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "stages.py"
 
 
 @pytest.fixture(scope="module")
 def stages_mod():
-    spec = importlib.util.spec_from_file_location("stages_under_test", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("stages") as mod:
+        yield mod
 
 
 class Flattening(nn.Module):
