@@ -33,13 +33,17 @@ def _version(dist: str) -> str | None:
 
 def code_version(checkout: Path = _CHECKOUT) -> str:
     """The git commit `checkout` is at ("<short sha>-dirty" with uncommitted changes to tracked
-    files; "unknown" outside a git checkout): results from different code are not comparable."""
+    files; "unknown" where `checkout` is not the top of a git checkout, as for an installed
+    package, whose site-packages may sit inside some other project's repository): results from
+    different code are not comparable."""
     try:
-        sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
+        top, sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                                  capture_output=True, text=True, timeout=10, check=True).stdout.split()
+        if Path(top).resolve() != Path(checkout).resolve():
+            return "unknown"
         dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, ValueError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
 

@@ -1,5 +1,5 @@
 """Every benchmark record names the code it was measured with: the checkout's commit, marked
-dirty where tracked files differ from it, "unknown" outside a git checkout."""
+dirty where tracked files differ from it, "unknown" outside a git checkout or below its top."""
 import shutil
 import subprocess
 
@@ -40,6 +40,13 @@ def test_changed_tracked_file_marks_the_commit_dirty(repo):
 
 def test_outside_a_checkout_is_unknown(tmp_path):
     assert code_version(tmp_path) == "unknown"
+
+
+def test_a_folder_inside_another_checkout_is_unknown(repo):
+    # an installed package in a virtual environment that sits inside the user's own repository
+    inside = repo / "venv" / "site-packages"
+    inside.mkdir(parents=True)
+    assert code_version(inside) == "unknown"
 
 
 def test_environment_records_the_commit():
