@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from structured import RESULTS, write_results  # noqa: E402  (its result files, written the same way)
+
 RUNTIMES = {"ORT": None, "TVM": "tvm"}
 UNRECORDED = "unrecorded"
 

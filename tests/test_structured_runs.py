@@ -54,6 +54,8 @@ def test_runs_of_different_or_unrecorded_code_are_refused(runs_mod):
     unrecorded = _run(None, {"m1": (0.7, 0.8)})
     with pytest.raises(runs_mod.RunsError, match="unrecorded"):
         runs_mod.summarize({"a": one, "b": unrecorded})
+    with pytest.raises(runs_mod.RunsError, match="unrecorded"):   # alike, but neither says what code
+        runs_mod.summarize({"a": unrecorded, "b": _run(None, {"m1": (0.6, 0.7)})})
     mixed = runs_mod.summarize({"a": one, "b": unrecorded}, allow_mixed_code=True)
     assert mixed["runs"]["b"]["commit"] == "unrecorded"
 
