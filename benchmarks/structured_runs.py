@@ -107,7 +107,7 @@ def markdown(summary: dict[str, Any], target: float) -> str:
     for m in summary["medians"]:
         runs = [f"{m['per_run'][n]:.2f}" if n in m["per_run"] else "-" for n in names]
         lines.append(f"| {m['runtime']} | {m['batch']} | {m['rate']:.0%} | " + " | ".join(runs)
-                     + f" | **{m['of_cell_medians']:.2f}** ({m['models']} models) | "
+                     + f" | **{m['of_cell_medians']:.3f}** ({m['models']} models) | "
                      + ("yes" if m["of_cell_medians"] >= target else "no") + " |")
     lines += ["", "## Cells: median over the runs (min-max)", "",
               "| model | rate | batch | runtime | runs | median (min-max) | ÷ pruning's own MACs |",

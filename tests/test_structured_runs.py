@@ -70,7 +70,7 @@ def test_command_line_writes_the_table_and_refuses_bad_input(runs_mod, tmp_path,
     assert doc["benchmark"] == "structured_runs"
     tvm = next(m for m in doc["medians"] if m["runtime"] == "TVM")
     assert tvm["of_cell_medians"] == pytest.approx(0.75)   # m1 0.7, m2 0.8
-    assert "| TVM | 1 | 70% | 0.65 | 0.85 | **0.75** (2 models) | no |" in (out / "s.md").read_text()
+    assert "| TVM | 1 | 70% | 0.65 | 0.85 | **0.750** (2 models) | no |" in (out / "s.md").read_text()
     (tmp_path / "bad.json").write_text(json.dumps({"benchmark": "targets"}))
     assert runs_mod.main([str(tmp_path / "bad.json"), "--out", str(out), "--name", "t"]) == 2
     assert "not a benchmarks/structured.py result" in capsys.readouterr().err
