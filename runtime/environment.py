@@ -38,7 +38,7 @@ def code_version(checkout: Path = _CHECKOUT) -> str:
     different code are not comparable."""
     try:
         top, sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel", "--short", "HEAD"],
-                                  capture_output=True, text=True, timeout=10, check=True).stdout.split()
+                                  capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
         if Path(top).resolve() != Path(checkout).resolve():
             return "unknown"
         dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],

@@ -16,6 +16,8 @@ def _git(repo, *args):
 
 @pytest.fixture()
 def repo(tmp_path):
+    tmp_path = tmp_path / "a checkout"   # a space in the path, as a user's folder may have
+    tmp_path.mkdir()
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "config", "user.email", "t@example.com")
     _git(tmp_path, "config", "user.name", "t")
