@@ -131,20 +131,23 @@ def _worst_error(reference: nn.Module, candidate: nn.Module, probes: list[torch.
 
 
 def ours(zeroed: nn.Module, example: torch.Tensor, align: str = "off", threads: int = 1,
-         measure: bool = True, target: str = "onnx") -> tuple[nn.Module, float, int, dict[str, Any] | None]:
+         measure: bool = True, target: str = "onnx", batch: int = 1,
+         ) -> tuple[nn.Module, float, int, dict[str, Any] | None]:
     """Our slim model, the pass's wall time, the zero channels kept for alignment, and for `auto`
-    the whole-model choice (as `compile --target TARGET` makes it: the candidates timed as whole
-    models at batch 1, interleaved, in ORT by `OrtModelTimer` for onnx, as TVM builds by
-    `TvmModelTimer` for cpu; the per-group plan's groups by `OrtLayerTimer`); with `measure` off,
-    auto is the per-group plan by the cost model, as `compile --no-measure`."""
+    the whole-model choice (as `compile --target TARGET --align-batch BATCH` makes it: the
+    candidates timed as whole models at `batch`, interleaved, in ORT by `OrtModelTimer` for onnx,
+    as TVM builds by `TvmModelTimer` for cpu; the per-group plan's groups by `OrtLayerTimer`);
+    with `measure` off, auto is the per-group plan by the cost model, as `compile --no-measure`."""
     t0 = time.perf_counter()
     gm = trace_model(zeroed, example).gm
     analysis = analyze_channel_groups(gm, example)
     if align == "auto" and measure:
-        timer = (TvmModelTimer(example[:1], "cpu", threads=threads) if target == "cpu"
-                 else OrtModelTimer(example[:1], "onnx", threads=threads))
+        timed = (example[:1] if batch == 1
+                 else torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(batch)))
+        timer = (TvmModelTimer(timed, "cpu", threads=threads) if target == "cpu"
+                 else OrtModelTimer(timed, "onnx", threads=threads))
         result = choose_alignment(gm, example, measurer=timer, lanes=target_lanes(target), analysis=analysis,
-                                  layer_measurer=OrtLayerTimer(target, threads=threads), batch=1)
+                                  layer_measurer=OrtLayerTimer(target, threads=threads), batch=batch)
     else:
         result = remove_zero_channels(gm, example, analysis=analysis, align=align, lanes=target_lanes("onnx"))
     al = result.record.alignment
@@ -170,11 +173,12 @@ def torch_pruning_prune(zeroed: nn.Module, example: torch.Tensor,
 
 
 def measure_variants(variants: dict[str, nn.Module], example: torch.Tensor, workdir: Path,
-                     args: argparse.Namespace, tvm_variants: dict[str, nn.Module] | None = None,
+                     args: argparse.Namespace, tvm_variants: dict[int, dict[str, nn.Module]] | None = None,
                      ) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
     """ORT latency of every model per batch size, their calls alternating (dense, slim, dense,
     ...) so that load drifting on a shared machine hits all alike; and their ONNX file sizes.
-    With --tvm, each variant's TVM build too (`tvm_variants` replaces some: auto's TVM choice)."""
+    With --tvm, each variant's TVM build too (`tvm_variants[batch]` replaces some at that batch:
+    auto's TVM choice, timed at that batch)."""
     runners, sizes = {}, {}
     for variant, module in variants.items():
         path = workdir / f"{variant}.onnx"
@@ -185,7 +189,7 @@ def measure_variants(variants: dict[str, nn.Module], example: torch.Tensor, work
         x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b))
         calls = {v: r.bind(x.numpy()) for v, r in runners.items()}
         if args.tvm:  # rwdeploy's cpu build of each variant at this batch, timed in the same rounds
-            for variant, module in {**variants, **(tvm_variants or {})}.items():
+            for variant, module in {**variants, **(tvm_variants or {}).get(b, {})}.items():
                 art = tvm_build.build(module, x, "cpu", threads=args.threads)
                 calls[f"tvm {variant}"], got = tvm_build.bind_local(art, x)
                 with torch.no_grad():
@@ -240,14 +244,23 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
     else:
         pruned = ours(zeroed, example, "off", args.threads, False)[0]
         row["macs_pruned"] = totals(pruned, layer_stats(pruned, example)).macs
-    tvm_variants: dict[str, nn.Module] = {}
+    tvm_variants: dict[int, dict[str, nn.Module]] = {}
+    tvm_macs: dict[int, int] = {}
     if args.tvm and "auto" in args.aligns and not args.no_measure:
-        # what `compile --target cpu --align auto` ships: the candidates timed as TVM builds
-        tvm_auto, _, kept, whole = ours(zeroed, example, "auto", args.threads, True, target="cpu")
-        tvm_variants["slim" if args.aligns[0] == "auto" else "align auto"] = tvm_auto
-        err = _worst_error(zeroed, tvm_auto, probes)
-        row["tvm_auto"] = {"kept_for_alignment": kept, "macs_slim": totals(tvm_auto, layer_stats(tvm_auto, example)).macs,
-                           "max_abs": err[0], "max_rel": err[1], "whole_model": whole}
+        # what `compile --target cpu --align auto --align-batch B` ships: the candidates timed as
+        # TVM builds at batch B, each batch's column (or batch 1's for every column: --align-batch first)
+        for b in args.batches if args.align_batch == "each" else args.batches[:1]:
+            tvm_auto, _, kept, whole = ours(zeroed, example, "auto", args.threads, True, target="cpu",
+                                            batch=b if args.align_batch == "each" else 1)
+            err = _worst_error(zeroed, tvm_auto, probes)
+            choice = {"kept_for_alignment": kept, "macs_slim": totals(tvm_auto, layer_stats(tvm_auto, example)).macs,
+                      "max_abs": err[0], "max_rel": err[1], "whole_model": whole}
+            if not tvm_variants:
+                row["tvm_auto"] = choice  # the first batch's, where earlier runs kept their one choice
+            row.setdefault("tvm_auto_by_batch", {})[str(b)] = choice
+            for used_at in (args.batches if args.align_batch == "first" else [b]):
+                tvm_variants[used_at] = {"slim" if args.aligns[0] == "auto" else "align auto": tvm_auto}
+                tvm_macs[used_at] = choice["macs_slim"]
     if args.torch_pruning:
         try:
             theirs, tp_s = torch_pruning_prune(zeroed, example, filters)
@@ -261,7 +274,6 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
                                           example, workdir, args, tvm_variants)
         row["onnx_bytes_dense"], row["onnx_bytes_slim"] = sizes["dense"], sizes["slim"]
         mac_reduction = t_dense.macs / t_slim.macs
-        tvm_macs = row["tvm_auto"]["macs_slim"] if "slim" in tvm_variants else t_slim.macs
         row["latency"] = {}
         for b, lat in latency.items():
             speedup = lat["dense"]["median_ms"] / lat["slim"]["median_ms"]
@@ -274,8 +286,9 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
                         lat["tvm dense"]["median_ms"] / lat[f"tvm align {a}"]["median_ms"])
             if "tvm slim" in lat:
                 tvm_speedup = lat["tvm dense"]["median_ms"] / lat["tvm slim"]["median_ms"]
+                shipped = tvm_macs[b] if "slim" in tvm_variants.get(b, {}) else t_slim.macs
                 row["latency"][str(b)]["tvm"] = {"speedup": tvm_speedup,
-                                                 "speedup_per_mac_reduction": tvm_speedup * tvm_macs / t_dense.macs,
+                                                 "speedup_per_mac_reduction": tvm_speedup * shipped / t_dense.macs,
                                                  "speedup_per_pruned_mac_reduction":
                                                      tvm_speedup * row["macs_pruned"] / t_dense.macs,
                                                  "tvm_over_ort_slim": lat["tvm slim"]["median_ms"] / lat["slim"]["median_ms"]}
@@ -336,9 +349,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 cells.append(f"{sp:.2f}×{tvm_part} ({al['kept_for_alignment']}{chose})" if sp is not None else "-")
         if choices:
             ort = r if "whole_model" in r else r.get("aligned", {}).get("auto", {})
-            tvm_choice = r.get("tvm_auto", {})
-            cells.append(" / ".join(f"{c['whole_model']['chosen']} ({c['kept_for_alignment']})" if c.get("whole_model")
-                                    else "-" for c in (ort, tvm_choice)))
+            cells.append(" / ".join([_choice(ort), _tvm_choices(r)]))
         cells.append(f"{r['ours_s']:.2f}, {r['ours_max_rel']:.1e}")
         if "tp_s" in r:
             cells.append(f"{r['tp_s']:.2f}, {r['tp_max_rel']:.1e}")
@@ -366,13 +377,27 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  "whole-model choice took: off, N=8, N=16 or per-group, timed at batch 1 before this run)."
                  if "auto" in aligns else "")
               + (" With auto, the ORT columns time the candidate `compile --target onnx` chooses (whole models "
-                 "timed in ORT), the TVM columns the one `compile --target cpu` chooses (timed as TVM builds); "
-                 "each speed-up ÷ MAC reduction uses its own model's MACs."
+                 "timed in ORT at batch 1), the TVM columns the one `compile --target cpu` chooses (timed as TVM "
+                 + ("builds at the column's batch, `--align-batch B`); " if meta.get("align_batch", "first") == "each"
+                    else "builds at batch 1); ")
+                 + "each speed-up ÷ MAC reduction uses its own model's MACs."
                  if choices else "")
               + (" In parentheses after a median: the same speed-ups ÷ the pruning's own MAC reduction (the slim "
                  "model with no channel kept), which keeping channels for alignment cannot raise."
                  if any("macs_pruned" in r for r in rows) else "")]
     return "\n".join(lines) + "\n"
+
+
+def _choice(c: dict[str, Any]) -> str:
+    return f"{c['whole_model']['chosen']} ({c['kept_for_alignment']})" if c.get("whole_model") else "-"
+
+
+def _tvm_choices(row: dict[str, Any]) -> str:
+    """TVM's auto choice: one, or each batch's where they were timed per batch (b1 off (0), b8 ...)."""
+    by_batch = row.get("tvm_auto_by_batch", {})
+    if len(by_batch) > 1:
+        return ", ".join(f"b{b} {_choice(c)}" for b, c in by_batch.items())
+    return _choice(row.get("tvm_auto", {}))
 
 
 def _turns(turn: int) -> str:
@@ -408,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--align", default="off",
                    help="comma list of compile --align values (off, N, auto); the first gives the main row, "
                         "the others are extra slim variants timed in the same interleaved run")
+    p.add_argument("--align-batch", dest="align_batch", choices=("each", "first"), default="each",
+                   help="with --tvm and auto: time TVM's auto candidates at each batch size, the model each "
+                        "column times (compile --align-batch B), or at batch 1 for every column (runs before "
+                        "this option)")
     p.add_argument("--tvm", action="store_true",
                    help="also build dense and slim with rwdeploy's cpu TVM build and time them in the same rounds")
     p.add_argument("--name", default="structured", help="stem of the result files (NAME.json, NAME.md)")
@@ -427,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "structured", "batches": args.batches, "threads": args.threads, "runs": args.runs,
         "min_time_s": args.min_time, "loadavg_before": list(os.getloadavg()), "environment": environment(),
         "torch_pruning": _torch_pruning_version(), "input_shapes": {}, "aligns": args.aligns, "tvm": args.tvm,
-        "turn": args.turn,
+        "turn": args.turn, "align_batch": args.align_batch,
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -93,7 +93,8 @@ ALIGN_MIN_TIME_S = 0.5  # --align auto: seconds of interleaved whole-model calls
 def stage_remove_zero_channels(ctx: CompileContext) -> None:
     """`--align auto`, for the targets that run on this host (unless --no-measure): the slim model
     with align off, N = lanes / 2, N = lanes and the per-group plan, timed as whole models with the
-    original on the runtime the target ships, at batch 1: ONNX Runtime for `onnx`
+    original on the runtime the target ships, at `--align-batch` (default: the first `--batch`; a
+    model that fixes its batch size, at that one): ONNX Runtime for `onnx`
     (`runtime.align_timing.OrtModelTimer`), rwdeploy's TVM build for `cpu` (`TvmModelTimer`); the
     fastest kept (`passes.whole_model_alignment`); the per-group plan's groups timed by
     `OrtLayerTimer`. Elsewhere the per-group plan alone, decided by the cost model. The passes never
@@ -108,7 +109,8 @@ def stage_remove_zero_channels(ctx: CompileContext) -> None:
     masks = ctx.loaded.masks or None
     note = None
     if auto and opts.measure and opts.target in ALIGN_MEASURED_TARGETS:
-        batch = ctx.fixed_batch or 1
+        # the batch the model will run at: one it fixes, else --align-batch, else the first --batch
+        batch = ctx.fixed_batch or opts.align_batch or opts.batches[0]
         model_timer = TvmModelTimer if opts.target == "cpu" else OrtModelTimer
         timer = model_timer(ctx.loaded.example_input(batch=batch, seed=opts.seed), opts.target,
                             threads=opts.threads, min_time_s=min(ALIGN_MIN_TIME_S, opts.min_time_s))

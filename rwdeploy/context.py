@@ -52,6 +52,9 @@ class CompileOptions:
     sparse: str = "auto"  # pack sparse layers as CSR/BSR: auto (where measured faster) | off | csr | bsr
     # keep removable zero channels for aligned counts: off | auto (whole-model candidates timed) | N (multiples of N)
     align: str = "off"
+    # --align auto times its whole-model candidates at this batch size (None: the first of `batches`):
+    # the fastest channel counts at one batch size need not be the fastest at another
+    align_batch: int | None = None
     gpu_arch: str | None = None  # --target gpu: sm_XY (default: the visible GPU's, else sm_90)
     tune: int = 0  # MetaSchedule trials for the TVM cpu/arm build (0: hand schedules only)
     tuning_db: Path | None = None  # MetaSchedule records, reused across runs
@@ -75,6 +78,9 @@ class CompileOptions:
         if self.runs < 1 or self.warmup < 0:
             raise OptionError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1, warmup >= 0")
         parse_align(self.align)
+        if self.align_batch is not None and self.align_batch < 1:
+            raise OptionError(f"--align-batch {self.align_batch} must be a positive batch size",
+                              hint="e.g. --align-batch 8 (the batch size you deploy at)")
         if self.sparse not in SPARSE_MODES:
             raise OptionError(f"unknown --sparse {self.sparse!r}", hint=f"use one of {', '.join(SPARSE_MODES)}")
         if self.target not in COMPILE_TARGETS:

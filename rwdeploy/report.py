@@ -332,11 +332,13 @@ def alignment_hint(doc: dict[str, Any]) -> str | None:
 
 def alignment_line(whole: dict[str, Any]) -> str:
     """`--align auto`'s whole-model choice in one line: the chosen candidate's speed-up over the
-    original, then the others' (e.g. "alignment: auto chose N=16 (1.39x vs original; off 0.74x)")."""
+    original, then the others' (e.g. "alignment: auto chose N=16 (1.39x vs original at batch 1; off 0.74x)")."""
     rows = {r["name"]: r for r in whole["candidates"]}
     chosen = rows[whole["chosen"]]
     others = ", ".join(f"{n} {r['speedup_vs_original']:.2f}x" for n, r in rows.items() if n != whole["chosen"])
-    return f"alignment: auto chose {whole['chosen']} ({chosen['speedup_vs_original']:.2f}x vs original; {others})"
+    # the batch it was timed at: the choice holds for that batch size (`--align-batch`)
+    at = f" at batch {whole['batch']}" if whole.get("batch") else ""
+    return f"alignment: auto chose {whole['chosen']} ({chosen['speedup_vs_original']:.2f}x vs original{at}; {others})"
 
 
 def _alignment_view(al: dict[str, Any]) -> list[Block]:

@@ -473,7 +473,7 @@ def test_whole_model_auto_records_the_chosen_plan_and_renders(traced):
     assert al["kept_for_alignment"] == (24 - 21) + (24 - 19) + (16 - 14)  # the N=8 plan's rows
     assert {g["kept"] for g in al["groups"]} == {24, 16}
     line = report_mod.alignment_line(al["whole_model"])
-    assert line == "alignment: auto chose N=8 (1.50x vs original; off 0.60x, N=16 0.60x, per-group 0.60x)"
+    assert line == "alignment: auto chose N=8 (1.50x vs original at batch 1; off 0.60x, N=16 0.60x, per-group 0.60x)"
     md = report_mod.markdown(report_mod.view({"alignment": al}))
     assert "`--align auto` chose `N=8` for the whole model" in md and "| N=8 (chosen) | 8 | 10 |" in md
     assert "| original (dense, reference) |" in md
@@ -549,7 +549,37 @@ def test_compile_auto_uses_the_injected_whole_model_timer(tmp_path, monkeypatch)
     assert shapes == dict(zip(SIZES, WIDTHS_16["N=16"])) and doc["verification"]["max_rel"] <= 1e-5
     assert doc["alignment"]["whole_model"]["chosen"] == "N=16"
     md = (result.out / "report.md").read_text()
-    assert "alignment: auto chose N=16 (2.50x vs original; off 0.50x, N=8 0.50x, per-group 0.50x)" in md
+    assert "alignment: auto chose N=16 (2.50x vs original at batch 1; off 0.50x, N=8 0.50x, per-group 0.50x)" in md
+
+
+@pytest.mark.parametrize("batches, align_batch, timed_at", [((8, 1), None, 8), ((1, 8), 4, 4)])
+def test_compile_auto_times_at_the_deployment_batch(tmp_path, monkeypatch, batches, align_batch, timed_at):
+    """The candidates are timed at --align-batch, else the first --batch: the record, the
+    report's line and the timer's input all carry that batch size."""
+    made = []
+    monkeypatch.setattr(align_timing, "OrtLayerTimer", lambda target, **kw: Preferring({21: 21}))
+
+    def fake_timer(example, target, **kw):
+        made.append(tuple(example.shape))
+        return WholeFake(make_net(), {WIDTHS_16["N=8"]: 0.2, (32, 24, 16): 0.5})
+
+    monkeypatch.setattr(align_timing, "OrtModelTimer", fake_timer)
+    monkeypatch.setattr(align_timing, "target_lanes", lambda target: 16)
+    loaded = compile_mod.LoadedModel(make_net(), (1, 3, 16, 16), "module")
+    options = compile_mod.CompileOptions(out=tmp_path / "o", target="onnx", sparse="off", align="auto",
+                                         batches=batches, align_batch=align_batch, runs=1, warmup=0,
+                                         min_time_s=0.0)
+    result = compile_mod.compile_model(loaded, options)
+    whole = result.report["alignment"]["whole_model"]
+    assert made == [(timed_at, 3, 16, 16)] and whole["batch"] == timed_at and whole["chosen"] == "N=8"
+    assert f"(2.50x vs original at batch {timed_at};" in (result.out / "report.md").read_text()
+
+
+def test_compile_align_batch_must_be_positive(tmp_path):
+    options = compile_mod.CompileOptions(out=tmp_path / "o", target="onnx", align="auto", align_batch=0)
+    with pytest.raises(OptionError, match="--align-batch 0 must be a positive batch size"):
+        options.validate()
+    assert not (tmp_path / "o").exists()
 
 
 def test_compile_auto_for_cpu_times_the_tvm_build(tmp_path, monkeypatch):

@@ -104,6 +104,9 @@ def summary_table(report: dict[str, Any], out: Path) -> Group:
               help="Keep a few removable zero channels (exact) so that kept counts are multiples of N tensor "
                    "channels; auto: the fastest of off, N = the target's vector width and half of it, and a "
                    "per-group plan, timed as whole models (onnx/cpu; else the per-group cost model).")
+@click.option("--align-batch", "align_batch", default=None, type=int, metavar="N",
+              help="Batch size --align auto times its candidates at (default: the first --batch): the fastest "
+                   "channel counts at batch 1 need not be the fastest at the batch you deploy at.")
 @click.option("--rpc", default=None, metavar="HOST:PORT",
               help="arm targets: measure on this device's TVM RPC server (default: the emulated aarch64 device).")
 @click.option("--tracker", default=None, metavar="HOST:PORT", help="arm targets: get the device from this TVM RPC tracker.")
