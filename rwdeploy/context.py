@@ -77,10 +77,13 @@ class CompileOptions:
             raise OptionError(f"--threads {self.threads} must be >= 1")
         if self.runs < 1 or self.warmup < 0:
             raise OptionError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1, warmup >= 0")
-        parse_align(self.align)
+        align = parse_align(self.align)
         if self.align_batch is not None and self.align_batch < 1:
             raise OptionError(f"--align-batch {self.align_batch} must be a positive batch size",
                               hint="e.g. --align-batch 8 (the batch size you deploy at)")
+        if self.align_batch is not None and align != "auto":
+            raise OptionError(f"--align-batch times --align auto's candidates; --align {self.align} measures nothing",
+                              hint="use --align auto --align-batch N, or drop --align-batch")
         if self.sparse not in SPARSE_MODES:
             raise OptionError(f"unknown --sparse {self.sparse!r}", hint=f"use one of {', '.join(SPARSE_MODES)}")
         if self.target not in COMPILE_TARGETS:

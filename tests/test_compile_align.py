@@ -575,10 +575,13 @@ def test_compile_auto_times_at_the_deployment_batch(tmp_path, monkeypatch, batch
     assert f"(2.50x vs original at batch {timed_at};" in (result.out / "report.md").read_text()
 
 
-def test_compile_align_batch_must_be_positive(tmp_path):
+def test_compile_align_batch_must_be_positive_and_with_auto(tmp_path):
     options = compile_mod.CompileOptions(out=tmp_path / "o", target="onnx", align="auto", align_batch=0)
     with pytest.raises(OptionError, match="--align-batch 0 must be a positive batch size"):
         options.validate()
+    off = compile_mod.CompileOptions(out=tmp_path / "o", target="onnx", align="off", align_batch=8)
+    with pytest.raises(OptionError, match="--align-batch times --align auto's candidates; --align off"):
+        off.validate()
     assert not (tmp_path / "o").exists()
 
 
