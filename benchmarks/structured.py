@@ -250,14 +250,15 @@ def run_case(name: str, rate: float, args: argparse.Namespace, workdir: Path) ->
         # what `compile --target cpu --align auto --align-batch B` ships: the candidates timed as
         # TVM builds at batch B, each batch's column (or batch 1's for every column: --align-batch first)
         for b in args.batches if args.align_batch == "each" else args.batches[:1]:
+            timed_at = b if args.align_batch == "each" else 1
             tvm_auto, _, kept, whole = ours(zeroed, example, "auto", args.threads, True, target="cpu",
-                                            batch=b if args.align_batch == "each" else 1)
+                                            batch=timed_at)
             err = _worst_error(zeroed, tvm_auto, probes)
             choice = {"kept_for_alignment": kept, "macs_slim": totals(tvm_auto, layer_stats(tvm_auto, example)).macs,
                       "max_abs": err[0], "max_rel": err[1], "whole_model": whole}
             if not tvm_variants:
                 row["tvm_auto"] = choice  # the first batch's, where earlier runs kept their one choice
-            row.setdefault("tvm_auto_by_batch", {})[str(b)] = choice
+            row.setdefault("tvm_auto_by_batch", {})[str(timed_at)] = choice  # keyed by the batch it was timed at
             for used_at in (args.batches if args.align_batch == "first" else [b]):
                 tvm_variants[used_at] = {"slim" if args.aligns[0] == "auto" else "align auto": tvm_auto}
                 tvm_macs[used_at] = choice["macs_slim"]
