@@ -9,6 +9,7 @@
     python benchmarks/pass_ablation.py --pass pool-rows --rate 0.7 --models lenet5,vgg16_bn,resnet18 --batches 1,8
     python benchmarks/pass_ablation.py --pass row-winograd-flat --rate 0.7 --models resnet20,resnet56 --batches 1,8
     python benchmarks/pass_ablation.py --pass split-reduction --rate 0.7 --models lenet5,vgg16_bn --batches 1
+    python benchmarks/pass_ablation.py --pass batch-split-tiers --rate 0.7 --models mobilenet_v2,resnet18 --batches 8
 
 Passes (`--pass`):
 - `inplace-epilogue`: a kernel whose epilogue reads a tensor nothing reads afterwards (a residual
@@ -42,6 +43,10 @@ Passes (`--pass`):
 - `pool-rows`: a channel-major (NCHW) max pool's row pass in explicit vectors
   (`tvm_pool.vectorize_row_pass`); off, its loop is left to LLVM's vectoriser. Counted: the
   pools so vectorised.
+- `batch-split-tiers`: a batch's leading layers run per image up to a cut placed after the last
+  tensor of half the core's L2 or more, else of twice it (`tvm_batch_split.LARGE_TENSOR_TIERS`),
+  where that leaves at least two convs per image (`MIN_CONVS_PER_IMAGE`); off, twice the L2
+  only and any cut (the single threshold before the tiers). Counted: the convs run per image.
 
 `--rate R` builds the slim model instead: the smallest-L2 filters of every prunable channel
 group zeroed at rate R and removed (`--align off`), as `structured.py` does.
@@ -68,8 +73,8 @@ import torch
 from rwdeploy import models
 from rwdeploy.passes.channel_groups import analyze_channel_groups
 from rwdeploy.passes.trace import trace_model
-from rwdeploy.runtime import (tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_pool, tvm_reshape_sink,
-                              tvm_row_winograd, tvm_schedule, tvm_winograd)
+from rwdeploy.runtime import (tvm_batch_split, tvm_build, tvm_injective, tvm_inplace_epilogue, tvm_pool,
+                              tvm_reshape_sink, tvm_row_winograd, tvm_schedule, tvm_winograd)
 from rwdeploy.runtime.environment import environment
 from rwdeploy.runtime.latency import time_interleaved
 from rwdeploy.runtime.onnx_export import export_onnx
@@ -92,6 +97,14 @@ def _replaced(module: Any, attr: str, value: Any) -> Any:
         yield
     finally:
         setattr(module, attr, saved)
+
+
+@contextlib.contextmanager
+def _batch_split_untiered() -> Any:
+    """The batch split as it was before its tiers: twice the core's cache only, any cut."""
+    with _replaced(tvm_batch_split, "LARGE_TENSOR_TIERS", tvm_batch_split.LARGE_TENSOR_TIERS[-1:]), \
+            _replaced(tvm_batch_split, "MIN_CONVS_PER_IMAGE", 0):
+        yield
 
 
 def _no_op_pass() -> Any:
@@ -147,7 +160,15 @@ _FOLDED = _Counted(tvm_row_winograd, "choose_row_winograd",
 _POOLS = _Counted(tvm_pool, "vectorize_row_pass", lambda args, done: len(_POOLS.keys) if done else None)
 _SPLITS = _Counted(tvm_schedule, "split_one_pixel_reduction",
                    lambda args, block: len(_SPLITS.keys) if block is not args[1] else None)
-_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD, _FOLDED, _POOLS, _SPLITS)
+
+
+def _convs_before(args: tuple[Any, ...], cut: Any) -> Any:
+    """The convs a batch-split cut leaves per image (None: no cut)."""
+    return None if cut is None else tvm_batch_split.convs_through(list(args[0].body.blocks[0].bindings), cut)
+
+
+_CUTS = _Counted(tvm_batch_split, "choose_cut", _convs_before)
+_COUNTED = (_BOXES, _COPIES, _WINOGRAD, _ROW_WINOGRAD, _FOLDED, _POOLS, _SPLITS, _CUTS)
 for _counted in _COUNTED:
     _counted.install()
 
@@ -179,6 +200,8 @@ PASSES = {
                         lambda art: len(_SPLITS.keys), "dense layers with split reductions"),
     "pool-rows": (lambda: _replaced(tvm_pool, "vectorize_row_pass", lambda sch, lanes: False),
                   lambda art: len(_POOLS.keys), "NCHW max pools with vectorised row passes"),
+    "batch-split-tiers": (_batch_split_untiered,
+                          lambda art: max(_CUTS.keys, default=0), "convs run per image"),
 }
 
 

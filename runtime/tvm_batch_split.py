@@ -1,20 +1,27 @@
 """Run the first layers of a batched network one image at a time where the batch's tensors
-do not fit in the last-level cache.
+do not fit in the core's cache.
 
 At batch 8 MobileNetV2's 112x112 and 56x56 layers write tensors of 10-40 MB (the 16->96
-expansion: 8 x 112 x 112 x 96 floats, 38.5 MB) into a 32 MB L3, and the next layer reads them
-back from DRAM: those layers ran at 5-37 GFMA/s against ~55 for the 14x14 ones, and the TVM
-build lost to ONNX Runtime (67 vs 59 ms). One image's tensors (4.8 MB) stay in cache.
+expansion: 8 x 112 x 112 x 96 floats, 38.5 MB), and the next layer read them back from memory:
+those layers ran at 5-37 GFMA/s against ~55 for the 14x14 ones, and the TVM build lost to ONNX
+Runtime (67 vs 59 ms). One image's tensors (4.8 MB) stay in cache.
 
-`batch_split_pass(cache_bytes)` rewrites `main` (a Relax function of one batched tensor
-input, after `tvm_schedule.prepare_passes`): its leading layers, while they are only
-batch-independent ops (convs, elementwise ops, pooling, channel slices, an NHWC transpose, the
-tuple and getitem of a decomposed batch norm),
-run once per image on a slice of the input, up to a *cut*: the first point after the last
-tensor of at least `cache_bytes / 4` at which one tensor carries everything forward (a
-smaller one: it is concatenated in memory). The
-images' results are concatenated there and the rest runs batched, where it is efficient.
-The function is the same; the kernels of the split part are the batch-1 ones.
+`batch_split_pass(core_cache)` rewrites `main` (a Relax function of one batched tensor input,
+after `tvm_schedule.prepare_passes`): its leading layers, while they are only batch-independent
+ops (convs, elementwise ops, pooling, channel slices, an NHWC transpose, the tuple and getitem of
+a decomposed batch norm), run once per image on a slice of the input, up to a *cut*: the first
+point after the last *large* tensor at which one tensor carries everything forward (a smaller
+one: it is concatenated in memory). The images' results are concatenated there and the rest
+runs batched, where it is efficient. The function is the same; the kernels of the split part
+are the batch-1 ones.
+
+What is large is measured against the core's own cache (L2), in tiers (`LARGE_TENSOR_TIERS`):
+half of it first, where the layers then keep one image's working set in L2, else twice it,
+where the first tier finds no cut. At batch 8 on the Xeon (2 MB L2), `pass_ablation.py --pass
+batch-split-tiers`: slim MobileNetV2 70 % runs per image down to its 7x7 stage (41 convs
+against 11) in 0.961x the time, dense ResNet-18 down to 14x14 (8 convs against 1) in 0.964x;
+dense MobileNetV2's tensors stay large to its last stage, so its second tier's cut (14x14) stays
+(all of it per image was 1.025x, scratch).
 """
 from __future__ import annotations
 
@@ -29,24 +36,46 @@ PER_IMAGE_OPS = frozenset({
     "relax.maximum", "relax.minimum", "relax.clip", "relax.nn.relu", "relax.nn.silu",
     "relax.sigmoid", "relax.nn.max_pool2d", "relax.nn.avg_pool2d",
 })
-CACHE_FRACTION = 8   # split while a batch tensor is at least this fraction of the cache
+# a batch tensor is large from these multiples of the core's cache: the first tier with a cut
+LARGE_TENSOR_TIERS = (0.5, 2.0)
+# a cut pays its copies (the input's slices, the concatenation) and the per-image kernel calls
+# only where several layers keep their tensors in cache: slim ResNet-18 70 % at batch 8 with
+# its stem alone per image (a 1.9 MB output) ran 1.025x the time of no split
+MIN_CONVS_PER_IMAGE = 2
+SYSFS_CACHES = "/sys/devices/system/cpu/cpu0/cache"
 _LAYERS = ("relax.nn.conv2d", "relax.nn.max_pool2d", "relax.nn.avg_pool2d")
 _BROADCASTING = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
                  "relax.minimum")
 
 
-def last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """This machine's largest CPU cache (Linux sysfs), else `default`."""
+def core_cache_bytes(default: int = 2 << 20, base: str = SYSFS_CACHES) -> int:
+    """The size of this machine's level-2 cache (data or unified, per core; Linux sysfs),
+    else `default`. Entries of `base` that are not cache indices (`uevent`) are skipped: the
+    earlier reader of the largest cache stopped at that file and returned its default."""
     best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        for entry in os.listdir(base):
+        entries = os.listdir(base)
+    except OSError:
+        return default
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(base, entry, "level")) as f:
+                level = int(f.read().strip())
+            with open(os.path.join(base, entry, "type")) as f:
+                kind = f.read().strip()
             with open(os.path.join(base, entry, "size")) as f:
                 text = f.read().strip().upper()
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        except (OSError, ValueError):
+            continue
+        if level != 2 or kind == "Instruction":
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
             best = max(best, int(text.rstrip("KMG")) * scale)
-    except (OSError, ValueError):
-        return default
+        except ValueError:
+            continue
     return best or default
 
 
@@ -70,9 +99,9 @@ def _tensor_bytes(ty: Any) -> int | None:
     return math.prod(int(d) for d in shape) * 4
 
 
-def split_point(func: Any, cache_bytes: int) -> int | None:
-    """Index of the cut binding in `func`'s first dataflow block, or None (no split pays or
-    is possible)."""
+def split_point(func: Any, large_bytes: int) -> int | None:
+    """Index of the cut binding in `func`'s first dataflow block, tensors of `large_bytes` or
+    more counting as large, or None (nothing large, or no cut after the last large tensor)."""
     import tvm
     from tvm import relax
 
@@ -115,8 +144,7 @@ def split_point(func: Any, cache_bytes: int) -> int | None:
                 break
         defined.add(b.var)
         prefix += 1
-    threshold = cache_bytes // CACHE_FRACTION
-    large = [i for i in range(prefix) if (_tensor_bytes(bindings[i].var.ty) or 0) >= threshold]
+    large = [i for i in range(prefix) if (_tensor_bytes(bindings[i].var.ty) or 0) >= large_bytes]
     if not large:
         return None
     # uses of each prefix value after each point: a cut must leave exactly one value live
@@ -178,8 +206,25 @@ def split_batch(func: Any, cut: int) -> Any:
     return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
 
 
-def batch_split_pass(cache_bytes: int) -> Any:
-    """The module pass: `main` split where `split_point` finds a cut, else unchanged."""
+def choose_cut(func: Any, core_cache: int) -> int | None:
+    """The cut of the first tier of `LARGE_TENSOR_TIERS` (x `core_cache` bytes) that has one
+    leaving at least `MIN_CONVS_PER_IMAGE` convs per image."""
+    bindings = list(func.body.blocks[0].bindings) if getattr(func.body, "blocks", None) else []
+    for tier in LARGE_TENSOR_TIERS:
+        cut = split_point(func, int(tier * core_cache))
+        if cut is not None and convs_through(bindings, cut) >= MIN_CONVS_PER_IMAGE:
+            return cut
+    return None
+
+
+def convs_through(bindings: list[Any], cut: int) -> int:
+    """The conv2d bindings among `bindings[0..cut]`: the layers a cut runs per image."""
+    return sum(getattr(getattr(b.value, "op", None), "name", "") == "relax.nn.conv2d"
+               for b in bindings[:cut + 1])
+
+
+def batch_split_pass(core_cache: int) -> Any:
+    """The module pass: `main` split where `choose_cut` finds a cut, else unchanged."""
     import tvm
     from tvm import relax
 
@@ -187,7 +232,7 @@ def batch_split_pass(cache_bytes: int) -> Any:
     def rewrite(mod: Any, _ctx: Any) -> Any:
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function) and gvar.name_hint == "main":
-                cut = split_point(func, cache_bytes)
+                cut = choose_cut(func, core_cache)
                 if cut is not None:
                     mod = mod.__class__({**{g: f for g, f in mod.functions_items()},
                                          gvar: split_batch(func, cut)}, attrs=mod.attrs)

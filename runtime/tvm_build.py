@@ -194,8 +194,8 @@ def cpu_pipeline(target: Any, stats: dict[str, list[str]], tuning_db: str | None
             tuned = [relax.transform.MetaScheduleApplyDatabase(tuning_db)] if tuning_db else []
             # batch-1 CSR Linear layers as window-ELL where the CPU has AVX-512
             window_ell = [tvm_window_ell.window_ell_pass()] if tvm_window_ell.supports(target) else []
-            # a batch whose first layers' tensors overflow this machine's cache runs them per image
-            split = [tvm_batch_split.batch_split_pass(tvm_batch_split.last_level_cache_bytes())] \
+            # a batch whose first layers' tensors overflow this machine's caches runs them per image
+            split = [tvm_batch_split.batch_split_pass(tvm_batch_split.core_cache_bytes())] \
                 if not str(target.attrs.get("mtriple", "")) else []
             return tvm.transform.Sequential([
                 *window_ell,
