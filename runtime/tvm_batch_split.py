@@ -48,6 +48,11 @@ _BROADCASTING = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide"
                  "relax.minimum")
 
 
+def _sysfs_value(base: str, entry: str, name: str) -> str:
+    with open(os.path.join(base, entry, name)) as f:
+        return f.read().strip().upper()
+
+
 def core_cache_bytes(default: int = 2 << 20, base: str = SYSFS_CACHES) -> int:
     """The size of this machine's level-2 cache (data or unified, per core; Linux sysfs),
     else `default`. Entries of `base` that are not cache indices (`uevent`) are skipped: the
@@ -57,24 +62,16 @@ def core_cache_bytes(default: int = 2 << 20, base: str = SYSFS_CACHES) -> int:
         entries = os.listdir(base)
     except OSError:
         return default
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     for entry in entries:
         if not entry.startswith("index"):
             continue
         try:
-            with open(os.path.join(base, entry, "level")) as f:
-                level = int(f.read().strip())
-            with open(os.path.join(base, entry, "type")) as f:
-                kind = f.read().strip()
-            with open(os.path.join(base, entry, "size")) as f:
-                text = f.read().strip().upper()
+            if int(_sysfs_value(base, entry, "level")) != 2 or _sysfs_value(base, entry, "type") == "INSTRUCTION":
+                continue
+            size = _sysfs_value(base, entry, "size")
+            best = max(best, int(size.rstrip("KMG")) * scale.get(size[-1:], 1))
         except (OSError, ValueError):
-            continue
-        if level != 2 or kind == "Instruction":
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            best = max(best, int(text.rstrip("KMG")) * scale)
-        except ValueError:
             continue
     return best or default
 
