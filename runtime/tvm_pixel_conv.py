@@ -48,6 +48,9 @@ PIXEL_KEPT = "rw_pixels_kept"
 MARGIN = 1.25
 # accumulators per register tile: 32 AVX-512 registers less the input vectors and broadcasts
 ACCUMULATORS = 20
+# the same with 16 registers (AVX2): 20 spilled, slim ResNet-20 70 % on Zen 3 ran 1.08-1.12x the
+# time of its NHWC build with them and 0.73x with 12
+ACCUMULATORS_16 = 12
 # vectors of a flat map per register tile (`pixel_conv_tile`): 4 x 5 channels loads 9 vectors per 20 FMAs
 FLAT_VECTORS = 4
 # cycles per element of the flat kernel's copy of the taps' inputs (vectorised along output rows)
@@ -81,11 +84,16 @@ def prefers_pixel_vectors(out_channels: int, out_width: int, *, lanes: int, chan
                           stride: tuple[int, int] = (1, 1), dilation: tuple[int, int] = (1, 1),
                           groups: int = 1, out_height: int | None = None) -> bool:
     """Whether a conv runs pixel-vectorised: an undilated, ungrouped conv of stride 1 or 2 on a
-    512-bit core whose output rows (or, given `out_height`, its flattened map where
-    `uses_flat_map`) fill its vectors at least `MARGIN` times better than its output channels
-    (padded to `channel_width`, `tvm_schedule.padded_width`) do."""
-    if (lanes < 16 or groups != 1 or tuple(stride) not in ((1, 1), (2, 2))
-            or tuple(dilation) != (1, 1)):
+    512-bit core (stride 1 only on a 256-bit one) whose output rows (or, given `out_height`, its
+    flattened map where `uses_flat_map`) fill its vectors at least `MARGIN` times better than its
+    output channels (padded to `channel_width`, `tvm_schedule.padded_width`) do.
+
+    With AVX2 (Zen 3, whole models interleaved, slim 70 %, batch 1 / 8): ResNet-20 0.60x the
+    time (with row Winograd), LeNet-5 0.86x / 0.79x, VGG-16-BN 0.89x / 0.85x; the stride-2 stems
+    lost there (MobileNetV2 3 -> 10 at 112x112 1.2x, its depthwise conv then reading 10 unpadded
+    channels; ResNet-18 3 -> 19 7x7 1.07x), so strided convs keep channel vectors."""
+    strides = ((1, 1), (2, 2)) if lanes >= 16 else ((1, 1),) if lanes >= 8 else ()
+    if groups != 1 or tuple(stride) not in strides or tuple(dilation) != (1, 1):
         return False
     by_pixels = _pixel_fill(out_height, out_width, lanes, out_channels)
     by_channels = _filled(out_channels, channel_width, lanes)
@@ -443,21 +451,24 @@ def _vectorize_interior(sch: Any, block: Any, lanes: int) -> bool:
     return True
 
 
-def pixel_conv_tile(extents: list[int], row: int, lanes: int) -> tuple[tuple[int, ...], int, int]:
+def pixel_conv_tile(extents: list[int], row: int, lanes: int,
+                    registers: int = 32) -> tuple[tuple[int, ...], int, int]:
     """(tile over the (N, C, H) axes, row lanes per tile, vector width) of a `PIXEL_CONV` stage
     with these (N, C, H) extents and computed row width: the whole row, in vectors of `lanes`
     (or one narrower one), by the most output channels (each loaded input vector serves them
-    all), then rows, that keep the tile within `ACCUMULATORS`.
+    all), then rows, that keep the tile within `ACCUMULATORS` (`ACCUMULATORS_16` with 16
+    vector registers).
 
     A flat stage (`conv2d_nchw_flat`: (N, C) extents, `row` the whole computed map) is tiled
     in pieces of up to `FLAT_VECTORS` vectors of its map by the most channels."""
     width = min(row, lanes)
+    accumulators = ACCUMULATORS if registers >= 32 else ACCUMULATORS_16
     if len(extents) == 2:
         vectors = largest_divisor(row // width, FLAT_VECTORS)
-        channels = largest_divisor(extents[1], max(1, ACCUMULATORS // vectors))
+        channels = largest_divisor(extents[1], max(1, accumulators // vectors))
         return (1, channels), vectors * width, width
     vectors = row // width
-    room = max(1, ACCUMULATORS // vectors)
+    room = max(1, accumulators // vectors)
     channels = largest_divisor(extents[1], room)
     rows = largest_divisor(extents[2], max(1, room // channels))
     return (1, channels, rows), row, width

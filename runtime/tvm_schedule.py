@@ -232,10 +232,10 @@ def inlines_padding(padded_shape: list[int], pixel_extents: list[int], reduction
     stride-2 stem (2.2 reads), not a 3x3 stride-1 one (8; measured no faster) nor ResNet's 7x7
     stride-2 one (11; 2-9 % slower at batch 8). MobileNetV2's 3 -> 32 stem at 224 x 224 on the
     Xeon: 214 -> 145 us a call (`tvm_profile`); the slim 70 % model 0.89-0.90x the time, the
-    dense one 0.97-1.00x (`benchmarks/stem_input.py`). Narrower vectors keep the copy (not
-    measured)."""
+    dense one 0.97-1.00x (`benchmarks/stem_input.py`); with AVX2 (Zen 3) see
+    `tvm_input_layout.folds_transpose`. NEON keeps the copy (not measured)."""
     channels = padded_shape[-1]
-    if lanes < 16 or channels >= lanes:
+    if lanes < 8 or channels >= lanes:
         return False
     reads = math.prod(pixel_extents) * (reduction // channels) / math.prod(padded_shape[:-1])
     return reads <= INLINED_READS
@@ -397,7 +397,7 @@ def schedule_reduction(func: Any, lanes: int, registers: int = 32) -> Any | None
     pixel_extents, channels = extents[:n_spatial - 1], extents[n_spatial - 1]
     weight_bytes = _weight_bytes(block, pixel_vars)
     if block.name_hint == PIXEL_CONV:  # NCHW, vectors along the output row (`tvm_pixel_conv`)
-        tile = RegisterTile(*pixel_conv_tile(pixel_extents, channels, lanes))
+        tile = RegisterTile(*pixel_conv_tile(pixel_extents, channels, lanes, registers))
     elif depthwise:
         tile = depthwise_tile(pixel_extents, channels, lanes)
     else:
@@ -653,11 +653,13 @@ def channel_unit(target: Any) -> int:
     whole register where a narrower vector costs as much as a whole one (AVX-512 cores with
     512-bit units: 24 channels as three 8-float vectors issue three FMAs where two 16-float
     ones issue two; on a Xeon at batch 1 / 8 slim ResNet-20 30 % 0.94x at batch 8, 70 %
-    0.92x / 0.94x, slim MobileNetV2 30 % 0.85x, 70 % 0.97x the time with half registers),
-    else half a register (Zen 4, where 24 channels as three halves measured faster than two
-    whole registers, and AVX2 / NEON as before)."""
+    0.92x / 0.94x, slim MobileNetV2 30 % 0.85x, 70 % 0.97x the time with half registers);
+    also with AVX2, whose 128-bit FMAs issue like 256-bit ones (Zen 3, whole models interleaved:
+    dense LeNet-5, 20 -> 50 channels, 0.66x the time at batch 1 and 0.53x at batch 8 with 50 as
+    56 rather than 52 in 4-lane vectors); else half a register (Zen 4, where 24 channels as three
+    halves measured faster than two whole registers, and NEON, whose half is 4 floats)."""
     lanes = vector_lanes(target)
-    if lanes >= 16 and str(target.attrs.get("mcpu", "")) not in SPLIT_512_BIT:
+    if lanes == 8 or (lanes >= 16 and str(target.attrs.get("mcpu", "")) not in SPLIT_512_BIT):
         return lanes
     return half_register(lanes)
 

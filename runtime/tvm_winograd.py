@@ -28,7 +28,7 @@ were 2-9e-6 off relative to the output's largest value (F2: 2-7e-7; the tests' t
 1e-4). Odd output sizes compute the last tiles' extra rows and columns and drop them.
 
 Which convs (`choose_winograd`): 3x3, stride 1, no dilation, groups 1, at least `MIN_INPUTS`
-input channels, on 512-bit vector cores (where it was measured); then the cheapest of direct,
+input channels, on cores with 256-bit vectors or wider (`MIN_LANES`); then the cheapest of direct,
 F2 and F4 by `layer_cost` (products per tile row, and the transformed weight's bytes, 16/9 or 4x
 the direct conv's). One thread on the Xeon, a 3x3 conv + BN + ReLU against the direct
 register-tiled conv, interleaved: 64 -> 64 at 28x28 batch 8 F2 0.73x the time, F4 0.52x;
@@ -41,7 +41,10 @@ instead of 64, slim ResNet-18 70 % (38 inputs) 0.95x at batch 1 and 8. Fewer inp
 pixel-vectorised where they are few enough to matter (`tvm_row_winograd` then). The transforms'
 channels go in vectors of 16 and one of the rest (38 = 32 + 6): scalar before for counts no
 vector divides, which slim models have (slim ResNet-18 70 %: 0.97-0.98x the time vectorised).
-Whole models: `benchmarks/pass_ablation.py --pass winograd`.
+Whole models: `benchmarks/pass_ablation.py --pass winograd`. On a Zen 3 core (AVX2, 8 lanes, 16
+registers), where it was first enabled, dense ResNet-20 ran 0.80x the time at batch 1 and 0.79x at
+batch 8, dense VGG-16-BN 0.78x / 0.70x (whole models interleaved); NEON (4 lanes) stays direct,
+unmeasured.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ WINO_INPUT = "rw_winograd_input"
 WINO_GEMM = "rw_winograd_gemm"
 WINO_OUTPUT = "rw_winograd_output"
 MIN_INPUTS = 16         # input channels a conv needs to go Winograd (see the docstring)
+MIN_LANES = 8           # float32 lanes of the widest vector: AVX2 and AVX-512 (see the docstring)
 # multiply-adds one weight float read from beyond L2 costs, fitted to whole models on the Xeon
 # (F4 vs F2 vs direct per layer, interleaved): dense ResNet-56 at batch 1 (64 -> 64 at 8x8)
 # ran 0.88x the direct build's time with F2 and 0.94x with F4, whose 590 KB per layer of U
@@ -95,7 +99,7 @@ def choose_winograd(weight_shape: tuple[int, ...], strides: tuple[int, ...], dil
     None for the direct conv (see the module docstring): the cheapest by `layer_cost`."""
     kh, kw, ci, _ = weight_shape
     if not ((kh, kw) == (3, 3) and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1)
-            and groups == 1 and ci >= MIN_INPUTS and lanes >= 16):
+            and groups == 1 and ci >= MIN_INPUTS and lanes >= MIN_LANES):
         return None
     batch, out_h, out_w = out_shape[:3]
     best: tuple[float, MinimalFilter | None] = (layer_cost(9, batch * out_h * out_w), None)

@@ -200,7 +200,8 @@ def test_input_channel_padding_is_zero_and_keeps_the_data(padding):
 def test_padding_is_read_in_place_only_by_few_channel_convs_that_read_each_input_a_few_times():
     stem = ([1, 226, 226, 3], [1, 112, 112], 27)           # MobileNetV2: 3x3 stride 2, 2.2 reads an input
     assert inlines_padding(*stem, 16)
-    assert not inlines_padding(*stem, 4) and not inlines_padding(*stem, 8)   # NEON, AVX2: not measured
+    assert inlines_padding(*stem, 8)                                         # AVX2 as AVX-512
+    assert not inlines_padding(*stem, 4)                                     # NEON: not measured
     assert not inlines_padding([1, 34, 34, 3], [1, 32, 32], 27, 16)          # 3x3 stride 1: 8 reads
     assert not inlines_padding([1, 118, 118, 3], [1, 56, 56], 147, 16)       # 7x7 stride 2: 11 reads
     assert not inlines_padding([1, 226, 226, 16], [1, 112, 112], 144, 16)    # a whole vector of channels
@@ -210,7 +211,7 @@ def test_padding_is_read_in_place_only_by_few_channel_convs_that_read_each_input
                                                      (3, 16, 3, 1, 9), (16, 16, 3, 2, 9)])
 def test_few_channel_conv_reads_its_padding_in_place_and_matches_torch(ci, co, kernel, stride, hw):
     """A 3x3 stride-2 stem (3 input channels; odd and even maps, so that every border case
-    occurs) has no padded copy of its input on a 512-bit target; 7x7 or stride-1 stems and a
+    occurs) has no padded copy of its input on a 256- or 512-bit target; 7x7 or stride-1 stems and a
     conv of 16 inputs keep it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(ci, co, kernel, stride, kernel // 2), torch.nn.ReLU6(),
@@ -222,7 +223,7 @@ def test_few_channel_conv_reads_its_padding_in_place_and_matches_torch(ci, co, k
     # the padded conv is the first (`fused_conv2d_add...`; the 1x1 after it is `fused_conv2d1_...`)
     conv = next(f for g, f in mod.functions.items()
                 if isinstance(f, tvm.tirx.PrimFunc) and g.name_hint.startswith("fused_conv2d_add"))
-    in_place = vector_lanes(tgt) >= 16 and ci == 3 and kernel == 3 and stride == 2
+    in_place = vector_lanes(tgt) >= 8 and ci == 3 and kernel == 3 and stride == 2
     assert ('sblock("rw_pad")' not in conv.script()) == in_place
     art = tvm_build.build(model, x, "cpu", threads=1)
     with torch.no_grad():

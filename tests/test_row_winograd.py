@@ -27,7 +27,9 @@ from rwdeploy.runtime.tvm_schedule import vector_lanes
     ((3, 3), (1, 1), 12, 12, 16, True, None),      # 3 tiles x 12 = 36: no whole vectors
     ((3, 3), (2, 2), 16, 16, 16, False, None),
     ((1, 1), (1, 1), 32, 32, 16, False, None),
-    ((3, 3), (1, 1), 32, 32, 8, False, None),      # where it was measured: 512-bit cores
+    ((3, 3), (1, 1), 32, 32, 8, False, F4),        # AVX2: rows of 4 x 8
+    ((3, 3), (1, 1), 28, 28, 8, False, F4),        # 24 + 4
+    ((3, 3), (1, 1), 32, 32, 4, False, None),      # NEON: not measured
     ((3, 3), (1, 1), 32, 6, 16, False, None),      # a row no vector pieces of 4 cover
 ])
 def test_rule(kernel, stride, out_h, out_w, lanes, flat, expected):
@@ -77,18 +79,20 @@ def _functions(model: nn.Module, x: torch.Tensor) -> list:
             if isinstance(f, tvm.tirx.PrimFunc) and "row_winograd" in g.name_hint]
 
 
-@pytest.mark.parametrize("ci, co, hw, batch, padding, folded", [
-    (5, 5, 32, 1, 1, False),      # slim ResNet-20 70 %'s first stage
-    (10, 10, 16, 8, 1, False),    # its second, a batch
-    (19, 19, 28, 2, 1, False),    # 20 channels computed (`tiled_channels`), rows of 28 = 16 + 8 + 4
-    (7, 5, 18, 1, 0, False),      # no padding: 16 x 16 out of 18 x 18, then a padded conv
-    (19, 19, 8, 1, 1, True),      # its third (8x8, flat): 2 row tiles x 8 columns per vector
-    (19, 19, 8, 8, 1, True),
-    (24, 19, 10, 2, 0, True),     # no padding: 8 x 8 out of 10 x 10, then a padded conv
+# the 19-channel layers go pixel-vectorised with 16 lanes only (with 8, 19 of 24 channel lanes
+# against 28 of 32 row lanes, or rows of 8 that are whole vectors: `prefers_pixel_vectors`)
+@pytest.mark.parametrize("ci, co, hw, batch, padding, folded, lanes", [
+    (5, 5, 32, 1, 1, False, 8),      # slim ResNet-20 70 %'s first stage
+    (10, 10, 16, 8, 1, False, 8),    # its second, a batch
+    (19, 19, 28, 2, 1, False, 16),   # 20 channels computed (`tiled_channels`), rows of 28 = 16 + 8 + 4
+    (7, 5, 18, 1, 0, False, 8),      # no padding: 16 x 16 out of 18 x 18, then a padded conv
+    (19, 19, 8, 1, 1, True, 16),     # its third (8x8, flat): 2 row tiles x 8 columns per vector
+    (19, 19, 8, 8, 1, True, 16),
+    (24, 19, 10, 2, 0, True, 16),    # no padding: 8 x 8 out of 10 x 10, then a padded conv
 ])
-def test_built_layers_match_torch(ci, co, hw, batch, padding, folded):
-    if vector_lanes(get_target("cpu", threads=1).tvm()) < 16:
-        pytest.skip("row Winograd is chosen on 512-bit vector cores only")
+def test_built_layers_match_torch(ci, co, hw, batch, padding, folded, lanes):
+    if vector_lanes(get_target("cpu", threads=1).tvm()) < lanes:
+        pytest.skip(f"row Winograd is chosen for this layer with {lanes}-lane vectors or wider")
     torch.manual_seed(0)
     model = _Block(ci, co, padding).eval()
     x = torch.randn(batch, ci, hw, hw)
