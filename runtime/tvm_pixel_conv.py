@@ -46,6 +46,11 @@ PIXEL_KEPT = "rw_pixels_kept"
 # its output channels would: the lane count leaves out the padded input copy and the row's
 # partial write-back (1.08 measured no better on slim ResNet-18 / VGG-16-BN).
 MARGIN = 1.25
+# the same with 256-bit vectors (Zen 3, whole models interleaved): dense LeNet-5, 20 and 50
+# channels in 24 and 56 lanes against rows of 24 and an 8x8 map, 0.67x / 0.57x the time at batch
+# 1 / 8 with 1.1 (the NHWC tile of 7 channel vectors is one vector wide); slim ResNet-18 70 %
+# 0.94x at batch 1, slim VGG-16-BN and ResNet-20 1.00x
+MARGIN_256_BIT = 1.1
 # accumulators per register tile: 32 AVX-512 registers less the input vectors and broadcasts
 ACCUMULATORS = 20
 # the same with 16 registers (AVX2): 20 spilled, slim ResNet-20 70 % on Zen 3 ran 1.08-1.12x the
@@ -86,7 +91,8 @@ def prefers_pixel_vectors(out_channels: int, out_width: int, *, lanes: int, chan
     """Whether a conv runs pixel-vectorised: an undilated, ungrouped conv of stride 1 or 2 on a
     512-bit core (stride 1 only on a 256-bit one) whose output rows (or, given `out_height`, its
     flattened map where `uses_flat_map`) fill its vectors at least `MARGIN` times better than its
-    output channels (padded to `channel_width`, `tvm_schedule.padded_width`) do.
+    output channels (padded to `channel_width`, `tvm_schedule.padded_width`) do
+    (`MARGIN_256_BIT` with 8 lanes).
 
     With AVX2 (Zen 3, whole models interleaved, slim 70 %, batch 1 / 8): ResNet-20 0.60x the
     time (with row Winograd), LeNet-5 0.86x / 0.79x, VGG-16-BN 0.89x / 0.85x; the stride-2 stems
@@ -97,7 +103,7 @@ def prefers_pixel_vectors(out_channels: int, out_width: int, *, lanes: int, chan
         return False
     by_pixels = _pixel_fill(out_height, out_width, lanes, out_channels)
     by_channels = _filled(out_channels, channel_width, lanes)
-    return by_pixels >= MARGIN * by_channels
+    return by_pixels >= (MARGIN if lanes >= 16 else MARGIN_256_BIT) * by_channels
 
 
 def tiled_channels(channels: int) -> int:

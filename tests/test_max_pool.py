@@ -77,6 +77,7 @@ def test_max_pool_nhwc_matches_torch(kernel, stride, padding, shape, ceil, relu,
     """Channel-last pooling reads the input in place (no -inf padded copy): borders clamp."""
     # the identity conv must run NHWC: with 4-5 channels it would go row-vectorised (NCHW)
     monkeypatch.setattr(tvm_pixel_conv, "MARGIN", float("inf"))
+    monkeypatch.setattr(tvm_pixel_conv, "MARGIN_256_BIT", float("inf"))
     model = ChannelLastPool(shape[0], nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil), relu).eval()
     x = -torch.rand(2, *shape) - 1.0      # every value negative: a zero in a window would win
     with torch.no_grad():

@@ -79,8 +79,8 @@ def _functions(model: nn.Module, x: torch.Tensor) -> list:
             if isinstance(f, tvm.tirx.PrimFunc) and "row_winograd" in g.name_hint]
 
 
-# the 19-channel layers go pixel-vectorised with 16 lanes only (with 8, 19 of 24 channel lanes
-# against 28 of 32 row lanes, or rows of 8 that are whole vectors: `prefers_pixel_vectors`)
+# the flat (folded) layers need 16 lanes (with 8, rows of 8 are whole vectors), and the
+# 19-channel 28x28 layer was written for them (with 8 it depends on `MARGIN_256_BIT`)
 @pytest.mark.parametrize("ci, co, hw, batch, padding, folded, lanes", [
     (5, 5, 32, 1, 1, False, 8),      # slim ResNet-20 70 %'s first stage
     (10, 10, 16, 8, 1, False, 8),    # its second, a batch
