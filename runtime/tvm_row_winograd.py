@@ -51,7 +51,7 @@ def choose_row_winograd(kernel: tuple[int, int], strides: tuple[int, ...], dilat
     much as the products it saves). A conv on the flattened map (`uses_flat_map`: rows shorter
     than a vector) goes folded (`conv2d_nchw_row_winograd`), where its row tiles side by side
     fill whole vectors (an 8x8 map: 2 tiles x 8 columns). Also with AVX2 (8 lanes; slim ResNet-20
-    70 % on Zen 3: 0.83x the time of its direct pixel convs at batch 1 and 8), not NEON
+    70 % on Zen 3: 0.82-0.83x the time of its direct pixel convs at batch 1 and 8), not NEON
     (unmeasured)."""
     if (tuple(kernel) != (3, 3) or tuple(strides) != (1, 1) or tuple(dilation) != (1, 1)
             or lanes < 8 or not _vectorizable(out_width, lanes) or out_height % F4.m):

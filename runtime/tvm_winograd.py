@@ -42,7 +42,7 @@ pixel-vectorised where they are few enough to matter (`tvm_row_winograd` then). 
 channels go in vectors of 16 and one of the rest (38 = 32 + 6): scalar before for counts no
 vector divides, which slim models have (slim ResNet-18 70 %: 0.97-0.98x the time vectorised).
 Whole models: `benchmarks/pass_ablation.py --pass winograd`. On a Zen 3 core (AVX2, 8 lanes, 16
-registers), where it was first enabled, dense ResNet-20 ran 0.80x the time at batch 1 and 0.79x at
+registers), where it was first enabled, dense ResNet-20 ran 0.81x the time at batch 1 and 0.79x at
 batch 8, dense VGG-16-BN 0.78x / 0.70x (whole models interleaved); NEON (4 lanes) stays direct,
 unmeasured.
 """
