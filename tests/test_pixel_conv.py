@@ -284,3 +284,12 @@ def test_flat_copy_is_vectorised_per_column_tap_and_matches_torch(direct_pixel_c
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(tvm_build.run_local(art, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_tile_fits_the_registers():
+    from rwdeploy.runtime.tvm_pixel_conv import pixel_conv_tile
+
+    # 20 channels, a 32-wide row of 4 vectors of 8: 20 accumulators take 5 channels with 32
+    # registers, 12 take 2 with 16 (AVX2: 20 spilled)
+    assert pixel_conv_tile([1, 20, 32], 32, 8, 32) == ((1, 5, 1), 32, 8)
+    assert pixel_conv_tile([1, 20, 32], 32, 8, 16) == ((1, 2, 1), 32, 8)
